@@ -1,0 +1,30 @@
+# bnlab: `make audit` runs the claims audit, `make test` the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bnlab-installed
+
+.PHONY: audit test bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m bnlab.kernels.warmup
+	touch $(STAMP)
+
+audit: $(STAMP)
+	$(VENV)/bin/bnlab audit --profile quick
+
+test: $(STAMP)
+	$(PY) -m bnlab.kernels.warmup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(VENV)/bin/bnlab bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
