@@ -53,7 +53,9 @@ def update_buffers(
     """The running-statistics update shared by every CPU path (float64 statistics in)."""
     if running_mean is None and running_var is None and num_batches_tracked is None:
         return
-    if count == 0:
+    if count == 0:  # an empty batch: torch counts it and leaves the statistics alone
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return
     bad = nonfinite_channels(mean, var)
     if bad:
