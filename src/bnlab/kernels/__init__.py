@@ -118,7 +118,7 @@ def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracke
             if nonfinite == "raise":
                 raise_nonfinite(name, bad)
             return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    if num_batches_tracked is not None and x.numel() > 0:
+    if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if momentum is None:
         factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
