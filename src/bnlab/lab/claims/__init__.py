@@ -1,0 +1,104 @@
+"""The claims registry: every module ``c<N>_<name>.py`` in this package is a claim.
+
+How to add a claim
+==================
+
+Create ``src/bnlab/lab/claims/c<N>_<name>.py``. It is discovered by its file name (no list to
+edit) and imported with a guard: a claim module that fails to import is reported by the audit
+(``bnlab audit`` prints the error and audits the others) instead of breaking every claim.
+
+The module opens with a docstring stating the claim, its sources and the command that
+reproduces it (``bnlab audit --profile quick --claims C<N>``), then defines:
+
+``ID`` (str)
+    ``"C<N>"``, as in CLAIMS.md and on the command line (``--claims C1,C6``).
+``TITLE`` (str), ``CLAIM`` (str), ``SOURCES`` (list of str)
+    The claim in one line, its full text, and the literature it leans on.
+``PROFILES`` (dict)
+    ``{"tiny": {...}, "quick": {...}, "full": {...}}``: the protocol's settings per profile. Each
+    must hold ``"seeds"`` (the default seed set). ``--set C<N>.key=value`` overrides any key
+    (dotted for nested dicts); unknown keys are rejected. ``tiny`` is the CI smoke profile and
+    may shrink grids; ``quick`` may use fewer seeds and steps than ``full`` only (same arms, data
+    and rules), and the claim file says so.
+``plan(ctx, results) -> Plan``
+    The runs the claim needs (:class:`bnlab.lab.protocol.Run`, each with a JSON-able ``config``
+    whose ``"task"`` names its trainer) given the results so far, plus cost estimates of runs
+    not yet expressible (``Plan.pending``), e.g. main runs waiting on lr selection. The audit
+    calls ``plan`` again whenever a run finishes, until nothing is missing: protocols with
+    stages (tune, then train) are written as plain code that looks up earlier results with
+    ``results.get(config)``. ``ctx`` is a :class:`bnlab.lab.config.Context` (profile, seeds,
+    settings, dataset, data_dir, workers).
+``decide(ctx, results) -> dict``
+    Called only when every run is stored. Returns at least ``verdict`` (one of
+    :data:`bnlab.lab.protocol.VERDICTS`), ``effect``, ``effect_label``, ``per_seed`` (list of
+    ``{"seed", "value"}``), ``ci`` ([low, high] bootstrap 95% interval over seeds), ``rule``
+    (the decision rule in words); optionally ``parts`` (``{name: {verdict, ...}}`` for claims
+    with parts), ``tables`` (``[{"title", "columns", "rows"}]``), ``findings`` (list of str)
+    and ``notes``. The verdict must come from ``results`` through the stated rule, nothing else.
+``plots(ctx, results, outdir) -> list[(path, caption)]``
+    PNG files written into ``outdir`` (use :mod:`bnlab.lab.plots` for the house style).
+
+Optional: ``PROTOCOL_CHANGES`` (list of str: changes to CLAIMS.md's protocol and why; the
+report lists them), ``ORDER`` (int, sorts the claim table; default N).
+
+Claim-specific trainers
+=======================
+
+A run's ``config["task"]`` is resolved through :mod:`bnlab.lab.tasks`. The built-in task
+``"classify"`` (:mod:`bnlab.lab.train`) trains stacked MLP/CNN testbeds. A claim that trains
+something else registers its own task at import time::
+
+    from bnlab.lab.tasks import register_task
+    register_task("rnn", train_rnn, code=("lab/claims/c6_recurrent.py", "nn/recurrent.py"))
+
+Workers import this package before running a config whose task is not built in, so the
+registration is seen in every process. ``code`` lists the files whose edits must invalidate the
+task's stored runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import traceback
+from types import ModuleType
+
+_NAME = re.compile(r"^c(\d+)_\w+$")
+REQUIRED = ("ID", "TITLE", "CLAIM", "SOURCES", "PROFILES", "plan", "decide", "plots")
+
+CLAIMS: dict[str, ModuleType] = {}
+BROKEN: dict[str, str] = {}  # module name -> the error that kept it out
+
+
+def _discover() -> None:
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        m = _NAME.match(info.name)
+        if m:
+            found.append((int(m.group(1)), info.name))
+    for _, name in sorted(found):
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except Exception:
+            BROKEN[name] = traceback.format_exc(limit=3)
+            continue
+        lacking = [a for a in REQUIRED if not hasattr(mod, a)]
+        if lacking:
+            BROKEN[name] = f"{name} lacks {', '.join(lacking)}"
+            continue
+        CLAIMS[mod.ID.upper()] = mod
+
+
+def get(claim_id: str) -> ModuleType:
+    cid = claim_id.strip().upper()
+    if cid not in CLAIMS:
+        raise KeyError(f"unknown claim {claim_id!r}; known: {', '.join(ids())}")
+    return CLAIMS[cid]
+
+
+def ids() -> list[str]:
+    return sorted(CLAIMS, key=lambda c: (getattr(CLAIMS[c], "ORDER", None) or int(re.sub(r"\D", "", c) or 0), c))
+
+
+_discover()

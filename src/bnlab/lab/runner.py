@@ -1,0 +1,107 @@
+"""Execute run configs: a local process pool (default 2 workers x 1 torch thread each).
+
+The runner only executes; the audit decides what to run and stores each result as it arrives.
+``workers <= 1`` runs in the calling process (no pool), which is also what tests use.
+
+Scale-out backends (Ray) are to implement the same three methods: ``submit(key, config)``,
+``wait() -> list[(key, outcome)]`` and ``close()``, with ``outcome`` the dict that
+:func:`execute` returns.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+_THREADS = 1
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    global _THREADS
+    _THREADS = threads
+
+
+def execute(config: dict) -> dict:
+    """Run one config; never raises. Returns ``{"ok", "result" | "error", "wall_s", "meta"}``."""
+    import torch
+
+    from .tasks import run
+
+    if torch.get_num_threads() != _THREADS:
+        torch.set_num_threads(_THREADS)
+    t0 = time.perf_counter()
+    try:
+        result = run(config)
+        ok, err = True, None
+    except Exception:  # a bug, not a diverged run: reported, not stored
+        result, ok, err = None, False, traceback.format_exc()
+    wall = time.perf_counter() - t0
+    meta = {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads()}
+    return {"ok": ok, "result": result, "error": err, "wall_s": wall, "meta": meta}
+
+
+class LocalRunner:
+    """A pool of ``workers`` processes (spawned, 1 torch thread each), or in-process when <= 1."""
+
+    def __init__(self, workers: int = 2, threads: int = 1) -> None:
+        self.workers = max(1, int(workers))
+        self.threads = threads
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: dict[Future, str] = {}
+        self._inline: list[tuple[str, dict]] = []
+        if self.workers > 1:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                initargs=(threads,),
+            )
+        else:
+            _init_worker(threads)
+
+    @property
+    def capacity(self) -> int:
+        """How many runs may be in flight at once."""
+        return self.workers
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._futures) + len(self._inline)
+
+    def submit(self, key: str, config: dict) -> None:
+        if self._pool is None:
+            self._inline.append((key, config))
+        else:
+            self._futures[self._pool.submit(execute, config)] = key
+
+    def wait(self) -> list[tuple[str, dict]]:
+        """Block until at least one submitted run finishes; return the finished ones."""
+        if self._pool is None:
+            key, config = self._inline.pop(0)
+            return [(key, execute(config))]
+        done, _ = wait(list(self._futures), return_when=FIRST_COMPLETED)
+        out = []
+        for f in done:
+            key = self._futures.pop(f)
+            try:
+                out.append((key, f.result()))
+            except Exception:  # the worker process died
+                out.append((key, {"ok": False, "result": None, "error": traceback.format_exc(), "wall_s": 0.0, "meta": {}}))
+        return out
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._pool = None
+        self._futures.clear()
+        self._inline.clear()
