@@ -21,3 +21,7 @@ __all__ += [
     "MaskedBatchNorm1d", "SequenceBatchNorm",
     "BNLSTM", "BNGRU", "BNRNN", "BNLSTMCell", "BNGRUCell", "BNRNNCell", "NORM_MODES",
 ]
+
+from .variants import GhostBatchNorm1d, GhostBatchNorm2d
+
+__all__ += ["GhostBatchNorm1d", "GhostBatchNorm2d"]
