@@ -192,7 +192,9 @@ class MaskedBatchNorm1d(_NormBase):
         if self._population is not None:
             if float(count) > 0:
                 self._population.add(0, mean[None], var[None], count)
-        elif self.training and self.track_running_stats:
+        elif self.training and self.track_running_stats and float(count) > 0:
+            # an all-masked batch is no batch: statistics and num_batches_tracked stay as they are
+            # (so a cumulative average, momentum=None, is not diluted by it)
             with torch.no_grad():
                 kernels.update_buffers(
                     self.running_mean, self.running_var, self.num_batches_tracked, mean, var, count,
