@@ -15,24 +15,42 @@ nonfinite, name) -> y``
 ``batch_norm_eval(x, running_mean, running_var, weight, bias, eps) -> y``
     Normalize with the given statistics (constants for autograd).
 
-Routing: CPU float32/float64 tensors go to bnlab's kernels; every other device and dtype
-(CUDA, float16, bfloat16) goes to ``torch.nn.functional.batch_norm``, which computes half-precision
-statistics in float32.
+Routing: CPU float32/float64 tensors go to bnlab's fused numba kernels (:mod:`.cpu`); every other
+device and dtype (CUDA, float16, bfloat16) goes to ``torch.nn.functional.batch_norm``, which
+computes half-precision statistics in float32.
+
+Two entries into the same kernels:
+
+* eager: plain ``torch.autograd.Function`` classes (:class:`_TrainFn`, :class:`_EvalFn`) that call
+  the kernels directly, with the running-statistics update (:func:`commit_running_stats`, C-sized
+  work on the float64 statistics the kernel returned) inside the forward. A torch.library op's
+  Python dispatch costs ~0.2 ms a call, more than the whole step on small shapes.
+* under ``torch.compile``: the custom ops of :mod:`.ops` (fake functions, autograd formulas, and a
+  mutating op for the running statistics with the non-finite policy inside), so that
+  ``fullgraph=True`` traces a network containing bnlab's batch norm.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import reference as ref
+from . import cpu
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 class NonFiniteBatchError(ValueError):
     """A training batch had non-finite statistics; the running statistics were left untouched."""
 
 
-def nonfinite_channels(mean: Tensor, var: Tensor) -> list[int]:
+def nonfinite_channels(mean, var) -> list[int]:
+    """Channels whose mean or variance is nan/inf (tensors or ndarrays)."""
+    if isinstance(mean, np.ndarray):
+        return np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var))).tolist()
     bad = ~(torch.isfinite(mean) & torch.isfinite(var))
     return bad.nonzero().flatten().tolist()
 
@@ -47,63 +65,119 @@ def raise_nonfinite(name: str, channels: list[int]) -> None:
     )
 
 
+def _np_buffer(t: Tensor | None):
+    """A zero-copy float ndarray of a CPU float32/float64 buffer, else None."""
+    if t is None or not t.is_cpu or t.dtype not in _KERNEL_DTYPES or t.requires_grad:
+        return None
+    return t.numpy()
+
+
 def update_buffers(
-    running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name
+    running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name, nbad=None
 ) -> None:
-    """The running-statistics update shared by every CPU path (float64 statistics in)."""
+    """The running-statistics update shared by every path, non-finite check first.
+
+    ``mean`` and ``var`` (biased) are float64 ``(C,)`` tensors or ndarrays; ``count`` the number of
+    values per channel behind them (an int or a 0-d tensor); ``nbad``, when the caller already
+    knows it, the number of channels with non-finite statistics. Non-finite statistics raise
+    :class:`NonFiniteBatchError` (``nonfinite="raise"``) or skip the update (``"skip"``); either way
+    no buffer changes. An empty batch (``count == 0``) is counted in ``num_batches_tracked`` and
+    leaves the statistics alone, as torch does. Otherwise ``num_batches_tracked`` is incremented
+    and ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or
+    ``1 / num_batches_tracked`` for ``momentum=None`` (a cumulative average); ``running_var``
+    receives the unbiased variance (:func:`bnlab.reference.update_running_stats`).
+    """
     if running_mean is None and running_var is None and num_batches_tracked is None:
         return
     if count == 0:  # an empty batch: torch counts it and leaves the statistics alone
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return
-    bad = nonfinite_channels(mean, var)
-    if bad:
-        if nonfinite == "skip":
-            return
-        raise_nonfinite(name, bad)
+    if nbad is None or nbad:
+        bad = nonfinite_channels(mean, var)
+        if bad:
+            if nonfinite == "skip":
+                return
+            raise_nonfinite(name, bad)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if momentum is None:
         factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
     else:
         factor = float(momentum)
+    if running_mean is None and running_var is None:
+        return
+    if isinstance(mean, np.ndarray):
+        rm, rv = _np_buffer(running_mean), _np_buffer(running_var)
+        if (rm is not None or running_mean is None) and (rv is not None or running_var is None):
+            # C-sized float64 arithmetic, one numba call: the same formula as reference.py
+            has_rm, has_rv = rm is not None, rv is not None
+            dummy = rm if has_rm else rv
+            cpu.update_running(rm if has_rm else dummy, rv if has_rv else dummy, has_rm, has_rv, mean, var,
+                               float(count), factor)
+            return
+        mean, var = torch.from_numpy(mean), torch.from_numpy(var)
     ref.update_running_stats(running_mean, running_var, mean, var, count, factor)
+
+
+def commit_running_stats(running_mean, running_var, num_batches_tracked, stats, count, momentum, nonfinite, name, nbad=None):
+    """:func:`update_buffers` from a ``(3, C)`` statistics array or tensor (mean, var, invstd)."""
+    update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum, nonfinite,
+                   name, nbad)
 
 
 def uses_bnlab_kernel(x: Tensor) -> bool:
     """True when ``x`` is served by bnlab's own kernels (CPU float32/float64)."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return x.is_cpu and x.dtype in _KERNEL_DTYPES
 
 
-class _ReferenceTrainFn(torch.autograd.Function):
-    """Training forward and hand-derived backward from :mod:`bnlab.reference` (the slow path)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, invstd, var, count = ref.batch_norm_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dw, db = ref.batch_norm_backward(dy.contiguous(), x, mean, invstd, weight)
-        return dx, (dw if weight is not None else None), (db if ctx.needs_input_grad[2] else None), None
+def _grads_out(ctx, dx, grads, weight):
+    """Autograd outputs for (x, weight, bias) from the kernel's dx and (2, C) grads (dbias, dweight)."""
+    need = ctx.needs_input_grad
+    dw = torch.from_numpy(grads[1]) if need[1] else None
+    db = torch.from_numpy(grads[0]) if need[2] else None
+    return (dx if need[0] else None), dw, db
 
 
-class _ReferenceEvalFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mean, invstd, weight, bias):
-        ctx.save_for_backward(x, mean, invstd, weight)
-        return ref.normalize(x, mean, invstd, weight, bias)
+class _TrainFn(torch.autograd.Function):
+    """Training forward (statistics, y and the running update: one kernel call and C-sized work)
+    and the hand-derived backward (one kernel call)."""
 
     @staticmethod
+    def forward(ctx, x, weight, bias, eps, track):
+        y, stats, nbad = cpu.forward_train(x, weight, bias, eps)
+        if track is not None:
+            running_mean, running_var, num_batches_tracked, momentum, nonfinite, name = track
+            count = x.numel() // x.shape[1] if x.shape[1] else 0
+            update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum,
+                           nonfinite, name, nbad)
+        ctx.stats = stats
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        x, mean, invstd, weight = ctx.saved_tensors
-        dx, dw, db = ref.batch_norm_backward_eval(dy, x, mean, invstd, weight)
-        return dx, None, None, (dw if weight is not None else None), (db if ctx.needs_input_grad[4] else None)
+        x, weight = ctx.saved_tensors
+        dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)
+        return (*_grads_out(ctx, dx, grads, weight), None, None)
+
+
+class _EvalFn(torch.autograd.Function):
+    """Eval forward with given statistics, and its backward (the statistics are constants)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stats):
+        ctx.stats = stats
+        ctx.save_for_backward(x, weight)
+        return cpu.forward_eval(x, weight, bias, stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
+        return (*_grads_out(ctx, dx, grads, weight), None)
 
 
 def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
@@ -127,6 +201,25 @@ def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracke
     return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
 
 
+def _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
+    """What torch.compile traces: custom ops only (no data-dependent Python)."""
+    from . import ops
+
+    if uses_bnlab_kernel(x):
+        y, stats = ops.batch_norm_train(x, weight, bias, eps)
+    else:
+        with torch.no_grad():
+            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            var, mean = torch.var_mean(xf, dim=ref.reduce_dims(x), unbiased=False)
+            stats = torch.stack((mean, var, var))
+        y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if running_mean is not None or running_var is not None or num_batches_tracked is not None:
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, stats.detach(), count,
+                                 0.0 if momentum is None else float(momentum), momentum is None, nonfinite, name)
+    return y
+
+
 def batch_norm_train(
     x: Tensor,
     weight: Tensor | None,
@@ -139,13 +232,16 @@ def batch_norm_train(
     nonfinite: str = "raise",
     name: str = "batch_norm",
 ) -> Tensor:
-    if not uses_bnlab_kernel(x):
+    if torch.compiler.is_compiling():
+        return _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                               nonfinite, name)
+    if not (x.is_cpu and x.dtype in _KERNEL_DTYPES):
         return _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name)
-    y, mean, var = _ReferenceTrainFn.apply(x, weight, bias, eps)
-    count = x.numel() // max(x.shape[1], 1)
-    with torch.no_grad():
-        update_buffers(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name)
-    return y
+    if running_mean is None and running_var is None and num_batches_tracked is None:
+        track = None
+    else:
+        track = (running_mean, running_var, num_batches_tracked, momentum, nonfinite, name)
+    return _TrainFn.apply(x, weight, bias, eps, track)
 
 
 def batch_norm_eval(
@@ -153,6 +249,9 @@ def batch_norm_eval(
 ) -> Tensor:
     if not uses_bnlab_kernel(x):
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    mean = running_mean.to(torch.float64)
-    invstd = ref.invstd_from_var(running_var.to(torch.float64), eps)
-    return _ReferenceEvalFn.apply(x, mean, invstd, weight, bias)
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
+        return ops.batch_norm_eval(x, weight, bias, torch.stack((mean, var, torch.rsqrt(var + eps))))
+    return _EvalFn.apply(x, weight, bias, cpu.eval_stats(running_mean, running_var, eps))

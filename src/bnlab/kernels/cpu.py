@@ -1,0 +1,617 @@
+"""Fused CPU batch-norm kernels (numba), float32 and float64, called zero-copy through ``.numpy()``.
+
+Two loop layouts cover every dense input without a layout copy:
+
+* **rows**: contiguous ``(N, C, *spatial)`` (NCL, NCHW, NCDHW) seen as ``N * C`` rows of
+  ``S = prod(spatial)`` values. With enough channels the work is split over channels: a thread
+  owns whole channels, reads a channel once for its sums and again (from its own L2) to write
+  ``y``. With few channels it is split over rows, each row writing its own partial sums.
+* **columns**: 2-D ``(M, C)`` input and channels_last / channels_last_3d (and ``(N, C, L)`` with
+  C innermost), seen as ``M`` rows of ``C`` channels. The ``M`` rows are cut into one block per
+  thread; each block writes per-channel partial sums, combined after the parallel loop.
+
+One kernel call per pass: the training forward computes the statistics and writes ``y`` in one
+call; the backward computes ``dbias``/``dweight`` and writes ``dx`` in one call. Per-channel
+finishing math (mean, invstd, the backward coefficients) happens inside the kernel between its
+parallel loops, so Python never touches per-element data.
+
+Numerical decisions (the same as :mod:`bnlab.reference`):
+
+* Each channel is shifted by its first sample before summing, and every sum is float64. With the
+  shift, ``x - shift`` is of the order of the channel's spread, so the one-pass shifted variance
+  ``E[(x-k)^2] - E[x-k]^2`` in float64 loses nothing measurable (the cancellation is bounded by
+  ``(mean - k)^2 / var``, a few units for a sample ``k`` of the channel, against float64's 1e-16).
+  For float32 input ``x - k`` is even exact in float64.
+* ``y = (x - mean) * (invstd * gamma) + beta`` is formed in float64 with ``x - mean`` taken
+  directly, then rounded once to the input dtype.
+* The reductions carry 8 independent float64 accumulators (rows layout) so that the sums run at
+  memory speed without ``fastmath`` reassociation; the columns layout is independent per channel.
+
+Layout of the statistics array ``stats`` (float64, ``(3, C)``): row 0 the mean, row 1 the biased
+variance, row 2 ``invstd = 1 / sqrt(var + eps)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import get_num_threads, njit, prange, uint64
+from torch import Tensor
+
+ROWS = 1
+COLUMNS = 2
+
+_JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+_JIT_SERIAL = dict(cache=True, fastmath=False, nogil=True)
+
+# channels <-> last axis permutations of a numpy view, by ndim
+_TO_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# inner loops (serial; compiled once each, vectorized on their own, called from the parallel
+# kernels). Indices are uint64 on purpose: numba wraps negative signed indices, and that select
+# turns a vector load into a gather.
+
+
+@njit(**_JIT_SERIAL)
+def _lane_sums(x, start, nspans, s, stride, k, a1, a2):
+    """Sums of ``x - k`` and ``(x - k)^2`` over ``nspans`` spans of ``s`` values, ``stride`` apart,
+    from ``start``. Element ``j`` of a span goes to lane ``j % L`` of the float64 accumulators
+    ``a1``, ``a2`` (``L`` = their size); the spans' tails (``s % L`` values) are summed and returned."""
+    lanes = uint64(a1.size)
+    su = uint64(s)
+    full = (su // lanes) * lanes
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(uint64(nspans)):
+        span = uint64(start) + i * uint64(stride)
+        for base in range(span, span + full, lanes):
+            for t in range(lanes):
+                d = np.float64(x[base + t]) - k
+                a1[t] += d
+                a2[t] += d * d
+        for j in range(span + full, span + su):
+            d = np.float64(x[j]) - k
+            s1 += d
+            s2 += d * d
+    return s1, s2
+
+
+@njit(**_JIT_SERIAL)
+def _lane_grad_sums(x, dy, start, nspans, s, stride, mean, a1, a2):
+    """Sums of ``dy`` and ``dy * (x - mean)`` over the spans of :func:`_lane_sums`."""
+    lanes = uint64(a1.size)
+    su = uint64(s)
+    full = (su // lanes) * lanes
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(uint64(nspans)):
+        span = uint64(start) + i * uint64(stride)
+        for base in range(span, span + full, lanes):
+            for t in range(lanes):
+                g = np.float64(dy[base + t])
+                a1[t] += g
+                a2[t] += g * (np.float64(x[base + t]) - mean)
+        for j in range(span + full, span + su):
+            g = np.float64(dy[j])
+            s1 += g
+            s2 += g * (np.float64(x[j]) - mean)
+    return s1, s2
+
+
+@njit(**_JIT_SERIAL)
+def _lane_total(a):
+    s = 0.0
+    for t in range(a.size):
+        s += a[t]
+    return s
+
+
+@njit(**_JIT_SERIAL)
+def _span_affine(x, y, start, nspans, s, stride, mean, scale, beta):
+    """``y = (x - mean) * scale + beta`` over the spans (float64 math, one rounding)."""
+    su = uint64(s)
+    for i in range(uint64(nspans)):
+        span = uint64(start) + i * uint64(stride)
+        for j in range(span, span + su):
+            y[j] = (np.float64(x[j]) - mean) * scale + beta
+
+
+@njit(**_JIT_SERIAL)
+def _span_dx(x, dy, dx, start, nspans, s, stride, mean, k, mdy, kx):
+    """``dx = k * ((dy - mdy) - (x - mean) * kx)`` over the spans."""
+    su = uint64(s)
+    for i in range(uint64(nspans)):
+        span = uint64(start) + i * uint64(stride)
+        for j in range(span, span + su):
+            dx[j] = k * ((np.float64(dy[j]) - mdy) - (np.float64(x[j]) - mean) * kx)
+
+
+@njit(**_JIT_SERIAL)
+def _span_scale(dy, dx, start, nspans, s, stride, k):
+    """``dx = k * dy`` over the spans."""
+    su = uint64(s)
+    for i in range(uint64(nspans)):
+        span = uint64(start) + i * uint64(stride)
+        for j in range(span, span + su):
+            dx[j] = np.float64(dy[j]) * k
+
+
+@njit(**_JIT_SERIAL)
+def _cols_sums(x, r0, r1, c, shift, a1, a2):
+    """Per-channel sums of ``x - shift`` and its square over rows ``[r0, r1)`` of ``(M, C)``."""
+    cu = uint64(c)
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            d = np.float64(x[base + ch]) - shift[ch]
+            a1[ch] += d
+            a2[ch] += d * d
+
+
+@njit(**_JIT_SERIAL)
+def _cols_grad_sums(x, dy, r0, r1, c, mean, a1, a2):
+    """Per-channel sums of ``dy`` and ``dy * (x - mean)`` over rows ``[r0, r1)``."""
+    cu = uint64(c)
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            g = np.float64(dy[base + ch])
+            a1[ch] += g
+            a2[ch] += g * (np.float64(x[base + ch]) - mean[ch])
+
+
+@njit(**_JIT_SERIAL)
+def _cols_dy_sum(dy, r0, r1, c, a1):
+    cu = uint64(c)
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            a1[ch] += np.float64(dy[base + ch])
+
+
+@njit(**_JIT_SERIAL)
+def _cols_affine(x, y, r0, r1, c, mean, scale, beta):
+    cu = uint64(c)
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            y[base + ch] = (np.float64(x[base + ch]) - mean[ch]) * scale[ch] + beta[ch]
+
+
+@njit(**_JIT_SERIAL)
+def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx):
+    cu = uint64(c)
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            dx[base + ch] = k[ch] * ((np.float64(dy[base + ch]) - mdy[ch]) - (np.float64(x[base + ch]) - mean[ch]) * kx[ch])
+
+
+@njit(**_JIT_SERIAL)
+def _cols_scale(dy, dx, r0, r1, c, k):
+    cu = uint64(c)
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            dx[base + ch] = np.float64(dy[base + ch]) * k[ch]
+
+
+@njit(**_JIT_SERIAL)
+def _finish_stats(stats, ch, s1, s2, m, eps, shift):
+    """Mean, biased variance and invstd of one channel from its shifted float64 sums."""
+    d = s1 / m
+    var = s2 / m - d * d  # shifted one-pass: both terms are O(spread^2), nothing cancels badly
+    if var < 0.0:
+        var = 0.0
+    stats[0, ch] = shift + d
+    stats[1, ch] = var
+    stats[2, ch] = 1.0 / math.sqrt(var + eps)
+
+
+@njit(**_JIT_SERIAL)
+def _count_nonfinite(stats):
+    bad = 0
+    for ch in range(stats.shape[1]):
+        if not (math.isfinite(stats[0, ch]) and math.isfinite(stats[1, ch])):
+            bad += 1
+    return bad
+
+
+@njit(**_JIT_SERIAL)
+def _num_blocks(m, c, nt):
+    """Blocks of rows for the columns layout: one per thread, fewer for tiny inputs."""
+    nb = (m * c) // 4096
+    if nb > nt:
+        nb = nt
+    if nb < 1:
+        nb = 1
+    return nb
+
+
+@njit(**_JIT_SERIAL)
+def _lane_pair(lanes):
+    """Two zeroed float64 lane accumulators, 64 bytes apart (no 4K aliasing between them)."""
+    acc = np.zeros(2 * lanes + 8)
+    return acc[:lanes], acc[lanes + 8:]
+
+
+# ----------------------------------------------------------------------------------------------
+# rows layout: x flat of length n * c * s, (N, C, S) in memory order
+
+
+@njit(**_JIT)
+def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes):
+    """Training forward, rows layout. Fills ``stats``, writes ``y``; returns the number of
+    channels whose mean or variance is non-finite."""
+    m = n * s
+    cs = c * s  # distance between two spans of a channel
+    if c >= 4 * nt or n * c < 2 * nt:
+        # split over channels: a thread sums its channel, then normalizes it from its own cache
+        for ch in prange(c):
+            k = np.float64(x[ch * s])  # shift: the channel's first sample
+            a1, a2 = _lane_pair(lanes)
+            t1, t2 = _lane_sums(x, ch * s, n, s, cs, k, a1, a2)
+            _finish_stats(stats, ch, t1 + _lane_total(a1), t2 + _lane_total(a2), m, eps, k)
+            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+            beta = np.float64(b[ch]) if has_b else 0.0
+            _span_affine(x, y, ch * s, n, s, cs, stats[0, ch], scale, beta)
+    else:
+        # split over rows: each (n, c) row writes its own partial sums, (N*C,) -> (C,) after
+        part = np.empty((2, n * c))
+        for r in prange(n * c):
+            a1, a2 = _lane_pair(lanes)
+            t1, t2 = _lane_sums(x, r * s, 1, s, s, np.float64(x[(r % c) * s]), a1, a2)
+            part[0, r] = t1 + _lane_total(a1)
+            part[1, r] = t2 + _lane_total(a2)
+        for ch in range(c):
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(n):
+                s1 += part[0, i * c + ch]
+                s2 += part[1, i * c + ch]
+            _finish_stats(stats, ch, s1, s2, m, eps, np.float64(x[ch * s]))
+        for r in prange(n * c):
+            ch = r % c
+            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+            beta = np.float64(b[ch]) if has_b else 0.0
+            _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
+    return _count_nonfinite(stats)
+
+
+@njit(**_JIT)
+def rows_forward_eval(x, y, w, b, has_w, has_b, n, c, s, stats, nt):
+    """Eval forward, rows layout: normalize with ``stats`` (mean in row 0, invstd in row 2)."""
+    cs = c * s
+    if c >= 4 * nt or n * c < 2 * nt:
+        for ch in prange(c):
+            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+            beta = np.float64(b[ch]) if has_b else 0.0
+            _span_affine(x, y, ch * s, n, s, cs, stats[0, ch], scale, beta)
+    else:
+        for r in prange(n * c):
+            ch = r % c
+            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+            beta = np.float64(b[ch]) if has_b else 0.0
+            _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
+
+
+@njit(**_JIT)
+def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes):
+    """Backward, rows layout. ``grads[0]`` receives dbias, ``grads[1]`` dweight (summed in float64).
+
+    Training, per channel with M values, xhat = (x - mean) * invstd, g = gamma (or 1):
+        dbias   = sum(dy)
+        dweight = sum(dy * xhat) = invstd * sum(dy * (x - mean))
+        dx      = g * invstd / M * (M * dy - dbias - xhat * dweight)
+                = g * invstd * ((dy - dbias / M) - (x - mean) * (invstd * dweight / M))
+    (the derivation, step by step, is in :func:`bnlab.reference.batch_norm_backward`).
+    Eval, the statistics being constants: dx = g * invstd * dy.
+    """
+    m = n * s
+    cs = c * s
+    if c >= 4 * nt or n * c < 2 * nt:
+        for ch in prange(c):
+            mean = stats[0, ch]
+            invstd = stats[2, ch]
+            a1, a2 = _lane_pair(lanes)
+            t1, t2 = _lane_grad_sums(x, dy, ch * s, n, s, cs, mean, a1, a2)
+            s1 = t1 + _lane_total(a1)
+            s2 = t2 + _lane_total(a2)
+            grads[0, ch] = s1
+            grads[1, ch] = s2 * invstd
+            k = invstd * (np.float64(w[ch]) if has_w else 1.0)
+            if train:
+                _span_dx(x, dy, dx, ch * s, n, s, cs, mean, k, s1 / m, invstd * invstd * s2 / m)
+            else:
+                _span_scale(dy, dx, ch * s, n, s, cs, k)
+    else:
+        part = np.empty((2, n * c))
+        for r in prange(n * c):
+            a1, a2 = _lane_pair(lanes)
+            t1, t2 = _lane_grad_sums(x, dy, r * s, 1, s, s, stats[0, r % c], a1, a2)
+            part[0, r] = t1 + _lane_total(a1)
+            part[1, r] = t2 + _lane_total(a2)
+        tot = np.empty((2, c))  # (N*C,) -> (C,), float64 whatever the dtype of grads
+        for ch in range(c):
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(n):
+                s1 += part[0, i * c + ch]
+                s2 += part[1, i * c + ch]
+            tot[0, ch] = s1
+            tot[1, ch] = s2
+            grads[0, ch] = s1
+            grads[1, ch] = s2 * stats[2, ch]
+        for r in prange(n * c):
+            ch = r % c
+            invstd = stats[2, ch]
+            k = invstd * (np.float64(w[ch]) if has_w else 1.0)
+            if train:
+                _span_dx(x, dy, dx, r * s, 1, s, s, stats[0, ch], k, tot[0, ch] / m, invstd * invstd * tot[1, ch] / m)
+            else:
+                _span_scale(dy, dx, r * s, 1, s, s, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# columns layout: x flat of length m * c, (M, C) in memory order
+
+
+@njit(**_JIT_SERIAL)
+def _block_sums(nb, c):
+    """Zeroed per-block partial sums ``(nb, 2, C + 8)`` (padded: no 4K aliasing between rows)."""
+    return np.zeros((nb, 2, c + 8))
+
+
+@njit(**_JIT)
+def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt):
+    """Training forward, columns layout. Fills ``stats``, writes ``y``; returns the number of
+    channels whose mean or variance is non-finite."""
+    nb = _num_blocks(m, c, nt)
+    part = _block_sums(nb, c)
+    shift = np.empty(c)
+    for ch in range(c):
+        shift[ch] = np.float64(x[ch])  # shift: the channel's first sample
+    for blk in prange(nb):
+        _cols_sums(x, blk * m // nb, (blk + 1) * m // nb, c, shift, part[blk, 0], part[blk, 1])
+    mean = np.empty(c)
+    scale = np.empty(c)
+    beta = np.empty(c)
+    for ch in range(c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(nb):  # (nb, C) -> (C,)
+            s1 += part[blk, 0, ch]
+            s2 += part[blk, 1, ch]
+        _finish_stats(stats, ch, s1, s2, m, eps, shift[ch])
+        mean[ch] = stats[0, ch]
+        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+        beta[ch] = np.float64(b[ch]) if has_b else 0.0
+    for blk in prange(nb):
+        _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta)
+    return _count_nonfinite(stats)
+
+
+@njit(**_JIT)
+def cols_forward_eval(x, y, w, b, has_w, has_b, m, c, stats, nt):
+    """Eval forward, columns layout."""
+    nb = _num_blocks(m, c, nt)
+    mean = np.empty(c)
+    scale = np.empty(c)
+    beta = np.empty(c)
+    for ch in range(c):
+        mean[ch] = stats[0, ch]
+        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+        beta[ch] = np.float64(b[ch]) if has_b else 0.0
+    for blk in prange(nb):
+        _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta)
+
+
+@njit(**_JIT)
+def cols_backward(x, dy, dx, w, has_w, m, c, stats, grads, train, nt):
+    """Backward, columns layout; the formulas of :func:`rows_backward`."""
+    nb = _num_blocks(m, c, nt)
+    part = _block_sums(nb, c)
+    mean = np.empty(c)
+    for ch in range(c):
+        mean[ch] = stats[0, ch]
+    for blk in prange(nb):
+        _cols_grad_sums(x, dy, blk * m // nb, (blk + 1) * m // nb, c, mean, part[blk, 0], part[blk, 1])
+    k = np.empty(c)
+    mdy = np.empty(c)
+    kx = np.empty(c)
+    for ch in range(c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(nb):  # (nb, C) -> (C,)
+            s1 += part[blk, 0, ch]
+            s2 += part[blk, 1, ch]
+        invstd = stats[2, ch]
+        grads[0, ch] = s1
+        grads[1, ch] = s2 * invstd
+        k[ch] = invstd * (np.float64(w[ch]) if has_w else 1.0)
+        mdy[ch] = s1 / m
+        kx[ch] = invstd * invstd * s2 / m
+    for blk in prange(nb):
+        if train:
+            _cols_dx(x, dy, dx, blk * m // nb, (blk + 1) * m // nb, c, mean, k, mdy, kx)
+        else:
+            _cols_scale(dy, dx, blk * m // nb, (blk + 1) * m // nb, c, k)
+
+
+@njit(**_JIT_SERIAL)
+def update_running(rm, rv, has_rm, has_rv, mean, var, count, factor):
+    """``running = (1 - factor) * running + factor * batch`` in float64, the variance unbiased
+    (``var * M / (M - 1)``), rounded once to the buffers' dtype: the formula of
+    :func:`bnlab.reference.update_running_stats`, without a torch op per step."""
+    corr = count / (count - 1.0) if count > 1 else 1.0
+    for ch in range(mean.shape[0]):
+        if has_rm:
+            rm[ch] = (1.0 - factor) * np.float64(rm[ch]) + factor * mean[ch]
+        if has_rv:
+            rv[ch] = (1.0 - factor) * np.float64(rv[ch]) + factor * (var[ch] * corr)
+
+
+# ----------------------------------------------------------------------------------------------
+# tensor adapters: layout detection and zero-copy numpy views
+
+
+def layout(x: Tensor) -> int:
+    """ROWS, COLUMNS, or 0 when ``x`` is neither (odd strides: the caller makes it contiguous)."""
+    if x.is_contiguous():
+        if x.dim() == 2 or x.numel() == x.shape[0] * x.shape[1]:
+            return COLUMNS  # (M, C), or spatial size 1: the channels are the innermost run
+        return ROWS
+    d = x.dim()
+    if d == 4:
+        return COLUMNS if x.is_contiguous(memory_format=torch.channels_last) else 0
+    if d == 5:
+        return COLUMNS if x.is_contiguous(memory_format=torch.channels_last_3d) else 0
+    if d == 3:
+        return COLUMNS if x.transpose(1, 2).is_contiguous() else 0
+    return 0
+
+
+def flat(a: np.ndarray, lay: int) -> np.ndarray:
+    """Flat memory-order view of ``a`` in the given layout (never a copy)."""
+    if lay == COLUMNS and a.ndim > 2:
+        a = a.transpose(_TO_LAST[a.ndim])
+    return a.reshape(-1, copy=False)
+
+
+def _dims(x: Tensor, lay: int) -> tuple[int, int, int]:
+    """``(n, c, s)`` of the rows layout, or ``(m, c, 1)`` of the columns layout."""
+    shape = x.shape
+    c = shape[1]
+    if lay == ROWS:
+        n = shape[0]
+        return n, c, x.numel() // (n * c)
+    return x.numel() // c, c, 1
+
+
+_DUMMY = {torch.float32: np.zeros(1, np.float32), torch.float64: np.zeros(1, np.float64)}
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _lanes(s: int) -> int:
+    """Lane count of the rows layout's accumulators: a whole row up to 512 values, else the
+    widest power of two from 512 down to 64 that divides it (a tail of < 64 is summed apart)."""
+    if s <= 512:
+        return s
+    for lanes in (512, 256, 128):
+        if s % lanes == 0:
+            return lanes
+    return 64
+
+
+def _param(p: Tensor | None, dtype) -> tuple[np.ndarray, bool]:
+    if p is None:
+        return _DUMMY[dtype], False
+    return p.detach().numpy(), True
+
+
+def _dense(x: Tensor) -> tuple[Tensor, int]:
+    lay = layout(x)
+    if lay:
+        return x, lay
+    x = x.contiguous()
+    return x, layout(x)
+
+
+def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """Training forward of a CPU float32/float64 tensor ``(N, C, *)``.
+
+    Returns ``(y, stats, nbad)``: ``y`` with the strides ``torch.empty_like(x)`` gives, ``stats``
+    a float64 ``(3, C)`` ndarray (mean, biased variance, invstd), ``nbad`` the number of channels
+    with a non-finite mean or variance. An empty batch gives mean 0 and variance 0, as
+    :func:`bnlab.reference.batch_stats` does.
+    """
+    if x.numel() == 0:
+        stats = np.zeros((3, x.shape[1]))
+        stats[2] = 1.0 / math.sqrt(eps)
+        return torch.empty_like(x), stats, 0
+    xd, lay = _dense(x)
+    y = torch.empty_like(xd)
+    n, c, s = _dims(xd, lay)
+    w, has_w = _param(weight, x.dtype)
+    b, has_b = _param(bias, x.dtype)
+    stats = np.empty((3, c))
+    xa = flat(xd.detach().numpy(), lay)
+    ya = flat(y.numpy(), lay)
+    if lay == ROWS:
+        nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, get_num_threads(), _lanes(s))
+    else:
+        nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, get_num_threads())
+    if xd is not x:
+        y = torch.empty_like(x).copy_(y)
+    return y, stats, nbad
+
+
+def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: np.ndarray) -> Tensor:
+    """Eval forward: normalize with ``stats`` (float64 ``(3, C)``; rows 0 and 2 are read)."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    xd, lay = _dense(x)
+    y = torch.empty_like(xd)
+    n, c, s = _dims(xd, lay)
+    w, has_w = _param(weight, x.dtype)
+    b, has_b = _param(bias, x.dtype)
+    xa = flat(xd.detach().numpy(), lay)
+    ya = flat(y.numpy(), lay)
+    if lay == ROWS:
+        rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, get_num_threads())
+    else:
+        cols_forward_eval(xa, ya, w, b, has_w, has_b, n, c, stats, get_num_threads())
+    if xd is not x:
+        y = torch.empty_like(x).copy_(y)
+    return y
+
+
+def _as_f64(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype not in _DUMMY or not t.is_cpu:
+        t = t.to("cpu", torch.float64)
+    return t.numpy()
+
+
+def eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> np.ndarray:
+    """float64 ``(3, C)`` statistics from running buffers: mean, variance, ``1 / sqrt(var + eps)``."""
+    stats = np.empty((3, running_mean.shape[0]))
+    stats[0] = _as_f64(running_mean)
+    stats[1] = _as_f64(running_var)
+    np.add(stats[1], eps, out=stats[2])
+    np.sqrt(stats[2], out=stats[2])
+    np.divide(1.0, stats[2], out=stats[2])
+    return stats
+
+
+def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, train: bool):
+    """Backward of :func:`forward_train` (``train``) or :func:`forward_eval`.
+
+    Returns ``(dx, grads)``: ``dx`` with the strides of ``torch.empty_like(x)``, ``grads`` a
+    ``(2, C)`` ndarray (dbias, dweight) in the weight's dtype (float64 without a weight).
+    """
+    c = x.shape[1]
+    gdtype = _NP_DTYPE.get(weight.dtype, np.float64) if weight is not None else np.float64
+    if x.numel() == 0:
+        return torch.empty_like(x), np.zeros((2, c), gdtype)
+    xd, lay = _dense(x)
+    if dy.stride() != xd.stride():
+        dy = torch.empty_like(xd).copy_(dy)
+    dx = torch.empty_like(xd)
+    n, c, s = _dims(xd, lay)
+    w, has_w = _param(weight, x.dtype)
+    grads = np.empty((2, c), gdtype)
+    xa = flat(xd.detach().numpy(), lay)
+    ga = flat(dy.detach().numpy(), lay)
+    da = flat(dx.numpy(), lay)
+    if lay == ROWS:
+        rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, get_num_threads(), _lanes(s))
+    else:
+        cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, get_num_threads())
+    if xd is not x:
+        dx = torch.empty_like(x).copy_(dx)
+    return dx, grads
