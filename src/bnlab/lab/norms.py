@@ -1,0 +1,187 @@
+"""The norm registry, for stacked testbeds, and the audit's lab-only BN controls.
+
+Stacked layout: the testbeds train G independent members at once, with activations of shape
+``(N, G*C)`` (MLP) or ``(N, G*C, H, W)`` (CNN), member g's channel c being channel ``g*C + c``.
+A per-channel norm over ``G*C`` channels is then exactly G independent norms: batch norm and its
+variants are bnlab's own modules with ``G*C`` features; LayerNorm and GroupNorm become GroupNorm
+with groups that never straddle two members.
+
+Registry names: ``none``, ``batch``, ``noisy`` (Santurkar control), ``frozen-stats`` (C4
+control), ``ghost`` (:class:`bnlab.nn.GhostBatchNorm1d` / ``2d``), ``layer``, ``group``.
+Every batch-norm layer here uses ``nonfinite="skip"``: a diverging member is a result, and its nan
+statistics must neither raise nor reach the buffers (precise BN recomputes them before any
+evaluation anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as BF
+from .. import reference as ref
+from ..nn import BatchNorm1d, BatchNorm2d, GhostBatchNorm1d, GhostBatchNorm2d
+
+__all__ = ["NORMS", "make_norm", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "FrozenStatsBatchNorm1d",
+           "FrozenStatsBatchNorm2d", "refresh_frozen_stats", "set_generator"]
+
+
+class _Noisy:
+    """Santurkar et al. 2018 (arXiv 1805.11604), "noisy BN": after normalizing, each unit is
+    multiplied by s ~ U(0.5, 1.5) and shifted by m ~ U(-1, 1), drawn per unit and redrawn at every
+    training forward; no noise in eval, nor while :func:`bnlab.tools.recalibrate` measures the
+    population statistics (``recalibrate_begin``/``recalibrate_end``)."""
+
+    noise_on = True
+    generator: torch.Generator | None = None
+
+    def _add_noise(self, y: Tensor) -> Tensor:
+        if not (self.training and self.noise_on):
+            return y
+        c = y.shape[1]
+        s = torch.empty(c, dtype=y.dtype).uniform_(0.5, 1.5, generator=self.generator)
+        m = torch.empty(c, dtype=y.dtype).uniform_(-1.0, 1.0, generator=self.generator)
+        shape = [1, c] + [1] * (y.dim() - 2)
+        return y * s.reshape(shape) + m.reshape(shape)
+
+    def recalibrate_begin(self) -> None:
+        self.noise_on = False
+
+    def recalibrate_end(self) -> None:
+        self.noise_on = True
+
+
+class NoisyBatchNorm1d(_Noisy, BatchNorm1d):
+    def forward(self, input: Tensor) -> Tensor:
+        return self._add_noise(super().forward(input))
+
+
+class NoisyBatchNorm2d(_Noisy, BatchNorm2d):
+    def forward(self, input: Tensor) -> Tensor:
+        return self._add_noise(super().forward(input))
+
+
+class _FrozenStats:
+    """BN without the batch noise (C4's control). Until :func:`refresh_frozen_stats` is first
+    called it is ordinary BN; from then on a training forward normalizes with the stored
+    full-training-set statistics, constants for autograd, which the trainer refreshes at the start
+    of every epoch after the first with ONE batched forward of the whole training set. Eval:
+    ordinary BN with the running (precise-BN) statistics."""
+
+    frozen = False
+    collecting = False
+
+    def _init_frozen(self) -> None:
+        self.register_buffer("frozen_mean", torch.zeros(self.num_features), persistent=False)
+        self.register_buffer("frozen_var", torch.ones(self.num_features), persistent=False)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and self.collecting:
+            with torch.no_grad():
+                mean, var, _ = ref.batch_stats(input.detach())  # (N, C, *) -> (C,), biased, float64
+                self.frozen_mean.copy_(mean)
+                self.frozen_var.copy_(var)
+            return BF.batch_norm(input, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
+        if self.training and self.frozen:
+            return BF.batch_norm(input, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(input)
+
+
+class FrozenStatsBatchNorm1d(_FrozenStats, BatchNorm1d):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_frozen()
+
+
+class FrozenStatsBatchNorm2d(_FrozenStats, BatchNorm2d):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_frozen()
+
+
+@torch.no_grad()
+def refresh_frozen_stats(model: nn.Module, x: Tensor) -> bool:
+    """Recompute every frozen-stats layer's statistics over ``x`` (the whole training set) with
+    one training-mode forward; layers later in the net see inputs normalized with the new
+    statistics of the layers before them, as they will during the epoch. False if none."""
+    layers = [m for m in model.modules() if isinstance(m, _FrozenStats)]
+    if not layers:
+        return False
+    was = model.training
+    model.train()
+    for m in layers:
+        m.collecting = True
+    try:
+        model(x)
+    finally:
+        for m in layers:
+            m.collecting = False
+            m.frozen = True
+        model.train(was)
+    return True
+
+
+def set_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Route every random draw of the lab's layers (noise, dropout) through ``generator``."""
+    for m in model.modules():
+        if hasattr(m, "generator"):
+            m.generator = generator
+
+
+# ---------------------------------------------------------------- registry
+def _affine_kwargs(affine: str) -> dict:
+    if affine not in ("both", "none", "gamma", "beta"):
+        raise ValueError(f"norm affine must be one of both|none|gamma|beta (got {affine!r})")
+    return {"affine": affine != "none", "bias": affine in ("both", "beta")}
+
+
+def _finish_affine(m: nn.Module, affine: str) -> nn.Module:
+    if affine == "beta" and getattr(m, "weight", None) is not None:
+        m.weight.requires_grad_(False)  # gamma fixed at 1: beta only
+    return m
+
+
+def _bn_factory(cls1d, cls2d, **fixed) -> Callable:
+    def make(members: int, channels: int, spatial: bool, affine: str = "both", momentum: float | None = 0.1, **kw):
+        cls = cls2d if spatial else cls1d
+        m = cls(members * channels, momentum=momentum, nonfinite="skip", **_affine_kwargs(affine), **fixed, **kw)
+        return _finish_affine(m, affine)
+
+    return make
+
+
+def _group(members: int, channels: int, spatial: bool, affine: str = "both", groups: int = 8, **kw):
+    if channels % groups:
+        raise ValueError(f"group norm: {channels} channels do not split into {groups} groups")
+    m = nn.GroupNorm(members * groups, members * channels, affine=affine != "none", **kw)
+    if affine == "gamma":
+        m.bias.requires_grad_(False)
+    return _finish_affine(m, affine)
+
+
+def _layer(members: int, channels: int, spatial: bool, affine: str = "both", **kw):
+    return _group(members, channels, spatial, affine, groups=1, **kw)
+
+
+def _none(members: int, channels: int, spatial: bool, **kw):
+    return nn.Identity()
+
+
+NORMS: dict[str, Callable[..., nn.Module]] = {
+    "none": _none,
+    "batch": _bn_factory(BatchNorm1d, BatchNorm2d),
+    "noisy": _bn_factory(NoisyBatchNorm1d, NoisyBatchNorm2d),
+    "frozen-stats": _bn_factory(FrozenStatsBatchNorm1d, FrozenStatsBatchNorm2d),
+    "ghost": _bn_factory(GhostBatchNorm1d, GhostBatchNorm2d),
+    "layer": _layer,
+    "group": _group,
+}
+
+
+def make_norm(name: str, members: int, channels: int, spatial: bool = False, **kwargs) -> nn.Module:
+    """The norm ``name`` for ``members`` stacked members of ``channels`` channels each."""
+    if name not in NORMS:
+        raise KeyError(f"unknown norm {name!r}; known: {', '.join(NORMS)}")
+    return NORMS[name](members, channels, spatial, **kwargs)
