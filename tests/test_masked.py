@@ -181,9 +181,9 @@ def test_eval_reuses_the_last_trained_step_past_the_training_length():
     torch.testing.assert_close(bn(x, 7), bn(x, 4))
     torch.testing.assert_close(bn(x, 5), bn(x, 4))
     assert not torch.allclose(bn(x, 3), bn(x, 4))
-    xs = torch.randn(9, 4, 2)
+    xs = torch.randn(4, 9, 2)  # (B, T, C)
     steps = bn.forward_steps(xs)
-    torch.testing.assert_close(steps, torch.stack([bn(xs[t], t) for t in range(9)]))
+    torch.testing.assert_close(steps, torch.stack([bn(xs[:, t], t) for t in range(9)], 1))
 
 
 def test_shared_statistics_serve_every_step():
@@ -200,8 +200,9 @@ def test_forward_steps_equals_one_call_per_step_in_training():
     torch.manual_seed(3)
     a = SequenceBatchNorm(4, per_step=True, gamma_init=0.1)
     b = SequenceBatchNorm(4, per_step=True, gamma_init=0.1)
-    x = torch.randn(6, 8, 4) * 3 + 1
-    torch.testing.assert_close(a.forward_steps(x), torch.stack([b(x[t], t) for t in range(6)]))
+    x = torch.randn(8, 6, 4) * 3 + 1  # (B, T, C)
+    offset = torch.randn(4)
+    torch.testing.assert_close(a.forward_steps(x, offset), torch.stack([b(x[:, t], t) + offset for t in range(6)], 1))
     torch.testing.assert_close(a.running_mean, b.running_mean)
     torch.testing.assert_close(a.running_var, b.running_var)
     assert torch.equal(a.num_batches_tracked, b.num_batches_tracked)

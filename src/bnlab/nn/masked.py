@@ -247,8 +247,8 @@ class SequenceBatchNorm(Module):
             recurrent layer's own bias is the shift.
         gamma_init: initial gamma (default 1.0; Cooijmans use 0.1 to keep tanh/sigmoid unsaturated).
 
-    Shape: ``forward(x, step)``: x ``(N, C)``; ``forward_steps(x)``: x ``(T, B, C)``, every step
-    with the same B rows.
+    Shape: ``forward(x, step)``: x ``(N, C)``; ``forward_steps(x)``: x ``(B, T, C)`` (batch-major),
+    every step with the same B rows.
 
     Example:
         >>> import torch, bnlab
@@ -326,34 +326,49 @@ class SequenceBatchNorm(Module):
             return self.momentum
         return 1.0 / float(self.num_batches_tracked[row])
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        """Normalize the ``(N, C)`` rows of time step ``step``."""
+    def _shift(self, offset: Tensor | None) -> Tensor | None:
+        if offset is None:
+            return self.bias
+        return offset if self.bias is None else self.bias + offset
+
+    def forward(self, x: Tensor, step: int = 0, offset: Tensor | None = None) -> Tensor:
+        """Normalize the ``(N, C)`` rows of time step ``step``.
+
+        ``offset`` (optional ``(C,)``) is added after normalization inside the same call: a
+        recurrent layer passes its gate bias here instead of adding it in a separate op.
+        """
         if x.dim() != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"SequenceBatchNorm: expected input of shape (N, {self.num_features}) "
                              f"(got shape {tuple(x.shape)})")
+        shift = self._shift(offset)
         if not self.training or x.shape[0] < 2:
             r = self._row(step)
-            return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, self.bias, False, 0.0, self.eps)
+            return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, shift, False, 0.0, self.eps)
         if self._population is not None:
-            return self._recal_forward(x, step)
+            return self._recal_forward(x, step, shift)
         r = step if self.per_step else 0
         self.ensure_steps(r + 1)
         self.num_batches_tracked[r] += 1
         if self._tracked is not None and r >= self._tracked:
             self._tracked = r + 1
-        return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, self.bias, True,
+        return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, shift, True,
                             self._factor(r), self.eps)
 
-    def forward_steps(self, x: Tensor) -> Tensor:
-        """Normalize all steps of ``x`` ``(T, B, C)`` at once (equal batches): one dispatch, not T."""
-        T, B, C = x.shape
+    def forward_steps(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
+        """Normalize all steps of a batch-major ``x`` ``(B, T, C)`` at once: one dispatch, not T.
+
+        Every step has the same B rows. With ``per_step=False`` the statistics are over batch and
+        time (every row of every step). ``offset``: as in :meth:`forward`.
+        """
+        B, T, C = x.shape
         if not self.per_step:
-            return self(x.reshape(T * B, C)).view(T, B, C)  # statistics over batch and time
+            return self(x.reshape(B * T, C), 0, offset).view(B, T, C)  # statistics over batch and time
         if (self.training and (B < 2 or self.momentum is None)) or self._population is not None:
-            return torch.stack([self(x[t], t) for t in range(T)])
-        xb = x.transpose(0, 1).reshape(B, T * C)  # (T, B, C) -> (B, T*C): one channel per (step, feature)
+            return torch.stack([self(x[:, t], t, offset) for t in range(T)], 1)
+        xb = x.reshape(B, T * C)  # (B, T, C) -> (B, T*C): one channel per (step, feature), no copy
         w = self.weight.repeat(T) if self.weight is not None else None
-        b = self.bias.repeat(T) if self.bias is not None else None
+        shift = self._shift(offset)
+        b = shift.repeat(T) if shift is not None else None
         if self.training:
             self.ensure_steps(T)
             self.num_batches_tracked[:T] += 1
@@ -365,13 +380,13 @@ class SequenceBatchNorm(Module):
             rows = torch.arange(T, device=x.device).clamp_(max=self._row(T - 1))
             y = F.batch_norm(xb, self.running_mean[rows].view(-1), self.running_var[rows].view(-1), w, b, False,
                              0.0, self.eps)
-        return y.view(B, T, C).transpose(0, 1)  # (B, T*C) -> (T, B, C)
+        return y.view(B, T, C)
 
-    def _recal_forward(self, x: Tensor, step: int) -> Tensor:
+    def _recal_forward(self, x: Tensor, step: int, shift: Tensor | None) -> Tensor:
         with torch.no_grad():
             var, mean = torch.var_mean(x.detach().to(torch.float64), dim=0, unbiased=False)  # (N, C) -> (C,)
             self._population.add(step if self.per_step else 0, mean[None], var[None], x.shape[0])
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return F.batch_norm(x, None, None, self.weight, shift, True, 0.0, self.eps)
 
     # precise BN (bnlab.tools.recalibrate): population statistics per step
     def recalibrate_begin(self) -> None:

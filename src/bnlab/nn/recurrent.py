@@ -73,11 +73,11 @@ class _RowLayerNorm(torch.nn.LayerNorm):
         with torch.no_grad():
             self.weight.fill_(self.gamma_init)
 
-    def forward(self, x: Tensor, step: int = 0) -> Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    def forward(self, x: Tensor, step: int = 0, offset: Tensor | None = None) -> Tensor:
+        shift = self.bias if offset is None else (offset if self.bias is None else self.bias + offset)
+        return F.layer_norm(x, self.normalized_shape, self.weight, shift, self.eps)
 
-    def forward_steps(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+    forward_steps = forward  # rowwise: all steps at once is the same call
 
 
 def _make_norms(mode: str, input_size: int, hidden_size: int, norm: str, gamma_init: float | None,
@@ -139,7 +139,7 @@ def _lstm_loop(xs, batch_sizes, h, c, w_hh_t, nh, nc, nx, bias, t0):
         if b < h.shape[0]:
             h, c = _shrink(b, h, c, done_h, done_c)
         if nx is not None:
-            xt = nx(xt, t) if bias is None else nx(xt, t) + bias
+            xt = nx(xt, t, bias)
         g = torch.addmm(xt, h, w_hh_t) if nh is None else xt + nh(torch.mm(h, w_hh_t), t)
         s, u = g.split(split, 1)
         i, f, o = torch.sigmoid(s).chunk(3, 1)
@@ -157,7 +157,7 @@ def _gru_loop(xs, batch_sizes, h, w_hh_t, b_hh, nh, nx, b_ih, t0):
         if b < h.shape[0]:
             h, _ = _shrink(b, h, None, done_h, None)
         if nx is not None:
-            xt = nx(xt, t) if b_ih is None else nx(xt, t) + b_ih
+            xt = nx(xt, t, b_ih)
         if nh is None:
             gh = torch.mm(h, w_hh_t) if b_hh is None else torch.addmm(b_hh, h, w_hh_t)
         else:
@@ -178,7 +178,7 @@ def _rnn_loop(xs, batch_sizes, h, w_hh_t, nh, nx, bias, t0, act):
         if b < h.shape[0]:
             h, _ = _shrink(b, h, None, done_h, None)
         if nx is not None:
-            xt = nx(xt, t) if bias is None else nx(xt, t) + bias
+            xt = nx(xt, t, bias)
         h = act(torch.addmm(xt, h, w_hh_t) if nh is None else xt + nh(torch.mm(h, w_hh_t), t))
         outs.append(h)
     return outs, _finals(h, done_h), None
@@ -195,7 +195,11 @@ class _RecurrentCore(Module):
             raise ValueError(f"{type(self).__name__}: norm must be one of {NORM_MODES} (got {norm!r})")
 
     def _run_layer(self, data, batch_sizes, uniform, h, c, w_ih, w_hh, b_ih, b_hh, norms, t0=0):
-        """One layer over packed rows ``data`` (sum b_t, F): returns (outputs per step, h_n, c_n)."""
+        """One layer: returns (outputs per step, h_n, c_n).
+
+        ``data``: batch-major ``(B, T, F)`` when ``uniform`` (every sequence runs every step), else
+        the packed rows ``(sum b_t, F)`` with ``batch_sizes`` b_t.
+        """
         mode, H = self.mode, self.hidden_size
         nih, nhh, nc = norms
         if mode == "LSTM":
@@ -206,20 +210,19 @@ class _RecurrentCore(Module):
             bias = b_ih
         else:
             bias = b_ih + b_hh if b_ih is not None else None
-        in_loop = nih is not None and isinstance(nih, SequenceBatchNorm) and nih.per_step and not uniform
+        rows = data.reshape(-1, data.shape[-1])  # (B, T, F) -> (B*T, F), or packed rows
+        in_loop = isinstance(nih, SequenceBatchNorm) and nih.per_step and not uniform
         if nih is None:
-            xp = torch.mm(data, w_ih.t()) if bias is None else torch.addmm(bias, data, w_ih.t())  # (rows, G)
+            xp = torch.mm(rows, w_ih.t()) if bias is None else torch.addmm(bias, rows, w_ih.t())  # (rows, G)
         else:
-            xp = torch.mm(data, w_ih.t())  # (rows, G)
+            xp = torch.mm(rows, w_ih.t())  # (rows, G)
             if not in_loop:
-                if uniform and t0 == 0 and len(batch_sizes) > 1:
-                    T = len(batch_sizes)
-                    xp = nih.forward_steps(xp.view(T, -1, xp.shape[1]))  # (T, B, G), per-step or pooled
+                if uniform and t0 == 0:
+                    xp = nih.forward_steps(xp.view(data.shape[0], data.shape[1], -1), bias)  # (B, T, G)
                 else:
-                    xp = nih(xp, t0)  # (rows, G): one step (cells), or pooled (vertical)
-                xp = xp if bias is None else xp + bias
+                    xp = nih(xp, t0, bias)  # one step (cells), or pooled over all rows (vertical)
         if uniform:
-            xs = xp.reshape(len(batch_sizes), -1, xp.shape[-1]).unbind(0)  # (T, B, G) -> T x (B, G)
+            xs = xp.view(data.shape[0], data.shape[1], -1).unbind(1)  # (B, T, G) -> T x (B, G), strided
         else:
             xs = xp.split(batch_sizes)  # packed rows -> (b_t, G) per step
         nx = nih if in_loop else None
@@ -412,10 +415,14 @@ class _BNRNNBase(_RecurrentCore):
         return res[0], res[1], (res[2] if self.mode == "LSTM" else None)
 
     def _loop_forward(self, data, batch_sizes, h0, c0, B, T):
-        """The time loop (every norm mode, and norm="none" with force_loop): packed or uniform rows."""
+        """The time loop (every norm mode, and norm="none" with force_loop).
+
+        Equal lengths run batch-major: layer inputs and outputs are ``(B, T, F)`` (a stack of
+        the steps' outputs along dim 1), so per-step statistics of all steps are one call on a
+        ``(B, T*G)`` view and nothing is transposed. Variable lengths run on packed rows.
+        """
         if batch_sizes is None:
-            x = data.transpose(0, 1) if self.batch_first else data
-            layer_in = x.reshape(T * B, x.shape[-1])  # (T, B, F) -> (T*B, F): step-major rows
+            layer_in = data if self.batch_first else data.transpose(0, 1)  # (B, T, F)
             sizes, uniform = [B] * T, True
         else:
             layer_in, sizes, uniform = data, batch_sizes.tolist(), False
@@ -428,16 +435,14 @@ class _BNRNNBase(_RecurrentCore):
             outs, hn, cn = self._run_layer(layer_in, sizes, uniform, h, c, *self._weights(l), self._norms(l))
             if self.record_hidden:
                 self.hidden_states.append(outs)
-            layer_in = torch.cat(outs)  # T x (b_t, H) -> (rows, H)
+            layer_in = torch.stack(outs, 1) if uniform else torch.cat(outs)  # (B, T, H) or packed (rows, H)
             if self.dropout and self.training and l < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, True)
             hns.append(hn)
             cns.append(cn)
-        if uniform:
-            out = layer_in.view(T, B, H)
-            out = out.transpose(0, 1) if self.batch_first else out
-        else:
-            out = layer_in
+        out = layer_in
+        if uniform and not self.batch_first:
+            out = out.transpose(0, 1).contiguous()  # (B, T, H) -> (T, B, H)
         return out, torch.stack(hns), (torch.stack(cns) if self.mode == "LSTM" else None)
 
 
@@ -559,7 +564,7 @@ class _BNCellBase(_RecurrentCore):
             h, c = (hx.unsqueeze(0) if unbatched else hx), None
         if tuple(h.shape) != (B, H) or (c is not None and tuple(c.shape) != (B, H)):
             raise ValueError(f"{name}: expected hidden state of shape {(B, H)} (got {tuple(h.shape)})")
-        _, hn, cn = self._run_layer(x, [B], True, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+        _, hn, cn = self._run_layer(x.unsqueeze(1), [B], True, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                                     (self.norm_ih, self.norm_hh, self.norm_c), t0=step)
         if unbatched:
             hn, cn = hn.squeeze(0), (cn.squeeze(0) if cn is not None else None)
