@@ -20,17 +20,48 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 _THREADS = 1
 
 
-def _init_worker(threads: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def _set_threads(threads: int) -> tuple[int, int | None]:
+    """Set torch's and numba's thread counts; return the previous ones. Both matter: bnlab's CPU
+    kernels are numba-parallel, and two workers each running 2 numba threads on 2 cores thrash."""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    numba_before = None
+    try:
+        import numba
+
+        numba_before = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except Exception:  # numba absent, or its thread pool fixed at import
+        pass
+    return before, numba_before
+
+
+def _init_worker(threads: int) -> None:
+    for k in _THREAD_ENV:
+        os.environ[k] = str(threads)
+    import torch
+
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    _set_threads(threads)
     global _THREADS
     _THREADS = threads
+
+
+def _numba_threads() -> int | None:
+    try:
+        import numba
+
+        return numba.get_num_threads()
+    except Exception:
+        return None
 
 
 def execute(config: dict) -> dict:
@@ -40,7 +71,7 @@ def execute(config: dict) -> dict:
     from .tasks import run
 
     if torch.get_num_threads() != _THREADS:
-        torch.set_num_threads(_THREADS)
+        _set_threads(_THREADS)
     t0 = time.perf_counter()
     try:
         result = run(config)
@@ -48,7 +79,8 @@ def execute(config: dict) -> dict:
     except Exception:  # a bug, not a diverged run: reported, not stored
         result, ok, err = None, False, traceback.format_exc()
     wall = time.perf_counter() - t0
-    meta = {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads()}
+    meta = {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads(),
+            "numba_threads": _numba_threads()}
     return {"ok": ok, "result": result, "error": err, "wall_s": wall, "meta": meta}
 
 
@@ -61,13 +93,27 @@ class LocalRunner:
         self._pool: ProcessPoolExecutor | None = None
         self._futures: dict[Future, str] = {}
         self._inline: list[tuple[str, dict]] = []
+        self._restore: tuple[int, int | None] | None = None
         if self.workers > 1:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                initargs=(threads,),
-            )
+            # spawned workers inherit the environment: set the thread counts before they import
+            # torch and numba (numba sizes its pool from NUMBA_NUM_THREADS at import)
+            saved = {k: os.environ.get(k) for k in _THREAD_ENV}
+            os.environ.update({k: str(threads) for k in _THREAD_ENV})
+            try:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                    initargs=(threads,),
+                )
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         else:
-            _init_worker(threads)
+            global _THREADS
+            _THREADS = threads
+            self._restore = _set_threads(threads)
 
     @property
     def capacity(self) -> int:
@@ -103,5 +149,14 @@ class LocalRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
             self._pool = None
+        if self._restore is not None:  # in-process: give the caller its thread counts back
+            import torch
+
+            torch.set_num_threads(self._restore[0])
+            if self._restore[1] is not None:
+                import numba
+
+                numba.set_num_threads(self._restore[1])
+            self._restore = None
         self._futures.clear()
         self._inline.clear()
