@@ -1,0 +1,389 @@
+"""``bnlab bench``: bnlab's batch norm against torch's native kernel, timed the same way.
+
+Both sides run in one process, 2 threads (``--threads``) for torch and numba, training mode,
+float32. A step is ``y = bn(x)`` (forward) or ``y = bn(x); y.backward(dy)`` with a fixed ``dy``
+(forward+backward); every gradient is reset to None before each step, outside the timed region.
+The two contenders alternate step by step (interleaved, the order flipping every round), and
+each figure is the median of ``--repeats`` (at least 20) timed rounds after a warm-up. Absolute
+times drift on shared machines; the ratios, taken in one run, are the figures to compare.
+
+Reported per shape, layout, path (functional and module) and pass:
+
+* median ms of bnlab and of torch, and the ratio torch / bnlab (> 1: bnlab is faster);
+* effective GB/s under the minimal traffic model of a batch-norm step: the forward reads ``x``
+  twice and writes ``y`` (3 tensor sizes); the backward reads ``x`` and ``dy`` twice and writes
+  ``dx`` (5 more, 8 in all for forward+backward);
+* the machine's streaming bandwidth measured in the same run (a parallel numba scale-copy over
+  256 MB, and over 16 MB, which stays in the last-level cache), the ceiling for the GB/s above;
+* the cost of the first batch norm in a fresh process (a subprocess imports bnlab and times its
+  first step against the later ones, and reports whether bnlab's kernel served it).
+
+Shapes: 64x64x32x32, 256x32x16x16, 32x256x8x8, 8x128x64x64 (BatchNorm2d; NCHW and channels_last,
+each against torch on the same layout), 1024x512 (BatchNorm1d). ``--quick`` runs two small
+shapes with a few rounds (a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+import bnlab
+import bnlab.functional as BF
+
+FULL_SHAPES = [(64, 64, 32, 32), (256, 32, 16, 16), (32, 256, 8, 8), (8, 128, 64, 64), (1024, 512)]
+QUICK_SHAPES = [(32, 256, 8, 8), (1024, 512)]
+FWD_SIZES = 3  # tensor sizes moved by a forward: read x twice, write y
+STEP_SIZES = 8  # forward + backward: + read x and dy twice, write dx
+
+# the bar of issue 2, forward+backward, both paths
+BAR_LARGE_MB = 8.0
+BAR_NCHW = 1.4
+BAR_CHANNELS_LAST = 1.2
+BAR_EVERY = 0.95
+BAR_FIRST_CALL_S = 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming bandwidth
+
+
+@njit(parallel=True, cache=True)
+def _scale_copy(a, b, s):
+    for i in prange(a.size):
+        b[i] = a[i] * s
+
+
+def streaming_bandwidth(nbytes: int, repeats: int) -> float:
+    """GB/s of ``b = s * a`` over two float32 arrays of ``nbytes`` each (read + write counted)."""
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    _scale_copy(a, b, 1.0)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _scale_copy(a, b, 1.0)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# contenders
+
+
+def _label(shape, channels_last: bool) -> str:
+    return "x".join(map(str, shape)) + (" cl" if channels_last else "")
+
+
+def _make_case(shape, channels_last: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    return x, dy
+
+
+def _contenders(shape, path: str):
+    """``(bnlab_fn, torch_fn, params_b, params_t)``: callables of x for one path."""
+    c = shape[1]
+    if path == "module":
+        bcls = bnlab.nn.BatchNorm2d if len(shape) == 4 else bnlab.nn.BatchNorm1d
+        tcls = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
+        mb, mt = bcls(c).train(), tcls(c).train()
+        return mb, mt, list(mb.parameters()), list(mt.parameters())
+
+    def state():
+        return torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True), torch.zeros(c), torch.ones(c)
+
+    wb, bb, rmb, rvb = state()
+    wt, bt, rmt, rvt = state()
+
+    def fb(x):
+        return BF.batch_norm(x, rmb, rvb, wb, bb, training=True, momentum=0.1, eps=1e-5)
+
+    def ft(x):
+        return torch.nn.functional.batch_norm(x, rmt, rvt, wt, bt, training=True, momentum=0.1, eps=1e-5)
+
+    return fb, ft, [wb, bb], [wt, bt]
+
+
+def _timed(fn, x, params, dy):
+    x.grad = None
+    for p in params:
+        p.grad = None
+    t = time.perf_counter()
+    y = fn(x)
+    if dy is not None:
+        y.backward(dy)
+    return time.perf_counter() - t
+
+
+def time_pair(fb, ft, xb, xt, pb, pt, dy, repeats: int, warmup: int, advance=None) -> tuple[float, float]:
+    """Median seconds of bnlab and torch, one step each per round, order flipped every round."""
+    tb, tt = [], []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(warmup + repeats):
+            if i % 2 == 0:
+                b = _timed(fb, xb, pb, dy)
+                t = _timed(ft, xt, pt, dy)
+            else:
+                t = _timed(ft, xt, pt, dy)
+                b = _timed(fb, xb, pb, dy)
+            if i >= warmup:
+                tb.append(b)
+                tt.append(t)
+                if advance is not None:
+                    advance()
+    finally:
+        if gc_was:
+            gc.enable()
+    return statistics.median(tb), statistics.median(tt)
+
+
+def run_bn_suite(args, progress=None) -> dict:
+    quick = bool(getattr(args, "quick", False))
+    repeats = int(getattr(args, "repeats", 25) or 25)
+    repeats = min(repeats, 5) if quick else max(repeats, 20)
+    warmup = 2 if quick else 5
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    cases = [(s, cl) for s in shapes for cl in ((False, True) if len(s) == 4 else (False,))]
+    paths, passes = ("functional", "module"), ("fwd", "fwd+bwd")
+    task = None
+    if progress is not None:
+        task = progress.add_task("bn kernels", total=len(cases) * len(paths) * len(passes) * repeats)
+    advance = (lambda: progress.advance(task)) if progress is not None else None
+    rows = []
+    for shape, cl in cases:
+        x, dy = _make_case(shape, cl)
+        mb = x.numel() * x.element_size() / 1e6
+        for path in paths:
+            fb, ft, pb, pt = _contenders(shape, path)
+            xb, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+            for pss in passes:
+                sec_b, sec_t = time_pair(fb, ft, xb, xt, pb, pt, dy if pss == "fwd+bwd" else None, repeats, warmup,
+                                         advance)
+                sizes = FWD_SIZES if pss == "fwd" else STEP_SIZES
+                rows.append({
+                    "shape": list(shape), "label": _label(shape, cl), "dims": len(shape),
+                    "layout": "channels_last" if cl else ("nchw" if len(shape) == 4 else "nc"),
+                    "mb": mb, "path": path, "pass": pss,
+                    "bnlab_ms": sec_b * 1e3, "torch_ms": sec_t * 1e3, "ratio": sec_t / sec_b,
+                    "bnlab_gbs": sizes * mb / 1e3 / sec_b, "torch_gbs": sizes * mb / 1e3 / sec_t,
+                })
+    return {"repeats": repeats, "warmup": warmup, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# first call in a fresh process
+
+_FIRST_CALL = r"""
+import json, statistics, sys, time
+t0 = time.perf_counter()
+import torch, bnlab
+from bnlab.kernels import cpu
+t_import = time.perf_counter() - t0
+torch.set_num_threads(int(sys.argv[1]))
+import numba
+numba.set_num_threads(min(int(sys.argv[1]), numba.config.NUMBA_NUM_THREADS))
+out = {"import_s": t_import}
+for name, cl in (("nchw", False), ("channels_last", True)):
+    bn = bnlab.nn.BatchNorm2d(16)
+    x = torch.randn(8, 16, 8, 8)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    dy = torch.randn_like(x)
+    def step():
+        x.grad = None
+        bn.weight.grad = bn.bias.grad = None
+        t = time.perf_counter()
+        y = bn(x)
+        y.backward(dy)
+        return time.perf_counter() - t, y
+    first, y = step()
+    later = statistics.median(step()[0] for _ in range(int(sys.argv[2])))
+    out[name] = {"first_s": first, "later_s": later, "extra_s": first - later, "grad_fn": type(y.grad_fn).__name__}
+kern = [cpu.rows_forward_train, cpu.rows_backward, cpu.cols_forward_train, cpu.cols_backward, cpu.update_running]
+out["kernel_signatures"] = sum(len(k.signatures) for k in kern)
+out["cache_hits"] = sum(sum(k.stats.cache_hits.values()) for k in kern)
+out["cache_misses"] = sum(sum(k.stats.cache_misses.values()) for k in kern)
+print(json.dumps(out))
+"""
+
+
+def first_call_cost(threads: int, later: int = 20) -> dict:
+    """Run a fresh interpreter that imports bnlab and times its first BatchNorm2d steps."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALL, str(threads), str(later)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # bnlab's kernel served the call when the autograd node is bnlab's own and the numba kernels
+    # were loaded (from the on-disk cache when cache_misses == 0)
+    res["bnlab_kernel"] = all(res[k]["grad_fn"] == "_TrainFnBackward" for k in ("nchw", "channels_last")) and (
+        res["kernel_signatures"] > 0
+    )
+    res["extra_s"] = max(res["nchw"]["extra_s"], res["channels_last"]["extra_s"])
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# the bar, report, entry point
+
+
+def check_bar(rows: list[dict], first: dict | None) -> list[dict]:
+    checks = []
+    for r in rows:
+        if r["pass"] != "fwd+bwd":
+            continue
+        need = BAR_EVERY
+        if r["dims"] == 4 and r["mb"] >= BAR_LARGE_MB:
+            need = BAR_CHANNELS_LAST if r["layout"] == "channels_last" else BAR_NCHW
+        checks.append({"what": f"{r['label']} {r['path']} fwd+bwd vs torch {r['layout']}", "ratio": r["ratio"],
+                       "need": need, "ok": r["ratio"] >= need})
+    if first is not None and "error" not in first:
+        checks.append({"what": "first call in a fresh process, extra seconds", "ratio": first["extra_s"],
+                       "need": BAR_FIRST_CALL_S, "ok": first["extra_s"] < BAR_FIRST_CALL_S and first["bnlab_kernel"]})
+    return checks
+
+
+def machine_info(threads: int) -> dict:
+    cpu_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu_name, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "numba_threading_layer": _threading_layer(), "bnlab": bnlab.__version__}
+
+
+def _threading_layer() -> str:
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        return "unset"
+
+
+def _print_report(console, result: dict) -> None:
+    from rich.table import Table
+
+    bw = result.get("bandwidth")
+    bn = result.get("bn")
+    if bn is not None:
+        t = Table(title=f"batch norm, float32, training, {result['machine']['threads']} threads, "
+                        f"median of {bn['repeats']} interleaved rounds (ratio = torch / bnlab)")
+        for col in ("shape", "layout", "MB", "path", "pass", "bnlab ms", "bnlab GB/s", "torch ms", "torch GB/s",
+                    "ratio"):
+            t.add_column(col, justify="left" if col in ("shape", "layout", "path", "pass") else "right")
+        for r in bn["rows"]:
+            ratio = f"{r['ratio']:.2f}"
+            t.add_row("x".join(map(str, r["shape"])), r["layout"], f"{r['mb']:.1f}", r["path"], r["pass"],
+                      f"{r['bnlab_ms']:.3f}", f"{r['bnlab_gbs']:.1f}", f"{r['torch_ms']:.3f}",
+                      f"{r['torch_gbs']:.1f}", ratio)
+        console.print(t)
+    if bw is not None:
+        console.print(f"streaming bandwidth (numba scale-copy, {result['machine']['threads']} threads): "
+                      f"{bw['memory_gbs']:.1f} GB/s over {bw['memory_mb']:.0f} MB, "
+                      f"{bw['cache_gbs']:.1f} GB/s over {bw['cache_mb']:.0f} MB")
+    first = result.get("first_call")
+    if first is not None:
+        if "error" in first:
+            console.print(f"first call in a fresh process: failed ({first['error']})")
+        else:
+            console.print(
+                f"first call in a fresh process (BatchNorm2d fwd+bwd, 8x16x8x8): import {first['import_s']:.2f} s; "
+                f"NCHW first {first['nchw']['first_s'] * 1e3:.0f} ms vs later {first['nchw']['later_s'] * 1e3:.2f} ms; "
+                f"channels_last first {first['channels_last']['first_s'] * 1e3:.0f} ms vs later "
+                f"{first['channels_last']['later_s'] * 1e3:.2f} ms; bnlab kernel: {first['bnlab_kernel']} "
+                f"(numba cache hits {first['cache_hits']}, misses {first['cache_misses']})")
+    checks = result.get("bar")
+    if checks:
+        bad = [c for c in checks if not c["ok"]]
+        console.print(f"bar: {len(checks) - len(bad)}/{len(checks)} checks met"
+                      + ("" if not bad else "; missed: " + "; ".join(
+                          f"{c['what']} {c['ratio']:.2f} (need {'<' if 'first' in c['what'] else '>='} {c['need']})"
+                          for c in bad)))
+    rnn = result.get("rnn")
+    if isinstance(rnn, dict) and "rows" in rnn:
+        try:
+            from .bench_rnn import format_table
+
+            console.print(format_table(rnn))
+        except ImportError:
+            pass
+    elif isinstance(rnn, dict) and "skipped" in rnn:
+        console.print(f"rnn suite skipped: {rnn['skipped']}")
+
+
+def run(args) -> int:
+    """Entry point of ``bnlab bench`` (see :mod:`bnlab.cli`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    threads = int(getattr(args, "threads", 2) or 2)
+    suite = getattr(args, "suite", "all") or "all"
+    quick = bool(getattr(args, "quick", False))
+    old_torch = torch.get_num_threads()
+    old_numba = numba.get_num_threads()
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    console = Console() if sys.stdout.isatty() else Console(width=150)
+    result: dict = {"suite": suite, "quick": quick}
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=bool(getattr(args, "no_progress", False)), transient=True)
+    try:
+        with progress:
+            if suite in ("bn", "all"):
+                reps = 3 if quick else 7
+                task = progress.add_task("streaming bandwidth", total=2)
+                mem_mb, cache_mb = (64, 8) if quick else (256, 16)
+                mem = streaming_bandwidth(mem_mb * 2**20 // 2, reps)
+                progress.advance(task)
+                cache = streaming_bandwidth(cache_mb * 2**20 // 2, reps * 5)
+                progress.advance(task)
+                result["bandwidth"] = {"memory_gbs": mem, "memory_mb": mem_mb, "cache_gbs": cache, "cache_mb": cache_mb,
+                                       "kernel": "b = s * a, float32, read + write counted"}
+                result["bn"] = run_bn_suite(args, progress)
+                task = progress.add_task("first call in a fresh process", total=1)
+                result["first_call"] = first_call_cost(threads, later=5 if quick else 20)
+                progress.advance(task)
+                result["bar"] = check_bar(result["bn"]["rows"], result["first_call"])
+            if suite in ("rnn", "all"):
+                try:
+                    from .bench_rnn import run_rnn_suite
+                except ImportError as e:
+                    result["rnn"] = {"skipped": f"bnlab.bench_rnn is not available ({e})"}
+                else:
+                    result["rnn"] = run_rnn_suite(args, progress)
+        result["machine"] = machine_info(threads)
+    finally:
+        torch.set_num_threads(old_torch)
+        numba.set_num_threads(old_numba)
+    _print_report(console, result)
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        console.print(f"wrote {args.json}")
+    return 0
