@@ -198,7 +198,7 @@ def decide_all(ctxs: dict[str, Context], store: Store, outdir: Path | None) -> d
                  "settings": ctx.settings, "command": _command(cid, ctx),
                  "doc": (mod.__doc__ or "").strip()}
         plan = _plan(mod, ctx, results)
-        keys = [results.key(r.config) for r in plan.runs]
+        keys = list(dict.fromkeys(results.key(r.config) for r in plan.runs))
         records = store.records(keys)
         entry["runs"] = len(keys)
         entry["compute_s"] = sum(r["wall_s"] for r in records)

@@ -1,7 +1,12 @@
 """Per-member optimizers for stacked testbeds: each member has its own learning rate, and a
-member can be frozen (learning rate 0) when it diverges. Semantics follow torch.optim: SGD with
-``buf = momentum * buf + grad; p -= lr * buf`` (no dampening), and Adam as in Kingma & Ba with
-bias correction. Every parameter is member-major (``p.view(G, -1)[g]`` is member g's block)."""
+member can be frozen when it diverges. Semantics follow torch.optim: SGD with
+``buf = momentum * buf + grad; p -= lr * buf`` (no dampening), and Adam as in Kingma & Ba with bias
+correction. Every parameter is member-major (``p.view(G, -1)[g]`` is member g's block).
+
+When every member shares one Adam learning rate, torch's fused Adam does the update (one kernel:
+Adam's half-dozen elementwise passes dominate a small model's step otherwise); per-member rates
+use the foreach implementation here.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,15 @@ class MemberOptimizer:
         self.members, self.kind, self.momentum, self.betas, self.eps = members, kind, momentum, betas, eps
         lr = [float(lr)] * members if isinstance(lr, (int, float)) else [float(v) for v in lr]
         self.lr = torch.tensor(lr)
+        self.dead: list[int] = []
         self.steps = 0
+        self._torch = None
+        if kind == "adam" and len(set(lr)) == 1 and self.params:
+            try:
+                self._torch = torch.optim.Adam(self.params, lr=lr[0], betas=betas, eps=eps, fused=True)
+            except (RuntimeError, TypeError, ValueError):
+                self._torch = torch.optim.Adam(self.params, lr=lr[0], betas=betas, eps=eps, foreach=True)
+            return
         # full-size learning-rate tensors, one per parameter, so every update is one foreach op
         self._lr = [self._expand(self.lr, p) for p in self.params]
         self._bufs = [torch.zeros_like(p) for p in self.params] if (kind == "adam" or momentum) else None
@@ -32,29 +45,39 @@ class MemberOptimizer:
         for p in self.params:
             p.grad = None
 
+    def _state(self) -> list[Tensor]:
+        if self._torch is not None:
+            return [t for st in self._torch.state.values() for k, t in st.items()
+                    if isinstance(t, Tensor) and k != "step" and t.dim() > 0]
+        return (self._bufs or []) + (self._sq or [])
+
     def freeze(self, g: int) -> None:
-        """Stop member g: learning rate 0, its parameters and optimizer state zeroed (finite)."""
+        """Stop member g: its parameters and optimizer state zeroed (finite), no further updates."""
+        if g not in self.dead:
+            self.dead.append(g)
         self.lr[g] = 0.0
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                self._lr[i].view(self.members, -1)[g] = 0.0
-            for group in (self.params, self._bufs or [], self._sq or []):
-                for t in group:
+            if self._torch is None:
+                for t in self._lr:
                     t.view(self.members, -1)[g] = 0.0
+            for t in self.params + self._state():
+                t.view(self.members, -1)[g] = 0.0
 
     @torch.no_grad()
     def step(self) -> None:
-        ps = [p for p in self.params if p.grad is not None]
-        if len(ps) != len(self.params):
-            idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        else:
-            idx = list(range(len(self.params)))
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not idx:
             return
-        if bool((self.lr == 0).any()):  # frozen members: no update, and no nan from their grads
-            dead = (self.lr == 0).nonzero().flatten()
+        if self.dead:  # frozen members: no update, and no nan from their gradients
+            dead = torch.tensor(self.dead)
             for i in idx:
                 self.params[i].grad.view(self.members, -1)[dead] = 0.0
+        if self._torch is not None:
+            self._torch.step()
+            if self.dead:
+                for i in idx:
+                    self.params[i].view(self.members, -1)[dead] = 0.0
+            return
         ps = [self.params[i] for i in idx]
         grads = [self.params[i].grad for i in idx]
         lrs = [self._lr[i] for i in idx]
