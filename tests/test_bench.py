@@ -1,0 +1,36 @@
+"""`bnlab bench` runs end to end on tiny settings and writes sensible JSON (structure, not speed)."""
+
+import json
+import sys
+
+from bnlab import bench, cli
+
+
+def test_bench_quick_bn_suite_writes_json_with_positive_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--suite", "bn", "--json", str(out), "--no-progress", "--repeats", "3"]) == 0
+    res = json.loads(out.read_text())
+    assert res["machine"]["threads"] == 2 and res["quick"] is True
+    bw = res["bandwidth"]
+    assert bw["memory_gbs"] > 0 and bw["cache_gbs"] > 0
+    rows = res["bn"]["rows"]
+    assert {(r["label"], r["path"], r["pass"]) for r in rows} >= {
+        ("32x256x8x8", "functional", "fwd"), ("32x256x8x8 cl", "module", "fwd+bwd"), ("1024x512", "module", "fwd+bwd")}
+    for r in rows:
+        for key in ("bnlab_ms", "torch_ms", "ratio", "bnlab_gbs", "torch_gbs", "mb"):
+            assert r[key] > 0, (key, r)
+        sizes = bench.FWD_SIZES if r["pass"] == "fwd" else bench.STEP_SIZES
+        assert abs(r["bnlab_gbs"] - sizes * r["mb"] / r["bnlab_ms"]) < 1e-6 * r["bnlab_gbs"]
+        assert abs(r["ratio"] - r["torch_ms"] / r["bnlab_ms"]) < 1e-9 * r["ratio"]
+    first = res["first_call"]
+    assert "error" not in first, first
+    assert first["bnlab_kernel"] is True and first["nchw"]["first_s"] > 0 and first["nchw"]["later_s"] > 0
+    assert all({"what", "ratio", "need", "ok"} <= set(c) for c in res["bar"])
+
+
+def test_bench_rnn_suite_is_skipped_with_a_message_when_its_module_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bnlab.bench_rnn", None)  # import raises ImportError
+    out = tmp_path / "rnn.json"
+    assert cli.main(["bench", "--quick", "--suite", "rnn", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert "skipped" in res["rnn"] and "bn" not in res
