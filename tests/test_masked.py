@@ -234,3 +234,12 @@ def test_cumulative_average_with_momentum_none():
         bn(x, 0)
     expect = torch.stack([x.mean(0) for x in xs]).mean(0)
     torch.testing.assert_close(bn.running_mean[0], expect)
+
+
+@pytest.mark.parametrize("name", ["bnlab.nn.masked", "bnlab.nn.recurrent"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -61,10 +61,11 @@ class PopulationStats:
     @torch.no_grad()
     def add(self, start: int, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
         """Add a batch for rows ``start .. start + k``: ``mean``/``var`` ``(k, C)``, count ``(k,)`` or scalar."""
+        mean, var = mean.detach().to("cpu", torch.float64), var.detach().to("cpu", torch.float64)  # sums live on CPU
         k = mean.shape[0]
         self.grow(start + k)
         sl = slice(start, start + k)
-        count = torch.as_tensor(count, dtype=torch.float64).expand(k)
+        count = torch.as_tensor(count).detach().to("cpu", torch.float64).expand(k)
         fresh = self.n[sl] == 0
         self.shift[sl][fresh] = mean[fresh]
         d = mean - self.shift[sl]
@@ -212,8 +213,8 @@ class MaskedBatchNorm1d(_NormBase):
         if pop is None or not self.track_running_stats or float(pop.n[0]) == 0:
             return
         mean, var, n = pop.result()
-        self.running_mean.copy_(mean[0].to(self.running_mean.dtype))
-        self.running_var.copy_(_unbiased(var, n)[0].to(self.running_var.dtype))
+        self.running_mean.copy_(mean[0])
+        self.running_var.copy_(_unbiased(var, n)[0])
 
 
 class SequenceBatchNorm(Module):
@@ -399,10 +400,11 @@ class SequenceBatchNorm(Module):
             return
         mean, var, n = pop.result()
         self.ensure_steps(mean.shape[0])
-        seen = n > 0
+        dev = self.running_mean.device
+        seen = (n > 0).to(dev)
         k = mean.shape[0]
-        self.running_mean[:k][seen] = mean[seen].to(self.running_mean.dtype)
-        self.running_var[:k][seen] = _unbiased(var, n)[seen].to(self.running_var.dtype)
+        self.running_mean[:k][seen] = mean.to(dev, self.running_mean.dtype)[seen]
+        self.running_var[:k][seen] = _unbiased(var, n).to(dev, self.running_var.dtype)[seen]
         self.num_batches_tracked[:k][seen] = self.num_batches_tracked[:k][seen].clamp_min(1)
         self._tracked = None
 
