@@ -302,3 +302,23 @@ def test_record_hidden_keeps_each_layers_states_with_their_graph():
 def test_bad_input_raises_an_error_naming_the_layer(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU, BNRNN])
+@pytest.mark.parametrize("norm", ["horizontal", "per_timestep"])
+def test_the_equal_length_fast_path_equals_the_packed_path(cls, norm):
+    torch.manual_seed(10)
+    a = cls(3, 5, 2, batch_first=True, norm=norm)
+    b = cls(3, 5, 2, batch_first=True, norm=norm)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(6, 7, 3)
+    packed = pack_padded_sequence(x, torch.full((6,), 7), batch_first=True)
+    for mode in ("train", "eval"):
+        getattr(a, mode)(), getattr(b, mode)()
+        out_a, st_a = a(x)
+        out_b, st_b = b(packed)
+        out_b, _ = pad_packed_sequence(out_b, batch_first=True)
+        torch.testing.assert_close(out_a, out_b)
+        torch.testing.assert_close(_h(st_a), _h(st_b))
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(va, vb, msg=k)

@@ -355,6 +355,33 @@ class SequenceBatchNorm(Module):
         return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, shift, True,
                             self._factor(r), self.eps)
 
+    def stepper(self, steps: int, rows: int):
+        """A lean per-step normalizer ``f(x, step)`` for a time loop of ``steps`` steps that all have
+        the same ``rows`` rows: the bookkeeping :meth:`forward` does every call (buffer growth,
+        counters, row lookup) is done once here, so the loop pays one fused batch-norm call per step.
+        Falls back to :meth:`forward` where that bookkeeping depends on the step (recalibration,
+        a cumulative average, fewer than 2 rows)."""
+        if self._population is not None or (self.training and (self.momentum is None or rows < 2)):
+            return self
+        w, b, eps = self.weight, self.bias, self.eps
+        if self.training:
+            if self.per_step:
+                self.ensure_steps(steps)
+                self.num_batches_tracked[:steps] += 1
+                if self._tracked is not None and steps > self._tracked:
+                    self._tracked = steps
+            else:
+                self.num_batches_tracked[0] += steps  # one update per step, as forward does
+            rm, rv = self.running_mean.unbind(0), self.running_var.unbind(0)  # per-row views, updated in place
+            mom = self.momentum
+            if self.per_step:
+                return lambda x, t: F.batch_norm(x, rm[t], rv[t], w, b, True, mom, eps)
+            return lambda x, t: F.batch_norm(x, rm[0], rv[0], w, b, True, mom, eps)
+        picked = [self._row(t) for t in range(steps)]
+        rm = [self.running_mean[r] for r in picked]
+        rv = [self.running_var[r] for r in picked]
+        return lambda x, t: F.batch_norm(x, rm[t], rv[t], w, b, False, 0.0, eps)
+
     def forward_steps(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
         """Normalize all steps of a batch-major ``x`` ``(B, T, C)`` at once: one dispatch, not T.
 

@@ -226,6 +226,10 @@ class _RecurrentCore(Module):
         else:
             xs = xp.split(batch_sizes)  # packed rows -> (b_t, G) per step
         nx = nih if in_loop else None
+        if uniform and t0 == 0:  # equal rows every step: the norms' per-step bookkeeping done once
+            T = len(batch_sizes)
+            nhh = nhh.stepper(T, h.shape[0]) if isinstance(nhh, SequenceBatchNorm) else nhh
+            nc = nc.stepper(T, h.shape[0]) if isinstance(nc, SequenceBatchNorm) else nc
         if mode == "LSTM":
             return _lstm_loop(xs, batch_sizes, h, c, w_hh.t(), nhh, nc, nx, bias, t0)
         if mode == "GRU":

@@ -378,7 +378,7 @@ def plots(ctx, results, outdir) -> list:
         ax2.axhline(0.1, color="#1f5fbf", lw=0.8, ls="--")
         ax2.set_xticks(range(len(arms)), [ARM_LABELS[a].split(" (")[0] for a in arms], rotation=35, ha="right")
         ax2.set_ylabel("||dL/dh_1|| / ||dL/dh_T||")
-        ax2.set_title("Gradient ratio (solid: init, pale: end; hatched: layer 2)")
+        ax2.set_title("Gradient ratio (init solid, end pale; L2 hatched)")
         for arm in arms:
             curves = [r["curve"] for r in data[arm] if r["curve"]["step"]]
             if not curves:
