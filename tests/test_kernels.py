@@ -2,8 +2,9 @@
 
 Every loop the kernels have is reached: the rows layout (contiguous NCL/NCHW/NCDHW) split over
 channels and split over rows, with whole-row and partial lanes; the columns layout (2-D input,
-channels_last, channels_last_3d, (N, C, L) with C innermost) in one block and in several; odd
-strides (copied to contiguous) and empty batches.
+channels_last, channels_last_3d, (N, C, L) with C innermost) in one block and in several; small
+inputs on one thread (cpu.SERIAL_BELOW) and larger ones on the pool; odd strides (copied to
+contiguous) and empty batches.
 """
 
 import math
@@ -23,7 +24,7 @@ from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 # (shape, layout, the loop it reaches)
 CASES = [
     ((16, 5), "contiguous", "columns, one block"),
-    ((96, 64), "contiguous", "columns, one block per thread"),
+    ((160, 128), "contiguous", "columns, one block per thread"),
     ((4, 3, 7), "contiguous", "rows split over rows"),
     ((2, 3, 600), "contiguous", "rows, 64 lanes and a tail"),
     ((5, 9, 11), "contiguous", "rows split over channels"),
@@ -31,7 +32,9 @@ CASES = [
     ((4, 3, 5, 6), "contiguous", "rows split over rows"),
     ((3, 10, 4, 5), "contiguous", "rows split over channels"),
     ((4, 3, 5, 6), "channels_last", "columns"),
-    ((16, 8, 8, 8), "channels_last", "columns, one block per thread"),
+    ((16, 8, 12, 12), "channels_last", "columns, one block per thread"),
+    ((8, 3, 32, 32), "contiguous", "rows split over rows, threads"),
+    ((4, 16, 16, 20), "contiguous", "rows split over channels, threads"),
     ((4, 3, 5, 6), "strided", "odd strides, copied"),
     ((2, 3, 3, 4, 2), "contiguous", "rows 5-D"),
     ((2, 3, 3, 4, 2), "channels_last_3d", "columns 5-D"),

@@ -37,11 +37,15 @@ import math
 
 import numpy as np
 import torch
-from numba import get_num_threads, njit, prange, uint64
+from numba import get_num_threads, njit, prange, set_num_threads, uint64
 from torch import Tensor
 
 ROWS = 1
 COLUMNS = 2
+
+# Below this many elements a kernel runs on the calling thread alone: waking a worker costs more
+# than it saves, and a worker that the OS has descheduled would stall the call.
+SERIAL_BELOW = 1 << 14
 
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=False, nogil=True)
@@ -571,10 +575,19 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     stats = np.empty((3, c))
     xa = flat(xd.detach().numpy(), lay)
     ya = flat(y.numpy(), lay)
-    if lay == ROWS:
-        nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, get_num_threads(), _lanes(s))
-    else:
-        nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, get_num_threads())
+    pool = nt = get_num_threads()
+    serial = pool > 1 and n * c * s < SERIAL_BELOW
+    if serial:
+        set_num_threads(1)
+        nt = 1
+    try:
+        if lay == ROWS:
+            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, _lanes(s))
+        else:
+            nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt)
+    finally:
+        if serial:
+            set_num_threads(pool)
     if xd is not x:
         y = torch.empty_like(x).copy_(y)
     return y, stats, nbad
@@ -591,10 +604,19 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     b, has_b = _param(bias, x.dtype)
     xa = flat(xd.detach().numpy(), lay)
     ya = flat(y.numpy(), lay)
-    if lay == ROWS:
-        rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, get_num_threads())
-    else:
-        cols_forward_eval(xa, ya, w, b, has_w, has_b, n, c, stats, get_num_threads())
+    pool = nt = get_num_threads()
+    serial = pool > 1 and n * c * s < SERIAL_BELOW
+    if serial:
+        set_num_threads(1)
+        nt = 1
+    try:
+        if lay == ROWS:
+            rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, nt)
+        else:
+            cols_forward_eval(xa, ya, w, b, has_w, has_b, n, c, stats, nt)
+    finally:
+        if serial:
+            set_num_threads(pool)
     if xd is not x:
         y = torch.empty_like(x).copy_(y)
     return y
@@ -638,10 +660,19 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     xa = flat(xd.detach().numpy(), lay)
     ga = flat(dy.detach().numpy(), lay)
     da = flat(dx.numpy(), lay)
-    if lay == ROWS:
-        rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, get_num_threads(), _lanes(s))
-    else:
-        cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, get_num_threads())
+    pool = nt = get_num_threads()
+    serial = pool > 1 and n * c * s < SERIAL_BELOW
+    if serial:
+        set_num_threads(1)
+        nt = 1
+    try:
+        if lay == ROWS:
+            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, _lanes(s))
+        else:
+            cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt)
+    finally:
+        if serial:
+            set_num_threads(pool)
     if xd is not x:
         dx = torch.empty_like(x).copy_(dx)
     return dx, grads

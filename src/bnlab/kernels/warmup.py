@@ -1,7 +1,11 @@
-"""Warm bnlab's kernel JIT cache: ``python -m bnlab.kernels.warmup`` (run by `make setup`).
+"""Warm bnlab's kernel JIT cache: ``python -m bnlab.kernels.warmup`` (run by `make setup`/`make test`).
 
-Compiles every kernel for every layout and dtype once, so the first batch norm in a fresh process
-loads compiled code from numba's on-disk cache instead of compiling.
+Compiles every kernel for every layout, dtype and parameter combination the library reaches
+(rows and columns layouts, float32 and float64, with and without an affine weight, training and
+eval, forward and backward, the running-statistics update), small inputs (one thread) and large
+ones (the thread pool) alike, so that the first batch norm in a fresh process loads compiled code
+from numba's on-disk cache (``cache=True``, next to the kernels' source) instead of compiling.
+A warm cache makes this command itself take about a second; a cold one some tens of seconds.
 """
 
 from __future__ import annotations
@@ -13,21 +17,30 @@ import torch
 
 def warmup() -> float:
     import bnlab.functional as BF
+    from bnlab.kernels import cpu
 
     t0 = time.perf_counter()
+    shapes = [
+        ((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last), ((6, 3), None), ((4, 3, 5), None),
+        ((2, 3, 2, 2, 2), None), ((2, 3, 2, 2, 2), torch.channels_last_3d),
+        ((8, 3, 48, 48), None), ((8, 3, 48, 48), torch.channels_last), ((8192, 3), None),  # above SERIAL_BELOW
+    ]
+    assert 8 * 3 * 48 * 48 > cpu.SERIAL_BELOW
     for dtype in (torch.float32, torch.float64):
-        for shape, cl in (((4, 3, 5, 5), False), ((4, 3, 5, 5), True), ((6, 3), False), ((4, 3, 5), False), ((2, 3, 2, 2, 2), False)):
-            x = torch.randn(shape, dtype=dtype)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(True)
-            w = torch.ones(3, dtype=dtype, requires_grad=True)
-            b = torch.zeros(3, dtype=dtype, requires_grad=True)
-            rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
-            y = BF.batch_norm(x, rm, rv, w, b, training=True)
-            y.backward(torch.ones_like(y))
-            ye = BF.batch_norm(x, rm, rv, w, b, training=False)
-            ye.backward(torch.ones_like(ye))
+        for shape, fmt in shapes:
+            for affine in (True, False):
+                x = torch.randn(shape, dtype=dtype)
+                if fmt is not None:
+                    x = x.contiguous(memory_format=fmt)
+                x.requires_grad_(True)
+                w = torch.ones(3, dtype=dtype, requires_grad=True) if affine else None
+                b = torch.zeros(3, dtype=dtype, requires_grad=True) if affine else None
+                rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+                nbt = torch.tensor(0)
+                y = BF.batch_norm(x, rm, rv, w, b, training=True, num_batches_tracked=nbt)
+                y.backward(torch.ones_like(y))
+                ye = BF.batch_norm(x, rm, rv, w, b, training=False)
+                ye.backward(torch.ones_like(ye))
     return time.perf_counter() - t0
 
 
