@@ -289,6 +289,10 @@ def run_audit(args) -> int:
     _verdict_table(claims_out, console)
     console.print(f"executed {ex['executed']} runs, {ex['from_store']} from the store, "
                   f"{wall:.1f} s wall; report: {outdir / 'report.html'}")
+    if ex["failed"]:
+        (outdir / "errors.txt").write_text("\n\n".join(f"{k}:\n{v}" for k, v in ex["failed"].items()))
+        console.print(f"[bold red]{len(ex['failed'])} runs failed[/] (not stored; errors in {outdir / 'errors.txt'}); "
+                      "fix and rerun to complete the audit")
     return 1 if ex["failed"] else 0
 
 

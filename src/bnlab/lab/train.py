@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ from .norms import refresh_frozen_stats, set_generator
 from .optim import MemberOptimizer
 from .tasks import LAB_CODE, register_task
 
-__all__ = ["train_classify", "evaluate", "RECAL_MAX", "EVAL_CHUNK"]
+__all__ = ["train_classify", "setup", "Setup", "evaluate", "RECAL_MAX", "EVAL_CHUNK"]
 
 RECAL_MAX = 8192  # precise BN uses at most this many training examples (all of them for the built-in data)
 EVAL_CHUNK = 4096
@@ -146,24 +147,43 @@ def _trainable_masks(model: nn.Module, mode: str, members: int, gens: list[torch
     raise ValueError(f"unknown trainable {mode!r} (all, norm_affine, random_hidden)")
 
 
-def train_classify(cfg: dict) -> dict:
+@dataclass
+class Setup:
+    """Everything a run starts from (built from the config alone)."""
+
+    model: nn.Module
+    opt: MemberOptimizer
+    masks: dict
+    x_train: Tensor
+    y_train: Tensor
+    eval_sets: dict
+    data_shared: bool
+    batch_members: bool
+    seeds: list[int]
+    order_gens: dict
+    steps: int
+    steps_per_epoch: int
+    batch: int
+
+
+def setup(cfg: dict) -> Setup:
+    """Data, stacked model (initialized per member seed), trainable masks, optimizer, generators."""
     mem = cfg["members"]
     G = len(mem)
     seeds = [int(m["seed"]) for m in mem]
     splits = [D.prepare(cfg["data"], s) for s in seeds]
     data_shared = all(sp is splits[0] for sp in splits)
-    same_order = len(set(seeds)) == 1
     sp0 = splits[0]
     if data_shared:
         x_train, y_train = sp0.x_train, sp0.y_train
-        eval_sets = {k: v for k, v in sp0.evals.items()}
+        eval_sets = dict(sp0.evals)
     else:
-        x_train = torch.stack([sp.x_train for sp in splits])
-        y_train = torch.stack([sp.y_train for sp in splits])
+        x_train = torch.stack([sp.x_train for sp in splits])  # (G, M, *in)
+        y_train = torch.stack([sp.y_train for sp in splits])  # (G, M)
         eval_sets = {k: (torch.stack([sp.evals[k][0] for sp in splits]), torch.stack([sp.evals[k][1] for sp in splits]))
                      for k in sp0.evals}
-    M = sp0.x_train.shape[0]
-    model = build_model(cfg["model"], G, sp0.input_shape, sp0.num_classes, dropout=[float(m.get("dropout", 0.0)) for m in mem])
+    model = build_model(cfg["model"], G, sp0.input_shape, sp0.num_classes,
+                        dropout=[float(m.get("dropout", 0.0)) for m in mem])
     init = cfg.get("init", {"kind": "kaiming"})
     gens = [torch.Generator().manual_seed(_mix(s, 1)) for s in seeds]
     for g in range(G):
@@ -174,16 +194,30 @@ def train_classify(cfg: dict) -> dict:
                           momentum=float(oc.get("momentum", 0.0)))
     set_generator(model, torch.Generator().manual_seed(_mix(seeds[0], 2, G)))
     order_gens = {s: torch.Generator().manual_seed(_mix(s, 3)) for s in sorted(set(seeds))}
-
+    M = sp0.x_train.shape[0]
     B = int(cfg["batch"])
     spe = M // B
     T = int(cfg["steps"]) if cfg.get("steps") else int(cfg["epochs"]) * spe
+    return Setup(model, opt, masks, x_train, y_train, eval_sets, data_shared,
+                 not (data_shared and len(set(seeds)) == 1), seeds, order_gens, T, spe, B)
+
+
+def train_classify(cfg: dict, keep: dict | None = None) -> dict:
+    """Train ``cfg`` (see the module docstring). ``keep``: a dict that receives the trained
+    ``model`` and the ``setup`` (for tests and notebooks; not part of the result)."""
+    st = setup(cfg)
+    model, opt, masks = st.model, st.opt, st.masks
+    x_train, y_train, eval_sets, data_shared = st.x_train, st.y_train, st.eval_sets, st.data_shared
+    seeds, order_gens, T, spe, B = st.seeds, st.order_gens, st.steps, st.steps_per_epoch, st.batch
+    mem = cfg["members"]
+    G = len(mem)
+    M = x_train.shape[1] if not data_shared else x_train.shape[0]
     ev = cfg.get("eval") or {}
     every, target = int(ev.get("every") or 0), ev.get("target")
     stop = bool(ev.get("stop_at_target"))
     diags = set(cfg.get("diagnostics") or [])
     recal_x = x_train if M <= RECAL_MAX else (x_train[:RECAL_MAX] if data_shared else x_train[:, :RECAL_MAX])
-    batch_members = not (data_shared and same_order)
+    batch_members = st.batch_members
     ar = torch.arange(G).unsqueeze(1)
 
     alive = torch.ones(G, dtype=torch.bool)
@@ -286,6 +320,8 @@ def train_classify(cfg: dict) -> dict:
         if ident is not None:
             r["identity_share"] = ident[g]
         out_members.append(r)
+    if keep is not None:
+        keep.update(model=model, setup=st)
     return {"members": out_members, "steps_run": steps_run, "train_time_s": train_time, "eval_time_s": eval_time}
 
 

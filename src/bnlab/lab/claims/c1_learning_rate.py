@@ -12,8 +12,8 @@ Reproduce: ``bnlab audit --profile quick --claims C1`` (``--profile full`` for 5
 
 Protocol (CLAIMS.md): mnist1d; MLP 40 -> [128]x6 -> 10, ReLU, Kaiming init;
 Linear(bias=False) -> BN -> ReLU vs Linear -> ReLU; plain SGD, batch 64, 500 steps;
-lr in {0.01, 0.03, 0.1, 0.3, 1, 3, 10} x seeds. One run per (arm, seed) trains the seven rates
-side by side (stacked members with the same seed: the same init and the same batches).
+lr in {0.01, 0.03, 0.1, 0.3, 1, 3, 10} x seeds. One run per arm trains every (seed, rate) pair
+side by side as stacked members; members with the same seed share the init and the batches.
 A run is stable when its loss stays finite and its final train loss (full training set, eval
 mode after precise BN) is below 0.9 ln 10. Per seed r_s = BN's max stable lr / plain's.
 Quick: seeds 0-2; full: seeds 0-4; nothing else differs.
@@ -57,13 +57,13 @@ RULE = ("Per seed r_s = BN's max stable lr / plain's (stable: loss finite, final
         "refuted if median r_s <= 3.16 (one grid point); else inconclusive.")
 
 
-def _config(ctx, arm: str, seed: int) -> dict:
+def _config(ctx, arm: str) -> dict:
     s = ctx.settings
     return classify_config(
         data=data_spec(ctx, s["dataset"]),
         model={"arch": "mlp", "widths": s["widths"], "act": "relu", "norm": ARMS[arm]},
         init={"kind": "kaiming"}, optim={"kind": "sgd", "momentum": 0.0}, batch=s["batch"], steps=s["steps"],
-        members=[{"seed": seed, "lr": float(lr)} for lr in s["lrs"]],
+        members=[{"seed": seed, "lr": float(lr)} for seed in ctx.seeds for lr in s["lrs"]],
     )
 
 
@@ -71,17 +71,18 @@ def plan(ctx, results) -> Plan:
     s = ctx.settings
     runs = []
     for arm in ARMS:
-        for seed in ctx.seeds:
-            cost = step_cost(len(s["lrs"]), s["steps"], len(s["widths"]), s["widths"][0], s["batch"],
-                             len(s["widths"]) if arm == "bn" else 0)
-            runs.append(Run(_config(ctx, arm, seed), cost=cost, label=f"C1 {arm} seed {seed}"))
+        cost = step_cost(len(s["lrs"]) * len(ctx.seeds), s["steps"], len(s["widths"]), s["widths"][0], s["batch"],
+                         len(s["widths"]) if arm == "bn" else 0)
+        runs.append(Run(_config(ctx, arm), cost=cost, label=f"C1 {arm}"))
     return Plan(runs)
 
 
 def _collect(ctx, results) -> dict:
+    """members[arm][seed] -> the seven learning rates' results."""
     out = {}
     for arm in ARMS:
-        out[arm] = {seed: results.get(_config(ctx, arm, seed))["members"] for seed in ctx.seeds}
+        ms = results.get(_config(ctx, arm))["members"]
+        out[arm] = {seed: [m for m in ms if m["seed"] == seed] for seed in ctx.seeds}
     return out
 
 

@@ -14,8 +14,8 @@ Protocol (CLAIMS.md): digits; ReLU MLP of width 64 and depth L in {2, 8, 16, 32}
 layers), no skips; init N(0, g^2 * 2 / fan_in) for every layer with g in {0.25, 0.5, 1, 2, 4};
 plain vs BN; momentum SGD 0.9, batch 64, 300 steps; lr from {0.01, 0.1} chosen per (arm, L) at
 g = 1 only, by validation accuracy on a 20% split with the first seed (ties to the smaller rate).
-One run per (arm, L, seed) trains the five init scales side by side (same seed: the same base
-weights, scaled by g, and the same batches). Metrics: trainable area (share of the 20 (L, g)
+One run per (arm, L) trains every (seed, g) pair side by side as stacked members; members with the
+same seed share the base weights (scaled by g) and the batches. Metrics: trainable area (share of the 20 (L, g)
 cells with test accuracy >= 80%, diverged runs at chance), spread of accuracy over g per depth
 (max - min, averaged over depths), and the gradient-norm ratio ||dL/dW_1|| / ||dL/dW_out|| at
 init (first batch).
@@ -73,8 +73,9 @@ def _select_config(ctx, arm: str, depth: int) -> dict:
                                      for lr in ctx.settings["lrs"]], val=True, diag=False)
 
 
-def _main_config(ctx, arm: str, depth: int, seed: int, lr: float) -> dict:
-    return _config(ctx, arm, depth, [{"seed": seed, "lr": float(lr), "gain": float(g)} for g in ctx.settings["gains"]])
+def _main_config(ctx, arm: str, depth: int, lr: float) -> dict:
+    return _config(ctx, arm, depth, [{"seed": seed, "lr": float(lr), "gain": float(g)}
+                                     for seed in ctx.seeds for g in ctx.settings["gains"]])
 
 
 def _tuned(ctx, results, arm: str, depth: int) -> float | None:
@@ -97,13 +98,11 @@ def plan(ctx, results) -> Plan:
             runs.append(Run(_select_config(ctx, arm, depth), cost=_cost(ctx, arm, depth, len(s["lrs"])),
                             label=f"C3 lr selection {arm} L={depth}", gate=True))
             lr = _tuned(ctx, results, arm, depth)
-            for seed in ctx.seeds:
-                cost = _cost(ctx, arm, depth, len(s["gains"]))
-                if lr is None:
-                    pending.append(cost)
-                else:
-                    runs.append(Run(_main_config(ctx, arm, depth, seed, lr), cost=cost,
-                                    label=f"C3 {arm} L={depth} seed {seed}"))
+            cost = _cost(ctx, arm, depth, len(s["gains"]) * len(ctx.seeds))
+            if lr is None:
+                pending.append(cost)
+            else:
+                runs.append(Run(_main_config(ctx, arm, depth, lr), cost=cost, label=f"C3 {arm} L={depth}"))
     return Plan(runs, pending)
 
 
@@ -116,10 +115,9 @@ def _grid(ctx, results) -> dict:
     for arm in ARMS:
         for depth in s["depths"]:
             lr = lrs[arm][depth] = _tuned(ctx, results, arm, depth)
-            for seed in ctx.seeds:
-                for m in results.get(_main_config(ctx, arm, depth, seed, lr))["members"]:
-                    acc[arm][seed][(depth, m["gain"])] = M.acc_or_chance(m)
-                    ratio[arm][seed][(depth, m["gain"])] = M.grad_ratio(m)
+            for m in results.get(_main_config(ctx, arm, depth, lr))["members"]:
+                acc[arm][m["seed"]][(depth, m["gain"])] = M.acc_or_chance(m)
+                ratio[arm][m["seed"]][(depth, m["gain"])] = M.grad_ratio(m)
     return {"acc": acc, "ratio": ratio, "lr": lrs}
 
 

@@ -1,0 +1,202 @@
+"""Each claim's decide() on synthetic result sets that must give each verdict."""
+
+import pytest
+
+from bnlab.lab.claims import c1_learning_rate as c1
+from bnlab.lab.claims import c2_speed as c2
+from bnlab.lab.claims import c3_initialization as c3
+from bnlab.lab.claims import c4_regularization as c4
+from bnlab.lab.claims import c5_affine as c5
+
+from .conftest import SyntheticResults, context
+
+
+# ---------------------------------------------------------------- C1
+def c1_results(limit_plain, limit_bn, flat_bn=True):
+    def make(cfg):
+        limit = limit_bn if cfg["model"]["norm"] == "batch" else limit_plain
+        out = []
+        for m in cfg["members"]:
+            lr = m["lr"]
+            if lr <= limit:
+                acc = 0.6 if (flat_bn and cfg["model"]["norm"] == "batch") else 0.6 - 0.05 * abs(lr - limit) / limit
+                out.append({"seed": m["seed"], "lr": lr, "diverged": False, "train_loss": 0.5, "test_acc": acc})
+            else:
+                out.append({"seed": m["seed"], "lr": lr, "diverged": True, "train_loss": None, "test_acc": None})
+        return {"members": out}
+    return SyntheticResults(make)
+
+
+@pytest.mark.parametrize("plain,bn,flat,verdict", [
+    (0.3, 3.0, True, "supported"),
+    (0.3, 0.3, False, "refuted"),
+    (0.3, 1.0, True, "inconclusive"),  # r = 3.3: above one grid point, below two
+    (0.3, 3.0, False, "inconclusive"),  # the rate is there, but BN's accuracy is no flatter over rates
+])
+def test_c1_decide_gives_each_verdict(plain, bn, flat, verdict):
+    d = c1.decide(context(c1), c1_results(plain, bn, flat))
+    assert d["verdict"] == verdict
+    assert len(d["per_seed"]) == 3 and d["ci"] is not None and "median" in d["rule"]
+
+
+def test_c1_is_not_supported_when_bn_has_the_rate_but_not_the_width():
+    def make(cfg):  # BN stable to 3 but accurate at one rate only; plain flat over its range
+        out = []
+        bn = cfg["model"]["norm"] == "batch"
+        for m in cfg["members"]:
+            lr = m["lr"]
+            stable = lr <= (3.0 if bn else 0.3)
+            acc = (0.6 if lr == 0.3 else 0.3) if bn else 0.6
+            out.append({"seed": m["seed"], "lr": lr, "diverged": not stable, "train_loss": 0.5 if stable else None,
+                        "test_acc": acc if stable else None})
+        return {"members": out}
+    assert c1.decide(context(c1), SyntheticResults(make))["verdict"] == "inconclusive"
+
+
+# ---------------------------------------------------------------- C2
+def c2_results(steps):
+    """steps[(act, norm)] -> steps to target (None: censored); BN per-step time = plain's."""
+    def make(cfg):
+        act, norm = cfg["model"]["act"], cfg["model"]["norm"]
+        if cfg["data"]["val_fraction"]:
+            return {"members": [{"seed": m["seed"], "lr": m["lr"],
+                                 "curve": {"step": [5, 10], "val_acc": [0.5, 0.9 if m["lr"] == 0.1 else 0.6]}}
+                                for m in cfg["members"]]}
+        m = cfg["members"][0]
+        n = steps[(act, norm)]
+        t = None if n is None else n * 0.001
+        return {"members": [{"seed": m["seed"], "lr": m["lr"], "steps_to_target": n, "time_to_target": t,
+                             "curve": {"step": [5, n or 2000], "time": [0.005, (n or 2000) * 0.001],
+                                       "test_acc": [0.5, 0.96 if n else 0.5]}}]}
+    return SyntheticResults(make)
+
+
+@pytest.mark.parametrize("sig,relu,verdict", [
+    ((1000, 100, 110), (200, 50, 60), "supported"),
+    ((1000, 100, 110), (50, 50, 50), "partly supported"),
+    ((100, 150, 150), (50, 60, 60), "refuted"),
+    ((100, 80, 80), (50, 40, 40), "inconclusive"),
+    ((None, 100, 100), (50, 45, 45), "partly supported"),  # a censored plain arm still counts at the cap
+])
+def test_c2_decide_gives_each_verdict(sig, relu, verdict):
+    steps = {}
+    for act, (p, b, n) in (("sigmoid", sig), ("relu", relu)):
+        steps[(act, "none")], steps[(act, "batch")], steps[(act, "noisy")] = p, b, n
+    d = c2.decide(context(c2), c2_results(steps))
+    assert d["verdict"] == verdict
+    assert set(d["parts"]) == {"sigmoid net", "relu net"}
+    assert any("ICS" in f for f in d["findings"])
+
+
+def test_c2_needs_the_wall_clock_win_too():
+    steps = {("sigmoid", "none"): 1000, ("sigmoid", "batch"): 100, ("sigmoid", "noisy"): 100,
+             ("relu", "none"): 1000, ("relu", "batch"): 100, ("relu", "noisy"): 100}
+    res = c2_results(steps)
+    make = res.make
+
+    def slow_bn(cfg):  # BN reaches the target in fewer steps but 20x the time per step
+        r = make(cfg)
+        m = r["members"][0]
+        if cfg["model"]["norm"] == "batch" and m.get("time_to_target") is not None:
+            m["time_to_target"] *= 20
+        return r
+    d = c2.decide(context(c2), SyntheticResults(slow_bn))
+    assert d["verdict"] == "inconclusive"
+
+
+# ---------------------------------------------------------------- C3
+def c3_results(bn_ok, plain_ok):
+    """*_ok(depth, gain) -> trainable?"""
+    def make(cfg):
+        bn = cfg["model"]["norm"] == "batch"
+        depth = len(cfg["model"]["widths"])
+        ok = bn_ok if bn else plain_ok
+        out = []
+        for m in cfg["members"]:
+            acc = 0.95 if ok(depth, m["gain"]) else 0.1
+            out.append({"seed": m["seed"], "lr": m["lr"], "gain": m["gain"], "test_acc": acc, "val_acc": acc,
+                        "grad_ratio": 100.0 if bn else 1.0})
+        return {"members": out}
+    return SyntheticResults(make)
+
+
+@pytest.mark.parametrize("bn_ok,plain_ok,verdict", [
+    (lambda d, g: True, lambda d, g: d <= 2 or g == 1, "supported"),
+    (lambda d, g: d <= 8, lambda d, g: d <= 8, "refuted"),
+    (lambda d, g: d <= 8 or g == 1, lambda d, g: d <= 2 or (d <= 8 and g == 1), "inconclusive"),
+])
+def test_c3_decide_gives_each_verdict(bn_ok, plain_ok, verdict):
+    d = c3.decide(context(c3), c3_results(bn_ok, plain_ok))
+    assert d["verdict"] == verdict
+    assert any("depth 32" in f for f in d["findings"])
+
+
+# ---------------------------------------------------------------- C4
+def c4_results(gap, acc, nll):
+    """gap/acc/nll[norm] -> function of dropout p (points / fraction / nats)."""
+    def make(cfg):
+        norm = cfg["model"]["norm"]
+        out = []
+        for m in cfg["members"]:
+            p = m["dropout"]
+            wobble = 0.001 * m["seed"]
+            test = acc[norm](p) + wobble
+            out.append({"seed": m["seed"], "dropout": p, "lr": m["lr"], "test_acc": test,
+                        "train_acc": min(1.0, test + gap[norm](p) / 100), "test_nll": nll[norm]})
+        return {"members": out}
+    return SyntheticResults(make)
+
+
+def _flat(v):
+    return lambda p: v
+
+
+@pytest.mark.parametrize("gaps,accs,nlls,verdict", [
+    ({"none": _flat(10), "batch": _flat(7), "frozen-stats": _flat(9.5), "ghost": _flat(6)},
+     {"none": lambda p: 0.80 + 0.02 * p, "batch": _flat(0.81), "frozen-stats": _flat(0.8), "ghost": _flat(0.8)},
+     {"none": 1.0, "batch": 0.9, "frozen-stats": 0.95, "ghost": 0.9}, "supported"),
+    ({"none": _flat(7), "batch": _flat(7.5), "frozen-stats": _flat(7.2), "ghost": _flat(7)},
+     {k: _flat(0.8) for k in ("none", "batch", "frozen-stats", "ghost")},
+     {"none": 1.0, "batch": 1.0, "frozen-stats": 1.0, "ghost": 1.0}, "refuted"),
+    ({"none": _flat(10), "batch": _flat(7), "frozen-stats": _flat(7.5), "ghost": _flat(6)},
+     {k: _flat(0.8) for k in ("none", "batch", "frozen-stats", "ghost")},
+     {"none": 1.0, "batch": 0.9, "frozen-stats": 0.9, "ghost": 0.9}, "inconclusive"),  # frozen as good: not the noise
+])
+def test_c4_decide_gives_each_verdict(gaps, accs, nlls, verdict):
+    d = c4.decide(context(c4), c4_results(gaps, accs, nlls))
+    assert d["verdict"] == verdict
+    assert len(d["per_seed"]) == 5
+
+
+# ---------------------------------------------------------------- C5
+def c5_results(acc):
+    """acc(act, affine, norm, trainable) -> test accuracy."""
+    def make(cfg):
+        model = cfg["model"]
+        key = (model["act"], model["norm_args"].get("affine", "both"), model["norm"], cfg["trainable"])
+        return {"members": [{"seed": m["seed"], "lr": m["lr"], "test_acc": acc(*key) + 0.002 * (m["seed"] % 2),
+                             "identity_share": 0.0} for m in cfg["members"]]}
+    return SyntheticResults(make)
+
+
+def _c5(affine_gain, gb, control):
+    def acc(act, affine, norm, trainable):
+        if trainable == "norm_affine":
+            return gb
+        if trainable == "random_hidden":
+            return control
+        if norm == "none":
+            return 0.95
+        return 0.96 + (affine_gain[act] if affine in ("both",) else 0.0)
+    return acc
+
+
+@pytest.mark.parametrize("gain,gb,control,verdict", [
+    ({"sigmoid": 0.01, "relu": 0.0}, 0.6, 0.3, "supported"),
+    ({"sigmoid": -0.005, "relu": -0.002}, 0.32, 0.30, "refuted"),
+    ({"sigmoid": 0.01, "relu": 0.0}, 0.35, 0.30, "inconclusive"),
+])
+def test_c5_decide_gives_each_verdict(gain, gb, control, verdict):
+    d = c5.decide(context(c5), c5_results(_c5(gain, gb, control)))
+    assert d["verdict"] == verdict
+    assert "gamma/beta-only vs control" in d["parts"]
