@@ -97,6 +97,9 @@ class LocalRunner:
         if self.workers > 1:
             # spawned workers inherit the environment: set the thread counts before they import
             # torch and numba (numba sizes its pool from NUMBA_NUM_THREADS at import)
+            # (numba refuses a NUMBA_NUM_THREADS that changes after its threads start, so every
+            # worker must be spawned while it is set: the pool spawns lazily, one per submit, so
+            # ping each worker once before restoring the caller's environment)
             saved = {k: os.environ.get(k) for k in _THREAD_ENV}
             os.environ.update({k: str(threads) for k in _THREAD_ENV})
             try:
@@ -104,6 +107,8 @@ class LocalRunner:
                     max_workers=self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                     initargs=(threads,),
                 )
+                for f in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
+                    f.result()
             finally:
                 for k, v in saved.items():
                     if v is None:
