@@ -289,7 +289,7 @@ def train_classify(cfg: dict, keep: dict | None = None) -> dict:
                 for name, (acc, _) in res.items():
                     c[f"{name}_acc"].append(float(acc[g]) if alive[g] else None)
                 if target is not None and reached[g] is None and alive[g] and float(res["test"][0][g]) >= target:
-                    reached[g], reached_t[g] = t + 1, train_time
+                    reached[g], reached_t[g] = t + 1, round(train_time, 6)
             loss_sum.zero_()
             loss_n = 0
             if stop and target is not None and all(reached[g] is not None or not alive[g] for g in range(G)):
