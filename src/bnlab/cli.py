@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", default="runs/store.sqlite")
     r.add_argument("--out", default=None)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--workers", type=int, default=2,
+                   help="the --workers of the audit to report (C2's wall-clock runs are keyed by it)")
 
     b = sub.add_parser("bench", help="time bnlab's batch norm against torch's native kernel")
     b.add_argument("--suite", choices=["bn", "rnn", "all"], default="all")
