@@ -90,7 +90,8 @@ def provenance(args, ctxs: dict, store, claims: dict, audit: dict | None) -> dic
         "code_revision": code_revision(),
         "fingerprints": {t: fingerprint(t) for t in task_names()},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_default_threads": torch.get_num_threads()},
+                    "cpu_count": os.cpu_count(), "torch_default_threads": torch.get_num_threads(),
+                    "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None},
         "wall_time": wall,
         "budgets": {k: {"seconds": v, "what": f"`bnlab audit --profile {k}` (claims C1-C5, 2 workers x 1 thread) wall clock"}
                     for k, v in BUDGET_S.items()},
@@ -160,7 +161,10 @@ def _budget_lines(prov: dict) -> list[str]:
         lines.append(f"The last audit of these settings that executed runs ({la['finished']}): {la['wall_s']:.1f} s wall, "
                      f"{la['executed']} runs executed, {la['from_store']} from the store, {la['workers']} workers.")
     total = sum(v.get("compute_s", 0) for v in w["per_claim"].values())
-    lines.append(f"Compute recorded for this report's runs: {total:.1f} s of one core in all (sum of run times).")
+    lines.append(f"Compute recorded for this report's runs: {total:.1f} s of one core in all (sum of run times; per "
+                 "claim in the provenance). Wall times on a shared machine include other processes' load: the load "
+                 f"average when this report was written was {prov['machine'].get('load_average_1_5_15min')} "
+                 "(1, 5, 15 min) on 2 cores.")
     return lines
 
 
