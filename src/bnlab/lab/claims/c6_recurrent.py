@@ -123,7 +123,7 @@ RULE = ("Per part (CLAIMS.md C6), on the 2-layer LSTM: " + "; ".join(f"'{k}': {v
           "supported -> partly supported; else inconclusive.")
 
 # seconds of one core per training step (LSTM, T = 32, hidden 64, batch 64), measured here
-_STEP_S = {"none": 0.0125, "vertical": 0.0225, "horizontal": 0.0275, "per_timestep": 0.033, "layer": 0.024}
+_STEP_S = {"none": 0.0085, "vertical": 0.0195, "horizontal": 0.0235, "per_timestep": 0.026, "layer": 0.0215}
 
 
 def _dataset(ctx) -> str:
