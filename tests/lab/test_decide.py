@@ -73,10 +73,10 @@ def c2_results(steps):
 
 @pytest.mark.parametrize("sig,relu,verdict", [
     ((1000, 100, 110), (200, 50, 60), "supported"),
-    ((1000, 100, 110), (50, 50, 50), "partly supported"),
-    ((100, 150, 150), (50, 60, 60), "refuted"),
+    ((1000, 100, 110), (50, 50, 50), "supported"),  # the ReLU net is reported, not decisive
+    ((100, 150, 150), (50, 20, 20), "refuted"),
     ((100, 80, 80), (50, 40, 40), "inconclusive"),
-    ((None, 100, 100), (50, 45, 45), "partly supported"),  # a censored plain arm still counts at the cap
+    ((None, 100, 100), (50, 45, 45), "supported"),  # a censored plain arm still counts, at the cap
 ])
 def test_c2_decide_gives_each_verdict(sig, relu, verdict):
     steps = {}
@@ -84,8 +84,9 @@ def test_c2_decide_gives_each_verdict(sig, relu, verdict):
         steps[(act, "none")], steps[(act, "batch")], steps[(act, "noisy")] = p, b, n
     d = c2.decide(context(c2), c2_results(steps))
     assert d["verdict"] == verdict
-    assert set(d["parts"]) == {"sigmoid net", "relu net"}
+    assert any(f.startswith("relu net (reported, not decisive)") for f in d["findings"])
     assert any("ICS" in f for f in d["findings"])
+    assert d["metrics"]["relu"]["per_net_rule"] in ("supported", "refuted", "inconclusive")
 
 
 def test_c2_needs_the_wall_clock_win_too():
