@@ -37,6 +37,11 @@ class StackedLinear(nn.Module):
         self.members, self.in_features, self.out_features = members, in_features, out_features
         self.weight = nn.Parameter(torch.empty(members, in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(members, out_features)) if bias else None
+        with torch.no_grad():  # torch's Linear default until init_member says otherwise
+            bound = 1.0 / math.sqrt(in_features)
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
 
     @property
     def fan_in(self) -> int:
