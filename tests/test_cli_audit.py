@@ -142,3 +142,24 @@ def test_an_audit_killed_with_sigkill_resumes_without_rerunning_finished_runs(tm
     assert wall["from_store"] == len(before) and wall["executed"] == total - len(before)
     assert all(after[k] == v for k, v in before.items())  # the finished runs were not executed again
     assert _claims(tmp_path / "resumed")["C3"]["status"] == "decided"
+
+
+def test_dataset_replaces_a_claims_data_with_idx_files_from_data_dir(tmp_path):
+    import struct
+
+    import numpy as np
+
+    d = tmp_path / "data"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, arr in (("train-images-idx3-ubyte", rng.integers(0, 256, (200, 28, 28))),
+                      ("train-labels-idx1-ubyte", np.arange(200) % 10),
+                      ("t10k-images-idx3-ubyte", rng.integers(0, 256, (50, 28, 28))),
+                      ("t10k-labels-idx1-ubyte", np.arange(50) % 10)):
+        head = bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+        (d / stem).write_bytes(head + arr.astype(np.uint8).tobytes())
+    assert _audit(tmp_path, "r", "--claims", "C1", "--dataset", "mnist", "--data-dir", str(tmp_path / "data")) == 0
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["claims"]["C1"]["status"] == "decided"
+    cfg = json.loads((tmp_path / "r" / "runs.jsonl").read_text().splitlines()[0])["config"]
+    assert cfg["data"] == {"name": "mnist", "subset": None, "val_fraction": 0.0, "data_dir": str(tmp_path / "data")}

@@ -197,6 +197,8 @@ def setup(cfg: dict) -> Setup:
     M = sp0.x_train.shape[0]
     B = int(cfg["batch"])
     spe = M // B
+    if spe == 0:
+        raise ValueError(f"{cfg['data']['name']}: {M} training examples are fewer than one batch of {B}")
     T = int(cfg["steps"]) if cfg.get("steps") else int(cfg["epochs"]) * spe
     return Setup(model, opt, masks, x_train, y_train, eval_sets, data_shared,
                  not (data_shared and len(set(seeds)) == 1), seeds, order_gens, T, spe, B)
