@@ -171,12 +171,15 @@ def test_c4_decide_gives_each_verdict(gaps, accs, nlls, verdict):
 
 # ---------------------------------------------------------------- C5
 def c5_results(acc):
-    """acc(act, affine, norm, trainable) -> test accuracy."""
+    """acc(act, affine, norm, trainable) -> test accuracy; affine per member as the claim sets it."""
     def make(cfg):
         model = cfg["model"]
-        key = (model["act"], model["norm_args"].get("affine", "both"), model["norm"], cfg["trainable"])
-        return {"members": [{"seed": m["seed"], "lr": m["lr"], "test_acc": acc(*key) + 0.002 * (m["seed"] % 2),
-                             "identity_share": 0.0} for m in cfg["members"]]}
+        out = []
+        for m in cfg["members"]:
+            a = acc(model["act"], m.get("affine", "both"), model["norm"], cfg["trainable"])
+            out.append(dict({"seed": m["seed"], "lr": m["lr"], "test_acc": a + 0.002 * (m["seed"] % 2),
+                             "identity_share": 0.0}, **({"affine": m["affine"]} if "affine" in m else {})))
+        return {"members": out}
     return SyntheticResults(make)
 
 

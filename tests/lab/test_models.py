@@ -143,3 +143,23 @@ def test_make_norm_rejects_unknown_names_and_bad_affine():
         make_norm("batch", 1, 4, affine="half")
     beta_only = make_norm("batch", 2, 4, affine="beta")
     assert not beta_only.weight.requires_grad and beta_only.bias.requires_grad
+
+
+def test_per_member_affine_freezes_gamma_and_beta_as_each_arm_says():
+    from bnlab.nn.batchnorm import _BatchNorm
+
+    arms = ["both", "none", "gamma", "beta"]
+    c = classify_config(data={"name": "digits", "subset": None, "val_fraction": 0.0},
+                        model={"arch": "mlp", "widths": [8], "norm": "batch", "norm_args": {"affine": "both"}},
+                        init={"kind": "default"}, optim={"kind": "adam"}, batch=32, steps=10,
+                        members=[{"seed": 0, "lr": 0.01, "affine": a} for a in arms])
+    keep = {}
+    r = train_classify(c, keep=keep)
+    assert [m["affine"] for m in r["members"]] == arms
+    bn = next(m for m in keep["model"].modules() if isinstance(m, _BatchNorm))
+    w, b = bn.weight.detach().view(4, 8), bn.bias.detach().view(4, 8)
+    moved = lambda t, v: bool((t - v).abs().max() > 1e-4)  # noqa: E731
+    assert moved(w[0], 1) and moved(b[0], 0)  # both
+    assert not moved(w[1], 1) and not moved(b[1], 0)  # none
+    assert moved(w[2], 1) and not moved(b[2], 0)  # gamma only
+    assert not moved(w[3], 1) and moved(b[3], 0)  # beta only

@@ -189,6 +189,8 @@ def setup(cfg: dict) -> Setup:
     for g in range(G):
         init_member(model, g, init["kind"], gens[g], float(mem[g].get("gain", 1.0)), init.get("std"))
     masks = _trainable_masks(model, cfg.get("trainable", "all"), G, gens)
+    for p, m in _affine_masks(model, mem).items():
+        masks[p] = masks[p] * m if p in masks else m
     oc = cfg["optim"]
     opt = MemberOptimizer(list(model.parameters()), G, [float(m["lr"]) for m in mem], oc["kind"],
                           momentum=float(oc.get("momentum", 0.0)))
@@ -202,6 +204,28 @@ def setup(cfg: dict) -> Setup:
     T = int(cfg["steps"]) if cfg.get("steps") else int(cfg["epochs"]) * spe
     return Setup(model, opt, masks, x_train, y_train, eval_sets, data_shared,
                  not (data_shared and len(set(seeds)) == 1), seeds, order_gens, T, spe, B)
+
+
+def _affine_masks(model: nn.Module, mem: list[dict]) -> dict:
+    """Per-member gamma/beta freezing: a member's ``"affine"`` ("both", "none", "gamma", "beta")
+    keeps that member's norm scale and/or shift at their initial 1 and 0 (zero gradients; Adam and
+    SGD then never move them), so the affine ablation's arms train side by side in one model."""
+    kinds = [m.get("affine") for m in mem]
+    if all(k in (None, "both") for k in kinds):
+        return {}
+    g = len(mem)
+    out = {}
+    for mod in model.modules():
+        if isinstance(mod, StackedLinear) or hasattr(mod, "member_weight"):
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(mod, name, None)
+            if not isinstance(p, nn.Parameter) or not p.requires_grad:
+                continue
+            keep = [1.0 if k in (None, "both") or (k == "gamma" and name == "weight") or (k == "beta" and name == "bias")
+                    else 0.0 for k in kinds]
+            out[p] = torch.tensor(keep).repeat_interleave(p.numel() // g).reshape(p.shape)  # (G,) -> (G*C,)
+    return out
 
 
 def train_classify(cfg: dict, keep: dict | None = None) -> dict:
@@ -304,6 +328,7 @@ def train_classify(cfg: dict, keep: dict | None = None) -> dict:
     out_members = []
     for g in range(G):
         r: dict = {"seed": seeds[g], "lr": float(mem[g]["lr"]), "gain": float(mem[g].get("gain", 1.0)),
+                   **({"affine": mem[g]["affine"]} if "affine" in mem[g] else {}),
                    "dropout": float(mem[g].get("dropout", 0.0)), "diverged": not bool(alive[g]),
                    "diverged_step": diverged_step[g]}
         for name, (acc, nll) in final.items():

@@ -15,7 +15,10 @@ Protocol (CLAIMS.md): digits; MLP 64 -> 128 -> 128 -> 128 -> 10 with BN before e
 sigmoid and ReLU, torch's default Linear init; arms: affine (gamma and beta), no affine, gamma
 only, beta only (gamma fixed at 1), plain (no BN). Adam 3e-3, 800 steps, batch 64; 5 seeds even
 in quick (the affine effect is near seed noise, about 1 point on 450 test digits). One run per
-(activation, arm) trains the 5 seeds side by side (each seed has its own train/test split).
+activation trains the four BN arms x 5 seeds side by side: every member has gamma and beta, and
+the arm freezes them per member at their initial 1 and 0 (zero gradients, so Adam never moves
+them: "no affine" is then exactly BN without affine parameters); plain is one more run. Each
+seed has its own train/test split.
 Sub-test (ReLU net): freeze every weight but gamma/beta, the output layer included, vs a control
 that trains as many randomly chosen hidden-layer weights (768 per seed: 2 x 3 x 128), everything
 else frozen (gamma = 1, beta = 0). Identity diagnostic (affine arms): share of BN units with
@@ -55,37 +58,60 @@ PROFILES = {
     "quick": dict(_BASE, seeds=[0, 1, 2, 3, 4]),
     "full": dict(_BASE, seeds=[0, 1, 2, 3, 4]),
 }
-ARM_NORM = {"affine": ("batch", "both"), "no-affine": ("batch", "none"), "gamma": ("batch", "gamma"),
-            "beta": ("batch", "beta"), "plain": ("none", "both")}
+ARM_AFFINE = {"affine": "both", "no-affine": "none", "gamma": "gamma", "beta": "beta"}
 RULE = ("Supported if affine beats no-affine by >= 0.5 points (mean paired difference, affine ahead in >= 4/5 seeds) "
         "for at least the sigmoid net, and the gamma/beta-only net beats its random-weights control by >= 10 points; "
         "refuted if no-affine >= affine for both activations and gamma/beta-only is within 5 points of its control; "
         "else inconclusive.")
 
 
-def _config(ctx, act: str, arm: str, trainable: str = "all") -> dict:
+def _config(ctx, act: str, bn: bool, trainable: str = "all", arms: tuple[str, ...] = ()) -> dict:
+    """One run per activation for the four BN arms (members: arm x seed, gamma/beta frozen per
+    member as the arm says), one for plain, and one per sub-test arm."""
     s = ctx.settings
-    norm, affine = ARM_NORM[arm]
+    if arms:
+        members = [{"seed": sd, "lr": s["lr"], "affine": ARM_AFFINE[a]} for a in arms for sd in ctx.seeds]
+    else:
+        members = [{"seed": sd, "lr": s["lr"]} for sd in ctx.seeds]
     return classify_config(
         data=data_spec(ctx, s["dataset"]),
-        model={"arch": "mlp", "widths": s["widths"], "act": act, "norm": norm,
-               "norm_args": {"affine": affine} if norm != "none" else {}},
+        model={"arch": "mlp", "widths": s["widths"], "act": act, "norm": "batch" if bn else "none",
+               "norm_args": {"affine": "both"} if bn else {}},
         init={"kind": "default"}, optim={"kind": "adam"}, batch=s["batch"], steps=s["steps"], trainable=trainable,
-        diagnostics=("identity",) if norm != "none" else (),
-        members=[{"seed": sd, "lr": s["lr"]} for sd in ctx.seeds])
+        diagnostics=("identity",) if bn else (), members=members)
+
+
+def _bn_arms(ctx) -> tuple[str, ...]:
+    return tuple(a for a in ctx.settings["arms"] if a != "plain")
 
 
 def _subtest(ctx) -> dict:
     a = ctx.settings["subtest_act"]
-    return {"gb-only": _config(ctx, a, "affine", "norm_affine"), "control": _config(ctx, a, "affine", "random_hidden")}
+    return {"gb-only": _config(ctx, a, True, "norm_affine"), "control": _config(ctx, a, True, "random_hidden")}
 
 
 def plan(ctx, results) -> Plan:
     s = ctx.settings
-    cost = step_cost(len(ctx.seeds), s["steps"], len(s["widths"]), s["widths"][0], s["batch"], len(s["widths"]))
-    runs = [Run(_config(ctx, act, arm), cost=cost, label=f"C5 {act} {arm}") for act in s["acts"] for arm in s["arms"]]
+    n = len(ctx.seeds)
+    cost = step_cost(n, s["steps"], len(s["widths"]), s["widths"][0], s["batch"], len(s["widths"]))
+    runs = []
+    for act in s["acts"]:
+        runs.append(Run(_config(ctx, act, True, arms=_bn_arms(ctx)), cost=cost * 1.5, label=f"C5 {act} BN arms"))
+        if "plain" in s["arms"]:
+            runs.append(Run(_config(ctx, act, False), cost=cost * 0.6, label=f"C5 {act} plain"))
     runs += [Run(cfg, cost=cost, label=f"C5 {name}") for name, cfg in _subtest(ctx).items()]
     return Plan(runs)
+
+
+def _members(results, ctx, act: str, arm: str) -> list[dict]:
+    if arm == "plain":
+        return results.get(_config(ctx, act, False))["members"]
+    ms = results.get(_config(ctx, act, True, arms=_bn_arms(ctx)))["members"]
+    return [m for m in ms if m["affine"] == ARM_AFFINE[arm]]
+
+
+def _arm_accs(results, ctx, act: str, arm: str) -> list[float]:
+    return [100 * M.acc_or_chance(m) for m in _members(results, ctx, act, arm)]
 
 
 def _accs(results, cfg) -> list[float]:
@@ -95,7 +121,7 @@ def _accs(results, cfg) -> list[float]:
 def decide(ctx, results) -> dict:
     s = ctx.settings
     need = needed(len(ctx.seeds))
-    acc = {act: {arm: _accs(results, _config(ctx, act, arm)) for arm in s["arms"]} for act in s["acts"]}
+    acc = {act: {arm: _arm_accs(results, ctx, act, arm) for arm in s["arms"]} for act in s["acts"]}
     diff = {act: [a - b for a, b in zip(acc[act]["affine"], acc[act]["no-affine"])] for act in s["acts"]}
     helps = {act: float(np.mean(d)) >= 0.5 and sum(x > 0 for x in d) >= need for act, d in diff.items()}
     sub = {k: _accs(results, c) for k, c in _subtest(ctx).items()}
@@ -123,7 +149,7 @@ def decide(ctx, results) -> dict:
     why = "; ".join(f"{k}: {v['why']}" for k, v in parts.items())
     ident = {}
     for act in s["acts"]:
-        ms = results.get(_config(ctx, act, "affine"))["members"]
+        ms = _members(results, ctx, act, "affine")
         ident[act] = float(np.mean([m.get("identity_share") or 0.0 for m in ms]))
     findings = [f"Identity diagnostic ({act}, affine arm): {100 * v:.1f}% of BN units learned to undo the "
                 f"normalization (|gamma/sigma - 1| < 0.1 and |beta - mu| < 0.1 sigma)." for act, v in ident.items()]
@@ -143,7 +169,7 @@ def decide(ctx, results) -> dict:
 
 def plots(ctx, results, outdir) -> list:
     s = ctx.settings
-    acc = {act: {arm: _accs(results, _config(ctx, act, arm)) for arm in s["arms"]} for act in s["acts"]}
+    acc = {act: {arm: _arm_accs(results, ctx, act, arm) for arm in s["arms"]} for act in s["acts"]}
     sub = {k: _accs(results, c) for k, c in _subtest(ctx).items()}
     fig, axes = figure(len(s["acts"]) + 1, 1, width=3.9)
     for ax, act in zip(axes[0], s["acts"]):
