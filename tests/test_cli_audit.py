@@ -163,3 +163,15 @@ def test_dataset_replaces_a_claims_data_with_idx_files_from_data_dir(tmp_path):
     assert res["claims"]["C1"]["status"] == "decided"
     cfg = json.loads((tmp_path / "r" / "runs.jsonl").read_text().splitlines()[0])["config"]
     assert cfg["data"] == {"name": "mnist", "subset": None, "val_fraction": 0.0, "data_dir": str(tmp_path / "data")}
+
+
+def test_a_claim_that_cannot_plan_is_reported_and_the_others_still_decide(tmp_path, monkeypatch):
+    def broken(ctx, results):
+        raise RuntimeError("plan exploded")
+
+    monkeypatch.setattr(registry.get("C1"), "plan", broken)
+    assert _audit(tmp_path, "r", "--claims", "C1,C5", "--workers", "1") == 1
+    claims = _claims(tmp_path / "r")
+    assert claims["C1"]["verdict"] == "error" and "plan exploded" in claims["C1"]["why"]
+    assert claims["C5"]["status"] == "decided"
+    assert "plan exploded" in (tmp_path / "r" / "errors.txt").read_text()

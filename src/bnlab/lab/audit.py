@@ -110,6 +110,7 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
     queued: dict[str, Run] = {}
     in_flight: set[str] = set()
     failed: dict[str, str] = {}
+    plan_errors: dict[str, str] = {}
     labels: dict[str, str] = {}
     claim_first: dict[str, float] = {}
     claim_last: dict[str, float] = {}
@@ -123,7 +124,14 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
             owners: dict[str, set[str]] = {}
             seen: set[str] = set()
             for cid, ctx in ctxs.items():
-                plan = _plan(registry.get(cid), ctx, results)
+                if cid in plan_errors:
+                    continue
+                try:
+                    plan = _plan(registry.get(cid), ctx, results)
+                except Exception:  # a broken claim must not stop the others
+                    plan_errors[cid] = traceback.format_exc(limit=4)
+                    log(f"[claim {cid} cannot plan its runs]\n{plan_errors[cid]}")
+                    continue
                 todo_cost += sum(plan.pending)
                 todo_runs += len(plan.pending)
                 for run in plan.runs:
@@ -183,6 +191,7 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
         if runner is not None:
             runner.close()
     elapsed = {cid: claim_last[cid] - claim_first[cid] for cid in claim_last if cid in claim_first}
+    failed.update({f"plan {cid}": err for cid, err in plan_errors.items()})
     return {"executed": executed, "from_store": from_store or 0, "failed": failed,
             "wall_s": time.perf_counter() - t0, "claim_elapsed_s": elapsed}
 
@@ -197,7 +206,12 @@ def decide_all(ctxs: dict[str, Context], store: Store, outdir: Path | None) -> d
                  "protocol_changes": list(getattr(mod, "PROTOCOL_CHANGES", [])), "seeds": list(ctx.seeds),
                  "settings": ctx.settings, "command": _command(cid, ctx),
                  "doc": (mod.__doc__ or "").strip()}
-        plan = _plan(mod, ctx, results)
+        try:
+            plan = _plan(mod, ctx, results)
+        except Exception:
+            entry.update(status="error", verdict="error", why=traceback.format_exc(limit=4), runs=0, compute_s=0.0)
+            out[cid] = entry
+            continue
         keys = list(dict.fromkeys(results.key(r.config) for r in plan.runs))
         records = store.records(keys)
         entry["runs"] = len(keys)
