@@ -322,3 +322,24 @@ def test_the_equal_length_fast_path_equals_the_packed_path(cls, norm):
         torch.testing.assert_close(_h(st_a), _h(st_b))
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
             torch.testing.assert_close(va, vb, msg=k)
+
+
+@pytest.mark.parametrize("norm", ["vertical", "horizontal", "per_timestep"])
+def test_nonfinite_training_batch_never_reaches_the_population_statistics(norm):
+    from bnlab.functional import NonFiniteBatchError
+
+    lstm = BNLSTM(3, 5, num_layers=2, norm=norm, batch_first=True)
+    lstm(torch.randn(4, 6, 3))
+    before = {k: v.clone() for k, v in lstm.state_dict().items() if "running" in k or "num_batches" in k}
+    x = torch.randn(4, 6, 3)
+    x[2, 3, 1] = float("nan")
+    with pytest.raises(NonFiniteBatchError, match="BNLSTM: non-finite"):
+        lstm(x)
+    after = lstm.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    lstm.nonfinite = "skip"
+    out, _ = lstm(x)
+    assert torch.isnan(out).any()
+    for k, v in before.items():
+        assert torch.equal(lstm.state_dict()[k], v), k

@@ -31,7 +31,7 @@ from .. import kernels
 from .. import reference as ref
 from .batchnorm import _NormBase
 
-__all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm"]
+__all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "guard_running_stats"]
 
 
 class PopulationStats:
@@ -445,3 +445,43 @@ class SequenceBatchNorm(Module):
         self._tracked = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+class guard_running_stats:
+    """Keep non-finite batches out of the population statistics of ``SequenceBatchNorm`` layers.
+
+    The time loop updates per-step buffers inside torch's fused batch-norm call, one step at a
+    time, so a nan/inf cannot be stopped before it lands. This context snapshots the buffers
+    (``(S, C)``-sized, cheap) on entry and checks them on exit: if any became non-finite, every
+    buffer is restored, and ``nonfinite="raise"`` raises :class:`bnlab.functional.NonFiniteBatchError`
+    naming the layer and steps, while ``"skip"`` keeps the output and drops the update.
+    """
+
+    def __init__(self, module: Module, name: str, nonfinite: str = "raise") -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, SequenceBatchNorm)] if module.training else []
+        self.name = name
+        self.nonfinite = nonfinite
+        self.saved = []
+
+    def __enter__(self) -> "guard_running_stats":
+        self.saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m._tracked)
+                      for m in self.norms]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        bad_steps: set[int] = set()
+        for m, *_ in self.saved:
+            finite = torch.isfinite(m.running_mean).all(1) & torch.isfinite(m.running_var).all(1)  # (S, C) -> (S,)
+            bad_steps.update((~finite).nonzero().flatten().tolist())
+        if not bad_steps and exc_type is None:
+            return
+        if bad_steps or exc_type is not None:
+            for m, rm, rv, nbt, tracked in self.saved:  # buffers may have grown: restore the objects
+                m.running_mean, m.running_var, m.num_batches_tracked, m._tracked = rm, rv, nbt, tracked
+        if bad_steps and exc_type is None and self.nonfinite != "skip":
+            steps = sorted(bad_steps)[:20]
+            raise kernels.NonFiniteBatchError(
+                f"{self.name}: non-finite values (nan or inf) reached the batch statistics at step(s) {steps}; "
+                "population statistics were left unchanged. Fix the input, or set nonfinite='skip' on the "
+                "layer to skip this batch's statistics update."
+            )

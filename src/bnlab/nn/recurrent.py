@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .masked import SequenceBatchNorm
+from .masked import SequenceBatchNorm, guard_running_stats
 
 __all__ = ["BNLSTM", "BNGRU", "BNRNN", "BNLSTMCell", "BNGRUCell", "BNRNNCell", "NORM_MODES"]
 
@@ -189,6 +189,9 @@ class _RecurrentCore(Module):
 
     mode: str
     norm: str
+    #: what a training batch whose statistics are nan/inf does to the population statistics:
+    #: "raise" (NonFiniteBatchError, buffers untouched) or "skip" (buffers untouched, no error)
+    nonfinite: str = "raise"
 
     def _check_norm(self, norm: str) -> None:
         if norm not in NORM_MODES:
@@ -387,7 +390,8 @@ class _BNRNNBase(_RecurrentCore):
         if self.norm == "none" and not self.force_loop and not self.record_hidden:
             out, hn, cn = self._torch_forward(data, bs_t if variable else None, h0, c0, B)
         else:
-            out, hn, cn = self._loop_forward(data, bs_t if variable else None, h0, c0, B, T)
+            with guard_running_stats(self, name, self.nonfinite):
+                out, hn, cn = self._loop_forward(data, bs_t if variable else None, h0, c0, B, T)
 
         if sorted_idx is not None:
             hn = hn.index_select(1, unsorted_idx)
@@ -568,8 +572,9 @@ class _BNCellBase(_RecurrentCore):
             h, c = (hx.unsqueeze(0) if unbatched else hx), None
         if tuple(h.shape) != (B, H) or (c is not None and tuple(c.shape) != (B, H)):
             raise ValueError(f"{name}: expected hidden state of shape {(B, H)} (got {tuple(h.shape)})")
-        _, hn, cn = self._run_layer(x.unsqueeze(1), [B], True, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                    (self.norm_ih, self.norm_hh, self.norm_c), t0=step)
+        with guard_running_stats(self, name, self.nonfinite):
+            _, hn, cn = self._run_layer(x.unsqueeze(1), [B], True, h, c, self.weight_ih, self.weight_hh, self.bias_ih,
+                                        self.bias_hh, (self.norm_ih, self.norm_hh, self.norm_c), t0=step)
         if unbatched:
             hn, cn = hn.squeeze(0), (cn.squeeze(0) if cn is not None else None)
         return (hn, cn) if self.mode == "LSTM" else hn
