@@ -35,7 +35,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import reference as ref
 from . import cpu
@@ -131,12 +130,19 @@ def uses_bnlab_kernel(x: Tensor) -> bool:
     return x.is_cpu and x.dtype in _KERNEL_DTYPES
 
 
-def _grads_out(ctx, dx, grads, weight):
+def _grads_out(ctx, dx, grads):
     """Autograd outputs for (x, weight, bias) from the kernel's dx and (2, C) grads (dbias, dweight)."""
     need = ctx.needs_input_grad
     dw = torch.from_numpy(grads[1]) if need[1] else None
     db = torch.from_numpy(grads[0]) if need[2] else None
     return (dx if need[0] else None), dw, db
+
+
+def _no_double_backward():
+    raise RuntimeError(
+        "bnlab batch norm: the backward of the fused CPU kernel is not itself differentiable "
+        "(create_graph=True / double backward is not supported); use bnlab.reference.batch_norm for that"
+    )
 
 
 class _TrainFn(torch.autograd.Function):
@@ -156,11 +162,12 @@ class _TrainFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            _no_double_backward()
         x, weight = ctx.saved_tensors
         dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)
-        return (*_grads_out(ctx, dx, grads, weight), None, None)
+        return (*_grads_out(ctx, dx, grads), None, None)
 
 
 class _EvalFn(torch.autograd.Function):
@@ -173,11 +180,12 @@ class _EvalFn(torch.autograd.Function):
         return cpu.forward_eval(x, weight, bias, stats)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            _no_double_backward()
         x, weight = ctx.saved_tensors
         dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
-        return (*_grads_out(ctx, dx, grads, weight), None)
+        return (*_grads_out(ctx, dx, grads), None)
 
 
 def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):

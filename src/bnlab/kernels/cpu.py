@@ -544,7 +544,7 @@ def _lanes(s: int) -> int:
 def _param(p: Tensor | None, dtype) -> tuple[np.ndarray, bool]:
     if p is None:
         return _DUMMY[dtype], False
-    return p.detach().numpy(), True
+    return p.numpy(force=True), True
 
 
 def _dense(x: Tensor) -> tuple[Tensor, int]:
@@ -573,7 +573,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
     stats = np.empty((3, c))
-    xa = flat(xd.detach().numpy(), lay)
+    xa = flat(xd.numpy(force=True), lay)
     ya = flat(y.numpy(), lay)
     pool = nt = get_num_threads()
     serial = pool > 1 and n * c * s < SERIAL_BELOW
@@ -602,7 +602,7 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     n, c, s = _dims(xd, lay)
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
-    xa = flat(xd.detach().numpy(), lay)
+    xa = flat(xd.numpy(force=True), lay)
     ya = flat(y.numpy(), lay)
     pool = nt = get_num_threads()
     serial = pool > 1 and n * c * s < SERIAL_BELOW
@@ -657,8 +657,8 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     n, c, s = _dims(xd, lay)
     w, has_w = _param(weight, x.dtype)
     grads = np.empty((2, c), gdtype)
-    xa = flat(xd.detach().numpy(), lay)
-    ga = flat(dy.detach().numpy(), lay)
+    xa = flat(xd.numpy(force=True), lay)
+    ga = flat(dy.numpy(force=True), lay)
     da = flat(dx.numpy(), lay)
     pool = nt = get_num_threads()
     serial = pool > 1 and n * c * s < SERIAL_BELOW
