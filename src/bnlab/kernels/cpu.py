@@ -3,12 +3,16 @@
 Two loop layouts cover every dense input without a layout copy:
 
 * **rows**: contiguous ``(N, C, *spatial)`` (NCL, NCHW, NCDHW) seen as ``N * C`` rows of
-  ``S = prod(spatial)`` values. With enough channels the work is split over channels: a thread
-  owns whole channels, reads a channel once for its sums and again (from its own L2) to write
-  ``y``. With few channels it is split over rows, each row writing its own partial sums.
+  ``S = prod(spatial)`` values. With enough channels (``C >= 4 * threads``) the work is split
+  over channels: a thread owns whole channels, reads a channel once for its sums and again (from
+  its own cache) to write ``y``. With few channels it is split over rows, each row writing its
+  own partial sums, combined per channel between the two parallel loops.
 * **columns**: 2-D ``(M, C)`` input and channels_last / channels_last_3d (and ``(N, C, L)`` with
   C innermost), seen as ``M`` rows of ``C`` channels. The ``M`` rows are cut into one block per
   thread; each block writes per-channel partial sums, combined after the parallel loop.
+
+Other strides are made contiguous first (a copy; the output gets the strides of
+``torch.empty_like(x)``). Inputs below ``SERIAL_BELOW`` elements run on the calling thread only.
 
 One kernel call per pass: the training forward computes the statistics and writes ``y`` in one
 call; the backward computes ``dbias``/``dweight`` and writes ``dx`` in one call. Per-channel
@@ -18,14 +22,16 @@ parallel loops, so Python never touches per-element data.
 Numerical decisions (the same as :mod:`bnlab.reference`):
 
 * Each channel is shifted by its first sample before summing, and every sum is float64. With the
-  shift, ``x - shift`` is of the order of the channel's spread, so the one-pass shifted variance
+  shift, ``x - k`` is of the order of the channel's spread, so the shifted one-pass variance
   ``E[(x-k)^2] - E[x-k]^2`` in float64 loses nothing measurable (the cancellation is bounded by
-  ``(mean - k)^2 / var``, a few units for a sample ``k`` of the channel, against float64's 1e-16).
-  For float32 input ``x - k`` is even exact in float64.
+  ``(mean - k)^2 / var``, a few units for a sample ``k`` of the channel, against float64's 1e-16;
+  for float32 input ``x - k`` is itself exact in float64 but for extreme magnitude gaps).
 * ``y = (x - mean) * (invstd * gamma) + beta`` is formed in float64 with ``x - mean`` taken
-  directly, then rounded once to the input dtype.
-* The reductions carry 8 independent float64 accumulators (rows layout) so that the sums run at
-  memory speed without ``fastmath`` reassociation; the columns layout is independent per channel.
+  directly, then rounded once to the input dtype; ``dx`` likewise.
+* ``fastmath`` stays off (no reassociation, exact IEEE semantics). The sums still vectorize:
+  the rows layout accumulates a row into ``L`` float64 lanes (element ``j`` into lane ``j % L``),
+  the columns layout into one accumulator per channel, both plain elementwise loops for LLVM.
+  Indices are unsigned so that numba's negative-index wraparound cannot turn loads into gathers.
 
 Layout of the statistics array ``stats`` (float64, ``(3, C)``): row 0 the mean, row 1 the biased
 variance, row 2 ``invstd = 1 / sqrt(var + eps)``.
