@@ -279,6 +279,13 @@ def machine_info(threads: int) -> dict:
             "numba_threading_layer": _threading_layer(), "bnlab": bnlab.__version__}
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _threading_layer() -> str:
     try:
         return numba.threading_layer()
@@ -318,6 +325,9 @@ def _print_report(console, result: dict) -> None:
                 f"channels_last first {first['channels_last']['first_s'] * 1e3:.0f} ms vs later "
                 f"{first['channels_last']['later_s'] * 1e3:.2f} ms; bnlab kernel: {first['bnlab_kernel']} "
                 f"(numba cache hits {first['cache_hits']}, misses {first['cache_misses']})")
+    if result.get("loadavg_start") is not None:
+        console.print(f"load average (1, 5, 15 min) at start {result['loadavg_start']}, at end {result.get('loadavg_end')}: "
+                      "other processes on these cores slow both contenders; compare ratios from one quiet run")
     checks = result.get("bar")
     if checks:
         bad = [c for c in checks if not c["ok"]]
@@ -350,7 +360,7 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     console = Console() if sys.stdout.isatty() else Console(width=150)
-    result: dict = {"suite": suite, "quick": quick}
+    result: dict = {"suite": suite, "quick": quick, "loadavg_start": _loadavg()}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=bool(getattr(args, "no_progress", False)), transient=True)
     try:
@@ -378,6 +388,7 @@ def run(args) -> int:
                 else:
                     result["rnn"] = run_rnn_suite(args, progress)
         result["machine"] = machine_info(threads)
+        result["loadavg_end"] = _loadavg()
     finally:
         torch.set_num_threads(old_torch)
         numba.set_num_threads(old_numba)
