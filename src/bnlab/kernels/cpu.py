@@ -682,3 +682,24 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     if xd is not x:
         dx = torch.empty_like(x).copy_(dx)
     return dx, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# numba's runtime, started at import
+
+_EMPTY64 = np.zeros(0)
+
+
+def start_runtime() -> None:
+    """Start numba's compiled-code runtime by loading the smallest cached kernel.
+
+    The first numba call of a process initializes numba's CPU target (its registries, LLVM, and
+    an import of scipy.linalg): about 0.3 s here, however warm the on-disk cache is. Doing it when
+    bnlab is imported keeps it out of the first batch norm, which then only loads its own cached
+    kernels (a few milliseconds each). ``python -m bnlab.kernels.warmup`` fills the cache; without
+    it this call compiles ``update_running`` (about a second) instead.
+    """
+    update_running(_EMPTY64, _EMPTY64, False, False, _EMPTY64, _EMPTY64, 2.0, 0.0)
+
+
+start_runtime()
