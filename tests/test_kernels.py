@@ -35,6 +35,8 @@ CASES = [
     ((16, 8, 12, 12), "channels_last", "columns, one block per thread"),
     ((8, 3, 32, 32), "contiguous", "rows split over rows, threads"),
     ((4, 16, 16, 20), "contiguous", "rows split over channels, threads"),
+    ((4, 20, 4, 4), "contiguous", "rows, channel groups, a partial last group"),
+    ((8, 44, 8, 8), "contiguous", "rows, channel groups, threads, a partial last group"),
     ((4, 3, 5, 6), "strided", "odd strides, copied"),
     ((2, 3, 3, 4, 2), "contiguous", "rows 5-D"),
     ((2, 3, 3, 4, 2), "channels_last_3d", "columns 5-D"),

@@ -64,13 +64,6 @@ def raise_nonfinite(name: str, channels: list[int]) -> None:
     )
 
 
-def _np_buffer(t: Tensor | None):
-    """A zero-copy float ndarray of a CPU float32/float64 buffer, else None."""
-    if t is None or not t.is_cpu or t.dtype not in _KERNEL_DTYPES or t.requires_grad:
-        return None
-    return t.numpy()
-
-
 def update_buffers(
     running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name, nbad=None
 ) -> None:
@@ -107,7 +100,11 @@ def update_buffers(
     if running_mean is None and running_var is None:
         return
     if isinstance(mean, np.ndarray):
-        rm, rv = _np_buffer(running_mean), _np_buffer(running_var)
+        rm = rv = None
+        if running_mean is not None and running_mean.is_cpu and running_mean.dtype in _KERNEL_DTYPES and not running_mean.requires_grad:
+            rm = running_mean.numpy()
+        if running_var is not None and running_var.is_cpu and running_var.dtype in _KERNEL_DTYPES and not running_var.requires_grad:
+            rv = running_var.numpy()
         if (rm is not None or running_mean is None) and (rv is not None or running_var is None):
             # C-sized float64 arithmetic, one numba call: the same formula as reference.py
             has_rm, has_rv = rm is not None, rv is not None
@@ -128,14 +125,6 @@ def commit_running_stats(running_mean, running_var, num_batches_tracked, stats, 
 def uses_bnlab_kernel(x: Tensor) -> bool:
     """True when ``x`` is served by bnlab's own kernels (CPU float32/float64)."""
     return x.is_cpu and x.dtype in _KERNEL_DTYPES
-
-
-def _grads_out(ctx, dx, grads):
-    """Autograd outputs for (x, weight, bias) from the kernel's dx and (2, C) grads (dbias, dweight)."""
-    need = ctx.needs_input_grad
-    dw = torch.from_numpy(grads[1]) if need[1] else None
-    db = torch.from_numpy(grads[0]) if need[2] else None
-    return (dx if need[0] else None), dw, db
 
 
 def _no_double_backward():
@@ -167,7 +156,9 @@ class _TrainFn(torch.autograd.Function):
             _no_double_backward()
         x, weight = ctx.saved_tensors
         dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)
-        return (*_grads_out(ctx, dx, grads), None, None)
+        need = ctx.needs_input_grad  # grads: (2, C) dbias, dweight
+        return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
+                torch.from_numpy(grads[0]) if need[2] else None, None, None)
 
 
 class _EvalFn(torch.autograd.Function):
@@ -185,7 +176,9 @@ class _EvalFn(torch.autograd.Function):
             _no_double_backward()
         x, weight = ctx.saved_tensors
         dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
-        return (*_grads_out(ctx, dx, grads), None)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
+                torch.from_numpy(grads[0]) if need[2] else None, None)
 
 
 def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):

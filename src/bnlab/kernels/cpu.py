@@ -44,6 +44,7 @@ import math
 import numpy as np
 import torch
 from numba import get_num_threads, njit, prange, set_num_threads, uint64
+from numba.np.ufunc import parallel as _numba_parallel
 from torch import Tensor
 
 ROWS = 1
@@ -148,6 +149,94 @@ def _span_scale(dy, dx, start, nspans, s, stride, k):
         span = uint64(start) + i * uint64(stride)
         for j in range(span, span + su):
             dx[j] = np.float64(dy[j]) * k
+
+
+@njit(**_JIT_SERIAL)
+def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes):
+    """Shifted sums of channels ``ch0 .. ch0 + g - 1`` over every sample, in memory order: for
+    each sample the group's ``g`` rows are one contiguous run of ``g * s`` values.
+
+    ``acc`` (g, 2, lanes + 8) receives the lanes of ``sum(x - k[j])`` and ``sum((x - k[j])^2)``
+    (row ``j % lanes`` of a row's values), ``tail`` (g, 2) the rows' last ``s % lanes`` values.
+    """
+    lu = uint64(lanes)
+    su = uint64(s)
+    full = (su // lu) * lu
+    for i in range(uint64(n)):
+        run = (i * uint64(c) + uint64(ch0)) * su
+        for j in range(uint64(g)):
+            span = run + j * su
+            kj = k[j]
+            a1 = acc[j, 0]
+            a2 = acc[j, 1]
+            for base in range(span, span + full, lu):
+                for t in range(lu):
+                    d = np.float64(x[base + t]) - kj
+                    a1[t] += d
+                    a2[t] += d * d
+            for q in range(span + full, span + su):
+                d = np.float64(x[q]) - kj
+                tail[j, 0] += d
+                tail[j, 1] += d * d
+
+
+@njit(**_JIT_SERIAL)
+def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes):
+    """Sums of ``dy`` and ``dy * (x - mean[j])`` for a group of channels (see :func:`_group_sums`)."""
+    lu = uint64(lanes)
+    su = uint64(s)
+    full = (su // lu) * lu
+    for i in range(uint64(n)):
+        run = (i * uint64(c) + uint64(ch0)) * su
+        for j in range(uint64(g)):
+            span = run + j * su
+            mu = mean[j]
+            a1 = acc[j, 0]
+            a2 = acc[j, 1]
+            for base in range(span, span + full, lu):
+                for t in range(lu):
+                    gv = np.float64(dy[base + t])
+                    a1[t] += gv
+                    a2[t] += gv * (np.float64(x[base + t]) - mu)
+            for q in range(span + full, span + su):
+                gv = np.float64(dy[q])
+                tail[j, 0] += gv
+                tail[j, 1] += gv * (np.float64(x[q]) - mu)
+
+
+@njit(**_JIT_SERIAL)
+def _group_affine(x, y, ch0, g, n, c, s, mean, scale, beta):
+    """``y = (x - mean[j]) * scale[j] + beta[j]`` over a group of channels, in memory order."""
+    su = uint64(s)
+    for i in range(uint64(n)):
+        run = (i * uint64(c) + uint64(ch0)) * su
+        for j in range(uint64(g)):
+            span = run + j * su
+            mu = mean[j]
+            sc = scale[j]
+            be = beta[j]
+            for q in range(span, span + su):
+                y[q] = (np.float64(x[q]) - mu) * sc + be
+
+
+@njit(**_JIT_SERIAL)
+def _group_dx(x, dy, dx, ch0, g, n, c, s, mean, k, mdy, kx, train):
+    """Training ``dx = k * ((dy - mdy) - (x - mean) * kx)`` or eval ``dx = k * dy`` over a group."""
+    su = uint64(s)
+    for i in range(uint64(n)):
+        run = (i * uint64(c) + uint64(ch0)) * su
+        for j in range(uint64(g)):
+            span = run + j * su
+            kj = k[j]
+            if train:
+                mu = mean[j]
+                md = mdy[j]
+                kxj = kx[j]
+                for q in range(span, span + su):
+                    dx[q] = kj * ((np.float64(dy[q]) - md) - (np.float64(x[q]) - mu) * kxj)
+            else:
+                for q in range(span, span + su):
+                    dx[q] = np.float64(dy[q]) * kj
 
 
 @njit(**_JIT_SERIAL)
@@ -284,21 +373,34 @@ def _lane_pair(lanes):
 
 
 @njit(**_JIT)
-def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes):
+def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g):
     """Training forward, rows layout. Fills ``stats``, writes ``y``; returns the number of
-    channels whose mean or variance is non-finite."""
+    channels whose mean or variance is non-finite. ``g > 0``: tasks of ``g`` channels;
+    ``g == 0``: tasks of single rows (few channels)."""
     m = n * s
-    cs = c * s  # distance between two spans of a channel
-    if c >= 4 * nt or n * c < 2 * nt:
-        # split over channels: a thread sums its channel, then normalizes it from its own cache
-        for ch in prange(c):
-            k = np.float64(x[ch * s])  # shift: the channel's first sample
-            a1, a2 = _lane_pair(lanes)
-            t1, t2 = _lane_sums(x, ch * s, n, s, cs, k, a1, a2)
-            _finish_stats(stats, ch, t1 + _lane_total(a1), t2 + _lane_total(a2), m, eps, k)
-            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
-            beta = np.float64(b[ch]) if has_b else 0.0
-            _span_affine(x, y, ch * s, n, s, cs, stats[0, ch], scale, beta)
+    if g > 0:
+        # split over groups of channels: a thread sums its channels, then normalizes them from
+        # its own cache; a group's rows of one sample are one contiguous run of memory
+        for grp in prange((c + g - 1) // g):
+            ch0 = grp * g
+            gg = min(g, c - ch0)
+            acc = np.zeros((gg, 2, lanes + 8))  # + 8: no 4K aliasing between the two lane rows
+            tail = np.zeros((gg, 2))
+            kv = np.empty(gg)
+            for j in range(gg):
+                kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
+            _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, lanes)
+            mean = np.empty(gg)
+            scale = np.empty(gg)
+            beta = np.empty(gg)
+            for j in range(gg):
+                ch = ch0 + j
+                _finish_stats(stats, ch, tail[j, 0] + _lane_total(acc[j, 0, :lanes]),
+                              tail[j, 1] + _lane_total(acc[j, 1, :lanes]), m, eps, kv[j])
+                mean[j] = stats[0, ch]
+                scale[j] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+                beta[j] = np.float64(b[ch]) if has_b else 0.0
+            _group_affine(x, y, ch0, gg, n, c, s, mean, scale, beta)
     else:
         # split over rows: each (n, c) row writes its own partial sums, (N*C,) -> (C,) after
         part = np.empty((2, n * c))
@@ -325,22 +427,15 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes)
 @njit(**_JIT)
 def rows_forward_eval(x, y, w, b, has_w, has_b, n, c, s, stats, nt):
     """Eval forward, rows layout: normalize with ``stats`` (mean in row 0, invstd in row 2)."""
-    cs = c * s
-    if c >= 4 * nt or n * c < 2 * nt:
-        for ch in prange(c):
-            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
-            beta = np.float64(b[ch]) if has_b else 0.0
-            _span_affine(x, y, ch * s, n, s, cs, stats[0, ch], scale, beta)
-    else:
-        for r in prange(n * c):
-            ch = r % c
-            scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
-            beta = np.float64(b[ch]) if has_b else 0.0
-            _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
+    for r in prange(n * c):
+        ch = r % c
+        scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+        beta = np.float64(b[ch]) if has_b else 0.0
+        _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
 
 
 @njit(**_JIT)
-def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes):
+def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, g):
     """Backward, rows layout. ``grads[0]`` receives dbias, ``grads[1]`` dweight (summed in float64).
 
     Training, per channel with M values, xhat = (x - mean) * invstd, g = gamma (or 1):
@@ -350,24 +445,33 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes):
                 = g * invstd * ((dy - dbias / M) - (x - mean) * (invstd * dweight / M))
     (the derivation, step by step, is in :func:`bnlab.reference.batch_norm_backward`).
     Eval, the statistics being constants: dx = g * invstd * dy.
+    Tasks as in :func:`rows_forward_train` (``g`` channels, or single rows for ``g == 0``).
     """
     m = n * s
-    cs = c * s
-    if c >= 4 * nt or n * c < 2 * nt:
-        for ch in prange(c):
-            mean = stats[0, ch]
-            invstd = stats[2, ch]
-            a1, a2 = _lane_pair(lanes)
-            t1, t2 = _lane_grad_sums(x, dy, ch * s, n, s, cs, mean, a1, a2)
-            s1 = t1 + _lane_total(a1)
-            s2 = t2 + _lane_total(a2)
-            grads[0, ch] = s1
-            grads[1, ch] = s2 * invstd
-            k = invstd * (np.float64(w[ch]) if has_w else 1.0)
-            if train:
-                _span_dx(x, dy, dx, ch * s, n, s, cs, mean, k, s1 / m, invstd * invstd * s2 / m)
-            else:
-                _span_scale(dy, dx, ch * s, n, s, cs, k)
+    if g > 0:
+        for grp in prange((c + g - 1) // g):
+            ch0 = grp * g
+            gg = min(g, c - ch0)
+            acc = np.zeros((gg, 2, lanes + 8))
+            tail = np.zeros((gg, 2))
+            mean = np.empty(gg)
+            for j in range(gg):
+                mean[j] = stats[0, ch0 + j]
+            _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, lanes)
+            k = np.empty(gg)
+            mdy = np.empty(gg)
+            kx = np.empty(gg)
+            for j in range(gg):
+                ch = ch0 + j
+                s1 = tail[j, 0] + _lane_total(acc[j, 0, :lanes])
+                s2 = tail[j, 1] + _lane_total(acc[j, 1, :lanes])
+                invstd = stats[2, ch]
+                grads[0, ch] = s1
+                grads[1, ch] = s2 * invstd
+                k[j] = invstd * (np.float64(w[ch]) if has_w else 1.0)
+                mdy[j] = s1 / m
+                kx[j] = invstd * invstd * s2 / m
+            _group_dx(x, dy, dx, ch0, gg, n, c, s, mean, k, mdy, kx, train)
     else:
         part = np.empty((2, n * c))
         for r in prange(n * c):
@@ -515,23 +619,6 @@ def layout(x: Tensor) -> int:
     return 0
 
 
-def flat(a: np.ndarray, lay: int) -> np.ndarray:
-    """Flat memory-order view of ``a`` in the given layout (never a copy)."""
-    if lay == COLUMNS and a.ndim > 2:
-        a = a.transpose(_TO_LAST[a.ndim])
-    return a.reshape(-1, copy=False)
-
-
-def _dims(x: Tensor, lay: int) -> tuple[int, int, int]:
-    """``(n, c, s)`` of the rows layout, or ``(m, c, 1)`` of the columns layout."""
-    shape = x.shape
-    c = shape[1]
-    if lay == ROWS:
-        n = shape[0]
-        return n, c, x.numel() // (n * c)
-    return x.numel() // c, c, 1
-
-
 _DUMMY = {torch.float32: np.zeros(1, np.float32), torch.float64: np.zeros(1, np.float64)}
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -547,18 +634,72 @@ def _lanes(s: int) -> int:
     return 64
 
 
-def _param(p: Tensor | None, dtype) -> tuple[np.ndarray, bool]:
-    if p is None:
-        return _DUMMY[dtype], False
-    return p.numpy(force=True), True
+def _group(n: int, c: int, s: int, nt: int, itemsize: int) -> int:
+    """Channels per task in the rows layout, or 0 for tasks of single rows (few channels).
+
+    Channels are grouped until one sample's rows of a group make a 4 KB run (whole pages for the
+    prefetcher), while a group's data stays within 1 MB (it is read again from cache to write the
+    output) and there are at least two groups per thread."""
+    if c < 4 * nt and n * c >= 2 * nt:
+        return 0
+    g = 1
+    row = s * itemsize
+    while g * row < 4096 and 2 * g <= c // (2 * nt) and 2 * g * n * row <= 1 << 20:
+        g *= 2
+    return g
 
 
-def _dense(x: Tensor) -> tuple[Tensor, int]:
+def _threads_first() -> int:
+    """numba's thread count for this thread; the first call starts numba's pool, then the plain
+    C getters replace the public functions (which take a lock and run Python on every call)."""
+    global _threads, _set_threads
+    n = get_num_threads()
+    _threads = getattr(_numba_parallel, "_get_num_threads", get_num_threads)
+    _set_threads = getattr(_numba_parallel, "_set_num_threads", set_num_threads)
+    return n
+
+
+_threads = _threads_first
+_set_threads = set_num_threads
+
+
+# A plan per (shape, strides, dtype, threads): the layout and loop parameters, worked out once.
+# Small-shape steps are dominated by the Python around the kernels, so the hot path looks up a
+# tuple instead of re-deriving it.
+_PLANS: dict = {}
+
+
+def _make_plan(x: Tensor, pool: int) -> tuple:
     lay = layout(x)
-    if lay:
-        return x, lay
-    x = x.contiguous()
-    return x, layout(x)
+    dense = lay != 0
+    shape = x.shape
+    c = shape[1]
+    if not dense:  # computed on x.contiguous(): rows, or columns when the spatial size is 1
+        lay = COLUMNS if x.dim() == 2 or x.numel() == shape[0] * c else ROWS
+    if lay == ROWS:
+        n = shape[0]
+        s = x.numel() // (n * c)
+    else:
+        n, s = x.numel() // c, 1
+    serial = pool > 1 and n * c * s < SERIAL_BELOW
+    nt = 1 if serial else pool
+    perm = _TO_LAST[x.dim()] if lay == COLUMNS and x.dim() > 2 else None
+    lanes = _lanes(s) if lay == ROWS else 0
+    g = _group(n, c, s, nt, x.element_size()) if lay == ROWS else 0
+    return lay, n, c, s, perm, lanes, g, serial, nt, dense
+
+
+def _plan(x: Tensor, pool: int) -> tuple:
+    """``(layout, n, c, s, perm, lanes, g, serial, nt, dense)`` for a non-empty ``x``: ``(n, c, s)``
+    are the rows layout's (N, C, prod(spatial)) or the columns layout's (M, C, 1); ``perm`` moves
+    the channels last in a numpy view; ``serial``: run on one thread; ``dense``: no copy needed."""
+    key = (x.shape, x.stride(), x.dtype, pool)
+    p = _PLANS.get(key)
+    if p is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        p = _PLANS[key] = _make_plan(x, pool)
+    return p
 
 
 def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
@@ -573,28 +714,39 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         stats = np.zeros((3, x.shape[1]))
         stats[2] = 1.0 / math.sqrt(eps)
         return torch.empty_like(x), stats, 0
-    xd, lay = _dense(x)
+    pool = _threads()
+    if pool <= 0:
+        pool = get_num_threads()
+    lay, n, c, s, perm, lanes, g, serial, nt, dense = _plan(x, pool)
+    xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
-    n, c, s = _dims(xd, lay)
-    w, has_w = _param(weight, x.dtype)
-    b, has_b = _param(bias, x.dtype)
+    xa = xd.numpy(force=True)
+    ya = y.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ya = ya.transpose(perm)
+    xa = xa.reshape(-1)
+    ya = ya.reshape(-1, copy=False)  # never a copy: the kernel writes through it
+    if weight is None:
+        w, has_w = _DUMMY[x.dtype], False
+    else:
+        w, has_w = weight.numpy(force=True), True
+    if bias is None:
+        b, has_b = _DUMMY[x.dtype], False
+    else:
+        b, has_b = bias.numpy(force=True), True
     stats = np.empty((3, c))
-    xa = flat(xd.numpy(force=True), lay)
-    ya = flat(y.numpy(), lay)
-    pool = nt = get_num_threads()
-    serial = pool > 1 and n * c * s < SERIAL_BELOW
     if serial:
-        set_num_threads(1)
-        nt = 1
+        _set_threads(1)
     try:
         if lay == ROWS:
-            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, _lanes(s))
+            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g)
         else:
             nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt)
     finally:
         if serial:
-            set_num_threads(pool)
-    if xd is not x:
+            _set_threads(pool)
+    if not dense:
         y = torch.empty_like(x).copy_(y)
     return y, stats, nbad
 
@@ -603,18 +755,23 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     """Eval forward: normalize with ``stats`` (float64 ``(3, C)``; rows 0 and 2 are read)."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    xd, lay = _dense(x)
+    pool = _threads()
+    if pool <= 0:
+        pool = get_num_threads()
+    lay, n, c, s, perm, lanes, g, serial, nt, dense = _plan(x, pool)
+    xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
-    n, c, s = _dims(xd, lay)
-    w, has_w = _param(weight, x.dtype)
-    b, has_b = _param(bias, x.dtype)
-    xa = flat(xd.numpy(force=True), lay)
-    ya = flat(y.numpy(), lay)
-    pool = nt = get_num_threads()
-    serial = pool > 1 and n * c * s < SERIAL_BELOW
+    xa = xd.numpy(force=True)
+    ya = y.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ya = ya.transpose(perm)
+    xa = xa.reshape(-1)
+    ya = ya.reshape(-1, copy=False)
+    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
+    b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
     if serial:
-        set_num_threads(1)
-        nt = 1
+        _set_threads(1)
     try:
         if lay == ROWS:
             rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, nt)
@@ -622,8 +779,8 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
             cols_forward_eval(xa, ya, w, b, has_w, has_b, n, c, stats, nt)
     finally:
         if serial:
-            set_num_threads(pool)
-    if xd is not x:
+            _set_threads(pool)
+    if not dense:
         y = torch.empty_like(x).copy_(y)
     return y
 
@@ -653,33 +810,40 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     ``(2, C)`` ndarray (dbias, dweight) in the weight's dtype (float64 without a weight).
     """
     c = x.shape[1]
-    gdtype = _NP_DTYPE.get(weight.dtype, np.float64) if weight is not None else np.float64
+    gdtype = np.float64 if weight is None else _NP_DTYPE.get(weight.dtype, np.float64)
     if x.numel() == 0:
         return torch.empty_like(x), np.zeros((2, c), gdtype)
-    xd, lay = _dense(x)
+    pool = _threads()
+    if pool <= 0:
+        pool = get_num_threads()
+    lay, n, c, s, perm, lanes, g, serial, nt, dense = _plan(x, pool)
+    xd = x if dense else x.contiguous()
     if dy.stride() != xd.stride():
         dy = torch.empty_like(xd).copy_(dy)
     dx = torch.empty_like(xd)
-    n, c, s = _dims(xd, lay)
-    w, has_w = _param(weight, x.dtype)
+    xa = xd.numpy(force=True)
+    ga = dy.numpy(force=True)
+    da = dx.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ga = ga.transpose(perm)
+        da = da.transpose(perm)
+    xa = xa.reshape(-1)
+    ga = ga.reshape(-1)
+    da = da.reshape(-1, copy=False)
+    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     grads = np.empty((2, c), gdtype)
-    xa = flat(xd.numpy(force=True), lay)
-    ga = flat(dy.numpy(force=True), lay)
-    da = flat(dx.numpy(), lay)
-    pool = nt = get_num_threads()
-    serial = pool > 1 and n * c * s < SERIAL_BELOW
     if serial:
-        set_num_threads(1)
-        nt = 1
+        _set_threads(1)
     try:
         if lay == ROWS:
-            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, _lanes(s))
+            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, lanes, g)
         else:
             cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt)
     finally:
         if serial:
-            set_num_threads(pool)
-    if xd is not x:
+            _set_threads(pool)
+    if not dense:
         dx = torch.empty_like(x).copy_(dx)
     return dx, grads
 
