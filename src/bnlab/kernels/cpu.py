@@ -4,9 +4,11 @@ Two loop layouts cover every dense input without a layout copy:
 
 * **rows**: contiguous ``(N, C, *spatial)`` (NCL, NCHW, NCDHW) seen as ``N * C`` rows of
   ``S = prod(spatial)`` values. With enough channels (``C >= 4 * threads``) the work is split
-  over channels: a thread owns whole channels, reads a channel once for its sums and again (from
-  its own cache) to write ``y``. With few channels it is split over rows, each row writing its
-  own partial sums, combined per channel between the two parallel loops.
+  over groups of channels: a thread owns whole channels, reads them once for their sums and again
+  (from its own cache) to write ``y``; channels are grouped so that one sample's rows of a group
+  are a contiguous run of about 4 KB (short rows, e.g. 8x8, would otherwise be read in scattered
+  256-byte pieces). With few channels the work is split over rows, each row writing its own
+  partial sums, combined per channel between the two parallel loops.
 * **columns**: 2-D ``(M, C)`` input and channels_last / channels_last_3d (and ``(N, C, L)`` with
   C innermost), seen as ``M`` rows of ``C`` channels. The ``M`` rows are cut into one block per
   thread; each block writes per-channel partial sums, combined after the parallel loop.
