@@ -18,6 +18,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from .. import functional as BF
+from .. import kernels
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -138,26 +139,20 @@ class _BatchNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         name = type(self).__name__
+        # parameters and buffers read once (each is a Module.__getattr__ lookup)
+        weight, bias = self.weight, self.bias
+        running_mean, running_var = self.running_mean, self.running_var
+        BF.check_batch_norm_input(input, running_mean, running_var, weight, bias, self.training, name)
         # batch statistics in training, and in eval when there are no buffers (torch's rule)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if use_batch_stats:
-            track = self.training and self.track_running_stats
-            return BF.batch_norm(
-                input,
-                self.running_mean if track else None,
-                self.running_var if track else None,
-                self.weight,
-                self.bias,
-                True,
-                self.momentum,
-                self.eps,
-                num_batches_tracked=self.num_batches_tracked if track else None,
-                nonfinite=self.nonfinite,
-                name=name,
+        if self.training or (running_mean is None and running_var is None):
+            if self.training and self.track_running_stats:
+                nbt = self.num_batches_tracked
+            else:
+                running_mean = running_var = nbt = None
+            return kernels.batch_norm_train(
+                input, weight, bias, running_mean, running_var, nbt, self.momentum, self.eps, self.nonfinite, name
             )
-        return BF.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, False, self.momentum, self.eps, name=name
-        )
+        return kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, self.eps)
 
 
 class _LazyNormBase(LazyModuleMixin, _NormBase):
