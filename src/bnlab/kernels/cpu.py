@@ -46,6 +46,10 @@ import math
 import numpy as np
 import torch
 from numba import get_num_threads, njit, prange, set_num_threads, uint64
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
 from numba.np.ufunc import parallel as _numba_parallel
 from torch import Tensor
 
@@ -56,11 +60,179 @@ COLUMNS = 2
 # than it saves, and a worker that the OS has descheduled would stall the call.
 SERIAL_BELOW = 1 << 14
 
+# From this many bytes the rows layout's training forward prefetches in software: each next
+# sample's run of a group while summing, and the next group while writing ``y`` (measured on
+# 8-17 MB tensors streamed from memory: 5-15% off the forward; the backward, reading two streams,
+# gained nothing and does not prefetch). Smaller tensors sit in cache, where it only costs.
+PREFETCH_FROM = 4 << 20
+
+# From this many bytes the training forward stores ``y`` and the backward ``dx`` non-temporally
+# (whole 64-byte lines straight to memory, skipping the read-for-ownership a normal store makes):
+# for a tensor this size the step's working set (x, y, dy, dx) outgrows the share of last-level
+# cache two cores get, the output would be evicted before its next use anyway, and streaming it
+# saves one of the seven tensor sizes of memory traffic per pass pair.
+STREAM_FROM = 8 << 20
+
 _JIT = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 _JIT_SERIAL = dict(cache=True, fastmath=False, nogil=True)
 
 # channels <-> last axis permutations of a numpy view, by ndim
 _TO_LAST = {3: (0, 2, 1), 4: (0, 2, 3, 1), 5: (0, 2, 3, 4, 1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# software prefetch
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """``llvm.prefetch`` of the cache line holding ``arr[idx]`` (read, keep in every level).
+
+    A hint only: it never faults and changes no value. The rows layout reads a channel as ``N``
+    runs far apart in memory; the hardware prefetcher stops at each run's page boundary, so the
+    kernels ask for the next run (and for the next group of channels) while working on this one.
+    """
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [i8p, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+def _line_operand(context, builder, ty, val, off, width):
+    """A ``<width x double>`` operand: a float splat, or ``width`` float64 values of an array
+    from ``off``."""
+    vd = ir.VectorType(ir.DoubleType(), width)
+    if isinstance(ty, types.Array):
+        ary = context.make_array(ty)(context, builder, val)
+        ptr = builder.bitcast(builder.gep(ary.data, [off]), vd.as_pointer())
+        return builder.load(ptr, align=8)
+    v = context.cast(builder, val, ty, types.float64)
+    u = builder.insert_element(ir.Constant(vd, ir.Undefined), v, ir.IntType(32)(0))
+    return builder.shuffle_vector(u, u, ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+
+
+def _line_load(context, builder, ty, val, idx):
+    """One cache line of a float32/float64 array from element ``idx``, widened to float64."""
+    width = 64 // ty.dtype.bitwidth * 8
+    elt = context.get_value_type(ty.dtype)
+    vt = ir.VectorType(elt, width)
+    ary = context.make_array(ty)(context, builder, val)
+    v = builder.load(builder.bitcast(builder.gep(ary.data, [idx]), vt.as_pointer()), align=ty.dtype.bitwidth // 8)
+    return v if ty.dtype == types.float64 else builder.fpext(v, ir.VectorType(ir.DoubleType(), width))
+
+
+def _line_store_nt(context, builder, ty, val, idx, vec):
+    """Round ``vec`` to the array's dtype and store it as one cache line from element ``idx``
+    (which must be 64-byte aligned), non-temporal: the line goes to memory without first being
+    read into the cache."""
+    width = 64 // ty.dtype.bitwidth * 8
+    elt = context.get_value_type(ty.dtype)
+    vt = ir.VectorType(elt, width)
+    if ty.dtype != types.float64:
+        vec = builder.fptrunc(vec, vt)
+    ary = context.make_array(ty)(context, builder, val)
+    st = builder.store(vec, builder.bitcast(builder.gep(ary.data, [idx]), vt.as_pointer()), align=64)
+    st.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+
+
+def _float_arrays(*tys) -> bool:
+    return all(isinstance(t, types.Array) and t.dtype in (types.float32, types.float64) for t in tys)
+
+
+@intrinsic
+def _nt_affine_line(typingctx, x, y, idx, mean, scale, beta, off):
+    """``y = (x - mean) * scale + beta`` on one cache line of ``y`` from ``idx`` (64-byte
+    aligned), in float64, the same operations in the same order as the scalar loops (so the same
+    bits), stored non-temporally. ``mean``/``scale``/``beta``: floats, or float64 arrays read from
+    ``off`` (one value per element of the line: the columns layout's channels)."""
+    if not (_float_arrays(x, y) and x.dtype == y.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        width = 64 // sig.args[0].dtype.bitwidth * 8
+        d = _line_load(context, builder, sig.args[0], args[0], args[2])
+        mu, sc, be = (_line_operand(context, builder, sig.args[i], args[i], args[6], width) for i in (3, 4, 5))
+        r = builder.fadd(builder.fmul(builder.fsub(d, mu), sc), be)
+        _line_store_nt(context, builder, sig.args[1], args[1], args[2], r)
+        return context.get_dummy_value()
+
+    return types.void(x, y, idx, mean, scale, beta, off), codegen
+
+
+@intrinsic
+def _nt_dx_line(typingctx, x, dy, dx, idx, mean, k, mdy, kx, off):
+    """``dx = k * ((dy - mdy) - (x - mean) * kx)`` on one cache line (see :func:`_nt_affine_line`)."""
+    if not (_float_arrays(x, dy, dx) and x.dtype == dy.dtype == dx.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        width = 64 // sig.args[0].dtype.bitwidth * 8
+        xv = _line_load(context, builder, sig.args[0], args[0], args[3])
+        gv = _line_load(context, builder, sig.args[1], args[1], args[3])
+        mu, kk, md, kxx = (_line_operand(context, builder, sig.args[i], args[i], args[8], width) for i in (4, 5, 6, 7))
+        r = builder.fmul(kk, builder.fsub(builder.fsub(gv, md), builder.fmul(builder.fsub(xv, mu), kxx)))
+        _line_store_nt(context, builder, sig.args[2], args[2], args[3], r)
+        return context.get_dummy_value()
+
+    return types.void(x, dy, dx, idx, mean, k, mdy, kx, off), codegen
+
+
+@intrinsic
+def _nt_scale_line(typingctx, dy, dx, idx, k, off):
+    """``dx = dy * k`` on one cache line (see :func:`_nt_affine_line`)."""
+    if not (_float_arrays(dy, dx) and dy.dtype == dx.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        width = 64 // sig.args[0].dtype.bitwidth * 8
+        gv = _line_load(context, builder, sig.args[0], args[0], args[2])
+        kk = _line_operand(context, builder, sig.args[3], args[3], args[4], width)
+        _line_store_nt(context, builder, sig.args[1], args[1], args[2], builder.fmul(gv, kk))
+        return context.get_dummy_value()
+
+    return types.void(dy, dx, idx, k, off), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full fence: this thread's non-temporal stores are globally visible before it goes on
+    (they are weakly ordered; a thread ends its share of a kernel with this)."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@njit(**_JIT_SERIAL)
+def _aligned_head(a, start, length):
+    """How many elements from ``start`` until ``a``'s next 64-byte boundary (at most ``length``)."""
+    size = uint64(a.itemsize)
+    addr = uint64(a.ctypes.data) + uint64(start) * size
+    head = ((uint64(64) - addr % uint64(64)) % uint64(64)) // size
+    return min(head, uint64(length))
+
+
+@njit(**_JIT_SERIAL)
+def _prefetch_runs(a, ch0, g, i0, i1, c, s):
+    """Prefetch a group's runs (``g * s`` values from channel ``ch0``) of samples ``i0 .. i1 - 1``."""
+    step = uint64(64 // a.itemsize)
+    su = uint64(s)
+    for i in range(uint64(i0), uint64(i1)):
+        run = (i * uint64(c) + uint64(ch0)) * su
+        for q in range(run, run + uint64(g) * su, step):
+            _prefetch(a, q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,17 +326,65 @@ def _span_scale(dy, dx, start, nspans, s, stride, k):
 
 
 @njit(**_JIT_SERIAL)
-def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes):
+def _span_affine_nt(x, y, start, length, mean, scale, beta):
+    """:func:`_span_affine` on one span, whole cache lines of ``y`` stored non-temporally."""
+    w = uint64(64 // y.itemsize)
+    st = uint64(start)
+    head = _aligned_head(y, st, length)
+    body = st + head + ((uint64(length) - head) // w) * w
+    for q in range(st, st + head):
+        y[q] = (np.float64(x[q]) - mean) * scale + beta
+    for q in range(st + head, body, w):
+        _nt_affine_line(x, y, q, mean, scale, beta, 0)
+    for q in range(body, st + uint64(length)):
+        y[q] = (np.float64(x[q]) - mean) * scale + beta
+
+
+@njit(**_JIT_SERIAL)
+def _span_dx_nt(x, dy, dx, start, length, mean, k, mdy, kx):
+    """:func:`_span_dx` on one span, whole cache lines of ``dx`` stored non-temporally."""
+    w = uint64(64 // dx.itemsize)
+    st = uint64(start)
+    head = _aligned_head(dx, st, length)
+    body = st + head + ((uint64(length) - head) // w) * w
+    for q in range(st, st + head):
+        dx[q] = k * ((np.float64(dy[q]) - mdy) - (np.float64(x[q]) - mean) * kx)
+    for q in range(st + head, body, w):
+        _nt_dx_line(x, dy, dx, q, mean, k, mdy, kx, 0)
+    for q in range(body, st + uint64(length)):
+        dx[q] = k * ((np.float64(dy[q]) - mdy) - (np.float64(x[q]) - mean) * kx)
+
+
+@njit(**_JIT_SERIAL)
+def _span_scale_nt(dy, dx, start, length, k):
+    """:func:`_span_scale` on one span, whole cache lines of ``dx`` stored non-temporally."""
+    w = uint64(64 // dx.itemsize)
+    st = uint64(start)
+    head = _aligned_head(dx, st, length)
+    body = st + head + ((uint64(length) - head) // w) * w
+    for q in range(st, st + head):
+        dx[q] = np.float64(dy[q]) * k
+    for q in range(st + head, body, w):
+        _nt_scale_line(dy, dx, q, k, 0)
+    for q in range(body, st + uint64(length)):
+        dx[q] = np.float64(dy[q]) * k
+
+
+@njit(**_JIT_SERIAL)
+def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes, pf):
     """Shifted sums of channels ``ch0 .. ch0 + g - 1`` over every sample, in memory order: for
     each sample the group's ``g`` rows are one contiguous run of ``g * s`` values.
 
     ``acc`` (g, 2, lanes + 8) receives the lanes of ``sum(x - k[j])`` and ``sum((x - k[j])^2)``
     (row ``j % lanes`` of a row's values), ``tail`` (g, 2) the rows' last ``s % lanes`` values.
+    ``pf``: prefetch each next sample's run while summing this one.
     """
     lu = uint64(lanes)
     su = uint64(s)
     full = (su // lu) * lu
     for i in range(uint64(n)):
+        if pf and i + 1 < uint64(n):
+            _prefetch_runs(x, ch0, g, i + 1, i + 2, c, s)
         run = (i * uint64(c) + uint64(ch0)) * su
         for j in range(uint64(g)):
             span = run + j * su
@@ -207,23 +427,31 @@ def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes):
 
 
 @njit(**_JIT_SERIAL)
-def _group_affine(x, y, ch0, g, n, c, s, mean, scale, beta):
-    """``y = (x - mean[j]) * scale[j] + beta[j]`` over a group of channels, in memory order."""
+def _group_affine(x, y, ch0, g, n, c, s, mean, scale, beta, nch0, ng, stream):
+    """``y = (x - mean[j]) * scale[j] + beta[j]`` over a group of channels, in memory order,
+    prefetching the runs of the next group (``ng`` channels from ``nch0``; ``ng == 0``: none) in
+    the order they will be summed. ``stream``: store ``y`` non-temporally (:data:`STREAM_FROM`)."""
     su = uint64(s)
     for i in range(uint64(n)):
+        if ng > 0:
+            _prefetch_runs(x, nch0, ng, i, i + 1, c, s)
         run = (i * uint64(c) + uint64(ch0)) * su
         for j in range(uint64(g)):
             span = run + j * su
             mu = mean[j]
             sc = scale[j]
             be = beta[j]
-            for q in range(span, span + su):
-                y[q] = (np.float64(x[q]) - mu) * sc + be
+            if stream:
+                _span_affine_nt(x, y, span, su, mu, sc, be)
+            else:
+                for q in range(span, span + su):
+                    y[q] = (np.float64(x[q]) - mu) * sc + be
 
 
 @njit(**_JIT_SERIAL)
-def _group_dx(x, dy, dx, ch0, g, n, c, s, mean, k, mdy, kx, train):
-    """Training ``dx = k * ((dy - mdy) - (x - mean) * kx)`` or eval ``dx = k * dy`` over a group."""
+def _group_dx(x, dy, dx, ch0, g, n, c, s, mean, k, mdy, kx, train, stream):
+    """Training ``dx = k * ((dy - mdy) - (x - mean) * kx)`` or eval ``dx = k * dy`` over a group.
+    ``stream``: store ``dx`` non-temporally."""
     su = uint64(s)
     for i in range(uint64(n)):
         run = (i * uint64(c) + uint64(ch0)) * su
@@ -234,8 +462,13 @@ def _group_dx(x, dy, dx, ch0, g, n, c, s, mean, k, mdy, kx, train):
                 mu = mean[j]
                 md = mdy[j]
                 kxj = kx[j]
-                for q in range(span, span + su):
-                    dx[q] = kj * ((np.float64(dy[q]) - md) - (np.float64(x[q]) - mu) * kxj)
+                if stream:
+                    _span_dx_nt(x, dy, dx, span, su, mu, kj, md, kxj)
+                else:
+                    for q in range(span, span + su):
+                        dx[q] = kj * ((np.float64(dy[q]) - md) - (np.float64(x[q]) - mu) * kxj)
+            elif stream:
+                _span_scale_nt(dy, dx, span, su, kj)
             else:
                 for q in range(span, span + su):
                     dx[q] = np.float64(dy[q]) * kj
@@ -243,15 +476,18 @@ def _group_dx(x, dy, dx, ch0, g, n, c, s, mean, k, mdy, kx, train):
 
 @njit(**_JIT_SERIAL)
 def _cols_sums(x, r0, r1, c, shift, a1, a2):
-    """Per-channel sums of ``x - shift`` and its square over rows ``[r0, r1)`` of ``(M, C)``,
-    four rows at a time (one accumulator update per four values)."""
+    """Per-channel sums of ``x - shift`` and its square over rows ``[r0, r1)`` of ``(M, C)``.
+
+    The rows are read as four streams, one per quarter of the range, a row of each per step (one
+    accumulator update per four values): a single sequential stream per core leaves memory
+    mostly idle on these machines (about 4-5 GB/s a core), four keep it busy (10-13)."""
     cu = uint64(c)
-    quads = (r1 - r0) // 4
-    for q in range(quads):
-        b0 = uint64(r0 + 4 * q) * cu
-        b1 = b0 + cu
-        b2 = b1 + cu
-        b3 = b2 + cu
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
         for ch in range(cu):
             k = shift[ch]
             d0 = np.float64(x[b0 + ch]) - k
@@ -260,7 +496,7 @@ def _cols_sums(x, r0, r1, c, shift, a1, a2):
             d3 = np.float64(x[b3 + ch]) - k
             a1[ch] += (d0 + d1) + (d2 + d3)
             a2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for r in range(uint64(r0 + 4 * quads), uint64(r1)):
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
         base = r * cu
         for ch in range(cu):
             d = np.float64(x[base + ch]) - shift[ch]
@@ -270,14 +506,15 @@ def _cols_sums(x, r0, r1, c, shift, a1, a2):
 
 @njit(**_JIT_SERIAL)
 def _cols_grad_sums(x, dy, r0, r1, c, mean, a1, a2):
-    """Per-channel sums of ``dy`` and ``dy * (x - mean)`` over rows ``[r0, r1)``, four rows at a time."""
+    """Per-channel sums of ``dy`` and ``dy * (x - mean)`` over rows ``[r0, r1)``, read as four
+    streams (see :func:`_cols_sums`)."""
     cu = uint64(c)
-    quads = (r1 - r0) // 4
-    for q in range(quads):
-        b0 = uint64(r0 + 4 * q) * cu
-        b1 = b0 + cu
-        b2 = b1 + cu
-        b3 = b2 + cu
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
         for ch in range(cu):
             mu = mean[ch]
             g0 = np.float64(dy[b0 + ch])
@@ -287,7 +524,7 @@ def _cols_grad_sums(x, dy, r0, r1, c, mean, a1, a2):
             a1[ch] += (g0 + g1) + (g2 + g3)
             a2[ch] += (g0 * (np.float64(x[b0 + ch]) - mu) + g1 * (np.float64(x[b1 + ch]) - mu)) + (
                 g2 * (np.float64(x[b2 + ch]) - mu) + g3 * (np.float64(x[b3 + ch]) - mu))
-    for r in range(uint64(r0 + 4 * quads), uint64(r1)):
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
         base = r * cu
         for ch in range(cu):
             g = np.float64(dy[base + ch])
@@ -305,8 +542,33 @@ def _cols_dy_sum(dy, r0, r1, c, a1):
 
 
 @njit(**_JIT_SERIAL)
-def _cols_affine(x, y, r0, r1, c, mean, scale, beta):
+def _cols_lines(out, r0, c):
+    """True when rows ``[r0, ...)`` of ``out`` ``(M, C)`` are whole, 64-byte aligned cache lines
+    (``C`` a multiple of a line, the block's start aligned): then they can be streamed."""
+    return c % (64 // out.itemsize) == 0 and _aligned_head(out, uint64(r0) * uint64(c), 64) == 0
+
+
+@njit(**_JIT_SERIAL)
+def _cols_affine(x, y, r0, r1, c, mean, scale, beta, stream):
+    """``y = (x - mean) * scale + beta`` over rows ``[r0, r1)``; ``stream``: whole cache lines of
+    ``y`` stored non-temporally where the rows allow it (:func:`_cols_lines`)."""
     cu = uint64(c)
+    if stream and _cols_lines(y, r0, c):
+        w = uint64(64 // y.itemsize)
+        qn = uint64((r1 - r0) // 4)
+        for i in range(qn):
+            b0 = (uint64(r0) + i) * cu
+            for ch in range(uint64(0), cu, w):
+                _nt_affine_line(x, y, b0 + ch, mean, scale, beta, ch)
+                _nt_affine_line(x, y, b0 + qn * cu + ch, mean, scale, beta, ch)
+                _nt_affine_line(x, y, b0 + 2 * qn * cu + ch, mean, scale, beta, ch)
+                _nt_affine_line(x, y, b0 + 3 * qn * cu + ch, mean, scale, beta, ch)
+        for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+            base = r * cu
+            for ch in range(uint64(0), cu, w):
+                _nt_affine_line(x, y, base + ch, mean, scale, beta, ch)
+        _store_fence()
+        return
     for r in range(uint64(r0), uint64(r1)):
         base = r * cu
         for ch in range(cu):
@@ -314,8 +576,24 @@ def _cols_affine(x, y, r0, r1, c, mean, scale, beta):
 
 
 @njit(**_JIT_SERIAL)
-def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx):
+def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx, stream):
     cu = uint64(c)
+    if stream and _cols_lines(dx, r0, c):
+        w = uint64(64 // dx.itemsize)
+        qn = uint64((r1 - r0) // 4)
+        for i in range(qn):
+            b0 = (uint64(r0) + i) * cu
+            for ch in range(uint64(0), cu, w):
+                _nt_dx_line(x, dy, dx, b0 + ch, mean, k, mdy, kx, ch)
+                _nt_dx_line(x, dy, dx, b0 + qn * cu + ch, mean, k, mdy, kx, ch)
+                _nt_dx_line(x, dy, dx, b0 + 2 * qn * cu + ch, mean, k, mdy, kx, ch)
+                _nt_dx_line(x, dy, dx, b0 + 3 * qn * cu + ch, mean, k, mdy, kx, ch)
+        for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+            base = r * cu
+            for ch in range(uint64(0), cu, w):
+                _nt_dx_line(x, dy, dx, base + ch, mean, k, mdy, kx, ch)
+        _store_fence()
+        return
     for r in range(uint64(r0), uint64(r1)):
         base = r * cu
         for ch in range(cu):
@@ -323,8 +601,24 @@ def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx):
 
 
 @njit(**_JIT_SERIAL)
-def _cols_scale(dy, dx, r0, r1, c, k):
+def _cols_scale(dy, dx, r0, r1, c, k, stream):
     cu = uint64(c)
+    if stream and _cols_lines(dx, r0, c):
+        w = uint64(64 // dx.itemsize)
+        qn = uint64((r1 - r0) // 4)
+        for i in range(qn):
+            b0 = (uint64(r0) + i) * cu
+            for ch in range(uint64(0), cu, w):
+                _nt_scale_line(dy, dx, b0 + ch, k, ch)
+                _nt_scale_line(dy, dx, b0 + qn * cu + ch, k, ch)
+                _nt_scale_line(dy, dx, b0 + 2 * qn * cu + ch, k, ch)
+                _nt_scale_line(dy, dx, b0 + 3 * qn * cu + ch, k, ch)
+        for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+            base = r * cu
+            for ch in range(uint64(0), cu, w):
+                _nt_scale_line(dy, dx, base + ch, k, ch)
+        _store_fence()
+        return
     for r in range(uint64(r0), uint64(r1)):
         base = r * cu
         for ch in range(cu):
@@ -375,34 +669,45 @@ def _lane_pair(lanes):
 
 
 @njit(**_JIT)
-def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g):
+def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g, pf, stream):
     """Training forward, rows layout. Fills ``stats``, writes ``y``; returns the number of
     channels whose mean or variance is non-finite. ``g > 0``: tasks of ``g`` channels;
     ``g == 0``: tasks of single rows (few channels)."""
     m = n * s
     if g > 0:
-        # split over groups of channels: a thread sums its channels, then normalizes them from
-        # its own cache; a group's rows of one sample are one contiguous run of memory
-        for grp in prange((c + g - 1) // g):
-            ch0 = grp * g
-            gg = min(g, c - ch0)
-            acc = np.zeros((gg, 2, lanes + 8))  # + 8: no 4K aliasing between the two lane rows
-            tail = np.zeros((gg, 2))
-            kv = np.empty(gg)
-            for j in range(gg):
-                kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
-            _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, lanes)
-            mean = np.empty(gg)
-            scale = np.empty(gg)
-            beta = np.empty(gg)
-            for j in range(gg):
-                ch = ch0 + j
-                _finish_stats(stats, ch, tail[j, 0] + _lane_total(acc[j, 0, :lanes]),
-                              tail[j, 1] + _lane_total(acc[j, 1, :lanes]), m, eps, kv[j])
-                mean[j] = stats[0, ch]
-                scale[j] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
-                beta[j] = np.float64(b[ch]) if has_b else 0.0
-            _group_affine(x, y, ch0, gg, n, c, s, mean, scale, beta)
+        # split over groups of channels, a contiguous block of groups per thread: a thread sums
+        # a group, then normalizes it from its own cache while prefetching its next group; a
+        # group's rows of one sample are one contiguous run of memory
+        ngrp = (c + g - 1) // g
+        for t in prange(nt):
+            lo = t * ngrp // nt
+            hi = (t + 1) * ngrp // nt
+            acc = np.zeros((g, 2, lanes + 8))  # + 8: no 4K aliasing between the two lane rows
+            tail = np.zeros((g, 2))
+            kv = np.empty(g)
+            mean = np.empty(g)
+            scale = np.empty(g)
+            beta = np.empty(g)
+            for grp in range(lo, hi):
+                ch0 = grp * g
+                gg = min(g, c - ch0)
+                acc[:] = 0.0
+                tail[:] = 0.0
+                for j in range(gg):
+                    kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
+                _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, lanes, pf)
+                for j in range(gg):
+                    ch = ch0 + j
+                    _finish_stats(stats, ch, tail[j, 0] + _lane_total(acc[j, 0, :lanes]),
+                                  tail[j, 1] + _lane_total(acc[j, 1, :lanes]), m, eps, kv[j])
+                    mean[j] = stats[0, ch]
+                    scale[j] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+                    beta[j] = np.float64(b[ch]) if has_b else 0.0
+                nxt = ch0 + g
+                ng = min(g, c - nxt) if (pf and grp + 1 < hi) else 0
+                _group_affine(x, y, ch0, gg, n, c, s, mean, scale, beta, nxt, ng, stream)
+            if stream:
+                _store_fence()
     else:
         # split over rows: each (n, c) row writes its own partial sums, (N*C,) -> (C,) after
         part = np.empty((2, n * c))
@@ -422,7 +727,11 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes,
             ch = r % c
             scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
             beta = np.float64(b[ch]) if has_b else 0.0
-            _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
+            if stream:
+                _span_affine_nt(x, y, r * s, s, stats[0, ch], scale, beta)
+                _store_fence()
+            else:
+                _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
     return _count_nonfinite(stats)
 
 
@@ -437,7 +746,7 @@ def rows_forward_eval(x, y, w, b, has_w, has_b, n, c, s, stats, nt):
 
 
 @njit(**_JIT)
-def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, g):
+def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, stream):
     """Backward, rows layout. ``grads[0]`` receives dbias, ``grads[1]`` dweight (summed in float64).
 
     Training, per channel with M values, xhat = (x - mean) * invstd, g = gamma (or 1):
@@ -451,29 +760,37 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
     """
     m = n * s
     if g > 0:
-        for grp in prange((c + g - 1) // g):
-            ch0 = grp * g
-            gg = min(g, c - ch0)
-            acc = np.zeros((gg, 2, lanes + 8))
-            tail = np.zeros((gg, 2))
-            mean = np.empty(gg)
-            for j in range(gg):
-                mean[j] = stats[0, ch0 + j]
-            _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, lanes)
-            k = np.empty(gg)
-            mdy = np.empty(gg)
-            kx = np.empty(gg)
-            for j in range(gg):
-                ch = ch0 + j
-                s1 = tail[j, 0] + _lane_total(acc[j, 0, :lanes])
-                s2 = tail[j, 1] + _lane_total(acc[j, 1, :lanes])
-                invstd = stats[2, ch]
-                grads[0, ch] = s1
-                grads[1, ch] = s2 * invstd
-                k[j] = invstd * (np.float64(w[ch]) if has_w else 1.0)
-                mdy[j] = s1 / m
-                kx[j] = invstd * invstd * s2 / m
-            _group_dx(x, dy, dx, ch0, gg, n, c, s, mean, k, mdy, kx, train)
+        ngrp = (c + g - 1) // g
+        for t in prange(nt):
+            lo = t * ngrp // nt
+            hi = (t + 1) * ngrp // nt
+            acc = np.zeros((g, 2, lanes + 8))
+            tail = np.zeros((g, 2))
+            mean = np.empty(g)
+            k = np.empty(g)
+            mdy = np.empty(g)
+            kx = np.empty(g)
+            for grp in range(lo, hi):
+                ch0 = grp * g
+                gg = min(g, c - ch0)
+                acc[:] = 0.0
+                tail[:] = 0.0
+                for j in range(gg):
+                    mean[j] = stats[0, ch0 + j]
+                _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, lanes)
+                for j in range(gg):
+                    ch = ch0 + j
+                    s1 = tail[j, 0] + _lane_total(acc[j, 0, :lanes])
+                    s2 = tail[j, 1] + _lane_total(acc[j, 1, :lanes])
+                    invstd = stats[2, ch]
+                    grads[0, ch] = s1
+                    grads[1, ch] = s2 * invstd
+                    k[j] = invstd * (np.float64(w[ch]) if has_w else 1.0)
+                    mdy[j] = s1 / m
+                    kx[j] = invstd * invstd * s2 / m
+                _group_dx(x, dy, dx, ch0, gg, n, c, s, mean, k, mdy, kx, train, stream)
+            if stream:
+                _store_fence()
     else:
         part = np.empty((2, n * c))
         for r in prange(n * c):
@@ -496,8 +813,16 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
             ch = r % c
             invstd = stats[2, ch]
             k = invstd * (np.float64(w[ch]) if has_w else 1.0)
-            if train:
-                _span_dx(x, dy, dx, r * s, 1, s, s, stats[0, ch], k, tot[0, ch] / m, invstd * invstd * tot[1, ch] / m)
+            mdy = tot[0, ch] / m
+            kx = invstd * invstd * tot[1, ch] / m
+            if stream:
+                if train:
+                    _span_dx_nt(x, dy, dx, r * s, s, stats[0, ch], k, mdy, kx)
+                else:
+                    _span_scale_nt(dy, dx, r * s, s, k)
+                _store_fence()
+            elif train:
+                _span_dx(x, dy, dx, r * s, 1, s, s, stats[0, ch], k, mdy, kx)
             else:
                 _span_scale(dy, dx, r * s, 1, s, s, k)
 
@@ -513,7 +838,7 @@ def _block_sums(nb, c):
 
 
 @njit(**_JIT)
-def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt):
+def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt, stream):
     """Training forward, columns layout. Fills ``stats``, writes ``y``; returns the number of
     channels whose mean or variance is non-finite."""
     nb = _num_blocks(m, c, nt)
@@ -537,7 +862,7 @@ def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt):
         scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
         beta[ch] = np.float64(b[ch]) if has_b else 0.0
     for blk in prange(nb):
-        _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta)
+        _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, stream)
     return _count_nonfinite(stats)
 
 
@@ -553,11 +878,11 @@ def cols_forward_eval(x, y, w, b, has_w, has_b, m, c, stats, nt):
         scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
         beta[ch] = np.float64(b[ch]) if has_b else 0.0
     for blk in prange(nb):
-        _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta)
+        _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, False)
 
 
 @njit(**_JIT)
-def cols_backward(x, dy, dx, w, has_w, m, c, stats, grads, train, nt):
+def cols_backward(x, dy, dx, w, has_w, m, c, stats, grads, train, nt, stream):
     """Backward, columns layout; the formulas of :func:`rows_backward`."""
     nb = _num_blocks(m, c, nt)
     part = _block_sums(nb, c)
@@ -583,9 +908,9 @@ def cols_backward(x, dy, dx, w, has_w, m, c, stats, grads, train, nt):
         kx[ch] = invstd * invstd * s2 / m
     for blk in prange(nb):
         if train:
-            _cols_dx(x, dy, dx, blk * m // nb, (blk + 1) * m // nb, c, mean, k, mdy, kx)
+            _cols_dx(x, dy, dx, blk * m // nb, (blk + 1) * m // nb, c, mean, k, mdy, kx, stream)
         else:
-            _cols_scale(dy, dx, blk * m // nb, (blk + 1) * m // nb, c, k)
+            _cols_scale(dy, dx, blk * m // nb, (blk + 1) * m // nb, c, k, stream)
 
 
 @njit(**_JIT_SERIAL)
@@ -688,13 +1013,18 @@ def _make_plan(x: Tensor, pool: int) -> tuple:
     perm = _TO_LAST[x.dim()] if lay == COLUMNS and x.dim() > 2 else None
     lanes = _lanes(s) if lay == ROWS else 0
     g = _group(n, c, s, nt, x.element_size()) if lay == ROWS else 0
-    return lay, n, c, s, perm, lanes, g, serial, nt, dense
+    nbytes = x.numel() * x.element_size()
+    pf = g > 0 and nbytes >= PREFETCH_FROM
+    stream = nbytes >= STREAM_FROM
+    return lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream
 
 
 def _plan(x: Tensor, pool: int) -> tuple:
-    """``(layout, n, c, s, perm, lanes, g, serial, nt, dense)`` for a non-empty ``x``: ``(n, c, s)``
+    """``(layout, n, c, s, perm, lanes, g, serial, nt, dense, pf)`` for a non-empty ``x``: ``(n, c, s)``
     are the rows layout's (N, C, prod(spatial)) or the columns layout's (M, C, 1); ``perm`` moves
-    the channels last in a numpy view; ``serial``: run on one thread; ``dense``: no copy needed."""
+    the channels last in a numpy view; ``serial``: run on one thread; ``dense``: no copy needed;
+    ``pf``: the rows-layout training forward prefetches (:data:`PREFETCH_FROM`); ``stream``: the
+    training passes store their output non-temporally (:data:`STREAM_FROM`)."""
     key = (x.shape, x.stride(), x.dtype, pool)
     p = _PLANS.get(key)
     if p is None:
@@ -719,7 +1049,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     pool = _threads()
     if pool <= 0:
         pool = get_num_threads()
-    lay, n, c, s, perm, lanes, g, serial, nt, dense = _plan(x, pool)
+    lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream = _plan(x, pool)
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
     xa = xd.numpy(force=True)
@@ -742,9 +1072,9 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         _set_threads(1)
     try:
         if lay == ROWS:
-            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g)
+            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g, pf, stream)
         else:
-            nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt)
+            nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt, stream)
     finally:
         if serial:
             _set_threads(pool)
@@ -760,7 +1090,7 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     pool = _threads()
     if pool <= 0:
         pool = get_num_threads()
-    lay, n, c, s, perm, lanes, g, serial, nt, dense = _plan(x, pool)
+    lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream = _plan(x, pool)
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
     xa = xd.numpy(force=True)
@@ -818,7 +1148,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     pool = _threads()
     if pool <= 0:
         pool = get_num_threads()
-    lay, n, c, s, perm, lanes, g, serial, nt, dense = _plan(x, pool)
+    lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream = _plan(x, pool)
     xd = x if dense else x.contiguous()
     if dy.stride() != xd.stride():
         dy = torch.empty_like(xd).copy_(dy)
@@ -839,9 +1169,9 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
         _set_threads(1)
     try:
         if lay == ROWS:
-            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, lanes, g)
+            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, stream)
         else:
-            cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt)
+            cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt, stream)
     finally:
         if serial:
             _set_threads(pool)
