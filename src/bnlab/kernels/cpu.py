@@ -403,12 +403,15 @@ def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes, pf):
 
 
 @njit(**_JIT_SERIAL)
-def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes):
+def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes, pf):
     """Sums of ``dy`` and ``dy * (x - mean[j])`` for a group of channels (see :func:`_group_sums`)."""
     lu = uint64(lanes)
     su = uint64(s)
     full = (su // lu) * lu
     for i in range(uint64(n)):
+        if pf and i + 1 < uint64(n):
+            _prefetch_runs(x, ch0, g, i + 1, i + 2, c, s)
+            _prefetch_runs(dy, ch0, g, i + 1, i + 2, c, s)
         run = (i * uint64(c) + uint64(ch0)) * su
         for j in range(uint64(g)):
             span = run + j * su
@@ -569,7 +572,21 @@ def _cols_affine(x, y, r0, r1, c, mean, scale, beta, stream):
                 _nt_affine_line(x, y, base + ch, mean, scale, beta, ch)
         _store_fence()
         return
-    for r in range(uint64(r0), uint64(r1)):
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            mu = mean[ch]
+            sc = scale[ch]
+            be = beta[ch]
+            y[b0 + ch] = (np.float64(x[b0 + ch]) - mu) * sc + be
+            y[b1 + ch] = (np.float64(x[b1 + ch]) - mu) * sc + be
+            y[b2 + ch] = (np.float64(x[b2 + ch]) - mu) * sc + be
+            y[b3 + ch] = (np.float64(x[b3 + ch]) - mu) * sc + be
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
         base = r * cu
         for ch in range(cu):
             y[base + ch] = (np.float64(x[base + ch]) - mean[ch]) * scale[ch] + beta[ch]
@@ -594,7 +611,22 @@ def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx, stream):
                 _nt_dx_line(x, dy, dx, base + ch, mean, k, mdy, kx, ch)
         _store_fence()
         return
-    for r in range(uint64(r0), uint64(r1)):
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            kk = k[ch]
+            md = mdy[ch]
+            mu = mean[ch]
+            kxx = kx[ch]
+            dx[b0 + ch] = kk * ((np.float64(dy[b0 + ch]) - md) - (np.float64(x[b0 + ch]) - mu) * kxx)
+            dx[b1 + ch] = kk * ((np.float64(dy[b1 + ch]) - md) - (np.float64(x[b1 + ch]) - mu) * kxx)
+            dx[b2 + ch] = kk * ((np.float64(dy[b2 + ch]) - md) - (np.float64(x[b2 + ch]) - mu) * kxx)
+            dx[b3 + ch] = kk * ((np.float64(dy[b3 + ch]) - md) - (np.float64(x[b3 + ch]) - mu) * kxx)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
         base = r * cu
         for ch in range(cu):
             dx[base + ch] = k[ch] * ((np.float64(dy[base + ch]) - mdy[ch]) - (np.float64(x[base + ch]) - mean[ch]) * kx[ch])
@@ -746,7 +778,7 @@ def rows_forward_eval(x, y, w, b, has_w, has_b, n, c, s, stats, nt):
 
 
 @njit(**_JIT)
-def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, stream):
+def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, pf, stream):
     """Backward, rows layout. ``grads[0]`` receives dbias, ``grads[1]`` dweight (summed in float64).
 
     Training, per channel with M values, xhat = (x - mean) * invstd, g = gamma (or 1):
@@ -777,7 +809,7 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
                 tail[:] = 0.0
                 for j in range(gg):
                     mean[j] = stats[0, ch0 + j]
-                _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, lanes)
+                _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, lanes, pf)
                 for j in range(gg):
                     ch = ch0 + j
                     s1 = tail[j, 0] + _lane_total(acc[j, 0, :lanes])
@@ -1169,7 +1201,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
         _set_threads(1)
     try:
         if lay == ROWS:
-            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, stream)
+            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, pf, stream)
         else:
             cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt, stream)
     finally:
