@@ -1073,7 +1073,7 @@ def _make_plan(x: Tensor, pool: int) -> tuple:
 
 
 def _plan(x: Tensor, pool: int) -> tuple:
-    """``(layout, n, c, s, perm, lanes, g, serial, nt, dense, pf)`` for a non-empty ``x``: ``(n, c, s)``
+    """``(layout, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream)`` for a non-empty ``x``: ``(n, c, s)``
     are the rows layout's (N, C, prod(spatial)) or the columns layout's (M, C, 1); ``perm`` moves
     the channels last in a numpy view; ``serial``: run on one thread; ``dense``: no copy needed;
     ``pf``: the rows-layout training forward prefetches (:data:`PREFETCH_FROM`); ``stream``: the
