@@ -47,8 +47,9 @@ Numerical decisions (the same as :mod:`bnlab.reference`):
 * ``y = (x - mean) * (invstd * gamma) + beta`` is formed in float64 with ``x - mean`` taken
   directly, then rounded once to the input dtype; ``dx`` likewise.
 * ``fastmath`` stays off (no reassociation, exact IEEE semantics). The sums still vectorize:
-  the rows layout accumulates a row into ``L`` float64 lanes (element ``j`` into lane ``j % L``),
-  the columns layout into one accumulator per channel, both plain elementwise loops for LLVM.
+  the rows layout accumulates a row into 16 float64 lanes (element ``j`` into lane ``j % 16``)
+  held in vector registers by a hand-built loop (:func:`_lane_loop`), the columns layout into one
+  accumulator per channel, an elementwise loop over four rows at a time for LLVM.
   Indices are unsigned so that numba's negative-index wraparound cannot turn loads into gathers.
 
 Layout of the statistics array ``stats`` (float64, ``(3, C)``): row 0 the mean, row 1 the biased
@@ -231,6 +232,87 @@ def _store_fence(typingctx):
     return types.void(), codegen
 
 
+LANES = 16  # float64 accumulator lanes of the rows layout's sums (element j of a span -> lane j % 16)
+
+
+def _vec_load(context, builder, ty, val, idx, width):
+    """``width`` consecutive values of a float32/float64 array from element ``idx``, as float64."""
+    elt = context.get_value_type(ty.dtype)
+    vt = ir.VectorType(elt, width)
+    ary = context.make_array(ty)(context, builder, val)
+    v = builder.load(builder.bitcast(builder.gep(ary.data, [idx]), vt.as_pointer()), align=ty.dtype.bitwidth // 8)
+    return v if ty.dtype == types.float64 else builder.fpext(v, ir.VectorType(ir.DoubleType(), width))
+
+
+def _lane_loop_intrinsic(grad: bool):
+    def impl(typingctx, x, dy, start, count, ref, a1, a2):
+        if not (_float_arrays(x, dy, a1, a2) and x.dtype == dy.dtype and isinstance(ref, types.Float)
+                and isinstance(start, types.Integer) and isinstance(count, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            width = LANES
+            vd = ir.VectorType(ir.DoubleType(), width)
+            i64 = ir.IntType(64)
+            start_v = context.cast(builder, args[2], sig.args[2], types.uint64)
+            count_v = context.cast(builder, args[3], sig.args[3], types.uint64)
+            refv = _line_operand(context, builder, sig.args[4], args[4], None, width)
+            p1 = builder.bitcast(context.make_array(sig.args[5])(context, builder, args[5]).data, vd.as_pointer())
+            p2 = builder.bitcast(context.make_array(sig.args[6])(context, builder, args[6]).data, vd.as_pointer())
+            init1 = builder.load(p1, align=8)
+            init2 = builder.load(p2, align=8)
+            pre = builder.block
+            loop = builder.append_basic_block("lanes.loop")
+            done = builder.append_basic_block("lanes.done")
+            builder.cbranch(builder.icmp_unsigned(">", count_v, i64(0)), loop, done)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            acc1 = builder.phi(vd)
+            acc2 = builder.phi(vd)
+            idx = builder.add(start_v, i)
+            d = builder.fsub(_vec_load(context, builder, sig.args[0], args[0], idx, width), refv)
+            if grad:
+                g = _vec_load(context, builder, sig.args[1], args[1], idx, width)
+                n1 = builder.fadd(acc1, g)
+                n2 = builder.fadd(acc2, builder.fmul(g, d))
+            else:
+                n1 = builder.fadd(acc1, d)
+                n2 = builder.fadd(acc2, builder.fmul(d, d))
+            inext = builder.add(i, i64(width))
+            end = builder.block
+            i.add_incoming(i64(0), pre)
+            i.add_incoming(inext, end)
+            acc1.add_incoming(init1, pre)
+            acc1.add_incoming(n1, end)
+            acc2.add_incoming(init2, pre)
+            acc2.add_incoming(n2, end)
+            builder.cbranch(builder.icmp_unsigned("<", inext, count_v), loop, done)
+            builder.position_at_end(done)
+            r1 = builder.phi(vd)
+            r1.add_incoming(init1, pre)
+            r1.add_incoming(n1, end)
+            r2 = builder.phi(vd)
+            r2.add_incoming(init2, pre)
+            r2.add_incoming(n2, end)
+            builder.store(r1, p1, align=8)
+            builder.store(r2, p2, align=8)
+            return context.get_dummy_value()
+
+        return types.void(x, dy, start, count, ref, a1, a2), codegen
+
+    return intrinsic(impl)
+
+
+# ``count`` (a multiple of LANES) values from ``start`` into the LANES-wide float64 accumulators
+# ``a1[:LANES]``, ``a2[:LANES]`` (value j into lane j % LANES), held in vector registers for the
+# whole loop (an element-wise loop over accumulator arrays keeps them in memory: about half the
+# speed once the data is in cache):
+#   sums:      d = x - ref:  a1 += d;  a2 += d * d          (``dy`` unused: pass ``x``)
+#   grad sums: d = x - ref:  a1 += dy; a2 += dy * d
+_lane_loop = _lane_loop_intrinsic(False)
+_grad_lane_loop = _lane_loop_intrinsic(True)
+
+
 @njit(**_JIT_SERIAL)
 def _aligned_head(a, start, length):
     """How many elements from ``start`` until ``a``'s next 64-byte boundary (at most ``length``)."""
@@ -269,11 +351,7 @@ def _lane_sums(x, start, nspans, s, stride, k, a1, a2):
     s2 = 0.0
     for i in range(uint64(nspans)):
         span = uint64(start) + i * uint64(stride)
-        for base in range(span, span + full, lanes):
-            for t in range(lanes):
-                d = np.float64(x[base + t]) - k
-                a1[t] += d
-                a2[t] += d * d
+        _lane_loop(x, x, span, full, k, a1, a2)
         for j in range(span + full, span + su):
             d = np.float64(x[j]) - k
             s1 += d
@@ -291,11 +369,7 @@ def _lane_grad_sums(x, dy, start, nspans, s, stride, mean, a1, a2):
     s2 = 0.0
     for i in range(uint64(nspans)):
         span = uint64(start) + i * uint64(stride)
-        for base in range(span, span + full, lanes):
-            for t in range(lanes):
-                g = np.float64(dy[base + t])
-                a1[t] += g
-                a2[t] += g * (np.float64(x[base + t]) - mean)
+        _grad_lane_loop(x, dy, span, full, mean, a1, a2)
         for j in range(span + full, span + su):
             g = np.float64(dy[j])
             s1 += g
@@ -407,11 +481,7 @@ def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes, pf):
             kj = k[j]
             a1 = acc[j, 0]
             a2 = acc[j, 1]
-            for base in range(span, span + full, lu):
-                for t in range(lu):
-                    d = np.float64(x[base + t]) - kj
-                    a1[t] += d
-                    a2[t] += d * d
+            _lane_loop(x, x, span, full, kj, a1, a2)
             for q in range(span + full, span + su):
                 d = np.float64(x[q]) - kj
                 tail[j, 0] += d
@@ -434,11 +504,7 @@ def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes, pf):
             mu = mean[j]
             a1 = acc[j, 0]
             a2 = acc[j, 1]
-            for base in range(span, span + full, lu):
-                for t in range(lu):
-                    gv = np.float64(dy[base + t])
-                    a1[t] += gv
-                    a2[t] += gv * (np.float64(x[base + t]) - mu)
+            _grad_lane_loop(x, dy, span, full, mu, a1, a2)
             for q in range(span + full, span + su):
                 gv = np.float64(dy[q])
                 tail[j, 0] += gv
@@ -1004,14 +1070,9 @@ _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _lanes(s: int) -> int:
-    """Lane count of the rows layout's accumulators: a whole row up to 512 values, else the
-    widest power of two from 512 down to 64 that divides it (a tail of < 64 is summed apart)."""
-    if s <= 512:
-        return s
-    for lanes in (512, 256, 128):
-        if s % lanes == 0:
-            return lanes
-    return 64
+    """Accumulator lanes of the rows layout (:data:`LANES`, whatever the row length: a row's last
+    ``s % LANES`` values are summed apart)."""
+    return LANES
 
 
 def _group(n: int, c: int, s: int, nt: int, itemsize: int) -> int:
