@@ -15,7 +15,10 @@ Reported per shape, layout, path (functional and module) and pass:
   ``dx`` (5 more, 8 in all for forward+backward);
 * the machine's streaming bandwidth measured in the same run (a parallel numba scale-copy over
   256 MB, and over 16 MB, which stays in the last-level cache; read + write counted, the
-  write-allocate read not), the ceiling for the GB/s above;
+  write-allocate read not), what a plain copy gets: an effective figure above it means the
+  kernel moves less than the model's tensor sizes through memory (bnlab's rows layout re-reads
+  a channel from its own cache, and its large-tensor passes store whole lines non-temporally,
+  without the write-allocate read);
 * the cost of the first batch norm in a fresh process: a subprocess imports torch and bnlab
   (timed; importing bnlab starts numba's runtime), takes one torch.nn.BatchNorm2d step (torch's
   own one-time costs), then times bnlab's first NCHW and channels_last steps against the later
