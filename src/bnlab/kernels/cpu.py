@@ -639,25 +639,46 @@ def _cols_lines(out, r0, c):
 
 
 @njit(**_JIT_SERIAL)
+def _stream_line(kind, x, dy, out, idx, p0, p1, p2, p3, ch):
+    """One non-temporal output line of the columns layout, per-channel operands from ``ch``:
+    ``kind`` 0 ``y = (x - p0) * p1 + p2``; 1 ``dx = p1 * ((dy - p2) - (x - p0) * p3)``;
+    2 ``dx = x * p0`` (``x`` standing for ``dy``)."""
+    if kind == 0:
+        _nt_affine_line(x, out, idx, p0, p1, p2, ch)
+    elif kind == 1:
+        _nt_dx_line(x, dy, out, idx, p0, p1, p2, p3, ch)
+    else:
+        _nt_scale_line(x, out, idx, p0, ch)
+
+
+@njit(**_JIT_SERIAL)
+def _cols_stream(kind, x, dy, out, r0, r1, c, p0, p1, p2, p3):
+    """Rows ``[r0, r1)`` of a columns-layout output written a whole cache line at a time,
+    non-temporally (:func:`_stream_line`), reading four streams (see :func:`_cols_sums`), then a
+    fence. The rows must be whole aligned lines (:func:`_cols_lines`)."""
+    cu = uint64(c)
+    w = uint64(64 // out.itemsize)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        for ch in range(uint64(0), cu, w):
+            _stream_line(kind, x, dy, out, b0 + ch, p0, p1, p2, p3, ch)
+            _stream_line(kind, x, dy, out, b0 + qn * cu + ch, p0, p1, p2, p3, ch)
+            _stream_line(kind, x, dy, out, b0 + 2 * qn * cu + ch, p0, p1, p2, p3, ch)
+            _stream_line(kind, x, dy, out, b0 + 3 * qn * cu + ch, p0, p1, p2, p3, ch)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        for ch in range(uint64(0), cu, w):
+            _stream_line(kind, x, dy, out, r * cu + ch, p0, p1, p2, p3, ch)
+    _store_fence()
+
+
+@njit(**_JIT_SERIAL)
 def _cols_affine(x, y, r0, r1, c, mean, scale, beta, stream):
     """``y = (x - mean) * scale + beta`` over rows ``[r0, r1)``; ``stream``: whole cache lines of
     ``y`` stored non-temporally where the rows allow it (:func:`_cols_lines`)."""
     cu = uint64(c)
     if stream and _cols_lines(y, r0, c):
-        w = uint64(64 // y.itemsize)
-        qn = uint64((r1 - r0) // 4)
-        for i in range(qn):
-            b0 = (uint64(r0) + i) * cu
-            for ch in range(uint64(0), cu, w):
-                _nt_affine_line(x, y, b0 + ch, mean, scale, beta, ch)
-                _nt_affine_line(x, y, b0 + qn * cu + ch, mean, scale, beta, ch)
-                _nt_affine_line(x, y, b0 + 2 * qn * cu + ch, mean, scale, beta, ch)
-                _nt_affine_line(x, y, b0 + 3 * qn * cu + ch, mean, scale, beta, ch)
-        for r in range(uint64(r0) + 4 * qn, uint64(r1)):
-            base = r * cu
-            for ch in range(uint64(0), cu, w):
-                _nt_affine_line(x, y, base + ch, mean, scale, beta, ch)
-        _store_fence()
+        _cols_stream(0, x, x, y, r0, r1, c, mean, scale, beta, beta)
         return
     qn = uint64((r1 - r0) // 4)
     for i in range(qn):
@@ -683,20 +704,7 @@ def _cols_affine(x, y, r0, r1, c, mean, scale, beta, stream):
 def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx, stream):
     cu = uint64(c)
     if stream and _cols_lines(dx, r0, c):
-        w = uint64(64 // dx.itemsize)
-        qn = uint64((r1 - r0) // 4)
-        for i in range(qn):
-            b0 = (uint64(r0) + i) * cu
-            for ch in range(uint64(0), cu, w):
-                _nt_dx_line(x, dy, dx, b0 + ch, mean, k, mdy, kx, ch)
-                _nt_dx_line(x, dy, dx, b0 + qn * cu + ch, mean, k, mdy, kx, ch)
-                _nt_dx_line(x, dy, dx, b0 + 2 * qn * cu + ch, mean, k, mdy, kx, ch)
-                _nt_dx_line(x, dy, dx, b0 + 3 * qn * cu + ch, mean, k, mdy, kx, ch)
-        for r in range(uint64(r0) + 4 * qn, uint64(r1)):
-            base = r * cu
-            for ch in range(uint64(0), cu, w):
-                _nt_dx_line(x, dy, dx, base + ch, mean, k, mdy, kx, ch)
-        _store_fence()
+        _cols_stream(1, x, dy, dx, r0, r1, c, mean, k, mdy, kx)
         return
     qn = uint64((r1 - r0) // 4)
     for i in range(qn):
@@ -723,20 +731,7 @@ def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx, stream):
 def _cols_scale(dy, dx, r0, r1, c, k, stream):
     cu = uint64(c)
     if stream and _cols_lines(dx, r0, c):
-        w = uint64(64 // dx.itemsize)
-        qn = uint64((r1 - r0) // 4)
-        for i in range(qn):
-            b0 = (uint64(r0) + i) * cu
-            for ch in range(uint64(0), cu, w):
-                _nt_scale_line(dy, dx, b0 + ch, k, ch)
-                _nt_scale_line(dy, dx, b0 + qn * cu + ch, k, ch)
-                _nt_scale_line(dy, dx, b0 + 2 * qn * cu + ch, k, ch)
-                _nt_scale_line(dy, dx, b0 + 3 * qn * cu + ch, k, ch)
-        for r in range(uint64(r0) + 4 * qn, uint64(r1)):
-            base = r * cu
-            for ch in range(uint64(0), cu, w):
-                _nt_scale_line(dy, dx, base + ch, k, ch)
-        _store_fence()
+        _cols_stream(2, dy, dy, dx, r0, r1, c, k, k, k, k)
         return
     for r in range(uint64(r0), uint64(r1)):
         base = r * cu
