@@ -24,7 +24,9 @@ Two entries into the same kernels:
 * eager: plain ``torch.autograd.Function`` classes (:class:`_TrainFn`, :class:`_EvalFn`) that call
   the kernels directly, with the running-statistics update (:func:`commit_running_stats`, C-sized
   work on the float64 statistics the kernel returned) inside the forward. A torch.library op's
-  Python dispatch costs ~0.2 ms a call, more than the whole step on small shapes.
+  Python dispatch costs ~0.2 ms a call, more than the whole step on small shapes. When nothing
+  needs a gradient (``torch.no_grad()``, inference, recalibration) the kernels are called
+  directly, without an autograd node.
 * under ``torch.compile``: the custom ops of :mod:`.ops` (fake functions, autograd formulas, and a
   mutating op for the running statistics with the non-finite policy inside), so that
   ``fullgraph=True`` traces a network containing bnlab's batch norm.
@@ -134,18 +136,28 @@ def _no_double_backward():
     )
 
 
+def _any_requires_grad(x, weight, bias) -> bool:
+    return x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+
+
+def _train_forward(x, weight, bias, eps, track):
+    """Training forward on the kernels, then the running update: ``(y, stats)``."""
+    y, stats, nbad = cpu.forward_train(x, weight, bias, eps)
+    if track is not None:
+        running_mean, running_var, num_batches_tracked, momentum, nonfinite, name = track
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum,
+                       nonfinite, name, nbad)
+    return y, stats
+
+
 class _TrainFn(torch.autograd.Function):
     """Training forward (statistics, y and the running update: one kernel call and C-sized work)
     and the hand-derived backward (one kernel call)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, track):
-        y, stats, nbad = cpu.forward_train(x, weight, bias, eps)
-        if track is not None:
-            running_mean, running_var, num_batches_tracked, momentum, nonfinite, name = track
-            count = x.numel() // x.shape[1] if x.shape[1] else 0
-            update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum,
-                           nonfinite, name, nbad)
+        y, stats = _train_forward(x, weight, bias, eps, track)
         ctx.stats = stats
         ctx.save_for_backward(x, weight)
         return y
@@ -242,6 +254,8 @@ def batch_norm_train(
         track = None
     else:
         track = (running_mean, running_var, num_batches_tracked, momentum, nonfinite, name)
+    if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
+        return _train_forward(x, weight, bias, eps, track)[0]  # nothing to differentiate: no autograd node
     return _TrainFn.apply(x, weight, bias, eps, track)
 
 
@@ -255,4 +269,7 @@ def batch_norm_eval(
 
         mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
         return ops.batch_norm_eval(x, weight, bias, torch.stack((mean, var, torch.rsqrt(var + eps))))
-    return _EvalFn.apply(x, weight, bias, cpu.eval_stats(running_mean, running_var, eps))
+    stats = cpu.eval_stats(running_mean, running_var, eps)
+    if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias):
+        return _EvalFn.apply(x, weight, bias, stats)
+    return cpu.forward_eval(x, weight, bias, stats)  # nothing to differentiate: no autograd node

@@ -1233,14 +1233,20 @@ def _as_f64(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+@njit(**_JIT_SERIAL)
+def _fill_eval_stats(rm, rv, eps, stats):
+    for ch in range(stats.shape[1]):
+        v = np.float64(rv[ch])
+        stats[0, ch] = np.float64(rm[ch])
+        stats[1, ch] = v
+        stats[2, ch] = 1.0 / math.sqrt(v + eps)
+
+
 def eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> np.ndarray:
-    """float64 ``(3, C)`` statistics from running buffers: mean, variance, ``1 / sqrt(var + eps)``."""
+    """float64 ``(3, C)`` statistics from running buffers: mean, variance, ``1 / sqrt(var + eps)``
+    (one numba call; the buffers are read in place when they are CPU float32/float64)."""
     stats = np.empty((3, running_mean.shape[0]))
-    stats[0] = _as_f64(running_mean)
-    stats[1] = _as_f64(running_var)
-    np.add(stats[1], eps, out=stats[2])
-    np.sqrt(stats[2], out=stats[2])
-    np.divide(1.0, stats[2], out=stats[2])
+    _fill_eval_stats(_as_f64(running_mean), _as_f64(running_var), float(eps), stats)
     return stats
 
 
