@@ -18,6 +18,7 @@ multiple of a cache line and not; serial and threaded sizes; and views whose dat
 import pytest
 import torch
 
+import bnlab
 import bnlab.functional as BF
 from bnlab.kernels import cpu
 from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -390,3 +391,45 @@ def test_just_above_8_mib_takes_both_paths_by_default_and_matches_torch_and_the_
     assert plan_flags(x) == (False, False)
     off = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
     assert_bitwise(on, off, f"{shape} contiguous {dtype}, default thresholds vs paths off")
+
+
+# ----------------------------------------------------------------------------------------------
+# no autograd node when nothing needs a gradient
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("shape", [(8, 32, 4, 4), (64, 48), (6, 3, 20, 20)])
+def test_no_grad_path_matches_autograd_path(shape, train):
+    torch.manual_seed(3)
+    x = torch.randn(shape) * 2 + 0.5
+    c = shape[1]
+    mods = []
+    for _ in range(2):
+        m = (bnlab.nn.BatchNorm2d if len(shape) == 4 else bnlab.nn.BatchNorm1d)(c)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 1.5, c))
+            m.bias.copy_(torch.linspace(-1, 1, c))
+            m.running_mean.copy_(torch.linspace(-0.2, 0.2, c))
+            m.running_var.copy_(torch.linspace(0.5, 2.0, c))
+        mods.append(m.train(train))
+    y_grad = mods[0](x)  # weight requires grad: autograd node
+    assert y_grad.grad_fn is not None
+    with torch.no_grad():
+        y_nograd = mods[1](x)
+    assert y_nograd.grad_fn is None and not y_nograd.requires_grad
+    assert torch.equal(y_grad.detach(), y_nograd)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(mods[0], name), getattr(mods[1], name)), name
+    if train:
+        assert int(mods[1].num_batches_tracked) == 1
+
+
+def test_no_grad_train_nonfinite_still_guarded():
+    m = bnlab.nn.BatchNorm1d(4)
+    x = torch.randn(16, 4)
+    x[3, 2] = float("nan")
+    with torch.no_grad():
+        with pytest.raises(bnlab.kernels.NonFiniteBatchError, match=r"\[2\]"):
+            m(x)
+    assert torch.equal(m.running_mean, torch.zeros(4)) and torch.equal(m.running_var, torch.ones(4))
+    assert int(m.num_batches_tracked) == 0
