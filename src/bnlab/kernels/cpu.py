@@ -623,15 +623,6 @@ def _cols_grad_sums(x, dy, r0, r1, c, mean, a1, a2):
 
 
 @njit(**_JIT_SERIAL)
-def _cols_dy_sum(dy, r0, r1, c, a1):
-    cu = uint64(c)
-    for r in range(uint64(r0), uint64(r1)):
-        base = r * cu
-        for ch in range(cu):
-            a1[ch] += np.float64(dy[base + ch])
-
-
-@njit(**_JIT_SERIAL)
 def _cols_lines(out, r0, c):
     """True when rows ``[r0, ...)`` of ``out`` ``(M, C)`` are whole, 64-byte aligned cache lines
     (``C`` a multiple of a line, the block's start aligned): then they can be streamed."""
