@@ -99,7 +99,7 @@ CASES = [
     ((6, 3, 20, 20), "contiguous", cpu.ROWS, "rows, few channels: split over rows"),
     ((8, 3, 32, 32), "contiguous", cpu.ROWS, "rows, few channels, on the thread pool"),
     ((4, 24, 33), "contiguous", cpu.ROWS, "rows 3-D (N, C, L)"),
-    ((2, 3, 600), "contiguous", cpu.ROWS, "rows 3-D, 64 lanes and a tail"),
+    ((2, 3, 600), "contiguous", cpu.ROWS, "rows 3-D, lanes and a tail"),
     ((2, 8, 3, 4, 5), "contiguous", cpu.ROWS, "rows 5-D"),
     ((64, 48), "contiguous", cpu.COLUMNS, "columns 2-D, C a multiple of a line"),
     ((64, 32), "contiguous", cpu.COLUMNS, "columns 2-D, C two float32 lines"),
@@ -335,14 +335,14 @@ def test_plan_selects_the_paths_from_the_thresholds(thresholds, shape, layout, p
 
     thresholds()
     p = cpu._plan(x, POOL)
-    assert len(p) == 12 and (p[-2], p[-1]) == (False, False)
+    assert len(p) == 11 and (p[-2], p[-1]) == (False, False)
     assert nbytes < min(DEFAULTS.values())
 
     thresholds(stream=0, prefetch=0)
     p = cpu._plan(x, POOL)
     assert p[-1] is True
     assert p[-2] is pf
-    assert (p[6] > 0) is pf  # pf exactly where the rows layout groups channels (p[6]: g)
+    assert (p[5] > 0) is pf  # pf exactly where the rows layout groups channels (p[5]: g)
 
     # the thresholds are inclusive lower bounds: from exactly nbytes on, not from one byte more
     thresholds(stream=nbytes, prefetch=nbytes)

@@ -26,7 +26,7 @@ CASES = [
     ((16, 5), "contiguous", "columns, one block"),
     ((160, 128), "contiguous", "columns, one block per thread"),
     ((4, 3, 7), "contiguous", "rows split over rows"),
-    ((2, 3, 600), "contiguous", "rows, 64 lanes and a tail"),
+    ((2, 3, 600), "contiguous", "rows, lanes and a tail"),
     ((5, 9, 11), "contiguous", "rows split over channels"),
     ((6, 4, 3), "transposed", "columns from (N, L, C) memory"),
     ((4, 3, 5, 6), "contiguous", "rows split over rows"),

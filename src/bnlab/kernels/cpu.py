@@ -340,40 +340,34 @@ def _prefetch_runs(a, ch0, g, i0, i1, c, s):
 
 
 @njit(**_JIT_SERIAL)
-def _lane_sums(x, start, nspans, s, stride, k, a1, a2):
-    """Sums of ``x - k`` and ``(x - k)^2`` over ``nspans`` spans of ``s`` values, ``stride`` apart,
-    from ``start``. Element ``j`` of a span goes to lane ``j % L`` of the float64 accumulators
-    ``a1``, ``a2`` (``L`` = their size); the spans' tails (``s % L`` values) are summed and returned."""
-    lanes = uint64(a1.size)
-    su = uint64(s)
-    full = (su // lanes) * lanes
+def _lane_sums(x, start, length, k, a1, a2):
+    """Sums of ``x - k`` and ``(x - k)^2`` over ``length`` values from ``start``: value ``j`` goes to
+    lane ``j % LANES`` of the float64 accumulators ``a1``, ``a2``; the last ``length % LANES``
+    values are summed apart and returned."""
+    st = uint64(start)
+    full = (uint64(length) // LANES) * LANES
+    _lane_loop(x, x, st, full, k, a1, a2)
     s1 = 0.0
     s2 = 0.0
-    for i in range(uint64(nspans)):
-        span = uint64(start) + i * uint64(stride)
-        _lane_loop(x, x, span, full, k, a1, a2)
-        for j in range(span + full, span + su):
-            d = np.float64(x[j]) - k
-            s1 += d
-            s2 += d * d
+    for j in range(st + full, st + uint64(length)):
+        d = np.float64(x[j]) - k
+        s1 += d
+        s2 += d * d
     return s1, s2
 
 
 @njit(**_JIT_SERIAL)
-def _lane_grad_sums(x, dy, start, nspans, s, stride, mean, a1, a2):
-    """Sums of ``dy`` and ``dy * (x - mean)`` over the spans of :func:`_lane_sums`."""
-    lanes = uint64(a1.size)
-    su = uint64(s)
-    full = (su // lanes) * lanes
+def _lane_grad_sums(x, dy, start, length, mean, a1, a2):
+    """Sums of ``dy`` and ``dy * (x - mean)``, laid out as in :func:`_lane_sums`."""
+    st = uint64(start)
+    full = (uint64(length) // LANES) * LANES
+    _grad_lane_loop(x, dy, st, full, mean, a1, a2)
     s1 = 0.0
     s2 = 0.0
-    for i in range(uint64(nspans)):
-        span = uint64(start) + i * uint64(stride)
-        _grad_lane_loop(x, dy, span, full, mean, a1, a2)
-        for j in range(span + full, span + su):
-            g = np.float64(dy[j])
-            s1 += g
-            s2 += g * (np.float64(x[j]) - mean)
+    for j in range(st + full, st + uint64(length)):
+        g = np.float64(dy[j])
+        s1 += g
+        s2 += g * (np.float64(x[j]) - mean)
     return s1, s2
 
 
@@ -386,102 +380,59 @@ def _lane_total(a):
 
 
 @njit(**_JIT_SERIAL)
-def _span_affine(x, y, start, nspans, s, stride, mean, scale, beta):
-    """``y = (x - mean) * scale + beta`` over the spans (float64 math, one rounding)."""
-    su = uint64(s)
-    for i in range(uint64(nspans)):
-        span = uint64(start) + i * uint64(stride)
-        for j in range(span, span + su):
-            y[j] = (np.float64(x[j]) - mean) * scale + beta
+def _span_scalar(kind, x, dy, out, lo, hi, p0, p1, p2, p3):
+    """Output values ``[lo, hi)`` one by one, in float64 with one rounding; ``kind`` and the
+    operands as in :func:`_stream_line`: 0 ``y = (x - p0) * p1 + p2``, 1 ``dx = p1 * ((dy - p2) -
+    (x - p0) * p3)``, 2 ``dx = x * p0`` (``x`` standing for ``dy``)."""
+    if kind == 0:
+        for j in range(uint64(lo), uint64(hi)):
+            out[j] = (np.float64(x[j]) - p0) * p1 + p2
+    elif kind == 1:
+        for j in range(uint64(lo), uint64(hi)):
+            out[j] = p1 * ((np.float64(dy[j]) - p2) - (np.float64(x[j]) - p0) * p3)
+    else:
+        for j in range(uint64(lo), uint64(hi)):
+            out[j] = np.float64(x[j]) * p0
 
 
 @njit(**_JIT_SERIAL)
-def _span_dx(x, dy, dx, start, nspans, s, stride, mean, k, mdy, kx):
-    """``dx = k * ((dy - mdy) - (x - mean) * kx)`` over the spans."""
-    su = uint64(s)
-    for i in range(uint64(nspans)):
-        span = uint64(start) + i * uint64(stride)
-        for j in range(span, span + su):
-            dx[j] = k * ((np.float64(dy[j]) - mdy) - (np.float64(x[j]) - mean) * kx)
-
-
-@njit(**_JIT_SERIAL)
-def _span_scale(dy, dx, start, nspans, s, stride, k):
-    """``dx = k * dy`` over the spans."""
-    su = uint64(s)
-    for i in range(uint64(nspans)):
-        span = uint64(start) + i * uint64(stride)
-        for j in range(span, span + su):
-            dx[j] = np.float64(dy[j]) * k
-
-
-@njit(**_JIT_SERIAL)
-def _span_affine_nt(x, y, start, length, mean, scale, beta):
-    """:func:`_span_affine` on one span, whole cache lines of ``y`` stored non-temporally."""
-    w = uint64(64 // y.itemsize)
+def _span_write(kind, stream, x, dy, out, start, length, p0, p1, p2, p3):
+    """One span of output (:func:`_span_scalar`). ``stream``: its whole, aligned cache lines are
+    stored non-temporally (:func:`_stream_line`, the same bits), the unaligned head and the tail
+    one by one."""
     st = uint64(start)
-    head = _aligned_head(y, st, length)
-    body = st + head + ((uint64(length) - head) // w) * w
-    for q in range(st, st + head):
-        y[q] = (np.float64(x[q]) - mean) * scale + beta
-    for q in range(st + head, body, w):
-        _nt_affine_line(x, y, q, mean, scale, beta, 0)
-    for q in range(body, st + uint64(length)):
-        y[q] = (np.float64(x[q]) - mean) * scale + beta
+    end = st + uint64(length)
+    lo = st
+    hi = st
+    if stream:
+        w = uint64(64 // out.itemsize)
+        lo = st + _aligned_head(out, st, length)
+        hi = lo + ((end - lo) // w) * w
+        for q in range(lo, hi, w):
+            _stream_line(kind, x, dy, out, q, p0, p1, p2, p3, 0)
+        _span_scalar(kind, x, dy, out, st, lo, p0, p1, p2, p3)
+    _span_scalar(kind, x, dy, out, hi, end, p0, p1, p2, p3)
 
 
 @njit(**_JIT_SERIAL)
-def _span_dx_nt(x, dy, dx, start, length, mean, k, mdy, kx):
-    """:func:`_span_dx` on one span, whole cache lines of ``dx`` stored non-temporally."""
-    w = uint64(64 // dx.itemsize)
-    st = uint64(start)
-    head = _aligned_head(dx, st, length)
-    body = st + head + ((uint64(length) - head) // w) * w
-    for q in range(st, st + head):
-        dx[q] = k * ((np.float64(dy[q]) - mdy) - (np.float64(x[q]) - mean) * kx)
-    for q in range(st + head, body, w):
-        _nt_dx_line(x, dy, dx, q, mean, k, mdy, kx, 0)
-    for q in range(body, st + uint64(length)):
-        dx[q] = k * ((np.float64(dy[q]) - mdy) - (np.float64(x[q]) - mean) * kx)
-
-
-@njit(**_JIT_SERIAL)
-def _span_scale_nt(dy, dx, start, length, k):
-    """:func:`_span_scale` on one span, whole cache lines of ``dx`` stored non-temporally."""
-    w = uint64(64 // dx.itemsize)
-    st = uint64(start)
-    head = _aligned_head(dx, st, length)
-    body = st + head + ((uint64(length) - head) // w) * w
-    for q in range(st, st + head):
-        dx[q] = np.float64(dy[q]) * k
-    for q in range(st + head, body, w):
-        _nt_scale_line(dy, dx, q, k, 0)
-    for q in range(body, st + uint64(length)):
-        dx[q] = np.float64(dy[q]) * k
-
-
-@njit(**_JIT_SERIAL)
-def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes, pf):
+def _group_sums(x, ch0, g, n, c, s, k, acc, tail, pf):
     """Shifted sums of channels ``ch0 .. ch0 + g - 1`` over every sample, in memory order: for
     each sample the group's ``g`` rows are one contiguous run of ``g * s`` values.
 
-    ``acc`` (g, 2, lanes + 8) receives the lanes of ``sum(x - k[j])`` and ``sum((x - k[j])^2)``
-    (row ``j % lanes`` of a row's values), ``tail`` (g, 2) the rows' last ``s % lanes`` values.
+    ``acc`` (g, 2, LANES + 8) receives the lanes of ``sum(x - k[j])`` and ``sum((x - k[j])^2)``
+    (:func:`_lane_sums`), ``tail`` (g, 2) the rows' last ``s % LANES`` values.
     ``pf``: prefetch each next sample's run while summing this one.
     """
-    lu = uint64(lanes)
     su = uint64(s)
-    full = (su // lu) * lu
+    full = (su // LANES) * LANES
     for i in range(uint64(n)):
         if pf and i + 1 < uint64(n):
             _prefetch_runs(x, ch0, g, i + 1, i + 2, c, s)
         run = (i * uint64(c) + uint64(ch0)) * su
-        for j in range(uint64(g)):
+        for j in range(uint64(g)):  # _lane_sums inline: a call per short run costs about 2x
             span = run + j * su
             kj = k[j]
-            a1 = acc[j, 0]
-            a2 = acc[j, 1]
-            _lane_loop(x, x, span, full, kj, a1, a2)
+            _lane_loop(x, x, span, full, kj, acc[j, 0], acc[j, 1])
             for q in range(span + full, span + su):
                 d = np.float64(x[q]) - kj
                 tail[j, 0] += d
@@ -489,11 +440,10 @@ def _group_sums(x, ch0, g, n, c, s, k, acc, tail, lanes, pf):
 
 
 @njit(**_JIT_SERIAL)
-def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes, pf):
+def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, pf):
     """Sums of ``dy`` and ``dy * (x - mean[j])`` for a group of channels (see :func:`_group_sums`)."""
-    lu = uint64(lanes)
     su = uint64(s)
-    full = (su // lu) * lu
+    full = (su // LANES) * LANES
     for i in range(uint64(n)):
         if pf and i + 1 < uint64(n):
             _prefetch_runs(x, ch0, g, i + 1, i + 2, c, s)
@@ -502,9 +452,7 @@ def _group_grad_sums(x, dy, ch0, g, n, c, s, mean, acc, tail, lanes, pf):
         for j in range(uint64(g)):
             span = run + j * su
             mu = mean[j]
-            a1 = acc[j, 0]
-            a2 = acc[j, 1]
-            _grad_lane_loop(x, dy, span, full, mu, a1, a2)
+            _grad_lane_loop(x, dy, span, full, mu, acc[j, 0], acc[j, 1])
             for q in range(span + full, span + su):
                 gv = np.float64(dy[q])
                 tail[j, 0] += gv
@@ -523,12 +471,12 @@ def _group_affine(x, y, ch0, g, n, c, s, mean, scale, beta, nch0, ng, stream):
         run = (i * uint64(c) + uint64(ch0)) * su
         for j in range(uint64(g)):
             span = run + j * su
-            mu = mean[j]
-            sc = scale[j]
-            be = beta[j]
             if stream:
-                _span_affine_nt(x, y, span, su, mu, sc, be)
-            else:
+                _span_write(0, True, x, x, y, span, su, mean[j], scale[j], beta[j], 0.0)
+            else:  # inline: a call per short run (8x8 rows) costs the cached case about 2x
+                mu = mean[j]
+                sc = scale[j]
+                be = beta[j]
                 for q in range(span, span + su):
                     y[q] = (np.float64(x[q]) - mu) * sc + be
 
@@ -548,17 +496,17 @@ def _group_dx(x, dy, dx, ch0, g, n, c, s, mean, k, mdy, kx, train, stream, pf):
         for j in range(uint64(g)):
             span = run + j * su
             kj = k[j]
-            if train:
+            if stream:
+                if train:
+                    _span_write(1, True, x, dy, dx, span, su, mean[j], kj, mdy[j], kx[j])
+                else:
+                    _span_write(2, True, dy, dy, dx, span, su, kj, 0.0, 0.0, 0.0)
+            elif train:  # inline, as in _group_affine
                 mu = mean[j]
                 md = mdy[j]
                 kxj = kx[j]
-                if stream:
-                    _span_dx_nt(x, dy, dx, span, su, mu, kj, md, kxj)
-                else:
-                    for q in range(span, span + su):
-                        dx[q] = kj * ((np.float64(dy[q]) - md) - (np.float64(x[q]) - mu) * kxj)
-            elif stream:
-                _span_scale_nt(dy, dx, span, su, kj)
+                for q in range(span, span + su):
+                    dx[q] = kj * ((np.float64(dy[q]) - md) - (np.float64(x[q]) - mu) * kxj)
             else:
                 for q in range(span, span + su):
                     dx[q] = np.float64(dy[q]) * kj
@@ -763,10 +711,10 @@ def _num_blocks(m, c, nt):
 
 
 @njit(**_JIT_SERIAL)
-def _lane_pair(lanes):
+def _lane_pair():
     """Two zeroed float64 lane accumulators, 64 bytes apart (no 4K aliasing between them)."""
-    acc = np.zeros(2 * lanes + 8)
-    return acc[:lanes], acc[lanes + 8:]
+    acc = np.zeros(2 * LANES + 8)
+    return acc[:LANES], acc[LANES + 8:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,7 +722,7 @@ def _lane_pair(lanes):
 
 
 @njit(**_JIT)
-def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g, pf, stream):
+def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf, stream):
     """Training forward, rows layout. Fills ``stats``, writes ``y``; returns the number of
     channels whose mean or variance is non-finite. ``g > 0``: tasks of ``g`` channels;
     ``g == 0``: tasks of single rows (few channels)."""
@@ -787,7 +735,7 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes,
         for t in prange(nt):
             lo = t * ngrp // nt
             hi = (t + 1) * ngrp // nt
-            acc = np.zeros((g, 2, lanes + 8))  # + 8: no 4K aliasing between the two lane rows
+            acc = np.zeros((g, 2, LANES + 8))  # + 8: no 4K aliasing between the two lane rows
             tail = np.zeros((g, 2))
             kv = np.empty(g)
             mean = np.empty(g)
@@ -800,11 +748,11 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes,
                 tail[:] = 0.0
                 for j in range(gg):
                     kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
-                _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, lanes, pf)
+                _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, pf)
                 for j in range(gg):
                     ch = ch0 + j
-                    _finish_stats(stats, ch, tail[j, 0] + _lane_total(acc[j, 0, :lanes]),
-                                  tail[j, 1] + _lane_total(acc[j, 1, :lanes]), m, eps, kv[j])
+                    _finish_stats(stats, ch, tail[j, 0] + _lane_total(acc[j, 0, :LANES]),
+                                  tail[j, 1] + _lane_total(acc[j, 1, :LANES]), m, eps, kv[j])
                     mean[j] = stats[0, ch]
                     scale[j] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
                     beta[j] = np.float64(b[ch]) if has_b else 0.0
@@ -817,8 +765,8 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes,
         # split over rows: each (n, c) row writes its own partial sums, (N*C,) -> (C,) after
         part = np.empty((2, n * c))
         for r in prange(n * c):
-            a1, a2 = _lane_pair(lanes)
-            t1, t2 = _lane_sums(x, r * s, 1, s, s, np.float64(x[(r % c) * s]), a1, a2)
+            a1, a2 = _lane_pair()
+            t1, t2 = _lane_sums(x, r * s, s, np.float64(x[(r % c) * s]), a1, a2)
             part[0, r] = t1 + _lane_total(a1)
             part[1, r] = t2 + _lane_total(a2)
         for ch in range(c):
@@ -832,11 +780,9 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes,
             ch = r % c
             scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
             beta = np.float64(b[ch]) if has_b else 0.0
+            _span_write(0, stream, x, x, y, r * s, s, stats[0, ch], scale, beta, 0.0)
             if stream:
-                _span_affine_nt(x, y, r * s, s, stats[0, ch], scale, beta)
                 _store_fence()
-            else:
-                _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
     return _count_nonfinite(stats)
 
 
@@ -847,11 +793,11 @@ def rows_forward_eval(x, y, w, b, has_w, has_b, n, c, s, stats, nt):
         ch = r % c
         scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
         beta = np.float64(b[ch]) if has_b else 0.0
-        _span_affine(x, y, r * s, 1, s, s, stats[0, ch], scale, beta)
+        _span_write(0, False, x, x, y, r * s, s, stats[0, ch], scale, beta, 0.0)
 
 
 @njit(**_JIT)
-def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, pf, stream):
+def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, g, pf, stream):
     """Backward, rows layout. ``grads[0]`` receives dbias, ``grads[1]`` dweight (summed in float64).
 
     Training, per channel with M values, xhat = (x - mean) * invstd, g = gamma (or 1):
@@ -869,7 +815,7 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
         for t in prange(nt):
             lo = t * ngrp // nt
             hi = (t + 1) * ngrp // nt
-            acc = np.zeros((g, 2, lanes + 8))
+            acc = np.zeros((g, 2, LANES + 8))
             tail = np.zeros((g, 2))
             mean = np.empty(g)
             k = np.empty(g)
@@ -882,11 +828,11 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
                 tail[:] = 0.0
                 for j in range(gg):
                     mean[j] = stats[0, ch0 + j]
-                _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, lanes, pf)
+                _group_grad_sums(x, dy, ch0, gg, n, c, s, mean, acc, tail, pf)
                 for j in range(gg):
                     ch = ch0 + j
-                    s1 = tail[j, 0] + _lane_total(acc[j, 0, :lanes])
-                    s2 = tail[j, 1] + _lane_total(acc[j, 1, :lanes])
+                    s1 = tail[j, 0] + _lane_total(acc[j, 0, :LANES])
+                    s2 = tail[j, 1] + _lane_total(acc[j, 1, :LANES])
                     invstd = stats[2, ch]
                     grads[0, ch] = s1
                     grads[1, ch] = s2 * invstd
@@ -899,8 +845,8 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
     else:
         part = np.empty((2, n * c))
         for r in prange(n * c):
-            a1, a2 = _lane_pair(lanes)
-            t1, t2 = _lane_grad_sums(x, dy, r * s, 1, s, s, stats[0, r % c], a1, a2)
+            a1, a2 = _lane_pair()
+            t1, t2 = _lane_grad_sums(x, dy, r * s, s, stats[0, r % c], a1, a2)
             part[0, r] = t1 + _lane_total(a1)
             part[1, r] = t2 + _lane_total(a2)
         tot = np.empty((2, c))  # (N*C,) -> (C,), float64 whatever the dtype of grads
@@ -920,16 +866,12 @@ def rows_backward(x, dy, dx, w, has_w, n, c, s, stats, grads, train, nt, lanes, 
             k = invstd * (np.float64(w[ch]) if has_w else 1.0)
             mdy = tot[0, ch] / m
             kx = invstd * invstd * tot[1, ch] / m
-            if stream:
-                if train:
-                    _span_dx_nt(x, dy, dx, r * s, s, stats[0, ch], k, mdy, kx)
-                else:
-                    _span_scale_nt(dy, dx, r * s, s, k)
-                _store_fence()
-            elif train:
-                _span_dx(x, dy, dx, r * s, 1, s, s, stats[0, ch], k, mdy, kx)
+            if train:
+                _span_write(1, stream, x, dy, dx, r * s, s, stats[0, ch], k, mdy, kx)
             else:
-                _span_scale(dy, dx, r * s, 1, s, s, k)
+                _span_write(2, stream, dy, dy, dx, r * s, s, k, 0.0, 0.0, 0.0)
+            if stream:
+                _store_fence()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1055,12 +997,6 @@ _DUMMY = {torch.float32: np.zeros(1, np.float32), torch.float64: np.zeros(1, np.
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _lanes(s: int) -> int:
-    """Accumulator lanes of the rows layout (:data:`LANES`, whatever the row length: a row's last
-    ``s % LANES`` values are summed apart)."""
-    return LANES
-
-
 def _group(n: int, c: int, s: int, nt: int, itemsize: int) -> int:
     """Channels per task in the rows layout, or 0 for tasks of single rows (few channels).
 
@@ -1111,16 +1047,15 @@ def _make_plan(x: Tensor, pool: int) -> tuple:
     serial = pool > 1 and n * c * s < SERIAL_BELOW
     nt = 1 if serial else pool
     perm = _TO_LAST[x.dim()] if lay == COLUMNS and x.dim() > 2 else None
-    lanes = _lanes(s) if lay == ROWS else 0
     g = _group(n, c, s, nt, x.element_size()) if lay == ROWS else 0
     nbytes = x.numel() * x.element_size()
     pf = g > 0 and nbytes >= PREFETCH_FROM
     stream = nbytes >= STREAM_FROM
-    return lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream
+    return lay, n, c, s, perm, g, serial, nt, dense, pf, stream
 
 
 def _plan(x: Tensor, pool: int) -> tuple:
-    """``(layout, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream)`` for a non-empty ``x``: ``(n, c, s)``
+    """``(layout, n, c, s, perm, g, serial, nt, dense, pf, stream)`` for a non-empty ``x``: ``(n, c, s)``
     are the rows layout's (N, C, prod(spatial)) or the columns layout's (M, C, 1); ``perm`` moves
     the channels last in a numpy view; ``serial``: run on one thread; ``dense``: no copy needed;
     ``pf``: the rows-layout training forward prefetches (:data:`PREFETCH_FROM`); ``stream``: the
@@ -1149,7 +1084,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     pool = _threads()
     if pool <= 0:
         pool = get_num_threads()
-    lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream = _plan(x, pool)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, pool)
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
     xa = xd.numpy(force=True)
@@ -1172,7 +1107,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         _set_threads(1)
     try:
         if lay == ROWS:
-            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, lanes, g, pf, stream)
+            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf, stream)
         else:
             nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt, stream)
     finally:
@@ -1190,7 +1125,7 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     pool = _threads()
     if pool <= 0:
         pool = get_num_threads()
-    lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream = _plan(x, pool)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, pool)
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
     xa = xd.numpy(force=True)
@@ -1254,7 +1189,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     pool = _threads()
     if pool <= 0:
         pool = get_num_threads()
-    lay, n, c, s, perm, lanes, g, serial, nt, dense, pf, stream = _plan(x, pool)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, pool)
     xd = x if dense else x.contiguous()
     if dy.stride() != xd.stride():
         dy = torch.empty_like(xd).copy_(dy)
@@ -1275,7 +1210,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
         _set_threads(1)
     try:
         if lay == ROWS:
-            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, lanes, g, pf, stream)
+            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, g, pf, stream)
         else:
             cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt, stream)
     finally:
