@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default=None, help="report folder (default runs/<timestamp>)")
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override, e.g. C1.steps=300")
     a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--robustness", action="store_true",
+                   help="also decide every claim on each shipped data set and on two disjoint seed sets "
+                        "(always on in the full profile)")
 
     r = sub.add_parser("report", help="re-render the report from stored results (executes nothing)")
     r.add_argument("--profile", choices=["tiny", "quick", "full"], default="quick")
@@ -31,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", default="runs/store.sqlite")
     r.add_argument("--out", default=None)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--robustness", action="store_true", help="the --robustness of the audit to report")
     r.add_argument("--workers", type=int, default=2,
                    help="the --workers of the audit to report (C2's wall-clock runs are keyed by it)")
 

@@ -52,6 +52,7 @@ def contexts(args) -> dict[str, Context]:
         if c not in registry.CLAIMS:
             raise AuditError(f"--set names unknown claim {c!r}; known: {', '.join(registry.ids())}")
     seeds = _parse_seeds(getattr(args, "seeds", None))
+    robust = robustness_on(args)
     out = {}
     for c in wanted:
         mod = registry.get(c)
@@ -61,10 +62,64 @@ def contexts(args) -> dict[str, Context]:
             settings = apply_overrides(mod.PROFILES[args.profile], overrides.get(c, {}), c)
         except ValueError as e:
             raise AuditError(str(e)) from None
-        out[c] = Context(profile=args.profile, seeds=list(seeds or settings["seeds"]), settings=settings,
-                         dataset=getattr(args, "dataset", None), data_dir=getattr(args, "data_dir", None),
-                         workers=int(getattr(args, "workers", 2) or 2), extra={"seeds_given": seeds is not None})
+        all_seeds = list(seeds or settings["seeds"])
+        common = dict(profile=args.profile, settings=settings, data_dir=getattr(args, "data_dir", None),
+                      workers=_workers(args), selection_seed=all_seeds[0])
+        if not robust:
+            out[c] = Context(seeds=all_seeds, dataset=getattr(args, "dataset", None),
+                             extra={"seeds_given": seeds is not None}, **common)
+            continue
+        if len(all_seeds) < 4:
+            raise AuditError(f"{c}: robustness splits the seeds into two disjoint sets of >= 2 each; "
+                             f"got {len(all_seeds)} seeds ({','.join(map(str, all_seeds))})")
+        half = len(all_seeds) // 2
+        sets = [all_seeds[:half], all_seeds[half:]]
+        out[c] = Context(seeds=all_seeds, dataset=getattr(args, "dataset", None), seed_sets=sets,
+                         extra={"seeds_given": seeds is not None}, **common)
+        for dataset in _datasets(mod, getattr(args, "dataset", None)):
+            for name, subset in zip(SEED_SET_NAMES, sets):
+                out[cell_key(c, dataset, name)] = Context(
+                    seeds=list(subset), dataset=dataset, seed_sets=[list(subset)],
+                    extra={"seeds_given": True, "cell": {"dataset": dataset, "seed_set": name}}, **common)
     return out
+
+
+SEED_SET_NAMES = ("A", "B")
+
+
+def headline(ctxs: dict[str, Context]) -> dict[str, Context]:
+    """The claims' own contexts, without the robustness cells."""
+    return {k: v for k, v in ctxs.items() if "|" not in k}
+
+
+def robustness_on(args) -> bool:
+    """Robustness cells (claim x data set x seed set) run in the full profile, or with --robustness."""
+    return bool(getattr(args, "robustness", False)) or getattr(args, "profile", None) == "full"
+
+
+def cell_key(cid: str, dataset: str, seed_set: str) -> str:
+    return f"{cid}|{dataset}|{seed_set}"
+
+
+def claim_of(key: str) -> str:
+    """The claim id of a context key ("C1" or a robustness cell "C1|digits|A")."""
+    return key.split("|", 1)[0]
+
+
+def _datasets(mod, chosen: str | None) -> list[str]:
+    """The data sets a claim's robustness cells run on: the claim's DATASETS (default first), with
+    a data set chosen by --dataset first when it is one of them."""
+    ds = list(getattr(mod, "DATASETS", None) or [])
+    if chosen and chosen not in ds:
+        ds = [chosen] + ds
+    elif chosen:
+        ds = [chosen] + [d for d in ds if d != chosen]
+    return ds
+
+
+def _workers(args) -> int:
+    w = getattr(args, "workers", 2)
+    return 2 if w is None else int(w)
 
 
 def _plan(mod, ctx, results) -> Plan:
@@ -127,7 +182,7 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
                 if cid in plan_errors:
                     continue
                 try:
-                    plan = _plan(registry.get(cid), ctx, results)
+                    plan = _plan(registry.get(claim_of(cid)), ctx, results)
                 except Exception:  # a broken claim must not stop the others
                     plan_errors[cid] = traceback.format_exc(limit=4)
                     log(f"[claim {cid} cannot plan its runs]\n{plan_errors[cid]}")
@@ -197,42 +252,112 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
 
 
 def decide_all(ctxs: dict[str, Context], store: Store, outdir: Path | None) -> dict:
-    """Each claim's decision (or why there is none) and its plots, from stored results only."""
+    """Each claim's decision (or why there is none), its rule history and plots, and, where the
+    audit ran robustness cells, the claim x data set x seed set matrix; from stored results only."""
     results = Results(store)
     out = {}
     for cid, ctx in ctxs.items():
+        if "|" in cid:
+            continue
         mod = registry.get(cid)
         entry = {"id": cid, "title": mod.TITLE, "claim": mod.CLAIM, "sources": list(mod.SOURCES),
                  "protocol_changes": list(getattr(mod, "PROTOCOL_CHANGES", [])), "seeds": list(ctx.seeds),
+                 "seed_sets": [list(x) for x in ctx.seed_sets], "dataset": _dataset_name(mod, ctx),
                  "settings": ctx.settings, "command": _command(cid, ctx),
                  "doc": (mod.__doc__ or "").strip()}
-        try:
-            plan = _plan(mod, ctx, results)
-        except Exception:
-            entry.update(status="error", verdict="error", why=traceback.format_exc(limit=4), runs=0, compute_s=0.0)
-            out[cid] = entry
-            continue
-        keys = list(dict.fromkeys(results.key(r.config) for r in plan.runs))
-        records = store.records(keys)
-        entry["runs"] = len(keys)
-        entry["compute_s"] = sum(r["wall_s"] for r in records)
-        entry["run_keys"] = keys
-        if not is_complete(plan, results):
-            entry.update(status="incomplete", verdict="incomplete",
-                         why=f"{len(missing(plan, results)) + len(plan.pending)} runs not in the store "
-                             "(run `bnlab audit` with the same settings)")
-            out[cid] = entry
-            continue
-        try:
-            decision = mod.decide(ctx, results)
-            entry.update(decision)
-            entry["status"] = "decided"
+        status, decision = _decide(mod, ctx, results)
+        entry.update(_run_accounting(mod, ctx, results, store))
+        entry.update(decision)
+        entry["status"] = status
+        if status == "decided":
+            entry["history"] = _history(mod, ctx, results, entry)
             if outdir is not None:
-                entry["plots"] = [(str(p), cap) for p, cap in mod.plots(ctx, results, str(outdir / "plots"))]
-        except Exception:
-            entry.update(status="error", verdict="error", why=traceback.format_exc(limit=4))
+                try:
+                    entry["plots"] = [(str(p), cap) for p, cap in mod.plots(ctx, results, str(outdir / "plots"))]
+                except Exception:
+                    entry["plots"] = []
+                    entry.setdefault("notes", [])
+                    entry["plot_error"] = traceback.format_exc(limit=4)
+        cells = [(k, c) for k, c in ctxs.items() if claim_of(k) == cid and "|" in k]
+        if cells:
+            entry["robustness"] = _robustness(mod, cells, results)
         out[cid] = entry
     return out
+
+
+def _dataset_name(mod, ctx: Context) -> str | None:
+    ds = getattr(mod, "DATASETS", None)
+    return ctx.dataset or (ds[0] if ds else None)
+
+
+def _decide(mod, ctx: Context, results: Results) -> tuple[str, dict]:
+    """("decided", decision) | ("incomplete" | "error", {verdict, why})."""
+    try:
+        plan = _plan(mod, ctx, results)
+    except Exception:
+        return "error", {"verdict": "error", "why": traceback.format_exc(limit=4)}
+    if not is_complete(plan, results):
+        return "incomplete", {"verdict": "incomplete",
+                              "why": f"{len(missing(plan, results)) + len(plan.pending)} runs not in the store "
+                                     "(run `bnlab audit` with the same settings)"}
+    try:
+        return "decided", mod.decide(ctx, results)
+    except Exception:
+        return "error", {"verdict": "error", "why": traceback.format_exc(limit=4)}
+
+
+def _run_accounting(mod, ctx: Context, results: Results, store: Store) -> dict:
+    try:
+        plan = _plan(mod, ctx, results)
+    except Exception:
+        return {"runs": 0, "compute_s": 0.0}
+    keys = list(dict.fromkeys(results.key(r.config) for r in plan.runs))
+    records = store.records(keys)
+    return {"runs": len(keys), "compute_s": sum(r["wall_s"] for r in records), "run_keys": keys}
+
+
+def _history(mod, ctx: Context, results: Results, decision: dict) -> list[dict]:
+    """The verdict under every version of the claim's rule, on the same stored runs."""
+    rules = list(getattr(mod, "RULES", None) or [])
+    out = []
+    for r in rules:
+        row = {"version": r["version"], "date": r.get("date"), "text": r.get("text", ""), "reason": r.get("reason")}
+        if r["version"] == decision.get("rule_version"):
+            row.update(verdict=decision["verdict"], why=decision.get("why", ""))
+        elif r["version"] == 1 and hasattr(mod, "decide_v1"):
+            try:
+                v1 = mod.decide_v1(ctx, results)
+                row.update(verdict=v1["verdict"], why=v1.get("why", ""))
+            except Exception as e:  # an old rule that cannot be applied is shown as such
+                row.update(verdict="n/a", why=f"v1 could not be applied: {type(e).__name__}: {e}")
+        else:
+            row.update(verdict="n/a", why="no implementation of this version")
+        out.append(row)
+    return out
+
+
+def _robustness(mod, cells: list[tuple[str, Context]], results: Results) -> dict:
+    """The claim's verdict (and each part's) in every cell data set x seed set; robust when every
+    cell gives the same claim verdict."""
+    rows = []
+    for key, ctx in cells:
+        status, d = _decide(mod, ctx, results)
+        cell = ctx.extra["cell"]
+        parts = {name: p["verdict"] for name, p in (d.get("parts") or {}).items()}
+        rows.append({"dataset": cell["dataset"], "seed_set": cell["seed_set"], "seeds": list(ctx.seeds),
+                     "verdict": d["verdict"], "parts": parts, "status": status})
+    verdicts = {r["verdict"] for r in rows}
+    robust = len(verdicts) == 1 and all(r["status"] == "decided" for r in rows)
+    part_names = sorted({n for r in rows for n in r["parts"]})
+    unstable_parts = [n for n in part_names if len({r["parts"].get(n) for r in rows}) > 1]
+    if robust and not unstable_parts:
+        summary = f"robust: {rows[0]['verdict']} in all {len(rows)} cells"
+    elif robust:
+        summary = (f"claim verdict robust ({rows[0]['verdict']} in all {len(rows)} cells); not robust parts: "
+                   + ", ".join(unstable_parts))
+    else:
+        summary = "not robust: " + "; ".join(f"{r['dataset']}/{r['seed_set']} {r['verdict']}" for r in rows)
+    return {"cells": rows, "robust": robust and not unstable_parts, "summary": summary}
 
 
 def _command(cid: str, ctx: Context) -> str:
@@ -283,7 +408,8 @@ def run_audit(args) -> int:
     outdir = _outdir(args)
     t0 = time.time()
     with Store(args.store) as store:
-        audit_id = store.begin_audit(args.profile, {c: x.seeds for c, x in ctxs.items()}, list(ctxs), args.workers)
+        heads = headline(ctxs)
+        audit_id = store.begin_audit(args.profile, {c: x.seeds for c, x in heads.items()}, list(heads), args.workers)
         try:
             ex = execute(ctxs, store, args.workers, progress=not args.no_progress,
                          log=lambda m: console.print(m, markup=False))
@@ -295,7 +421,7 @@ def run_audit(args) -> int:
         wall = time.time() - t0
         status = "ok" if not ex["failed"] else "failed runs"
         store.end_audit(audit_id, ex["executed"], ex["from_store"], wall, ex["claim_elapsed_s"], status)
-        prov = provenance(args, ctxs, store, claims_out, audit={"wall_s": wall, "executed": ex["executed"],
+        prov = provenance(args, heads, store, claims_out, audit={"wall_s": wall, "executed": ex["executed"],
                                                                   "from_store": ex["from_store"],
                                                                   "claim_elapsed_s": ex["claim_elapsed_s"],
                                                                   "failed": len(ex["failed"])})
@@ -327,7 +453,7 @@ def run_report(args) -> int:
     outdir = _outdir(args)
     with Store(args.store) as store:
         claims_out = decide_all(ctxs, store, outdir)
-        prov = provenance(args, ctxs, store, claims_out, audit=None)
+        prov = provenance(args, headline(ctxs), store, claims_out, audit=None)
         write_report(outdir, claims_out, prov, store)
     _verdict_table(claims_out, console)
     console.print(f"report: {outdir / 'report.html'}")

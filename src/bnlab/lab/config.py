@@ -85,7 +85,21 @@ class Context:
     data_dir: str | None = None
     workers: int = 2
     extra: dict = field(default_factory=dict)
+    # Seed sets (rules v2, robustness): the seeds are split into disjoint chunks and a claim makes
+    # one run per (arm, chunk), so that a robustness cell on one seed set and the headline that
+    # pools both sets share their runs. Default: one chunk holding every seed.
+    seed_sets: list[list[int]] | None = None
+    # The seed that learning-rate selection uses (the first seed of the whole seed list), shared
+    # by the headline and every robustness cell so that they train at the same rates.
+    selection_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seed_sets is None:
+            self.seed_sets = [list(self.seeds)]
+        if self.selection_seed is None:
+            self.selection_seed = self.seeds[0]
 
     @property
     def first_seed(self) -> int:
-        return self.seeds[0]
+        """The seed learning-rate selection uses (CLAIMS.md shared settings)."""
+        return self.selection_seed
