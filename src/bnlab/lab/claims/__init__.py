@@ -27,18 +27,27 @@ reproduces it (``bnlab audit --profile quick --claims C<N>``), then defines:
     calls ``plan`` again whenever a run finishes, until nothing is missing: protocols with
     stages (tune, then train) are written as plain code that looks up earlier results with
     ``results.get(config)``. ``ctx`` is a :class:`bnlab.lab.config.Context` (profile, seeds,
-    settings, dataset, data_dir, workers).
+    seed_sets, selection seed, settings, dataset, data_dir, workers). Make one run per (arm,
+    seed set in ``ctx.seed_sets``) so that robustness cells on one seed set and the headline
+    that pools the sets share their runs; select learning rates with ``ctx.first_seed``.
 ``decide(ctx, results) -> dict``
-    Called only when every run is stored. Returns at least ``verdict`` (one of
-    :data:`bnlab.lab.protocol.VERDICTS`), ``effect``, ``effect_label``, ``per_seed`` (list of
-    ``{"seed", "value"}``), ``ci`` ([low, high] bootstrap 95% interval over seeds), ``rule``
-    (the decision rule in words); optionally ``parts`` (``{name: {verdict, ...}}`` for claims
-    with parts), ``tables`` (``[{"title", "columns", "rows"}]``), ``findings`` (list of str)
-    and ``notes``. The verdict must come from ``results`` through the stated rule, nothing else.
+    Called only when every run is stored. Returns ``bnlab.lab.stats.claim(parts, rule=...,
+    tables=..., findings=..., metrics=...)``: each part made by :func:`bnlab.lab.stats.part`
+    from paired per-seed effects (rules v2: effect, t-interval, Wilcoxon p, sign count, the
+    default rule or the claim's own, degenerate detection, sensitivity at a stricter and a
+    looser threshold). The verdict must come from ``results`` through the stated rule, nothing
+    else; parts are fixed in advance and never dropped.
+``decide_v1(ctx, results) -> {"verdict", "why"}``
+    The claim's version-1 rule applied to the same runs, for the report's history table.
+``RULES``
+    ``[{"version", "date", "text", "reason"?}, ...]``: every version of the claim's rule.
+``DATASETS``
+    The shipped data sets the claim's architecture allows, default first: robustness cells run
+    on each.
 ``plots(ctx, results, outdir) -> list[(path, caption)]``
     PNG files written into ``outdir`` (use :mod:`bnlab.lab.plots` for the house style).
 
-Optional: ``PROTOCOL_CHANGES`` (list of str: changes to CLAIMS.md's protocol and why; the
+Optional: ``PROTOCOL_CHANGES`` (list of str: changes to the documented protocol and why; the
 report lists them), ``ORDER`` (int, sorts the claim table; default N).
 
 Claim-specific trainers
@@ -65,7 +74,7 @@ import traceback
 from types import ModuleType
 
 _NAME = re.compile(r"^c(\d+)_\w+$")
-REQUIRED = ("ID", "TITLE", "CLAIM", "SOURCES", "PROFILES", "plan", "decide", "plots")
+REQUIRED = ("ID", "TITLE", "CLAIM", "SOURCES", "PROFILES", "plan", "decide", "plots", "RULES", "DATASETS")
 
 CLAIMS: dict[str, ModuleType] = {}
 BROKEN: dict[str, str] = {}  # module name -> the error that kept it out
