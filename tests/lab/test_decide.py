@@ -4,9 +4,7 @@ import pytest
 
 from bnlab.lab.claims import c1_learning_rate as c1
 from bnlab.lab.claims import c2_speed as c2
-from bnlab.lab.claims import c3_initialization as c3
 from bnlab.lab.claims import c4_regularization as c4
-from bnlab.lab.claims import c5_affine as c5
 
 from .conftest import SyntheticResults, context
 
@@ -105,33 +103,6 @@ def test_c2_needs_the_wall_clock_win_too():
     assert d["verdict"] == "inconclusive"
 
 
-# ---------------------------------------------------------------- C3
-def c3_results(bn_ok, plain_ok):
-    """*_ok(depth, gain) -> trainable?"""
-    def make(cfg):
-        bn = cfg["model"]["norm"] == "batch"
-        depth = len(cfg["model"]["widths"])
-        ok = bn_ok if bn else plain_ok
-        out = []
-        for m in cfg["members"]:
-            acc = 0.95 if ok(depth, m["gain"]) else 0.1
-            out.append({"seed": m["seed"], "lr": m["lr"], "gain": m["gain"], "test_acc": acc, "val_acc": acc,
-                        "grad_ratio": 100.0 if bn else 1.0})
-        return {"members": out}
-    return SyntheticResults(make)
-
-
-@pytest.mark.parametrize("bn_ok,plain_ok,verdict", [
-    (lambda d, g: True, lambda d, g: d <= 2 or g == 1, "supported"),
-    (lambda d, g: d <= 8, lambda d, g: d <= 8, "refuted"),
-    (lambda d, g: d <= 8 or g == 1, lambda d, g: d <= 2 or (d <= 8 and g == 1), "inconclusive"),
-])
-def test_c3_decide_gives_each_verdict(bn_ok, plain_ok, verdict):
-    d = c3.decide(context(c3), c3_results(bn_ok, plain_ok))
-    assert d["verdict"] == verdict
-    assert any("depth 32" in f for f in d["findings"])
-
-
 # ---------------------------------------------------------------- C4
 def c4_results(gap, acc, nll):
     """gap/acc/nll[norm] -> function of dropout p (points / fraction / nats)."""
@@ -167,40 +138,3 @@ def test_c4_decide_gives_each_verdict(gaps, accs, nlls, verdict):
     d = c4.decide(context(c4), c4_results(gaps, accs, nlls))
     assert d["verdict"] == verdict
     assert len(d["per_seed"]) == 5
-
-
-# ---------------------------------------------------------------- C5
-def c5_results(acc):
-    """acc(act, affine, norm, trainable) -> test accuracy; affine per member as the claim sets it."""
-    def make(cfg):
-        model = cfg["model"]
-        out = []
-        for m in cfg["members"]:
-            a = acc(model["act"], m.get("affine", "both"), model["norm"], cfg["trainable"])
-            out.append(dict({"seed": m["seed"], "lr": m["lr"], "test_acc": a + 0.002 * (m["seed"] % 2),
-                             "identity_share": 0.0}, **({"affine": m["affine"]} if "affine" in m else {})))
-        return {"members": out}
-    return SyntheticResults(make)
-
-
-def _c5(affine_gain, gb, control):
-    def acc(act, affine, norm, trainable):
-        if trainable == "norm_affine":
-            return gb
-        if trainable == "random_hidden":
-            return control
-        if norm == "none":
-            return 0.95
-        return 0.96 + (affine_gain[act] if affine in ("both",) else 0.0)
-    return acc
-
-
-@pytest.mark.parametrize("gain,gb,control,verdict", [
-    ({"sigmoid": 0.01, "relu": 0.0}, 0.6, 0.3, "supported"),
-    ({"sigmoid": -0.005, "relu": -0.002}, 0.32, 0.30, "refuted"),
-    ({"sigmoid": 0.01, "relu": 0.0}, 0.35, 0.30, "inconclusive"),
-])
-def test_c5_decide_gives_each_verdict(gain, gb, control, verdict):
-    d = c5.decide(context(c5), c5_results(_c5(gain, gb, control)))
-    assert d["verdict"] == verdict
-    assert "gamma/beta-only vs control" in d["parts"]

@@ -6,7 +6,6 @@ from bnlab.lab import tasks
 from bnlab.lab.config import apply_overrides, canonical, config_key, parse_overrides
 from bnlab.lab.protocol import classify_config, pick_best
 from bnlab.lab.runner import LocalRunner, execute
-from bnlab.lab.stats import bootstrap_ci, default_rule, needed
 from bnlab.lab.store import Store
 
 
@@ -99,10 +98,3 @@ def test_the_process_pool_runs_configs_in_single_threaded_workers():
 def test_shared_protocol_helpers():
     assert pick_best({0.1: 0.9, 0.01: 0.9, 1.0: 0.5}) == 0.01  # ties to the smaller rate
     assert pick_best({0.1: float("nan"), 1.0: 0.2}) == 1.0
-    assert needed(5) == 4 and needed(3) == 3
-    assert default_rule([1, 2, 1.5, 1, 2], 1.0)[0] == "supported"
-    assert default_rule([-1, -2, -1.5, -1, 2], 1.0)[0] == "refuted"
-    assert default_rule([0.01, -0.01, 0.02, -0.02, 0.0], 1.0)[0] == "refuted"  # interval inside (-0.5, 0.5)
-    assert default_rule([3, -3, 2, -2, 1], 1.0)[0] == "inconclusive"
-    lo, hi = bootstrap_ci([1.0, 2.0, 3.0])
-    assert 1.0 <= lo <= 2.0 <= hi <= 3.0 and bootstrap_ci([1.0, 2.0, 3.0]) == [lo, hi]

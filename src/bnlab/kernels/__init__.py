@@ -34,92 +34,42 @@ Two entries into the same kernels:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from .. import reference as ref
+from ..policy import NonFiniteBatchError, update_buffers
 from . import cpu
+
+__all__ = [
+    "NonFiniteBatchError", "update_buffers", "commit_running_stats", "uses_bnlab_kernel", "needs_reference",
+    "batch_norm_train", "batch_norm_eval",
+]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
+_transforms_active = torch._C._are_functorch_transforms_active
 
-class NonFiniteBatchError(ValueError):
-    """A training batch had non-finite statistics; the running statistics were left untouched."""
-
-
-def nonfinite_channels(mean, var) -> list[int]:
-    """Channels whose mean or variance is nan/inf (tensors or ndarrays)."""
-    if isinstance(mean, np.ndarray):
-        return np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var))).tolist()
-    bad = ~(torch.isfinite(mean) & torch.isfinite(var))
-    return bad.nonzero().flatten().tolist()
+if hasattr(_fwad, "_current_level"):
+    def _dual_level_open() -> bool:
+        return _fwad._current_level >= 0
+else:  # pragma: no cover - a torch without the module-level marker: assume a dual level may be open
+    def _dual_level_open() -> bool:
+        return True
 
 
-def raise_nonfinite(name: str, channels: list[int]) -> None:
-    shown = channels[:20]
-    more = f" (and {len(channels) - 20} more)" if len(channels) > 20 else ""
-    raise NonFiniteBatchError(
-        f"{name}: non-finite values (nan or inf) in the training batch in channel(s) {shown}{more}; "
-        "running statistics were left unchanged. Fix the input, or pass nonfinite='skip' to skip "
-        "this batch's statistics update."
-    )
-
-
-def update_buffers(
-    running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name, nbad=None
-) -> None:
-    """The running-statistics update shared by every path, non-finite check first.
-
-    ``mean`` and ``var`` (biased) are float64 ``(C,)`` tensors or ndarrays; ``count`` the number of
-    values per channel behind them (an int or a 0-d tensor); ``nbad``, when the caller already
-    knows it, the number of channels with non-finite statistics. Non-finite statistics raise
-    :class:`NonFiniteBatchError` (``nonfinite="raise"``) or skip the update (``"skip"``); either way
-    no buffer changes. An empty batch (``count == 0``) is counted in ``num_batches_tracked`` and
-    leaves the statistics alone, as torch does. Otherwise ``num_batches_tracked`` is incremented
-    and ``running = (1 - f) * running + f * batch`` with ``f = momentum``, or
-    ``1 / num_batches_tracked`` for ``momentum=None`` (a cumulative average); ``running_var``
-    receives the unbiased variance (:func:`bnlab.reference.update_running_stats`).
-    """
-    if running_mean is None and running_var is None and num_batches_tracked is None:
-        return
-    if count == 0:  # an empty batch: torch counts it and leaves the statistics alone
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return
-    if nbad is None or nbad:
-        bad = nonfinite_channels(mean, var)
-        if bad:
-            if nonfinite == "skip":
-                return
-            raise_nonfinite(name, bad)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
-    else:
-        factor = float(momentum)
-    if running_mean is None and running_var is None:
-        return
-    if isinstance(mean, np.ndarray):
-        rm = rv = None
-        if running_mean is not None and running_mean.is_cpu and running_mean.dtype in _KERNEL_DTYPES and not running_mean.requires_grad:
-            rm = running_mean.numpy()
-        if running_var is not None and running_var.is_cpu and running_var.dtype in _KERNEL_DTYPES and not running_var.requires_grad:
-            rv = running_var.numpy()
-        if (rm is not None or running_mean is None) and (rv is not None or running_var is None):
-            # C-sized float64 arithmetic, one numba call: the same formula as reference.py
-            has_rm, has_rv = rm is not None, rv is not None
-            dummy = rm if has_rm else rv
-            cpu.update_running(rm if has_rm else dummy, rv if has_rv else dummy, has_rm, has_rv, mean, var,
-                               float(count), factor)
-            return
-        mean, var = torch.from_numpy(mean), torch.from_numpy(var)
-    ref.update_running_stats(running_mean, running_var, mean, var, count, factor)
+def needs_reference() -> bool:
+    """True while a mode the fused kernels cannot serve is active: forward-mode AD (a
+    ``torch.autograd.forward_ad.dual_level`` is open: dual tensors do not set ``requires_grad``,
+    so nothing else reveals them) or a ``torch.func`` transform (grad, vjp, jvp, vmap, ...: their
+    wrapped tensors have no storage a kernel could read). Then every path takes the reference
+    math in plain torch ops, which torch differentiates in every mode."""
+    return _dual_level_open() or _transforms_active()
 
 
 def commit_running_stats(running_mean, running_var, num_batches_tracked, stats, count, momentum, nonfinite, name, nbad=None):
-    """:func:`update_buffers` from a ``(3, C)`` statistics array or tensor (mean, var, invstd)."""
+    """:func:`bnlab.policy.update_buffers` from a ``(3, C)`` statistics array or tensor (mean, var, invstd)."""
     update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum, nonfinite,
                    name, nbad)
 

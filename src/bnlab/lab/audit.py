@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from . import claims as registry
-from .config import Context, apply_overrides, parse_overrides
+from .config import Context, SettingError, claim_settings, parse_overrides
 from .protocol import Plan, Results, Run, is_complete, missing
 from .store import Store
 from .tasks import fingerprint
@@ -52,19 +52,24 @@ def contexts(args) -> dict[str, Context]:
         if c not in registry.CLAIMS:
             raise AuditError(f"--set names unknown claim {c!r}; known: {', '.join(registry.ids())}")
     seeds = _parse_seeds(getattr(args, "seeds", None))
+    _check_data(args)
+    workers = _workers(args)
+    args.workers = workers  # what runs: the audit's record, the runner and the store's meta agree
     robust = robustness_on(args)
     out = {}
     for c in wanted:
         mod = registry.get(c)
         if args.profile not in mod.PROFILES:
             raise AuditError(f"{c} has no profile {args.profile!r} (has {', '.join(mod.PROFILES)})")
-        try:
-            settings = apply_overrides(mod.PROFILES[args.profile], overrides.get(c, {}), c)
-        except ValueError as e:
+        try:  # typed and range-checked against the profile's defaults and the claim's LIMITS
+            settings = claim_settings(c, mod.PROFILES, args.profile, overrides.get(c, {}), getattr(mod, "LIMITS", None))
+            if seeds is not None:
+                settings.schema.check("seeds", seeds)
+        except SettingError as e:
             raise AuditError(str(e)) from None
         all_seeds = list(seeds or settings["seeds"])
         common = dict(profile=args.profile, settings=settings, data_dir=getattr(args, "data_dir", None),
-                      workers=_workers(args), selection_seed=all_seeds[0])
+                      workers=workers, selection_seed=all_seeds[0])
         if not robust:
             out[c] = Context(seeds=all_seeds, dataset=getattr(args, "dataset", None),
                              extra={"seeds_given": seeds is not None}, **common)
@@ -118,8 +123,29 @@ def _datasets(mod, chosen: str | None) -> list[str]:
 
 
 def _workers(args) -> int:
-    w = getattr(args, "workers", 2)
-    return 2 if w is None else int(w)
+    """The number of runs that execute at once: ``--workers 0`` and ``1`` both run in-process."""
+    from .runner import effective_workers
+
+    try:
+        return effective_workers(getattr(args, "workers", 2))
+    except ValueError as e:
+        raise AuditError(str(e)) from None
+
+
+def _check_data(args) -> None:
+    """A data set read from --data-dir needs the folder, and the folder its files: checked before
+    any run (the run keys hash those files' contents)."""
+    name = getattr(args, "dataset", None)
+    if not name:
+        return
+    from . import data as D
+
+    try:
+        D.data_files(name, getattr(args, "data_dir", None))
+    except D.DataError as e:
+        raise AuditError(f"--dataset {name}: {e}") from None
+    except KeyError as e:
+        raise AuditError(str(e.args[0])) from None
 
 
 def _plan(mod, ctx, results) -> Plan:
@@ -157,8 +183,9 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
 
     Scheduling: runs that later stages wait on (``Run.gate``) first, then the costliest first.
     The progress bar counts the runs this audit executes, weighted by their cost estimates."""
-    from .runner import LocalRunner
+    from .runner import LocalRunner, effective_workers
 
+    workers = effective_workers(workers)  # recorded as what runs (0 runs in-process, as 1)
     results = Results(store)
     runner = None
     heap: list = []

@@ -63,23 +63,36 @@ class StackedLinear(nn.Module):
 
 
 class MemberDropout(nn.Module):
-    """Inverted dropout with a rate per member (0 for some members is allowed)."""
+    """Inverted dropout with a rate per member (0 for some members is allowed).
+
+    Member g's mask is drawn from ``generators[g]`` (see :func:`bnlab.lab.norms.set_generators`)
+    with the shape of its own block ``(N, C, ...)``, and a member with rate 0 draws nothing: the
+    member's masks, and every later draw from its generator, are the same whether it trains alone
+    or beside other members."""
 
     def __init__(self, members: int, channels: int, rates: list[float]) -> None:
         super().__init__()
-        self.channels = channels
-        keep = torch.tensor([1.0 - float(p) for p in rates]).repeat_interleave(channels)  # (G,) -> (G*C,)
+        self.members, self.channels = members, channels
+        self.rates = [float(p) for p in rates]
+        keep = torch.tensor([1.0 - p for p in self.rates]).repeat_interleave(channels)  # (G,) -> (G*C,)
         self.register_buffer("keep", keep, persistent=False)
-        self.active = any(float(p) > 0 for p in rates)
-        self.generator: torch.Generator | None = None
+        self.active = any(p > 0 for p in self.rates)
+        self.generator: torch.Generator | None = None  # one generator for every member (standalone use)
+        self.generators: list[torch.Generator | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and self.active):
             return x
-        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-        keep = self.keep.reshape(shape)
-        u = torch.rand(x.shape, generator=self.generator, dtype=x.dtype)
-        return x * (u < keep).to(x.dtype) / keep.clamp_min(1e-12)
+        gens = self.generators or [self.generator] * self.members
+        block = (x.shape[0], self.channels) + tuple(x.shape[2:])
+        masks = []
+        for g, p in enumerate(self.rates):
+            if p > 0:
+                scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+                masks.append((torch.rand(block, generator=gens[g], dtype=x.dtype) >= p).to(x.dtype) * scale)
+            else:
+                masks.append(torch.ones(block, dtype=x.dtype))
+        return x * torch.cat(masks, dim=1)
 
 
 def init_member(model: nn.Module, g: int, kind: str, generator: torch.Generator, gain: float = 1.0,

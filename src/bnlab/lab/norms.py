@@ -25,7 +25,7 @@ from .. import reference as ref
 from ..nn import BatchNorm1d, BatchNorm2d, GhostBatchNorm1d, GhostBatchNorm2d
 
 __all__ = ["NORMS", "make_norm", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "FrozenStatsBatchNorm1d",
-           "FrozenStatsBatchNorm2d", "refresh_frozen_stats", "set_generator"]
+           "FrozenStatsBatchNorm2d", "refresh_frozen_stats", "set_generator", "set_generators"]
 
 
 class _Noisy:
@@ -35,16 +35,21 @@ class _Noisy:
     population statistics (``recalibrate_begin``/``recalibrate_end``)."""
 
     noise_on = True
-    generator: torch.Generator | None = None
+    members = 1  # set by the registry: the channels are ``members`` equal blocks, one per member
+    generator: torch.Generator | None = None  # one generator for every member (standalone use)
+    generators: list[torch.Generator | None] | None = None  # one per member (:func:`set_generators`)
 
     def _add_noise(self, y: Tensor) -> Tensor:
         if not (self.training and self.noise_on):
             return y
-        c = y.shape[1]
-        s = torch.empty(c, dtype=y.dtype).uniform_(0.5, 1.5, generator=self.generator)
-        m = torch.empty(c, dtype=y.dtype).uniform_(-1.0, 1.0, generator=self.generator)
-        shape = [1, c] + [1] * (y.dim() - 2)
-        return y * s.reshape(shape) + m.reshape(shape)
+        c = y.shape[1] // self.members
+        gens = self.generators or [self.generator] * self.members
+        s, m = [], []
+        for g in range(self.members):  # member g draws from its own generator, as if it trained alone
+            s.append(torch.empty(c, dtype=y.dtype).uniform_(0.5, 1.5, generator=gens[g]))
+            m.append(torch.empty(c, dtype=y.dtype).uniform_(-1.0, 1.0, generator=gens[g]))
+        shape = [1, y.shape[1]] + [1] * (y.dim() - 2)
+        return y * torch.cat(s).reshape(shape) + torch.cat(m).reshape(shape)
 
     def recalibrate_begin(self) -> None:
         self.noise_on = False
@@ -123,11 +128,24 @@ def refresh_frozen_stats(model: nn.Module, x: Tensor) -> bool:
     return True
 
 
-def set_generator(model: nn.Module, generator: torch.Generator) -> None:
-    """Route every random draw of the lab's layers (noise, dropout) through ``generator``."""
+def set_generators(model: nn.Module, generators: list[torch.Generator]) -> None:
+    """Give every member its own generator: member g's random draws in the lab's layers (noisy-BN
+    noise, dropout masks) come from ``generators[g]`` only, layer by layer in forward order, so a
+    member draws the same numbers whether it trains alone or beside other members."""
     for m in model.modules():
-        if hasattr(m, "generator"):
-            m.generator = generator
+        if hasattr(m, "generators"):
+            if len(generators) != m.members:
+                raise ValueError(f"{type(m).__name__}: {len(generators)} generators for {m.members} members")
+            m.generators = list(generators)
+
+
+def set_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Route every random draw of the lab's layers (noise, dropout) through one ``generator``
+    shared by all members (their draws then interleave: for tests and standalone layers; the
+    trainer uses :func:`set_generators`)."""
+    for m in model.modules():
+        if hasattr(m, "generators"):
+            m.generators = [generator] * m.members
 
 
 # ---------------------------------------------------------------- registry
@@ -147,6 +165,8 @@ def _bn_factory(cls1d, cls2d, **fixed) -> Callable:
     def make(members: int, channels: int, spatial: bool, affine: str = "both", momentum: float | None = 0.1, **kw):
         cls = cls2d if spatial else cls1d
         m = cls(members * channels, momentum=momentum, nonfinite="skip", **_affine_kwargs(affine), **fixed, **kw)
+        if isinstance(m, _Noisy):
+            m.members = members
         return _finish_affine(m, affine)
 
     return make

@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from . import data as D
 from .config import config_key
+from .data import DATA_DIR_SETS  # noqa: F401  (the sets read from --data-dir)
 from .tasks import fingerprint
 
 # CLAIMS.md, shared settings
@@ -107,16 +109,18 @@ def members(**axes: Any) -> list[dict]:
     return out
 
 
-DATA_DIR_SETS = ("mnist", "fashion-mnist", "cifar10")
-
-
 def data_spec(ctx, default: str, subset: int | None = None, val: bool = False) -> dict:
-    """The data part of a run config: ``--dataset`` replaces the claim's default; the folder
-    enters the identity only for data sets read from ``--data-dir``."""
+    """The data part of a run config: ``--dataset`` replaces the claim's default.
+
+    ``source`` is the data's identity (:func:`bnlab.lab.data.source`): for a set read from
+    ``--data-dir``, the sha256 of its files' contents; for a shipped set, its generator, version
+    and arguments. ``data_dir`` tells the run where the files lie but is not part of its key
+    (:func:`bnlab.lab.config.identity`): the same files in another folder are the same run."""
     name = ctx.dataset or default
-    spec = {"name": name, "subset": subset, "val_fraction": VAL_FRACTION if val else 0.0}
-    if name in DATA_DIR_SETS:
-        spec["data_dir"] = str(ctx.data_dir) if ctx.data_dir else None
+    spec = {"name": name, "subset": subset, "val_fraction": VAL_FRACTION if val else 0.0,
+            "source": D.source(name, ctx.data_dir)}
+    if D.reads_data_dir(name):
+        spec["data_dir"] = str(ctx.data_dir)
     return spec
 
 

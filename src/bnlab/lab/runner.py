@@ -1,7 +1,9 @@
 """Execute run configs: a local process pool (default 2 workers x 1 torch thread each).
 
 The runner only executes; the audit decides what to run and stores each result as it arrives.
-``workers <= 1`` runs in the calling process (no pool), which is also what tests use.
+``workers <= 1`` runs in the calling process (no pool), which is also what tests use: one run at a
+time, so ``--workers 0`` is the same as ``--workers 1`` and is recorded as 1
+(:func:`effective_workers`).
 
 Scale-out backends (Ray) are to implement the same three methods: ``submit(key, config)``,
 ``wait() -> list[(key, outcome)]`` and ``close()``, with ``outcome`` the dict that
@@ -18,6 +20,15 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 _THREADS = 1
+
+
+def effective_workers(workers: int | None) -> int:
+    """How many runs execute at once for a requested ``--workers``: ``workers <= 1`` runs in the
+    calling process, one at a time (so 0 is 1). Negative counts are an error."""
+    n = 2 if workers is None else int(workers)
+    if n < 0:
+        raise ValueError(f"--workers must be 0 or more (got {n})")
+    return max(1, n)
 
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -41,6 +52,9 @@ def _set_threads(threads: int) -> tuple[int, int | None]:
     return before, numba_before
 
 
+_IN_POOL = False  # True in a pool worker (set by its initializer)
+
+
 def _init_worker(threads: int) -> None:
     for k in _THREAD_ENV:
         os.environ[k] = str(threads)
@@ -51,8 +65,9 @@ def _init_worker(threads: int) -> None:
     except RuntimeError:
         pass
     _set_threads(threads)
-    global _THREADS
+    global _THREADS, _IN_POOL
     _THREADS = threads
+    _IN_POOL = True
 
 
 def _numba_threads() -> int | None:
@@ -80,7 +95,7 @@ def execute(config: dict) -> dict:
         result, ok, err = None, False, traceback.format_exc()
     wall = time.perf_counter() - t0
     meta = {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads(),
-            "numba_threads": _numba_threads()}
+            "numba_threads": _numba_threads(), "in_process": not _IN_POOL}
     return {"ok": ok, "result": result, "error": err, "wall_s": wall, "meta": meta}
 
 
@@ -88,7 +103,7 @@ class LocalRunner:
     """A pool of ``workers`` processes (spawned, 1 torch thread each), or in-process when <= 1."""
 
     def __init__(self, workers: int = 2, threads: int = 1) -> None:
-        self.workers = max(1, int(workers))
+        self.workers = effective_workers(workers)
         self.threads = threads
         self._pool: ProcessPoolExecutor | None = None
         self._futures: dict[Future, str] = {}

@@ -21,7 +21,9 @@ Protocol rules applied here (CLAIMS.md): precise BN (:func:`bnlab.tools.recalibr
 whole training set) before every evaluation of a model with batch-norm layers; a member whose
 loss turns non-finite is recorded as diverged at that step and frozen (its parameters zeroed,
 learning rate 0), which leaves the other members untouched. Minibatches: a fresh permutation of
-the training set per epoch per member seed, the last partial batch dropped.
+the training set per epoch per member seed, the last partial batch dropped. Dropout masks and
+noisy-BN noise: one generator per member, seeded from that member's seed, so a member's numbers
+do not depend on which other members train beside it.
 
 Result: ``{"members": [{...metrics...}], "steps_run", "train_time_s", "eval_time_s"}`` with, per
 member: ``diverged``, ``diverged_step``, ``train_loss``, ``train_acc``, ``test_acc``, ``test_nll``
@@ -44,9 +46,8 @@ from ..nn.batchnorm import _BatchNorm
 from ..tools.recalibrate import recalibrate
 from . import data as D
 from .models import StackedLinear, build_model, init_member
-from .norms import refresh_frozen_stats, set_generator
+from .norms import refresh_frozen_stats, set_generators
 from .optim import MemberOptimizer
-from .tasks import LAB_CODE, register_task
 
 __all__ = ["train_classify", "setup", "Setup", "evaluate", "RECAL_MAX", "EVAL_CHUNK"]
 
@@ -194,7 +195,8 @@ def setup(cfg: dict) -> Setup:
     oc = cfg["optim"]
     opt = MemberOptimizer(list(model.parameters()), G, [float(m["lr"]) for m in mem], oc["kind"],
                           momentum=float(oc.get("momentum", 0.0)))
-    set_generator(model, torch.Generator().manual_seed(_mix(seeds[0], 2, G)))
+    # one generator per member for its dropout masks and noise, seeded from its own seed only
+    set_generators(model, [torch.Generator().manual_seed(_mix(s, 2)) for s in seeds])
     order_gens = {s: torch.Generator().manual_seed(_mix(s, 3)) for s in sorted(set(seeds))}
     M = sp0.x_train.shape[0]
     B = int(cfg["batch"])
@@ -351,5 +353,3 @@ def train_classify(cfg: dict, keep: dict | None = None) -> dict:
         keep.update(model=model, setup=st)
     return {"members": out_members, "steps_run": steps_run, "train_time_s": train_time, "eval_time_s": eval_time}
 
-
-register_task("classify", train_classify, code=LAB_CODE)

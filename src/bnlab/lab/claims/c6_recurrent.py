@@ -36,7 +36,8 @@ from ..seqdata import SEQ_DATASETS
 from ..stats import bootstrap_ci, default_rule, needed, per_seed
 from ..tasks import register_task
 
-register_task("rnn", train_rnn, code=("lab/rnn_train.py", "lab/seqdata.py", "nn/recurrent.py", "nn/masked.py"))
+register_task("rnn", train_rnn, code=("lab/rnn_train.py", "lab/seqdata.py", "lab/data.py", "nn/recurrent.py",
+                                      "nn/masked.py"))
 
 ID = "C6"
 TITLE = "BN is bad for RNNs: fine vertically, harmful horizontally (exploding gradients)"

@@ -1,0 +1,223 @@
+"""The running-statistics policy, written once.
+
+Every path that moves running statistics (the fused kernels, torch's native fallback, the compiled
+ops, the reference path used under forward AD and ``torch.func``, ghost and masked batch norm,
+recalibration) calls :func:`update_buffers`, which owns:
+
+* **the non-finite policy** (``nonfinite="raise" | "skip"``, validated by
+  :func:`check_nonfinite_option`): a batch whose statistics are nan, inf, or too large for the
+  buffers' dtype (``x = 3e38`` in float32: the float64 variance 9e76 is finite but would be stored
+  as inf) never reaches the buffers. ``"raise"`` raises :class:`NonFiniteBatchError` naming the
+  channels and what went wrong (nan / inf / overflow); ``"skip"`` leaves every buffer, and
+  ``num_batches_tracked``, as it was. Either way no buffer is ever corrupted.
+* **the empty batch**: counted in ``num_batches_tracked``, statistics untouched (torch's rule).
+* **the factor** (:func:`ema_factor`): ``momentum``, or ``1 / num_batches_tracked`` (after the
+  increment) for ``momentum=None``, a cumulative average.
+* **the Bessel correction** (:func:`bessel`): ``running_var`` receives the unbiased variance
+  ``var_b * M / (M - 1)``; the biased one normalizes.
+* **the update** ``running = (1 - f) * running + f * batch``, in float64, rounded once to the
+  buffers' dtype: :func:`bnlab.reference.update_running_stats` is the formula; CPU float32/float64
+  buffers take the same arithmetic in one compiled call (:func:`_write_running`) with the overflow
+  check inside, because this runs once per training step and small steps are dominated by the
+  Python around the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+from . import reference as ref
+
+__all__ = [
+    "NONFINITE",
+    "NonFiniteBatchError",
+    "check_nonfinite_option",
+    "bessel",
+    "ema_factor",
+    "bad_channels",
+    "raise_bad_batch",
+    "update_buffers",
+]
+
+NONFINITE = ("raise", "skip")
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+_LIMIT = {d: float(torch.finfo(d).max) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+class NonFiniteBatchError(ValueError):
+    """A training batch had non-finite (or overflowing) statistics; the running statistics were left
+    untouched."""
+
+
+def check_nonfinite_option(nonfinite: str, name: str) -> str:
+    """``nonfinite`` if it is one of :data:`NONFINITE`, else a ValueError naming the layer."""
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"{name}: nonfinite must be 'raise' or 'skip' (got {nonfinite!r})")
+    return nonfinite
+
+
+def bessel(count) -> float:
+    """The Bessel correction ``M / (M - 1)`` that turns a biased variance of M values into the
+    unbiased one (1 for ``M <= 1``)."""
+    m = float(count)
+    return m / (m - 1.0) if m > 1 else 1.0
+
+
+def ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """The update factor: ``momentum``, or for ``momentum=None`` (a cumulative average)
+    ``1 / num_batches_tracked``, the counter already counting this batch."""
+    if momentum is not None:
+        return float(momentum)
+    if num_batches_tracked is None:
+        return 0.0
+    return 1.0 / float(num_batches_tracked.item())
+
+
+def _limit(running_mean, running_var) -> float:
+    buf = running_var if running_var is not None else running_mean
+    return _LIMIT.get(buf.dtype, math.inf) if buf is not None else math.inf
+
+
+def bad_channels(mean, var, count, limit: float = math.inf) -> tuple[list[int], list[str]]:
+    """Channels whose statistics may not enter the buffers, and what is wrong with them.
+
+    ``mean``, ``var`` (biased): float ``(C,)`` tensors or ndarrays. Kinds: ``"nan"`` (a nan in the
+    channel, or inf - inf), ``"inf"`` (an infinite value), ``"overflow"`` (finite values whose
+    variance, or its unbiased form, exceeds ``limit``, the buffers' largest finite value).
+    """
+    corr = bessel(count)
+    if isinstance(mean, Tensor):  # torch ops: also under torch.func transforms, on any device
+        mean, var = mean.detach(), var.detach()
+        isnan = torch.isnan(mean) | (torch.isnan(var) & ~torch.isinf(mean))
+        isinf = torch.isinf(mean) & ~isnan
+        over = ~isnan & ~isinf & ((var * corr > limit) | torch.isinf(var) | (mean.abs() > limit))
+        bad = (isnan | isinf | over).nonzero().flatten().tolist()
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):
+            isnan = np.isnan(mean) | (np.isnan(var) & ~np.isinf(mean))
+            isinf = np.isinf(mean) & ~isnan
+            over = ~isnan & ~isinf & ((var * corr > limit) | np.isinf(var) | (np.abs(mean) > limit))
+        bad = np.flatnonzero(isnan | isinf | over).tolist()
+    kinds = [k for k, hit in (("nan", isnan), ("inf", isinf), ("overflow", over)) if bool(hit.any())]
+    return bad, kinds
+
+
+def raise_bad_batch(name: str, channels: list[int], kinds: list[str], limit: float = math.inf,
+                    dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`NonFiniteBatchError` naming the layer, the channels and what went wrong."""
+    shown = channels[:20]
+    more = f" (and {len(channels) - 20} more)" if len(channels) > 20 else ""
+    said = []
+    for k in kinds:
+        if k == "overflow":
+            where = f"{dtype}'s largest value {limit:.3g}" if dtype is not None and math.isfinite(limit) else "float64"
+            said.append(f"overflow: the input is finite but its variance exceeds {where}")
+        else:
+            said.append(k)
+    hint = "Fix the input"
+    if "overflow" in kinds:
+        hint = "Rescale the input (or use float64)"
+    raise NonFiniteBatchError(
+        f"{name}: non-finite batch statistics ({'; '.join(said)}) in the training batch in channel(s) "
+        f"{shown}{more}; running statistics were left unchanged. {hint}, or pass nonfinite='skip' to skip "
+        "this batch's statistics update."
+    )
+
+
+@njit(cache=True, nogil=True)
+def _write_running(rm, rv, has_rm, has_rv, mean, var, count, factor, limit):
+    """The update of :func:`bnlab.reference.update_running_stats` on CPU float32/float64 buffers
+    (float64 arithmetic, rounded once), written only if no channel exceeds ``limit``; returns the
+    number of channels that would (0: written)."""
+    corr = count / (count - 1.0) if count > 1 else 1.0
+    over = 0
+    for ch in range(mean.shape[0]):
+        if (has_rv and not var[ch] * corr <= limit) or (has_rm and not abs(mean[ch]) <= limit):
+            over += 1
+    if over:
+        return over
+    for ch in range(mean.shape[0]):
+        if has_rm:
+            rm[ch] = (1.0 - factor) * np.float64(rm[ch]) + factor * mean[ch]
+        if has_rv:
+            rv[ch] = (1.0 - factor) * np.float64(rv[ch]) + factor * (var[ch] * corr)
+    return 0
+
+
+def _fast(t: Tensor | None) -> bool:
+    return t is None or (t.is_cpu and t.dtype in _FAST_DTYPES and not t.requires_grad and t.dim() == 1
+                         and t.is_contiguous())
+
+
+def update_buffers(
+    running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name, nbad=None
+) -> bool:
+    """Apply one batch's statistics to the running buffers, the policy first. Returns whether the
+    statistics were written.
+
+    ``mean`` and ``var`` (biased) are float64 ``(C,)`` tensors or ndarrays; ``count`` the number of
+    values per channel behind them (an int or a 0-d tensor); ``nbad``, when the caller already
+    knows it, the number of channels with non-finite statistics (0 lets the non-finite scan be
+    skipped; the overflow check still runs). See the module docstring for the rules.
+    """
+    if running_mean is None and running_var is None and num_batches_tracked is None:
+        return False
+    if count == 0:  # an empty batch: torch counts it and leaves the statistics alone
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return False
+    limit = _limit(running_mean, running_var)
+    if nbad is None and isinstance(mean, Tensor):  # one check (one sync) first; the details only if needed
+        nbad = 0 if bool((torch.isfinite(mean).all() & torch.isfinite(var).all())) else None
+    if nbad is None or nbad:
+        bad, kinds = bad_channels(mean, var, count, limit)
+        if bad:
+            if nonfinite == "skip":
+                return False
+            raise_bad_batch(name, bad, kinds, limit, _dtype(running_mean, running_var))
+    if running_mean is None and running_var is None:
+        num_batches_tracked.add_(1)
+        return True
+    # the factor counts this batch: computed before the increment so that a refused batch is not counted
+    if momentum is None:
+        factor = 1.0 / float(num_batches_tracked.item() + 1) if num_batches_tracked is not None else 0.0
+    else:
+        factor = float(momentum)
+    if isinstance(mean, np.ndarray) and _fast(running_mean) and _fast(running_var):
+        rm = running_mean.numpy() if running_mean is not None else None
+        rv = running_var.numpy() if running_var is not None else None
+        dummy = rm if rm is not None else rv
+        over = _write_running(dummy if rm is None else rm, dummy if rv is None else rv, rm is not None,
+                              rv is not None, mean, var, float(count), factor, limit)
+    else:
+        if isinstance(mean, np.ndarray):
+            mean, var = torch.from_numpy(mean), torch.from_numpy(var)
+        over = _torch_overflow(mean, var, count, limit)
+        if not over:
+            ref.update_running_stats(running_mean, running_var, mean, var, count, factor)
+    if over:
+        if nonfinite == "skip":
+            return False
+        bad, kinds = bad_channels(mean, var, count, limit)
+        raise_bad_batch(name, bad, kinds, limit, _dtype(running_mean, running_var))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return True
+
+
+def _dtype(running_mean, running_var):
+    buf = running_var if running_var is not None else running_mean
+    return None if buf is None else buf.dtype
+
+
+def _torch_overflow(mean: Tensor, var: Tensor, count, limit: float) -> bool:
+    if not math.isfinite(limit):
+        return False
+    big = (var.detach() * bessel(count) > limit) | (mean.detach().abs() > limit)
+    return bool(big.any())
