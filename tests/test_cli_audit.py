@@ -56,7 +56,7 @@ def test_tiny_audit_decides_every_claim_and_writes_the_report(tiny_audit):
     for cid, c in res["claims"].items():
         assert c["status"] == "decided", (cid, c.get("why"))
         assert c["verdict"] in VERDICTS
-        for k in ("effect", "rule", "per_seed", "ci"):
+        for k in ("effect", "rule", "per_seed", "interval", "history"):
             assert k in c, (cid, k)
     prov = res["provenance"]
     for k in ("versions", "code_revision", "seeds", "machine", "wall_time", "budgets"):
@@ -72,7 +72,7 @@ def test_the_html_report_parses_and_embeds_every_plot(tiny_audit):
     parser = _Images()
     parser.feed((out / "report.html").read_text())
     plots = [p for c in _claims(out).values() for p in c["plots"]]
-    assert len(plots) >= 5 and len(parser.images) == len(plots)
+    assert len(plots) >= 5 and len(parser.images) == len(plots) + 1  # + the summary forest plot
     assert not parser.external
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")

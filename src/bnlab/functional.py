@@ -12,11 +12,15 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels import NonFiniteBatchError
+from .policy import NonFiniteBatchError, check_nonfinite_option
 
 __all__ = ["batch_norm", "NonFiniteBatchError", "check_batch_norm_input"]
 
-_NONFINITE = ("raise", "skip")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
 
 
 def check_batch_norm_input(
@@ -27,28 +31,70 @@ def check_batch_norm_input(
     bias: Tensor | None,
     training: bool,
     name: str = "batch_norm",
+    eps: float | None = None,
 ) -> None:
-    """Raise a clear error for input batch norm cannot take. ``name`` names the layer in messages."""
+    """Raise a clear error for input batch norm cannot take (everything torch's batch norm rejects,
+    and nothing it accepts). ``name`` names the layer in messages; ``eps``, when given, is checked
+    too (positive in training, non-negative in eval, as torch requires).
+
+    Running statistics must be 1-D ``(C,)`` tensors (weight and bias may have any shape with C
+    elements, as torch allows), of the input's dtype (float32 also for a float16/bfloat16 input),
+    on its device, and must not require grad: they are buffers, never differentiated.
+    """
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor input (got {type(input).__name__})")
     if input.dim() < 2:
         raise ValueError(f"{name}: expected input of shape (N, C, *) with at least 2 dimensions (got {input.dim()}D input)")
-    if not (input.is_floating_point()):
-        raise TypeError(f"{name}: expected a floating-point input (got dtype {input.dtype})")
-    c = input.shape[1]
+    dtype = input.dtype
+    if not input.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point input (got dtype {dtype})")
+    shape = input.shape
+    c = shape[1]
+    device = input.device
     for what, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != c:
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected {what} to be a torch.Tensor or None (got {type(t).__name__})")
+        if t.numel() != c:
             raise ValueError(
-                f"{name}: input has {c} channels (dim 1 of shape {tuple(input.shape)}) but {what} has "
+                f"{name}: input has {c} channels (dim 1 of shape {tuple(shape)}) but {what} has "
                 f"{t.numel()} elements; expected num_features == {c}"
             )
-    if training and input.numel() > 0:
-        per_channel = input.numel() // c
-        if per_channel == 1:
+        tdt = t.dtype
+        if tdt is not dtype and not (tdt is torch.float32 and dtype in _HALF):
+            want = f"{dtype}" + (" or torch.float32" if dtype in _HALF else "")
+            raise TypeError(
+                f"{name}: expected {what} of the input's dtype {want} (got {what} of dtype {tdt} for an input of dtype "
+                f"{dtype}); convert the input (x.to({tdt})) or the layer (.to({dtype}))"
+            )
+        if t.device != device:
+            raise ValueError(f"{name}: expected {what} on the input's device {device} (got {t.device})")
+        if what[0] == "r":  # the running statistics: 1-D buffers, never differentiated
+            if t.dim() != 1:
+                raise ValueError(f"{name}: expected {what} of shape ({c},) (got a {t.dim()}-D tensor of shape {_shape(t)})")
+            if t.requires_grad:
+                raise ValueError(
+                    f"{name}: expected {what} not to require grad (got a tensor with requires_grad=True); running "
+                    "statistics are buffers updated in place and constants for autograd: pass "
+                    f"{what}.detach(), or make it a buffer rather than a Parameter"
+                )
+    if training:
+        if (running_mean is None) != (running_var is None):
+            given = "running_mean" if running_var is None else "running_var"
+            raise ValueError(
+                f"{name}: expected running_mean and running_var to be both given or both None in training "
+                f"(got only {given})"
+            )
+        if eps is not None and not eps > 0:
+            raise ValueError(f"{name}: expected eps > 0 in training (got eps={eps})")
+        if c and input.numel() > 0 and input.numel() // c == 1:
             raise ValueError(
                 f"{name}: expected more than 1 value per channel when training (got input of shape "
-                f"{tuple(input.shape)}, 1 value per channel); use a batch of at least 2 or call .eval()"
+                f"{tuple(shape)}, 1 value per channel); use a batch of at least 2 or call .eval()"
             )
+    elif eps is not None and not eps >= 0:
+        raise ValueError(f"{name}: expected eps >= 0 (got eps={eps})")
 
 
 def batch_norm(
@@ -71,16 +117,21 @@ def batch_norm(
 
     per channel (dim 1), with statistics over every other dim.
 
+    Errors: every input torch's batch norm rejects raises here, with a message naming the layer
+    (``name``), what was expected and what came in: see :func:`check_batch_norm_input`.
+
     Args:
-        input: ``(N, C, *)``.
+        input: ``(N, C, *)``, any number of trailing dims.
         running_mean, running_var: ``(C,)`` buffers; in training they are updated in place
             (``running = (1 - momentum) * running + momentum * batch``, unbiased variance);
             in eval they normalize. May be None in training (no tracking).
-        weight, bias: optional ``(C,)`` scale gamma and shift beta.
+        weight, bias: optional scale gamma and shift beta, ``C`` elements (any shape, as torch).
         training: use batch statistics (True) or the running buffers (False).
         momentum: update factor (default 0.1). bnlab extension: ``None`` with
-            ``num_batches_tracked`` gives a cumulative average, as the modules do.
-        eps: added to the variance inside the square root (default 1e-5).
+            ``num_batches_tracked`` gives a cumulative average, as the modules do; ``None``
+            without it is an error (torch's functional form rejects ``None`` too).
+        eps: added to the variance inside the square root (default 1e-5); must be > 0 in
+            training and >= 0 in eval, as torch requires.
         num_batches_tracked: optional long scalar buffer incremented per tracked batch.
         nonfinite: what a training batch with nan/inf statistics does to the buffers:
             ``"raise"`` (default) raises :class:`NonFiniteBatchError` naming the channels;
@@ -95,13 +146,26 @@ def batch_norm(
         >>> torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
         True
     """
-    check_batch_norm_input(input, running_mean, running_var, weight, bias, training, name)
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"{name}: nonfinite must be one of {_NONFINITE} (got {nonfinite!r})")
-    if training:
-        return kernels.batch_norm_train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name
+    check_batch_norm_input(input, running_mean, running_var, weight, bias, training, name, eps)
+    check_nonfinite_option(nonfinite, name)
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError(
+            f"{name}: momentum=None (a cumulative average) needs num_batches_tracked to count the batches "
+            "(got num_batches_tracked=None); pass num_batches_tracked=<a long scalar tensor> or a float momentum"
         )
-    if running_mean is None or running_var is None:
+    if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{name}: eval mode (training=False) needs running_mean and running_var (got None)")
-    return kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    if weight is not None and weight.dim() != 1:
+        weight = weight.reshape(-1)  # torch takes any shape with C elements
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
+    x = input
+    if x.dim() > 5:  # (N, C, *) with more than 3 spatial dims: the same batch norm on (N, C, prod(spatial))
+        x = x.reshape(x.shape[0], x.shape[1], -1)
+    if training:
+        y = kernels.batch_norm_train(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name
+        )
+    else:
+        y = kernels.batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
+    return y if x is input else y.reshape(input.shape)

@@ -96,8 +96,11 @@ def test_read_idx_errors_name_the_file_and_the_problem(tmp_path):
 def test_mnist_loader_reports_missing_files_mismatched_counts_and_bad_labels(tmp_path):
     with pytest.raises(D.DataError, match="needs --data-dir"):
         D.load("mnist", data_dir=None)
-    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte\[\.gz\] not found"):
+    with pytest.raises(D.DataError, match=r"--data-dir .*nothing is not a folder"):
         D.load("mnist", data_dir=str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte\[\.gz\] not found"):
+        D.load("mnist", data_dir=str(tmp_path / "empty"))
     d = fake_mnist(tmp_path / "a")
     write_idx(d / "t10k-labels-idx1-ubyte", np.arange(9) % 10)
     with pytest.raises(D.DataError, match=r"t10k-labels-idx1-ubyte: 9 labels for 10 images"):

@@ -8,24 +8,33 @@ nonfinite, name) -> y``
     a hand-derived backward. If running buffers are given they are updated in place with the batch
     statistics (biased variance normalizes, unbiased variance enters ``running_var``);
     ``num_batches_tracked`` (if given) is incremented, and ``momentum=None`` means a cumulative
-    average (factor ``1 / num_batches_tracked``). When a channel's statistics are non-finite,
-    ``nonfinite`` decides: ``"raise"`` raises :class:`NonFiniteBatchError` naming the channels and
-    leaves every buffer untouched; ``"skip"`` leaves every buffer untouched and returns ``y``.
+    average (factor ``1 / num_batches_tracked``). When a channel's statistics are non-finite (or
+    too large for the buffers' dtype), ``nonfinite`` decides: ``"raise"`` raises
+    :class:`NonFiniteBatchError` naming the channels and leaves every buffer untouched; ``"skip"``
+    leaves every buffer untouched and returns ``y`` (:mod:`bnlab.policy`).
 
 ``batch_norm_eval(x, running_mean, running_var, weight, bias, eps) -> y``
     Normalize with the given statistics (constants for autograd).
 
 Routing: CPU float32/float64 tensors go to bnlab's fused numba kernels (:mod:`.cpu`); every other
 device and dtype (CUDA, float16, bfloat16) goes to ``torch.nn.functional.batch_norm``, which
-computes half-precision statistics in float32.
+computes half-precision statistics in float32. While forward-mode AD or a ``torch.func``
+transform is active (:func:`needs_reference`), every input takes the reference math in plain
+torch ops (:mod:`bnlab.reference`), which torch differentiates in every mode; the running
+statistics still go through :func:`bnlab.policy.update_buffers`, as on every path.
+
+Autograd: first-order gradients come from the kernels' hand-derived backward. When a graph of the
+backward is requested (``create_graph=True``: double backward, gradient penalties,
+Hessian-vector products) the backward is the same formula in differentiable torch ops, with the
+statistics recomputed from ``x`` so that their dependence on ``x`` is differentiated too.
 
 Two entries into the same kernels:
 
 * eager: plain ``torch.autograd.Function`` classes (:class:`_TrainFn`, :class:`_EvalFn`) that call
-  the kernels directly, with the running-statistics update (:func:`commit_running_stats`, C-sized
-  work on the float64 statistics the kernel returned) inside the forward. A torch.library op's
-  Python dispatch costs ~0.2 ms a call, more than the whole step on small shapes. When nothing
-  needs a gradient (``torch.no_grad()``, inference, recalibration) the kernels are called
+  the kernels directly, with the running-statistics update (:func:`bnlab.policy.update_buffers`,
+  C-sized work on the float64 statistics the kernel returned) inside the forward. A torch.library
+  op's Python dispatch costs ~0.2 ms a call, more than the whole step on small shapes. When
+  nothing needs a gradient (``torch.no_grad()``, inference, recalibration) the kernels are called
   directly, without an autograd node.
 * under ``torch.compile``: the custom ops of :mod:`.ops` (fake functions, autograd formulas, and a
   mutating op for the running statistics with the non-finite policy inside), so that
@@ -79,13 +88,6 @@ def uses_bnlab_kernel(x: Tensor) -> bool:
     return x.is_cpu and x.dtype in _KERNEL_DTYPES
 
 
-def _no_double_backward():
-    raise RuntimeError(
-        "bnlab batch norm: the backward of the fused CPU kernel is not itself differentiable "
-        "(create_graph=True / double backward is not supported); use bnlab.reference.batch_norm for that"
-    )
-
-
 def _any_requires_grad(x, weight, bias) -> bool:
     return x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
@@ -101,30 +103,49 @@ def _train_forward(x, weight, bias, eps, track):
     return y, stats
 
 
+def _graph_backward_train(dy, x, weight, eps):
+    """The training backward as a differentiable function of ``(dy, x, weight)``: the reference's
+    hand-derived formula with the statistics recomputed from ``x`` in torch ops, so that autograd
+    can differentiate it again (``create_graph=True``: gradient penalties, Hessian-vector
+    products, MAML)."""
+    mean, var, _ = ref.batch_stats(x)
+    return ref.batch_norm_backward(dy, x, mean, ref.invstd_from_var(var, eps), weight)
+
+
+def _graph_backward_eval(dy, x, weight, stats):
+    """The eval backward as a differentiable function of ``(dy, x, weight)`` (statistics constant)."""
+    mean, invstd = torch.from_numpy(stats[0]), torch.from_numpy(stats[2])
+    return ref.batch_norm_backward_eval(dy, x, mean, invstd, weight)
+
+
 class _TrainFn(torch.autograd.Function):
     """Training forward (statistics, y and the running update: one kernel call and C-sized work)
-    and the hand-derived backward (one kernel call)."""
+    and the hand-derived backward: one kernel call, or, when a graph of the backward is requested
+    (``create_graph=True``), the same formula in differentiable torch ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, track):
         y, stats = _train_forward(x, weight, bias, eps, track)
         ctx.stats = stats
+        ctx.eps = eps
         ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():
-            _no_double_backward()
         x, weight = ctx.saved_tensors
-        dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)
-        need = ctx.needs_input_grad  # grads: (2, C) dbias, dweight
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+            dx, dw, db = _graph_backward_train(dy, x, weight, ctx.eps)
+            return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
+        dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)  # grads: (2, C) dbias, dweight
         return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
                 torch.from_numpy(grads[0]) if need[2] else None, None, None)
 
 
 class _EvalFn(torch.autograd.Function):
-    """Eval forward with given statistics, and its backward (the statistics are constants)."""
+    """Eval forward with given statistics, and its backward (the statistics are constants);
+    differentiable torch ops when a graph of the backward is requested."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats):
@@ -134,34 +155,61 @@ class _EvalFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():
-            _no_double_backward()
         x, weight = ctx.saved_tensors
-        dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            dx, dw, db = _graph_backward_eval(dy, x, weight, ctx.stats)
+            return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
+        dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
         return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
                 torch.from_numpy(grads[0]) if need[2] else None, None)
 
 
-def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
-    # statistics first (cheap, float32 for half inputs) so non-finite batches never reach the buffers
-    track = running_mean is not None or running_var is not None
-    if track and x.numel() > 0:
+def _track(running_mean, running_var, num_batches_tracked) -> bool:
+    return running_mean is not None or running_var is not None or num_batches_tracked is not None
+
+
+def _reference_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
+    """The reference math in plain torch ops (:mod:`bnlab.reference`), which torch differentiates in
+    every mode (forward AD, torch.func transforms, any order), then the policy's buffer update."""
+    mean, var, count = ref.batch_stats(x)
+    y = ref.normalize(x, mean, ref.invstd_from_var(var, eps), weight, bias)
+    if _track(running_mean, running_var, num_batches_tracked):
         with torch.no_grad():
-            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            var, mean = torch.var_mean(xf, dim=ref.reduce_dims(x), unbiased=False)
-        bad = nonfinite_channels(mean, var)
-        if bad:
-            if nonfinite == "raise":
-                raise_nonfinite(name, bad)
-            return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked.item()) if num_batches_tracked is not None else 0.0
-    else:
-        factor = momentum
-    return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
+            try:
+                update_buffers(running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(), count,
+                               momentum, nonfinite, name)
+            except NonFiniteBatchError:
+                raise
+            except RuntimeError as e:
+                if not _transforms_active():
+                    raise
+                raise RuntimeError(
+                    f"{name}: cannot update the running statistics inside this torch.func transform (torch's "
+                    f"batch norm cannot either: {str(e).splitlines()[0]}). Use the layer in eval mode, build it "
+                    "with track_running_stats=False, call torch.func.replace_all_batch_norm_modules_(model), or "
+                    "pass the buffers to the transformed function as inputs (functional_call)."
+                ) from e
+    return y
+
+
+def _reference_eval(x, running_mean, running_var, weight, bias, eps):
+    return ref.normalize(x, running_mean, ref.invstd_from_var(running_var.to(torch.float64), eps), weight, bias)
+
+
+def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
+    """torch's kernel for the output; the statistics (float32 for half inputs) go through the policy."""
+    y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if _track(running_mean, running_var, num_batches_tracked):
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        with torch.no_grad():
+            if count:
+                xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                var, mean = torch.var_mean(xf, dim=ref.reduce_dims(x), unbiased=False)
+            else:
+                mean = var = None
+            update_buffers(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name)
+    return y
 
 
 def _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
@@ -176,7 +224,7 @@ def _compiled_train(x, weight, bias, running_mean, running_var, num_batches_trac
             var, mean = torch.var_mean(xf, dim=ref.reduce_dims(x), unbiased=False)
             stats = torch.stack((mean, var, var))
         y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    if running_mean is not None or running_var is not None or num_batches_tracked is not None:
+    if _track(running_mean, running_var, num_batches_tracked):
         count = x.numel() // x.shape[1] if x.shape[1] else 0
         ops.update_running_stats(running_mean, running_var, num_batches_tracked, stats.detach(), count,
                                  0.0 if momentum is None else float(momentum), momentum is None, nonfinite, name)
@@ -198,6 +246,9 @@ def batch_norm_train(
     if torch.compiler.is_compiling():
         return _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                nonfinite, name)
+    if _dual_level_open() or _transforms_active():
+        return _reference_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                nonfinite, name)
     if not (x.is_cpu and x.dtype in _KERNEL_DTYPES):
         return _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name)
     if running_mean is None and running_var is None and num_batches_tracked is None:
@@ -212,13 +263,17 @@ def batch_norm_train(
 def batch_norm_eval(
     x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
-    if not uses_bnlab_kernel(x):
-        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     if torch.compiler.is_compiling():
+        if not uses_bnlab_kernel(x):
+            return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         from . import ops
 
         mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
         return ops.batch_norm_eval(x, weight, bias, torch.stack((mean, var, torch.rsqrt(var + eps))))
+    if _dual_level_open() or _transforms_active():
+        return _reference_eval(x, running_mean, running_var, weight, bias, eps)
+    if not uses_bnlab_kernel(x):
+        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     stats = cpu.eval_stats(running_mean, running_var, eps)
     if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias):
         return _EvalFn.apply(x, weight, bias, stats)

@@ -15,7 +15,8 @@ which carry a fake (meta) function for tracing and an autograd formula:
 ``bnlab::update_running_stats(running_mean!, running_var!, num_batches_tracked!, stats, count,
 momentum, cumulative, nonfinite, name) -> ()``
     The running-statistics update (mutating the buffers), with the non-finite policy applied
-    inside: non-finite statistics raise :class:`bnlab.kernels.NonFiniteBatchError` or skip.
+    inside (:func:`bnlab.policy.update_buffers`): non-finite statistics raise
+    :class:`bnlab.policy.NonFiniteBatchError` or skip.
 
 Every op runs on CPU float32/float64 tensors through :mod:`bnlab.kernels.cpu`; the update also
 takes statistics computed elsewhere (torch's native path under compile) on any device.
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..policy import update_buffers
 from . import cpu
 
 
@@ -113,11 +115,8 @@ def update_running_stats(
     nonfinite: str,
     name: str,
 ) -> None:
-    from . import commit_running_stats
-
-    commit_running_stats(
-        running_mean, running_var, num_batches_tracked, stats, count, None if cumulative else momentum, nonfinite, name
-    )
+    update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count,
+                   None if cumulative else momentum, nonfinite, name)
 
 
 @update_running_stats.register_fake

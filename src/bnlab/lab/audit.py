@@ -402,27 +402,10 @@ def _outdir(args) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
-def _verdict_table(claims: dict, console) -> None:
-    from rich.table import Table
-
-    t = Table(title="bnlab audit: verdicts", show_lines=False)
-    for col in ("claim", "title", "verdict", "effect", "95% CI", "seeds"):
-        t.add_column(col)
-    styles = {"supported": "bold green", "refuted": "bold red", "partly supported": "bold yellow",
-              "inconclusive": "yellow", "incomplete": "dim", "error": "bold magenta"}
-    for cid, c in claims.items():
-        eff = c.get("effect")
-        ci = c.get("ci")
-        t.add_row(cid, c["title"], f"[{styles.get(c['verdict'], '')}]{c['verdict']}[/]",
-                  "" if eff is None else f"{eff:.3g}", "" if not ci else f"[{ci[0]:.3g}, {ci[1]:.3g}]",
-                  ",".join(map(str, c.get("seeds", []))))
-    console.print(t)
-
-
 def run_audit(args) -> int:
     from rich.console import Console
 
-    from .report import provenance, write_report
+    from .report import provenance, terminal_table, write_report
 
     console = Console(stderr=False)
     try:
@@ -453,7 +436,7 @@ def run_audit(args) -> int:
                                                                   "claim_elapsed_s": ex["claim_elapsed_s"],
                                                                   "failed": len(ex["failed"])})
         write_report(outdir, claims_out, prov, store)
-    _verdict_table(claims_out, console)
+    terminal_table(claims_out, console)
     console.print(f"executed {ex['executed']} runs, {ex['from_store']} from the store, "
                   f"{wall:.1f} s wall; report: {outdir / 'report.html'}")
     if ex["failed"]:
@@ -466,7 +449,7 @@ def run_audit(args) -> int:
 def run_report(args) -> int:
     from rich.console import Console
 
-    from .report import provenance, write_report
+    from .report import provenance, terminal_table, write_report
 
     console = Console()
     try:
@@ -482,6 +465,6 @@ def run_report(args) -> int:
         claims_out = decide_all(ctxs, store, outdir)
         prov = provenance(args, headline(ctxs), store, claims_out, audit=None)
         write_report(outdir, claims_out, prov, store)
-    _verdict_table(claims_out, console)
+    terminal_table(claims_out, console)
     console.print(f"report: {outdir / 'report.html'}")
     return 0
