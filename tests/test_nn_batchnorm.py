@@ -241,3 +241,100 @@ def test_training_output_has_zero_mean_unit_variance_and_eval_uses_the_buffers()
         bn.running_var.fill_(4.0)
     z = torch.randn(3, 5, dtype=torch.float64)
     torch.testing.assert_close(bn(z), (z - 1) / torch.sqrt(torch.tensor(4.0 + 1e-5, dtype=torch.float64)))
+
+
+# ----------------------------------------------------------------------------------------------
+# true subclasses of torch's batch norm: isinstance-based tools see them
+
+
+@pytest.mark.parametrize("ours,theirs", PAIRS)
+def test_bnlab_layers_are_instances_of_torchs_classes(ours, theirs):
+    from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+    m = ours(4)
+    assert isinstance(m, theirs) and isinstance(m, _BatchNorm) and isinstance(m, _NormBase)
+    assert list(m.state_dict()) == list(theirs(4).state_dict())
+    assert type(m).forward is not theirs.forward  # forward is bnlab's
+
+
+@pytest.mark.parametrize("lazy,torch_lazy,shape,final", [
+    (bnn.LazyBatchNorm1d, nn.LazyBatchNorm1d, (4, 5), bnn.BatchNorm1d),
+    (bnn.LazyBatchNorm2d, nn.LazyBatchNorm2d, (2, 5, 3, 3), bnn.BatchNorm2d),
+    (bnn.LazyBatchNorm3d, nn.LazyBatchNorm3d, (2, 5, 2, 2, 2), bnn.BatchNorm3d),
+])
+def test_lazy_layers_are_torch_lazy_layers_and_keep_the_nonfinite_option(lazy, torch_lazy, shape, final):
+    m = lazy(nonfinite="skip", momentum=None)
+    assert isinstance(m, torch_lazy) and m.nonfinite == "skip"
+    x = torch.randn(shape)
+    x[0, 1] = float("nan")
+    m(x)
+    assert type(m) is final and isinstance(m, torch_lazy.cls_to_become)
+    assert m.nonfinite == "skip" and int(m.num_batches_tracked) == 0  # the nan batch was skipped
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        lazy(nonfinite="ignore")
+
+
+def test_convert_sync_batchnorm_converts_bnlab_layers():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 5), bnn.BatchNorm1d(5))
+    net(torch.randn(4, 3, 4, 4))
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert type(sync[1]) is nn.SyncBatchNorm and type(sync[4]) is nn.SyncBatchNorm
+    torch.testing.assert_close(sync[1].running_mean, net[1].running_mean)
+    assert int(sync[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fuse_modules_fuses_conv_and_bnlab_batchnorm_in_eval(relu):
+    layers = [nn.Conv2d(3, 4, 3), bnn.BatchNorm2d(4)] + ([nn.ReLU()] if relu else [])
+    net = nn.Sequential(*layers)
+    for _ in range(3):
+        net(torch.randn(8, 3, 6, 6) * 2 + 1)
+    net.eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = torch.ao.quantization.fuse_modules(net, [[str(i) for i in range(len(layers))]])
+    assert isinstance(fused[1], nn.Identity)
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-5, atol=1e-5)
+    lin = nn.Sequential(nn.Linear(3, 4), bnn.BatchNorm1d(4))
+    lin(torch.randn(8, 3))
+    lin.eval()
+    fused = torch.ao.quantization.fuse_modules(lin, [["0", "1"]])
+    assert isinstance(fused[1], nn.Identity)
+
+
+def test_the_freeze_every_bn_idiom_freezes_bnlab_layers():
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    net = nn.Sequential(nn.Linear(3, 4), bnn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), bnlab.nn.GhostBatchNorm1d(4, 4))
+    net.train()
+    for m in net.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+    assert not net[1].training and not net[4].training and not net[1].weight.requires_grad
+    before = net[1].running_mean.clone()
+    net(torch.randn(8, 3))
+    assert torch.equal(net[1].running_mean, before)
+
+
+def test_convert_warns_about_the_layers_it_leaves_alone_and_why():
+    class MyBN(nn.BatchNorm2d):  # a subclass (timm's norm-act layers are such)
+        pass
+
+    net = nn.Sequential(nn.BatchNorm2d(3), MyBN(3), nn.SyncBatchNorm(3), nn.LazyBatchNorm1d())
+    with pytest.warns(UserWarning, match=r"left 3 batch-norm layer\(s\) alone: 1: MyBN subclasses torch's batch norm"
+                                         r".*2: SyncBatchNorm.*3: an uninitialized lazy layer"):
+        bnlab.convert(net, to="bnlab")
+    assert type(net[0]) is bnn.BatchNorm2d and type(net[1]) is MyBN and type(net[2]) is nn.SyncBatchNorm
+    back = nn.Sequential(bnn.BatchNorm1d(3), bnlab.nn.GhostBatchNorm1d(3), bnlab.nn.MaskedBatchNorm1d(3))
+    report = bnlab.tools.convert_report(back, to="torch")
+    assert [w for w, _ in report] == ["1", "2"] and "no torch.nn equivalent" in report[0][1]
+    with pytest.warns(UserWarning, match="GhostBatchNorm1d has no torch.nn equivalent"):
+        bnlab.convert(back, to="torch")
+    assert type(back[0]) is nn.BatchNorm1d
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnlab.convert(nn.Sequential(nn.BatchNorm1d(2)), to="bnlab")  # nothing left alone: no warning
+        bnlab.convert(back, to="torch", warn=False)

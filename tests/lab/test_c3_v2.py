@@ -137,3 +137,16 @@ def test_c3_one_run_per_seed_set_and_lr_selection_on_the_first_seed():
     cell = Context(profile="quick", seeds=[5, 6, 7, 8, 9], settings=s, selection_seed=0)
     assert {str(r.config) for r in c3.plan(cell, res).runs} <= {str(r.config) for r in runs}
     assert c3.decide(cell, res)["n"] == 5
+
+
+def test_c3_tiny_audit_end_to_end_forces_the_degenerate_case(tmp_path):
+    """One step at a negligible rate: nothing trains, so the relative threshold is degenerate."""
+    import json
+
+    from bnlab.cli import main
+
+    assert main(["audit", "--profile", "tiny", "--claims", "C3", "--workers", "1", "--no-progress",
+                 "--set", "C3.steps=1", "--set", "C3.lrs=[1e-06]", "--store", str(tmp_path / "s.sqlite"),
+                 "--out", str(tmp_path / "out")]) == 0
+    c = json.loads((tmp_path / "out" / "results.json").read_text())["claims"]["C3"]
+    assert c["status"] == "decided" and c["verdict"] == "inconclusive" and "nothing trained" in c["degenerate"]

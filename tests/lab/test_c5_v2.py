@@ -131,3 +131,17 @@ def test_c5_one_run_per_arm_and_seed_set():
     assert [x["seed"] for x in d["parts"]["relu"]["per_seed"]] == list(range(10))
     cell = Context(profile="full", seeds=[5, 6, 7, 8, 9], settings=s, selection_seed=0)
     assert {str(r.config) for r in c5.plan(cell, None).runs} <= {str(r.config) for r in runs}
+
+
+def test_c5_tiny_audit_end_to_end_forces_the_degenerate_case(tmp_path):
+    """One step at a negligible rate: every arm stays at chance, so every part is degenerate."""
+    import json
+
+    from bnlab.cli import main
+
+    assert main(["audit", "--profile", "tiny", "--claims", "C5", "--workers", "1", "--no-progress",
+                 "--set", "C5.steps=1", "--set", "C5.lr=1e-06", "--store", str(tmp_path / "s.sqlite"),
+                 "--out", str(tmp_path / "out")]) == 0
+    c = json.loads((tmp_path / "out" / "results.json").read_text())["claims"]["C5"]
+    assert c["status"] == "decided" and c["verdict"] == "inconclusive"
+    assert all("at chance" in (p["degenerate"] or "") for p in c["parts"].values())

@@ -2,53 +2,10 @@
 
 import pytest
 
-from bnlab.lab.claims import c1_learning_rate as c1
 from bnlab.lab.claims import c2_speed as c2
 from bnlab.lab.claims import c4_regularization as c4
 
 from .conftest import SyntheticResults, context
-
-
-# ---------------------------------------------------------------- C1
-def c1_results(limit_plain, limit_bn, flat_bn=True):
-    def make(cfg):
-        limit = limit_bn if cfg["model"]["norm"] == "batch" else limit_plain
-        out = []
-        for m in cfg["members"]:
-            lr = m["lr"]
-            if lr <= limit:
-                acc = 0.6 if (flat_bn and cfg["model"]["norm"] == "batch") else 0.6 - 0.05 * abs(lr - limit) / limit
-                out.append({"seed": m["seed"], "lr": lr, "diverged": False, "train_loss": 0.5, "test_acc": acc})
-            else:
-                out.append({"seed": m["seed"], "lr": lr, "diverged": True, "train_loss": None, "test_acc": None})
-        return {"members": out}
-    return SyntheticResults(make)
-
-
-@pytest.mark.parametrize("plain,bn,flat,verdict", [
-    (0.3, 3.0, True, "supported"),
-    (0.3, 0.3, False, "refuted"),
-    (0.3, 1.0, True, "inconclusive"),  # r = 3.3: above one grid point, below two
-    (0.3, 3.0, False, "inconclusive"),  # the rate is there, but BN's accuracy is no flatter over rates
-])
-def test_c1_decide_gives_each_verdict(plain, bn, flat, verdict):
-    d = c1.decide(context(c1), c1_results(plain, bn, flat))
-    assert d["verdict"] == verdict
-    assert len(d["per_seed"]) == 3 and d["ci"] is not None and "median" in d["rule"]
-
-
-def test_c1_is_not_supported_when_bn_has_the_rate_but_not_the_width():
-    def make(cfg):  # BN stable to 3 but accurate at one rate only; plain flat over its range
-        out = []
-        bn = cfg["model"]["norm"] == "batch"
-        for m in cfg["members"]:
-            lr = m["lr"]
-            stable = lr <= (3.0 if bn else 0.3)
-            acc = (0.6 if lr == 0.3 else 0.3) if bn else 0.6
-            out.append({"seed": m["seed"], "lr": lr, "diverged": not stable, "train_loss": 0.5 if stable else None,
-                        "test_acc": acc if stable else None})
-        return {"members": out}
-    assert c1.decide(context(c1), SyntheticResults(make))["verdict"] == "inconclusive"
 
 
 # ---------------------------------------------------------------- C2

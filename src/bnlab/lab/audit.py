@@ -52,7 +52,7 @@ def contexts(args) -> dict[str, Context]:
         if c not in registry.CLAIMS:
             raise AuditError(f"--set names unknown claim {c!r}; known: {', '.join(registry.ids())}")
     seeds = _parse_seeds(getattr(args, "seeds", None))
-    _check_data(args)
+    _check_data(getattr(args, "dataset", None), getattr(args, "data_dir", None), "--dataset")
     workers = _workers(args)
     args.workers = workers  # what runs: the audit's record, the runner and the store's meta agree
     robust = robustness_on(args)
@@ -67,6 +67,8 @@ def contexts(args) -> dict[str, Context]:
                 settings.schema.check("seeds", seeds)
         except SettingError as e:
             raise AuditError(str(e)) from None
+        if not getattr(args, "dataset", None) and isinstance(settings.get("dataset"), str):
+            _check_data(settings["dataset"], getattr(args, "data_dir", None), f"{c}.dataset")
         all_seeds = list(seeds or settings["seeds"])
         common = dict(profile=args.profile, settings=settings, data_dir=getattr(args, "data_dir", None),
                       workers=workers, selection_seed=all_seeds[0])
@@ -132,20 +134,19 @@ def _workers(args) -> int:
         raise AuditError(str(e)) from None
 
 
-def _check_data(args) -> None:
-    """A data set read from --data-dir needs the folder, and the folder its files: checked before
-    any run (the run keys hash those files' contents)."""
-    name = getattr(args, "dataset", None)
+def _check_data(name: str | None, data_dir: str | None, where: str) -> None:
+    """The data set is known, and one read from --data-dir has the folder and the folder its
+    files: checked before any run (the run keys hash those files' contents)."""
     if not name:
         return
     from . import data as D
 
     try:
-        D.data_files(name, getattr(args, "data_dir", None))
+        D.data_files(name, data_dir)
     except D.DataError as e:
-        raise AuditError(f"--dataset {name}: {e}") from None
+        raise AuditError(f"{where} {name}: {e}") from None
     except KeyError as e:
-        raise AuditError(str(e.args[0])) from None
+        raise AuditError(f"{where}: {e.args[0]}") from None
 
 
 def _plan(mod, ctx, results) -> Plan:

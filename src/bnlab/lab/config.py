@@ -173,8 +173,9 @@ def as_limit(spec: Any, where: str = "") -> Limit:
 
 
 # generic ranges, by key name, for numbers whose default lies in them
-_PROBABILITY = re.compile(r"(^|_)(p|probs?|probability|fraction)$|dropout")
+_PROBABILITY = re.compile(r"(^|_)(p|probs?|probability|fraction|momentum)$|dropout")
 _SHARE = re.compile(r"(^|_)(target|threshold|share)s?$")
+_MAY_BE_ZERO = re.compile(r"(^|_)(weight_decay|decay|wd|l2)$")
 
 
 @dataclass
@@ -288,8 +289,9 @@ def _show(value: Any) -> str:
 
 def _numeric_limit(name: str, kind: str, values: list) -> Limit | None:
     """The generic range of a number setting from its default(s): probabilities (dropout rates,
-    fractions) in [0, 1); shares (accuracy targets, thresholds) in (0, 1]; otherwise > 0 when
-    the default is > 0, >= 0 when it is 0, unbounded when it is negative."""
+    fractions, momentum) in [0, 1); shares (accuracy targets, thresholds) in (0, 1]; penalties
+    (weight decay) >= 0; otherwise > 0 when the default is > 0, >= 0 when it is 0, unbounded when
+    it is negative. A claim's ``LIMITS`` replaces any of these."""
     if not values:
         return None
     lo, hi = min(values), max(values)
@@ -297,6 +299,8 @@ def _numeric_limit(name: str, kind: str, values: list) -> Limit | None:
         return Limit(0, 1, high_open=True)
     if _SHARE.search(name) and 0 < lo and hi <= 1:
         return Limit(0, 1, low_open=True)
+    if _MAY_BE_ZERO.search(name) and lo >= 0:
+        return Limit(0)
     if lo > 0:
         return Limit(1) if kind == "int" else Limit(0, low_open=True)
     if lo == 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 LN10 = math.log(10.0)
 STABLE_LOSS = 0.9 * LN10  # C1: a run is stable when its final train loss is below 0.9 ln 10
@@ -35,6 +35,21 @@ def lr_width(acc_by_lr: dict[float, float | None], points: float = 2.0) -> int:
         return 0
     best = max(accs)
     return sum(1 for a in accs if a >= best - points / 100.0)
+
+
+def is_stable_by_accuracy(member: dict, threshold: float) -> bool:
+    """Accuracy-based stability: the loss stayed finite through training and the test accuracy
+    reached ``threshold`` (e.g. halfway from chance to the arm's best seed-mean accuracy)."""
+    acc = member.get("test_acc")
+    return (not member.get("diverged")) and acc is not None and math.isfinite(acc) and acc >= threshold
+
+
+def max_stable_index(members_by_lr: dict[float, dict], stable: Callable[[dict], bool]) -> int:
+    """Position, in the sorted rates of ``members_by_lr`` (one member per rate), of the largest
+    rate whose member is ``stable``; -1 when none is (below the grid)."""
+    grid = sorted(members_by_lr)
+    ok = [i for i, lr in enumerate(grid) if stable(members_by_lr[lr])]
+    return max(ok) if ok else -1
 
 
 def acc_or_chance(member: dict, key: str = "test_acc", classes: int = 10) -> float:

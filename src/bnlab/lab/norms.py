@@ -7,7 +7,8 @@ variants are bnlab's own modules with ``G*C`` features; LayerNorm and GroupNorm 
 with groups that never straddle two members.
 
 Registry names: ``none``, ``batch``, ``noisy`` (Santurkar control), ``frozen-stats`` (C4
-control), ``ghost`` (:class:`bnlab.nn.GhostBatchNorm1d` / ``2d``), ``layer``, ``group``.
+control), ``ghost`` (:class:`bnlab.nn.GhostBatchNorm1d` / ``2d``, recalibrated as ordinary BN:
+:class:`LabGhostBatchNorm1d`), ``layer``, ``group``.
 Every batch-norm layer here uses ``nonfinite="skip"``: a diverging member is a result, and its nan
 statistics must neither raise nor reach the buffers (precise BN recomputes them before any
 evaluation anyway).
@@ -73,10 +74,18 @@ class _FrozenStats:
     called it is ordinary BN; from then on a training forward normalizes with the stored
     full-training-set statistics, constants for autograd, which the trainer refreshes at the start
     of every epoch after the first with ONE batched forward of the whole training set. Eval:
-    ordinary BN with the running (precise-BN) statistics."""
+    ordinary BN with the running (precise-BN) statistics.
+
+    Precise BN (:func:`bnlab.tools.recalibrate`, through ``recalibrate_begin``/``recalibrate_end``)
+    normalizes the recalibration pass with that pass's own statistics, as ordinary BN does, not
+    with the statistics stored at the start of the last epoch: over the whole training set in one
+    pass this is a refresh of the full-training-set statistics with the final weights, layer after
+    layer, so each layer's population statistics are those of the inputs it sees at eval. The
+    stored statistics, which training uses, are left as they were."""
 
     frozen = False
     collecting = False
+    recalibrating = False
 
     def _init_frozen(self) -> None:
         self.register_buffer("frozen_mean", torch.zeros(self.num_features), persistent=False)
@@ -89,9 +98,15 @@ class _FrozenStats:
                 self.frozen_mean.copy_(mean)
                 self.frozen_var.copy_(var)
             return BF.batch_norm(input, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
-        if self.training and self.frozen:
+        if self.training and self.frozen and not self.recalibrating:
             return BF.batch_norm(input, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(input)
+
+    def recalibrate_begin(self) -> None:
+        self.recalibrating = True
+
+    def recalibrate_end(self) -> None:
+        self.recalibrating = False
 
 
 class FrozenStatsBatchNorm1d(_FrozenStats, BatchNorm1d):
@@ -104,6 +119,36 @@ class FrozenStatsBatchNorm2d(_FrozenStats, BatchNorm2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_frozen()
+
+
+class _PreciseGhost:
+    """Ghost BN as the lab evaluates it: in training each ghost batch is normalized with its own
+    statistics (:class:`bnlab.nn.GhostBatchNorm1d`); precise BN (:func:`bnlab.tools.recalibrate`)
+    normalizes its pass with the statistics of the whole pass, as ordinary BN does, so that each
+    later layer's population statistics are those of the inputs it sees at eval (where every ghost
+    layer normalizes with population statistics), whatever the virtual batch size. A virtual batch
+    as large as the training batch is then BN in training, recalibration and eval alike."""
+
+    recalibrating = False
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and self.recalibrating:
+            return BatchNorm1d.forward(self, input)  # bnlab's _BatchNorm.forward: ordinary batch statistics
+        return super().forward(input)
+
+    def recalibrate_begin(self) -> None:
+        self.recalibrating = True
+
+    def recalibrate_end(self) -> None:
+        self.recalibrating = False
+
+
+class LabGhostBatchNorm1d(_PreciseGhost, GhostBatchNorm1d):
+    pass
+
+
+class LabGhostBatchNorm2d(_PreciseGhost, GhostBatchNorm2d):
+    pass
 
 
 @torch.no_grad()
@@ -194,7 +239,7 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
     "batch": _bn_factory(BatchNorm1d, BatchNorm2d),
     "noisy": _bn_factory(NoisyBatchNorm1d, NoisyBatchNorm2d),
     "frozen-stats": _bn_factory(FrozenStatsBatchNorm1d, FrozenStatsBatchNorm2d),
-    "ghost": _bn_factory(GhostBatchNorm1d, GhostBatchNorm2d),
+    "ghost": _bn_factory(LabGhostBatchNorm1d, LabGhostBatchNorm2d),
     "layer": _layer,
     "group": _group,
 }

@@ -91,7 +91,7 @@ class _GhostBatchNorm(_BatchNorm):
         xr = _ghost_view(x, groups, size) if groups > 1 else x
         w = self.weight.repeat(groups) if self.weight is not None and groups > 1 else self.weight
         b = self.bias.repeat(groups) if self.bias is not None and groups > 1 else self.bias
-        y = BF.batch_norm(xr, None, None, w, b, True, self.momentum, self.eps, name=name)
+        y = BF.batch_norm(xr, None, None, w, b, True, 0.0, self.eps, name=name)  # no buffers here: momentum unused
         with torch.no_grad():
             mean, var, count = ref.batch_stats(xr.detach())  # (S, G*C, *) -> (G*C,) float64
         c = x.shape[1]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import warnings
+
 from torch import nn
 
 from ..nn import batchnorm as bbn
@@ -33,15 +34,47 @@ def _swap(m: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
+def _left_alone(m: nn.Module, to: str) -> str | None:
+    """Why ``convert`` leaves this batch-norm-like layer alone, or None when it is not one."""
+    name = type(m).__name__
+    if to == "bnlab":
+        if isinstance(m, bbn._BatchNorm) or isinstance(m, _bnlab_norms()):
+            return None  # already bnlab's
+        if isinstance(m, nn.modules.batchnorm._LazyNormBase) and m.has_uninitialized_params():
+            return f"an uninitialized lazy layer ({name}): run one forward first, then convert"
+        if isinstance(m, nn.SyncBatchNorm):
+            return "SyncBatchNorm: bnlab has no synchronized batch norm yet; kept as torch's"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return (f"{name} subclasses torch's batch norm ({type(m).__module__}); converting it would drop what the "
+                    "subclass adds, so it is kept as it is")
+        return None
+    if isinstance(m, bbn._BatchNorm) or isinstance(m, _bnlab_norms()):
+        if isinstance(m, nn.modules.batchnorm._LazyNormBase) and m.has_uninitialized_params():
+            return f"an uninitialized lazy layer ({name}): run one forward first, then convert"
+        return f"{name} has no torch.nn equivalent; kept as bnlab's"
+    return None
+
+
+def _bnlab_norms() -> tuple:
+    from ..nn.masked import MaskedBatchNorm1d, SequenceBatchNorm
+
+    return (MaskedBatchNorm1d, SequenceBatchNorm)
+
+
+def convert(model: nn.Module, to: str = "bnlab", *, warn: bool = True) -> nn.Module:
     """Replace, in place, every batch-norm layer of ``model`` by the other library's equivalent.
 
     Args:
         model: any module (a batch-norm layer itself is returned converted).
         to: ``"bnlab"`` (torch.nn.BatchNorm* -> bnlab.nn.BatchNorm*) or ``"torch"`` (the reverse).
+        warn: keyword; warn (one ``UserWarning`` listing them) about the batch-norm layers left
+            alone, and why (default True). :func:`convert_report` returns the same list.
 
     Parameters (the same Parameter objects), buffers, training mode, device and dtype are kept.
-    Lazy layers that are not yet initialized are left alone.
+    Only the exact classes ``torch.nn.BatchNorm1d/2d/3d`` and ``bnlab.nn.BatchNorm1d/2d/3d`` are
+    swapped. Left alone, and reported: subclasses of torch's batch norm (timm's norm-act layers,
+    ``SyncBatchNorm``: converting would drop what they add), lazy layers not yet initialized, and
+    (``to="torch"``) bnlab layers with no torch equivalent (ghost, masked, sequence batch norm).
 
     Example:
         >>> import torch, bnlab
@@ -50,14 +83,40 @@ def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
         >>> type(net[1]).__module__
         'bnlab.nn.batchnorm'
     """
+    model, skipped = _convert(model, to)
+    if warn and skipped:
+        lines = "; ".join(f"{where or '<model>'}: {why}" for where, why in skipped)
+        warnings.warn(f"bnlab.convert(to={to!r}) left {len(skipped)} batch-norm layer(s) alone: {lines}", stacklevel=2)
+    return model
+
+
+def convert_report(model: nn.Module, to: str = "bnlab") -> list[tuple[str, str]]:
+    """The ``(qualified name, reason)`` of every batch-norm layer :func:`convert` would leave alone."""
     if to not in ("bnlab", "torch"):
         raise ValueError(f"convert: to must be 'bnlab' or 'torch' (got {to!r})")
+    out = []
+    for where, m in model.named_modules():
+        table = _TO_BNLAB if to == "bnlab" else _TO_TORCH
+        if type(m) in table:
+            continue
+        why = _left_alone(m, to)
+        if why is not None:
+            out.append((where, why))
+    return out
+
+
+def _convert(model: nn.Module, to: str) -> tuple[nn.Module, list[tuple[str, str]]]:
+    skipped = convert_report(model, to)  # validates ``to``
     table = _TO_BNLAB if to == "bnlab" else _TO_TORCH
     if type(model) in table:
-        return _swap(model, table[type(model)])
+        return _swap(model, table[type(model)]), skipped
+    _convert_children(model, table)
+    return model, skipped
+
+
+def _convert_children(model: nn.Module, table: dict) -> None:
     for name, child in list(model.named_children()):
         if type(child) in table:
             setattr(model, name, _swap(child, table[type(child)]))
         else:
-            convert(child, to)
-    return model
+            _convert_children(child, table)
