@@ -243,3 +243,54 @@ def test_docstring_examples_run(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# padding content changes nothing, inf and nan included
+
+
+@pytest.mark.parametrize("fill", [float("inf"), float("-inf"), float("nan"), 3e38])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("training", [True, False])
+def test_inf_and_nan_in_masked_positions_change_nothing(fill, dims, training):
+    torch.manual_seed(1)
+    if dims == 3:
+        x = torch.randn(5, 3, 6)
+        mask = _lengths_mask([6, 2, 4, 1, 5], 6)
+        pad = ~mask[:, None, :].expand_as(x)
+    else:
+        x = torch.randn(8, 3)
+        mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+        pad = ~mask[:, None].expand_as(x)
+    dirty = x.masked_fill(pad, fill)
+    clean_bn, dirty_bn = MaskedBatchNorm1d(3), MaskedBatchNorm1d(3)
+    with torch.no_grad():
+        for bn in (clean_bn, dirty_bn):
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            bn.running_var.fill_(2.0)
+    outs = []
+    for bn, inp in ((clean_bn, x), (dirty_bn, dirty)):
+        bn.train(training)
+        inp = inp.clone().requires_grad_()
+        y = bn(inp, mask)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), inp.grad, bn.weight.grad, bn.bias.grad))
+    for a, b in zip(*outs):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b)
+    assert bool((outs[1][0][pad] == 0).all())  # padding gives 0, as documented
+    assert bool((outs[1][1][pad] == 0).all())  # and no gradient
+    for k, v in clean_bn.state_dict().items():
+        torch.testing.assert_close(dirty_bn.state_dict()[k], v)
+
+
+def test_a_padded_first_position_holding_a_huge_value_does_not_spoil_the_shift():
+    x = 1000 + torch.randn(4, 2, 5, dtype=torch.float64)
+    mask = _lengths_mask([3, 5, 5, 2], 5)
+    mask[0, 0] = False  # the first position (the reference's shift) is padding
+    dirty = x.clone()
+    dirty[0, :, 0] = float("nan")
+    mean, var, count = ref.batch_stats(dirty, mask)
+    valid = _valid(x, mask)
+    torch.testing.assert_close(mean, valid.mean(0))
+    torch.testing.assert_close(var, valid.var(0, unbiased=False))

@@ -29,3 +29,188 @@ def test_recalibrate_takes_loader_style_batches_and_limits_the_count():
     h = torch.cat([net[0](x) for x in xs[:2]]).detach()
     torch.testing.assert_close(net[1].running_mean, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net[1].running_var, h.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# interrupted passes, the non-finite policy, every batch structure
+
+import pytest  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
+from bnlab.functional import NonFiniteBatchError  # noqa: E402
+
+
+class _Mixed(nn.Module):
+    """bnlab BN, torch BN, masked BN, a BN-LSTM (sequence BN inside) and an instance norm with
+    running statistics (not recalibrated, but changed by a training-mode pass)."""
+
+    def __init__(self, nonfinite="raise"):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.bn = bnn.BatchNorm1d(4, nonfinite=nonfinite)
+        self.tbn = nn.BatchNorm1d(4)
+        self.masked = bnn.MaskedBatchNorm1d(4, nonfinite=nonfinite)
+        self.lstm = bnn.BNLSTM(4, 5, 1, batch_first=True, norm="per_timestep")
+        self.lstm.nonfinite = nonfinite
+        self.inorm = nn.InstanceNorm1d(4, track_running_stats=True)
+
+    def forward(self, x):  # x (B, T, 3)
+        h = self.lin(x)  # (B, T, 4)
+        flat = self.bn(h.reshape(-1, 4))
+        flat = self.tbn(flat)
+        seq = self.masked(flat.view(h.shape).transpose(1, 2))  # (B, 4, T)
+        seq = self.inorm(seq)
+        out, _ = self.lstm(seq.transpose(1, 2))
+        return out
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, before):
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def _trained_mixed(nonfinite="raise"):
+    torch.manual_seed(0)
+    m = _Mixed(nonfinite)
+    for _ in range(2):
+        m(torch.randn(6, 4, 3))
+    return m
+
+
+def test_an_interrupted_recalibration_leaves_every_layer_as_it_was():
+    m = _trained_mixed()
+    m.eval()
+    m.lstm.train()  # mixed modes must come back too
+    modes = {k: mod.training for k, mod in m.named_modules()}
+    before = _state(m)
+
+    def data():
+        yield torch.randn(6, 4, 3)
+        yield torch.randn(6, 4, 3)
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the pass
+
+    with pytest.raises(KeyboardInterrupt):
+        bnlab.tools.recalibrate(m, data())
+    _assert_same_state(m, before)
+    assert {k: mod.training for k, mod in m.named_modules()} == modes
+    assert m.bn.momentum == 0.1 and not m.bn._forward_pre_hooks
+    assert m.masked._population is None
+    assert all(getattr(mod, "_population", None) is None for mod in m.modules())
+    # nothing is stuck in population mode: training moves the running statistics again
+    m.train()
+    m(torch.randn(6, 4, 3) + 3)
+    assert not torch.equal(m.masked.running_mean, before["masked.running_mean"])
+    assert not torch.equal(m.lstm.norm_ih_l0.running_mean, before["lstm.norm_ih_l0.running_mean"])
+
+
+def test_an_exception_inside_the_model_is_also_rolled_back():
+    m = _trained_mixed()
+    before = _state(m)
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        model(batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bnlab.tools.recalibrate(m, [torch.randn(6, 4, 3) for _ in range(3)], forward=forward)
+    _assert_same_state(m, before)
+
+
+def test_only_the_recalibrated_statistics_change_after_a_pass():
+    m = _trained_mixed()
+    before = _state(m)
+    bnlab.tools.recalibrate(m, [torch.randn(6, 4, 3) + 1 for _ in range(3)])
+    after = m.state_dict()
+    for k in before:
+        changed = not torch.equal(after[k], before[k])
+        recalibrated = ("running_mean" in k or "running_var" in k) and not k.startswith("inorm")
+        assert changed == recalibrated, k
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_nonfinite_skip_keeps_a_nan_batch_out_of_every_layers_statistics(where):
+    good = [torch.randn(6, 4, 3) + i for i in range(3)]
+    bad = good[:where] + [torch.full((6, 4, 3), float("nan"))] + good[where:]
+    a, b = _trained_mixed("skip"), _trained_mixed("skip")
+    a.tbn = b.tbn = None  # torch's layer has no policy (it raises): leave it out here
+    a.forward = _no_torch_bn(a)
+    b.forward = _no_torch_bn(b)
+    bnlab.tools.recalibrate(a, good)
+    bnlab.tools.recalibrate(b, bad)
+    for k, v in a.state_dict().items():
+        assert torch.isfinite(b.state_dict()[k].double()).all(), k
+        torch.testing.assert_close(b.state_dict()[k], v, msg=k)
+
+
+def _no_torch_bn(m):
+    def forward(x):
+        h = m.lin(x)
+        flat = m.bn(h.reshape(-1, 4))
+        seq = m.masked(flat.view(h.shape).transpose(1, 2))
+        seq = m.inorm(seq)
+        return m.lstm(seq.transpose(1, 2))[0]
+    return forward
+
+
+def test_nonfinite_raise_names_the_layer_and_leaves_everything_unchanged():
+    m = _trained_mixed("raise")
+    before = _state(m)
+    data = [torch.randn(6, 4, 3), torch.full((6, 4, 3), float("nan"))]
+    with pytest.raises(NonFiniteBatchError, match=r"bn \(BatchNorm1d\): non-finite batch statistics \(nan\)"):
+        bnlab.tools.recalibrate(m, data)
+    _assert_same_state(m, before)
+    torch_only = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(NonFiniteBatchError, match=r"1 \(BatchNorm1d\)"):  # torch's layers get "raise"
+        bnlab.tools.recalibrate(torch_only, [torch.full((5, 3), float("nan"))])
+
+
+def test_packed_sequence_batches_are_passed_as_they_are_and_equal_the_tensor_batches():
+    torch.manual_seed(2)
+    xs = [torch.randn(8, 5, 3) + 1 for _ in range(3)]
+    a = bnn.BNLSTM(3, 4, 1, batch_first=True, norm="per_timestep")
+    b = bnn.BNLSTM(3, 4, 1, batch_first=True, norm="per_timestep")
+    b.load_state_dict(a.state_dict())
+    bnlab.tools.recalibrate(a, xs)
+    packed = [pack_padded_sequence(x, torch.full((8,), 5), batch_first=True) for x in xs]
+    bnlab.tools.recalibrate(b, packed)
+    assert torch.count_nonzero(b.norm_ih_l0.running_mean) > 0  # not the silent no-op it was
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, msg=k)
+    c = bnn.BNLSTM(3, 4, 1, batch_first=True, norm="per_timestep")
+    c.load_state_dict(a.state_dict())
+    bnlab.tools.recalibrate(c, [(p, torch.zeros(8)) for p in packed])  # (input, target) with a packed input
+    torch.testing.assert_close(c.norm_ih_l0.running_var, a.norm_ih_l0.running_var)
+
+
+def test_batches_as_tuples_lists_dicts_and_a_forward_hook_give_the_same_statistics():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 3), bnn.BatchNorm1d(3))
+    xs = [torch.randn(10, 4) * 2 + 1 for _ in range(3)]
+    expect = None
+    structures = {
+        "tensor": (xs, None),
+        "tuple": ([(x, torch.zeros(10)) for x in xs], None),
+        "list": ([[x, torch.zeros(10)] for x in xs], None),
+        "dict input": ([{"target": torch.zeros(10), "input": x} for x in xs], None),
+        "dict first": ([{"x": x, "y": torch.zeros(10)} for x in xs], None),
+        "forward hook": ([{"features": {"a": x}} for x in xs], lambda m, b: m(b["features"]["a"])),
+    }
+    for what, (data, fwd) in structures.items():
+        net[1].reset_running_stats()
+        bnlab.tools.recalibrate(net, data, forward=fwd)
+        got = (net[1].running_mean.clone(), net[1].running_var.clone())
+        if expect is None:
+            expect = got
+            h = net[0](torch.cat(xs)).detach()
+            torch.testing.assert_close(got[0], h.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[0], expect[0], msg=what)
+        torch.testing.assert_close(got[1], expect[1], msg=what)

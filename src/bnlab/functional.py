@@ -51,7 +51,7 @@ def check_batch_norm_input(
     shape = input.shape
     c = shape[1]
     device = input.device
-    for what, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
@@ -63,10 +63,12 @@ def check_batch_norm_input(
             )
         tdt = t.dtype
         if tdt is not dtype and not (tdt is torch.float32 and dtype in _HALF):
-            want = f"{dtype}" + (" or torch.float32" if dtype in _HALF else "")
+            want = f"{dtype}" + (" (or torch.float32)" if dtype in _HALF else "")
+            fix = (f"; convert the input (x.to({tdt})) or the layer (.to({dtype}))" if t.is_floating_point()
+                   else "; batch-norm parameters and statistics are floating-point tensors")
             raise TypeError(
-                f"{name}: expected {what} of the input's dtype {want} (got {what} of dtype {tdt} for an input of dtype "
-                f"{dtype}); convert the input (x.to({tdt})) or the layer (.to({dtype}))"
+                f"{name}: expected {what} of the input's dtype {want} (got {what} of dtype {tdt} for an input "
+                f"of dtype {dtype}){fix}"
             )
         if t.device != device:
             raise ValueError(f"{name}: expected {what} on the input's device {device} (got {t.device})")
@@ -86,14 +88,14 @@ def check_batch_norm_input(
                 f"{name}: expected running_mean and running_var to be both given or both None in training "
                 f"(got only {given})"
             )
-        if eps is not None and not eps > 0:
+        if eps is not None and eps <= 0:  # torch's test: a nan eps passes (and gives nan), as there
             raise ValueError(f"{name}: expected eps > 0 in training (got eps={eps})")
         if c and input.numel() > 0 and input.numel() // c == 1:
             raise ValueError(
                 f"{name}: expected more than 1 value per channel when training (got input of shape "
                 f"{tuple(shape)}, 1 value per channel); use a batch of at least 2 or call .eval()"
             )
-    elif eps is not None and not eps >= 0:
+    elif eps is not None and eps < 0:
         raise ValueError(f"{name}: expected eps >= 0 (got eps={eps})")
 
 

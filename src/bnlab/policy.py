@@ -87,22 +87,21 @@ def _limit(running_mean, running_var) -> float:
 def bad_channels(mean, var, count, limit: float = math.inf) -> tuple[list[int], list[str]]:
     """Channels whose statistics may not enter the buffers, and what is wrong with them.
 
-    ``mean``, ``var`` (biased): float ``(C,)`` tensors or ndarrays. Kinds: ``"nan"`` (a nan in the
-    channel, or inf - inf), ``"inf"`` (an infinite value), ``"overflow"`` (finite values whose
-    variance, or its unbiased form, exceeds ``limit``, the buffers' largest finite value).
+    ``mean``, ``var`` (biased): float ``(C,)`` tensors or ndarrays. Kinds, read off the mean (a nan in
+    the input makes the mean nan, an inf makes it inf, +inf and -inf together nan): ``"nan"``,
+    ``"inf"``, and ``"overflow"``: a finite mean with a variance that is not finite (the sums
+    overflowed) or exceeds ``limit``, the buffers' largest finite value, in its unbiased form.
     """
     corr = bessel(count)
     if isinstance(mean, Tensor):  # torch ops: also under torch.func transforms, on any device
         mean, var = mean.detach(), var.detach()
-        isnan = torch.isnan(mean) | (torch.isnan(var) & ~torch.isinf(mean))
-        isinf = torch.isinf(mean) & ~isnan
-        over = ~isnan & ~isinf & ((var * corr > limit) | torch.isinf(var) | (mean.abs() > limit))
+        isnan, isinf = torch.isnan(mean), torch.isinf(mean)
+        over = torch.isfinite(mean) & (~torch.isfinite(var) | (var * corr > limit) | (mean.abs() > limit))
         bad = (isnan | isinf | over).nonzero().flatten().tolist()
     else:
         with np.errstate(invalid="ignore", over="ignore"):
-            isnan = np.isnan(mean) | (np.isnan(var) & ~np.isinf(mean))
-            isinf = np.isinf(mean) & ~isnan
-            over = ~isnan & ~isinf & ((var * corr > limit) | np.isinf(var) | (np.abs(mean) > limit))
+            isnan, isinf = np.isnan(mean), np.isinf(mean)
+            over = np.isfinite(mean) & (~np.isfinite(var) | (var * corr > limit) | (np.abs(mean) > limit))
         bad = np.flatnonzero(isnan | isinf | over).tolist()
     kinds = [k for k, hit in (("nan", isnan), ("inf", isinf), ("overflow", over)) if bool(hit.any())]
     return bad, kinds

@@ -56,11 +56,22 @@ def _expand_mask(x: Tensor, mask: Tensor) -> Tensor:
 
     mask (N,) for x (N, C) or (N, C, *); mask (N, L) for x (N, C, L).
     """
+    return _mask_bool(x, mask).to(torch.float64).expand([x.shape[0], 1] + list(x.shape[2:]))
+
+
+def _mask_bool(x: Tensor, mask: Tensor) -> Tensor:
+    """The boolean mask shaped to broadcast against x: (N,) -> (N, 1[, 1...]); (N, L) -> (N, 1, L)."""
     if mask.dim() == 1:
-        w = mask.reshape([x.shape[0], 1] + [1] * (x.dim() - 2))
-    else:
-        w = mask.unsqueeze(1)  # (N, L) -> (N, 1, L)
-    return w.to(torch.float64).expand([x.shape[0], 1] + list(x.shape[2:]))
+        return mask.to(torch.bool).reshape([x.shape[0], 1] + [1] * (x.dim() - 2))
+    return mask.to(torch.bool).unsqueeze(1)  # (N, L) -> (N, 1, L)
+
+
+def mask_out(x: Tensor, mask: Tensor | None) -> Tensor:
+    """``x`` with every masked position set to 0 (``torch.where``, never ``x * 0``: a padded inf or
+    nan must not become nan). Differentiable; masked positions get no gradient."""
+    if mask is None:
+        return x
+    return torch.where(_mask_bool(x, mask), x, x.new_zeros(()))
 
 
 def batch_stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, int | Tensor]:
@@ -69,16 +80,22 @@ def batch_stats(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, 
     Args:
         x: ``(N, C, *)`` input.
         mask: optional boolean mask, True where a value is valid: ``(N,)``, or ``(N, L)`` for
-            ``x`` of shape ``(N, C, L)``. Masked positions do not enter any sum.
+            ``x`` of shape ``(N, C, L)``. Masked positions do not enter any sum, whatever they
+            hold (inf and nan included: they are replaced by 0 before any arithmetic).
 
     Returns:
         ``(mean, var_biased, count)``: float64 ``(C,)`` tensors and the number of values ``M``
         reduced per channel (an int, or a 0-d tensor when a mask is given).
     """
     dims = reduce_dims(x)
-    xd = x.to(torch.float64)
-    # shift: the first sample of each channel, (N, C, *) -> (C,)
-    shift = xd.transpose(0, 1).reshape(x.shape[1], -1)[:, 0] if x.numel() else xd.new_zeros(x.shape[1])
+    xd = mask_out(x, mask).to(torch.float64)
+    first = 0
+    if mask is not None and x.numel():
+        # shift by the first *valid* sample of each channel (a padded one may hold anything)
+        valid = _mask_bool(x, mask).expand([x.shape[0], 1] + list(x.shape[2:])).reshape(-1)
+        first = valid.to(torch.uint8).argmax()
+    # shift: one sample of each channel, (N, C, *) -> (C,)
+    shift = xd.transpose(0, 1).reshape(x.shape[1], -1)[:, first] if x.numel() else xd.new_zeros(x.shape[1])
     xs = xd - shift.reshape(broadcast_shape(x))
     if mask is None:
         count = x.numel() // max(x.shape[1], 1)
@@ -170,11 +187,12 @@ def batch_norm_backward(
             = s * (dxhat_j - mean_i(dxhat_i) - xhat_j * mean_i(dxhat_i * xhat_i))
             = g * s / M * (M * dy_j - dbias - xhat_j * dweight)
 
-    With a mask, sums and M run over valid positions only and masked positions get dx = 0.
-    All reductions are float64.
+    With a mask, sums and M run over valid positions only and masked positions get dx = 0,
+    whatever ``x`` and ``dy`` hold there. All reductions are float64.
     """
     shape = broadcast_shape(x)
     dims = reduce_dims(x)
+    x, dy = mask_out(x, mask), mask_out(dy, mask)  # padding content never enters a product
     dyd = dy.to(torch.float64)
     xhat = (x.to(torch.float64) - mean.reshape(shape)) * invstd.reshape(shape)
     if mask is not None:

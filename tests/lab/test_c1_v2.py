@@ -27,8 +27,9 @@ def limits(plain, bn, conv_plain=None, conv_bn=None):
     """An outcome function from the largest stable rate per seed (a number for every seed, or a
     list indexed by seed; 0: nothing stable; INF: every rate): stable runs end at train loss 0.5 and
     60% test accuracy, the others diverge."""
-    table = {("mlp", "plain"): plain, ("mlp", "bn"): bn, ("conv", "plain"): conv_plain if conv_plain is not None else plain,
-             ("conv", "bn"): conv_bn if conv_bn is not None else bn}
+    table = {("mlp", "plain"): plain, ("mlp", "bn"): bn,
+             ("conv", "plain"): plain if conv_plain is None else conv_plain,
+             ("conv", "bn"): bn if conv_bn is None else conv_bn}
 
     def outcome(part, arm, seed, lr):
         lim = table[(part, arm)]
@@ -164,9 +165,11 @@ def test_c1_censored_seeds_are_lower_bounds_and_cannot_refute():
     assert "lower bound" in p["why"] and "cannot refute" in p["why"]
     assert p["censored"]["lower_bound_seeds"] == [0]
     seeds_table = next(t for t in d["tables"] if "per seed" in t["title"])
-    assert seeds_table["rows"][0][2].startswith(">= 100 (censored") and seeds_table["rows"][0][3] == ">= +1"
+    assert seeds_table["rows"][0][2].startswith(">= 100 (censored")
+    assert seeds_table["rows"][0][3] == ">= +1"
     assert any("lower bound (censored)" in f for f in d["findings"])
-    assert d["metrics"]["mlp"]["grid"][-2:] == [30.0, 100.0] and d["metrics"]["mlp"]["extended_seeds"] == [0, 1, 2, 3, 4]
+    assert d["metrics"]["mlp"]["grid"][-2:] == [30.0, 100.0]
+    assert d["metrics"]["mlp"]["extended_seeds"] == [0, 1, 2, 3, 4]
 
 
 def test_c1_censored_bn_can_still_support():
@@ -236,7 +239,8 @@ def test_c1_decide_v1_applies_the_old_rule_to_the_seven_rate_grid():
 
 def test_c1_seed_sets_make_one_run_per_arm_and_set_and_pool_in_decide():
     settings = c1.PROFILES["full"]
-    ctx = Context(profile="full", seeds=list(range(10)), settings=settings, seed_sets=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    ctx = Context(profile="full", seeds=list(range(10)), settings=settings,
+                  seed_sets=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
     # BN stable at 10 only in set B: only set B's grid is extended
     res = c1_results(limits(0.3, [3.0] * 5 + [10.0] * 5))
     runs = c1.plan(ctx, res).runs

@@ -16,6 +16,7 @@ evaluation anyway).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -76,12 +77,12 @@ class _FrozenStats:
     of every epoch after the first with ONE batched forward of the whole training set. Eval:
     ordinary BN with the running (precise-BN) statistics.
 
-    Precise BN (:func:`bnlab.tools.recalibrate`, through ``recalibrate_begin``/``recalibrate_end``)
-    normalizes the recalibration pass with that pass's own statistics, as ordinary BN does, not
-    with the statistics stored at the start of the last epoch: over the whole training set in one
-    pass this is a refresh of the full-training-set statistics with the final weights, layer after
-    layer, so each layer's population statistics are those of the inputs it sees at eval. The
-    stored statistics, which training uses, are left as they were."""
+    Precise BN (:func:`bnlab.tools.recalibrate` inside :func:`precise_bn_pass`) normalizes the
+    recalibration pass with that pass's own statistics, as ordinary BN does, not with the
+    statistics stored at the start of the last epoch: over the whole training set in one pass this
+    is a refresh of the full-training-set statistics with the final weights, layer after layer, so
+    each layer's population statistics are those of the inputs it sees at eval. The stored
+    statistics, which training uses, are left as they were."""
 
     frozen = False
     collecting = False
@@ -102,12 +103,6 @@ class _FrozenStats:
             return BF.batch_norm(input, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(input)
 
-    def recalibrate_begin(self) -> None:
-        self.recalibrating = True
-
-    def recalibrate_end(self) -> None:
-        self.recalibrating = False
-
 
 class FrozenStatsBatchNorm1d(_FrozenStats, BatchNorm1d):
     def __init__(self, *args, **kwargs) -> None:
@@ -123,11 +118,12 @@ class FrozenStatsBatchNorm2d(_FrozenStats, BatchNorm2d):
 
 class _PreciseGhost:
     """Ghost BN as the lab evaluates it: in training each ghost batch is normalized with its own
-    statistics (:class:`bnlab.nn.GhostBatchNorm1d`); precise BN (:func:`bnlab.tools.recalibrate`)
-    normalizes its pass with the statistics of the whole pass, as ordinary BN does, so that each
-    later layer's population statistics are those of the inputs it sees at eval (where every ghost
-    layer normalizes with population statistics), whatever the virtual batch size. A virtual batch
-    as large as the training batch is then BN in training, recalibration and eval alike."""
+    statistics (:class:`bnlab.nn.GhostBatchNorm1d`); precise BN (:func:`bnlab.tools.recalibrate`
+    inside :func:`precise_bn_pass`) normalizes its pass with the statistics of the whole pass, as
+    ordinary BN does, so that each later layer's population statistics are those of the inputs it
+    sees at eval (where every ghost layer normalizes with population statistics), whatever the
+    virtual batch size. A virtual batch as large as the training batch is then BN in training,
+    recalibration and eval alike."""
 
     recalibrating = False
 
@@ -136,12 +132,6 @@ class _PreciseGhost:
             return BatchNorm1d.forward(self, input)  # bnlab's _BatchNorm.forward: ordinary batch statistics
         return super().forward(input)
 
-    def recalibrate_begin(self) -> None:
-        self.recalibrating = True
-
-    def recalibrate_end(self) -> None:
-        self.recalibrating = False
-
 
 class LabGhostBatchNorm1d(_PreciseGhost, GhostBatchNorm1d):
     pass
@@ -149,6 +139,22 @@ class LabGhostBatchNorm1d(_PreciseGhost, GhostBatchNorm1d):
 
 class LabGhostBatchNorm2d(_PreciseGhost, GhostBatchNorm2d):
     pass
+
+
+@contextmanager
+def precise_bn_pass(model: nn.Module):
+    """Around a precise-BN pass (:func:`bnlab.tools.recalibrate`): frozen-stats and ghost layers
+    normalize with the pass's own batch statistics, as ordinary BN does, so that the population
+    statistics of every later layer are those of the inputs it sees at eval. Precise BN itself
+    treats them as ordinary batch-norm layers (their running statistics are what it measures)."""
+    layers = [m for m in model.modules() if isinstance(m, (_FrozenStats, _PreciseGhost))]
+    for m in layers:
+        m.recalibrating = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.recalibrating = False
 
 
 @torch.no_grad()

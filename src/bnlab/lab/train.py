@@ -46,7 +46,7 @@ from ..nn.batchnorm import _BatchNorm
 from ..tools.recalibrate import recalibrate
 from . import data as D
 from .models import StackedLinear, build_model, init_member
-from .norms import refresh_frozen_stats, set_generators
+from .norms import precise_bn_pass, refresh_frozen_stats, set_generators
 from .optim import MemberOptimizer
 
 __all__ = ["train_classify", "setup", "Setup", "evaluate", "RECAL_MAX", "EVAL_CHUNK"]
@@ -81,7 +81,8 @@ def evaluate(model: nn.Module, sets: dict[str, tuple[Tensor, Tensor]], recal_x: 
     on each set, in eval mode. Returns ``{name: (acc (G,), nll (G,))}``."""
     model.input_layout = "members" if members_layout else "shared"
     if recal_x is not None and _has_bn(model):
-        recalibrate(model, _chunks(recal_x, members_layout, EVAL_CHUNK))
+        with precise_bn_pass(model):  # frozen-stats and ghost layers: the pass's own statistics
+            recalibrate(model, _chunks(recal_x, members_layout, EVAL_CHUNK))
     was = model.training
     model.eval()
     out = {}

@@ -67,9 +67,10 @@ class _BatchNorm(_tbn._BatchNorm):
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
         training = self.training
-        BF.check_batch_norm_input(input, running_mean, running_var, weight, bias, training, name, self.eps)
         # batch statistics in training, and in eval when there are no buffers (torch's rule)
-        if training or (running_mean is None and running_var is None):
+        batch_stats = training or (running_mean is None and running_var is None)
+        BF.check_batch_norm_input(input, running_mean, running_var, weight, bias, batch_stats, name, self.eps)
+        if batch_stats:
             if training and self.track_running_stats:
                 nbt = self.num_batches_tracked
             else:

@@ -29,6 +29,7 @@ from torch.nn import Module, Parameter
 
 from .. import kernels
 from .. import reference as ref
+from ..policy import bad_channels, check_nonfinite_option, raise_bad_batch
 from .batchnorm import _NormBase
 
 __all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "guard_running_stats"]
@@ -73,6 +74,19 @@ class PopulationStats:
         self.s2[sl] += count[:, None] * (var + d * d)
         self.n[sl] += count
 
+    def add_batch(self, start: int, mean: Tensor, var: Tensor, count, nonfinite: str = "raise",
+                  name: str = "batch norm") -> bool:
+        """:meth:`add` under the non-finite policy (:mod:`bnlab.policy`): a batch with nan/inf
+        statistics is dropped (``"skip"``) or raises :class:`bnlab.policy.NonFiniteBatchError`
+        (``"raise"``); either way it never reaches the sums. Returns whether it was added."""
+        bad, kinds = bad_channels(mean.detach().reshape(-1), var.detach().reshape(-1), count)
+        if bad:
+            if nonfinite == "skip":
+                return False
+            raise_bad_batch(name, [b % mean.shape[-1] for b in bad], kinds)
+        self.add(start, mean, var, count)
+        return True
+
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(mean, var_biased, count)`` per row; rows never seen have count 0."""
         n = self.n.clamp_min(1)[:, None]
@@ -102,6 +116,7 @@ class _MaskedBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, mask):
+        # x arrives with its masked positions already 0 (ref.mask_out): everything below is finite there
         y, mean, invstd, var, count = ref.batch_norm_forward(x, weight, bias, eps, mask)
         y = y * _mask_weight(y, mask)
         ctx.save_for_backward(x, weight, mean, invstd, mask)
@@ -153,9 +168,7 @@ class MaskedBatchNorm1d(_NormBase):
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  nonfinite: str = "raise") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"MaskedBatchNorm1d: nonfinite must be 'raise' or 'skip' (got {nonfinite!r})")
-        self.nonfinite = nonfinite
+        self.nonfinite = check_nonfinite_option(nonfinite, "MaskedBatchNorm1d")
         self._population: PopulationStats | None = None
 
     def _check_input(self, input: Tensor, mask: Tensor | None) -> Tensor:
@@ -185,14 +198,17 @@ class MaskedBatchNorm1d(_NormBase):
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = self._check_input(input, mask)
+        # padding content never enters any arithmetic: masked positions become 0 first (torch.where,
+        # not a product, so a padded inf or nan cannot turn into nan), and 0 again on the way out
+        x = ref.mask_out(input, mask)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch_stats:
-            y = kernels.batch_norm_eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
-            return y * _mask_weight(y, mask)
-        y, mean, var, count = _MaskedBatchNormFn.apply(input, self.weight, self.bias, self.eps, mask)
+            y = kernels.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            return ref.mask_out(y, mask)
+        y, mean, var, count = _MaskedBatchNormFn.apply(x, self.weight, self.bias, self.eps, mask)
         if self._population is not None:
             if float(count) > 0:
-                self._population.add(0, mean[None], var[None], count)
+                self._population.add_batch(0, mean[None], var[None], count, self.nonfinite, type(self).__name__)
         elif self.training and self.track_running_stats and float(count) > 0:
             # an all-masked batch is no batch: statistics and num_batches_tracked stay as they are
             # (so a cumulative average, momentum=None, is not diluted by it)
@@ -206,6 +222,10 @@ class MaskedBatchNorm1d(_NormBase):
     # precise BN (bnlab.tools.recalibrate)
     def recalibrate_begin(self) -> None:
         self._population = PopulationStats(1, self.num_features)
+
+    def recalibrate_abort(self) -> None:
+        """Leave population mode without writing anything (an interrupted recalibration)."""
+        self._population = None
 
     @torch.no_grad()
     def recalibrate_end(self) -> None:
@@ -413,12 +433,18 @@ class SequenceBatchNorm(Module):
     def _recal_forward(self, x: Tensor, step: int, shift: Tensor | None) -> Tensor:
         with torch.no_grad():
             var, mean = torch.var_mean(x.detach().to(torch.float64), dim=0, unbiased=False)  # (N, C) -> (C,)
-            self._population.add(step if self.per_step else 0, mean[None], var[None], x.shape[0])
+            self._population.add_batch(step if self.per_step else 0, mean[None], var[None], x.shape[0],
+                                       getattr(self._population, "nonfinite", "raise"),
+                                       getattr(self._population, "name", type(self).__name__))
         return F.batch_norm(x, None, None, self.weight, shift, True, 0.0, self.eps)
 
     # precise BN (bnlab.tools.recalibrate): population statistics per step
     def recalibrate_begin(self) -> None:
         self._population = PopulationStats(self.running_mean.shape[0], self.num_features)
+
+    def recalibrate_abort(self) -> None:
+        """Leave population mode without writing anything (an interrupted recalibration)."""
+        self._population = None
 
     @torch.no_grad()
     def recalibrate_end(self) -> None:
@@ -464,6 +490,9 @@ class guard_running_stats:
         self.saved = []
 
     def __enter__(self) -> "guard_running_stats":
+        for m in self.norms:  # recalibration: the layer's policy decides over non-finite batches too
+            if m._population is not None:
+                m._population.nonfinite, m._population.name = self.nonfinite, self.name
         self.saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m._tracked)
                       for m in self.norms]
         return self

@@ -9,26 +9,36 @@ mean and second moment in float64, and writes population statistics into the run
     var  = avg_b (var_b + mean_b^2) - mean^2          (biased, each batch weighted equally)
     running_var = var * M / (M - 1)                    (unbiased, as torch's running estimate)
 
-With equal-size batches these are exactly the statistics of the whole data set. Modules'
-training modes, momenta, parameters and num_batches_tracked are restored afterwards.
+With equal-size batches these are exactly the statistics of the whole data set.
 
 Other modules may join by defining ``recalibrate_begin()`` and ``recalibrate_end()``: between
-the two calls, their training-mode forwards must accumulate population statistics themselves.
+the two calls, their training-mode forwards must accumulate population statistics themselves
+(:class:`bnlab.nn.MaskedBatchNorm1d`, :class:`bnlab.nn.SequenceBatchNorm`). An optional
+``recalibrate_abort()`` leaves that mode without writing anything (an interrupted pass). A batch
+norm (a ``torch.nn.modules.batchnorm._BatchNorm``) with the two methods gets both: they are called
+(e.g. to switch off training noise for the pass), and its statistics are recalibrated here.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.nn.utils.rnn import PackedSequence
 
-from ..nn.batchnorm import _BatchNorm
+from ..policy import _LIMIT, bad_channels, bessel, raise_bad_batch
+
+__all__ = ["recalibrate"]
 
 
 class _Accumulator:
-    def __init__(self) -> None:
+    """Per-channel float64 sums of one layer's inputs over the pass, shifted by the first good
+    batch's mean; each batch checked against the layer's non-finite policy before it counts."""
+
+    def __init__(self, name: str, nonfinite: str, limit: float) -> None:
+        self.name, self.nonfinite, self.limit = name, nonfinite, limit
         self.n_batches = 0
         self.count = 0
         self.shift = None
@@ -36,43 +46,101 @@ class _Accumulator:
         self.sum_m2 = None
 
     def __call__(self, module, args) -> None:
-        x = args[0]
-        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.dim() < 2:
             return
         dims = [0] + list(range(2, x.dim()))
         xd = x.detach().to(torch.float64)
+        count = x.numel() // x.shape[1]
+        shift = self.shift if self.shift is not None else xd.mean(dims)  # (N, C, *) -> (C,)
+        xs = xd - shift.reshape([1, -1] + [1] * (x.dim() - 2))
+        bm = xs.mean(dims)  # shifted batch mean, (C,)
+        bm2 = (xs * xs).mean(dims)  # shifted batch second moment, (C,)
+        bad, kinds = bad_channels(shift + bm, bm2 - bm * bm, count, self.limit)
+        if bad:  # the layer's policy: this batch never reaches the sums
+            if self.nonfinite == "skip":
+                return
+            raise_bad_batch(self.name, bad, kinds, self.limit)
         if self.shift is None:
-            self.shift = xd.mean(dims)  # (N, C, *) -> (C,)
-            self.sum_mean = torch.zeros_like(self.shift)
-            self.sum_m2 = torch.zeros_like(self.shift)
-        xs = xd - self.shift.reshape([1, -1] + [1] * (x.dim() - 2))
-        self.sum_mean += xs.mean(dims)  # shifted batch mean, (C,)
-        self.sum_m2 += (xs * xs).mean(dims)  # shifted batch second moment, (C,)
+            self.shift = shift
+            self.sum_mean = torch.zeros_like(shift)
+            self.sum_m2 = torch.zeros_like(shift)
+        self.sum_mean += bm
+        self.sum_m2 += bm2
         self.n_batches += 1
-        self.count += x.numel() // x.shape[1]
+        self.count += count
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Population mean and unbiased variance (float64)."""
+        mean_s = self.sum_mean / self.n_batches
+        var = (self.sum_m2 / self.n_batches - mean_s * mean_s).clamp_min(0)  # biased
+        return self.shift + mean_s, var * bessel(self.count)
 
 
-def _batches(data, num_batches):
-    for i, batch in enumerate(data):
-        if num_batches is not None and i >= num_batches:
-            break
-        if isinstance(batch, (list, tuple)):
-            batch = batch[0]
-        elif isinstance(batch, dict):
-            batch = batch.get("input", next(iter(batch.values())))
-        yield batch
+def _input_of(batch: Any) -> Any:
+    """The model input in a batch: the batch itself (a tensor, a PackedSequence: passed as it is),
+    the first item of a tuple/list (``(input, target)``), or ``batch["input"]`` (else the first
+    value) of a dict."""
+    if isinstance(batch, PackedSequence):  # a tuple subclass: never unpack it
+        return batch
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise ValueError("recalibrate: got an empty tuple/list as a batch; pass forward= to say how to run it")
+        return batch[0]
+    if isinstance(batch, dict):
+        if "input" in batch:
+            return batch["input"]
+        if not batch:
+            raise ValueError("recalibrate: got an empty dict as a batch; pass forward= to say how to run it")
+        return next(iter(batch.values()))
+    return batch
+
+
+def _restore_buffer(module: nn.Module, name: str, original: torch.Tensor, saved: torch.Tensor) -> None:
+    if module._buffers.get(name) is not original:  # replaced (a layer that grows its buffers): put it back
+        module._buffers[name] = original
+    if original.shape == saved.shape:
+        original.copy_(saved)
+    else:  # resized in place
+        original.data = saved
 
 
 @torch.no_grad()
-def recalibrate(model: nn.Module, data: Iterable, num_batches: int | None = None) -> nn.Module:
+def recalibrate(
+    model: nn.Module,
+    data: Iterable,
+    num_batches: int | None = None,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> nn.Module:
     """Recompute every batch-norm layer's running statistics over ``data`` (precise BN).
 
     Args:
         model: a model with bnlab or torch batch-norm layers (or modules with the
             ``recalibrate_begin``/``recalibrate_end`` protocol).
-        data: an iterable of input tensors, or of tuples/lists whose first item is the input
-            (a DataLoader works).
+        data: an iterable of batches (a DataLoader works). Each batch is run as ``model(input)``
+            where ``input`` is the batch itself when it is a tensor or a ``PackedSequence``
+            (passed as it is, never unpacked), the first item of a tuple or list (``(input,
+            target)``, whatever the input is), or ``batch["input"]`` (else the dict's first value)
+            of a dict.
         num_batches: use at most this many batches (default: all).
+        forward: keyword; ``forward(model, batch)`` runs one batch instead, for any other batch
+            structure (``lambda m, b: m(**b)``, ``lambda m, b: m(b["x"], lengths=b["len"])``).
+
+    Non-finite batches follow each layer's ``nonfinite`` policy: ``"skip"`` leaves the batch out
+    of that layer's statistics; ``"raise"`` (bnlab's default; also what torch's layers, which have
+    no policy, get) raises :class:`bnlab.policy.NonFiniteBatchError` naming the layer. Statistics
+    too large for a buffer's dtype count as non-finite ("overflow").
+
+    What the pass changes, and what it puts back: the model runs in training mode, as the
+    statistics must be those of training-mode activations, so dropout is active and every layer
+    behaves as in a training step (batch statistics in batch norm). Every module's training flag,
+    every batch-norm layer's momentum, and **every buffer of every module** (running statistics of
+    layers not recalibrated here, such as instance norm with ``track_running_stats``, and
+    ``num_batches_tracked`` counters) are restored afterwards; only the recalibrated running
+    means and variances change. Parameters are never touched (no gradients are taken). If the pass
+    is interrupted (an exception, KeyboardInterrupt), everything is restored in ``finally``, the
+    modules in population mode leave it (``recalibrate_abort()``), and no statistics change.
 
     Returns the model, in the training mode it came in with.
 
@@ -84,37 +152,74 @@ def recalibrate(model: nn.Module, data: Iterable, num_batches: int | None = None
         >>> torch.allclose(net[1].running_mean, net[0](x).mean(0), atol=1e-5)
         True
     """
-    bns = [m for m in model.modules() if isinstance(m, (_BatchNorm, _TorchBatchNorm)) and m.track_running_stats]
-    custom = [m for m in model.modules() if hasattr(m, "recalibrate_begin") and hasattr(m, "recalibrate_end")]
-    modes = {m: m.training for m in model.modules()}
-    saved = {m: (m.momentum, m.num_batches_tracked.clone(), m.running_mean.clone(), m.running_var.clone()) for m in bns}
-    accs = {m: _Accumulator() for m in bns}
+    modules = dict(model.named_modules())
+    custom = {m: n for n, m in modules.items() if hasattr(m, "recalibrate_begin") and hasattr(m, "recalibrate_end")}
+    bns = {m: n for n, m in modules.items()
+           if isinstance(m, _TorchBatchNorm) and m.track_running_stats and m.running_mean is not None
+           and m.running_var is not None}
+    modes = {m: m.training for m in modules.values()}
+    momenta = {m: m.momentum for m in bns}
+    saved = [(m, name, buf, buf.clone()) for m in modules.values() for name, buf in m._buffers.items()
+             if buf is not None]
+    accs = {}
+    for m, n in bns.items():
+        limit = _LIMIT.get(m.running_var.dtype, float("inf"))
+        accs[m] = _Accumulator(f"{n or type(m).__name__} ({type(m).__name__})", getattr(m, "nonfinite", "raise"),
+                               limit)
     hooks = [m.register_forward_pre_hook(accs[m]) for m in bns]
+    begun, ended = [], set()
+    ok = False
     try:
         model.train()
         for m in custom:
             m.recalibrate_begin()
-        for x in _batches(data, num_batches):
-            model(x)
+            begun.append(m)
+        for i, batch in enumerate(data):
+            if num_batches is not None and i >= num_batches:
+                break
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(_input_of(batch))
         for m in custom:
             m.recalibrate_end()
+            ended.add(m)
+        ok = True
     finally:
         for h in hooks:
             h.remove()
+        if not ok:
+            for m in begun:
+                if m in ended:
+                    continue
+                abort = getattr(m, "recalibrate_abort", None)
+                if abort is not None:
+                    abort()
+                else:  # no abort: end the mode; the buffers it wrote are restored just below
+                    try:
+                        m.recalibrate_end()
+                    except Exception:  # noqa: BLE001 - already unwinding; the restore below still runs
+                        pass
         for m, mode in modes.items():
             m.training = mode
-        for m, (momentum, nbt, rm, rv) in saved.items():
+        for m, momentum in momenta.items():
             m.momentum = momentum
-            m.num_batches_tracked.copy_(nbt)
-            m.running_mean.copy_(rm)
-            m.running_var.copy_(rv)
+        for m, name, buf, copy in saved:
+            if ok and m in ended and m not in bns:
+                continue  # the statistics they recalibrated themselves stay
+            _restore_buffer(m, name, buf, copy)
+    results = {}
     for m, acc in accs.items():
         if acc.n_batches == 0:
             continue
-        mean_s = acc.sum_mean / acc.n_batches
-        var = (acc.sum_m2 / acc.n_batches - mean_s * mean_s).clamp_min(0)  # biased
-        if acc.count > 1:
-            var = var * acc.count / (acc.count - 1)
-        m.running_mean.copy_((acc.shift + mean_s).to(m.running_mean.dtype))
+        mean, var = acc.result()
+        bad, kinds = bad_channels(mean, var, 1, acc.limit)  # var is already unbiased
+        if bad:
+            if acc.nonfinite == "skip":
+                continue
+            raise_bad_batch(acc.name, bad, kinds, acc.limit, m.running_var.dtype)
+        results[m] = (mean, var)
+    for m, (mean, var) in results.items():
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
     return model

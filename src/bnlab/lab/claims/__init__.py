@@ -17,9 +17,9 @@ reproduces it (``bnlab audit --profile quick --claims C<N>``), then defines:
 ``PROFILES`` (dict)
     ``{"tiny": {...}, "quick": {...}, "full": {...}}``: the protocol's settings per profile. Each
     must hold ``"seeds"`` (the default seed set). ``--set C<N>.key=value`` overrides any key
-    (dotted for nested dicts); unknown keys are rejected. ``tiny`` is the CI smoke profile and
-    may shrink grids; ``quick`` may use fewer seeds and steps than ``full`` only (same arms, data
-    and rules), and the claim file says so.
+    (dotted for nested dicts); unknown keys, wrong types and out-of-range values are rejected
+    (see below). ``tiny`` is the CI smoke profile and may shrink grids; ``quick`` may use fewer
+    seeds and steps than ``full`` only (same arms, data and rules), and the claim file says so.
 ``plan(ctx, results) -> Plan``
     The runs the claim needs (:class:`bnlab.lab.protocol.Run`, each with a JSON-able ``config``
     whose ``"task"`` names its trainer) given the results so far, plus cost estimates of runs
@@ -48,7 +48,15 @@ reproduces it (``bnlab audit --profile quick --claims C<N>``), then defines:
     PNG files written into ``outdir`` (use :mod:`bnlab.lab.plots` for the house style).
 
 Optional: ``PROTOCOL_CHANGES`` (list of str: changes to the documented protocol and why; the
-report lists them), ``ORDER`` (int, sorts the claim table; default N).
+report lists them), ``ORDER`` (int, sorts the claim table; default N), ``LIMITS`` (dict: dotted
+setting -> constraint, e.g. ``{"steps": (1, None), "dropouts": "[0, 1)", "cells": {"lstm",
+"rnn"}}``; see :func:`bnlab.lab.config.as_limit`).
+
+Settings are typed (:class:`bnlab.lab.config.Schema`): each key's type comes from its default
+(ints stay ints, numbers accept ints, lists check their items, ``null`` is allowed where some
+profile uses it) and its range from generic rules (> 0 when the default is > 0, dropout rates and
+momentum in [0, 1), accuracy targets and thresholds in (0, 1]) unless ``LIMITS`` says otherwise.
+``--set`` values and ``--seeds`` are checked against it before any run.
 
 Claim-specific trainers
 =======================

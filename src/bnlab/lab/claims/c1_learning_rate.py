@@ -91,10 +91,10 @@ RULE_V1 = ("Per seed r_s = BN's max stable lr / plain's (stable: loss finite, fi
 RULE = ("Two parts decided alone, the MLP ('mlp') and the conv net on image data ('conv'; degenerate on other "
         "data). A run is stable when its loss stayed finite and its final train loss < 0.9 ln K (K classes; "
         "ln 10 here). Grid {0.01, 0.03, ..., 10}, extended by {30, 100} for a seed set where either arm is stable "
-        "at 10 in some seed. Per seed, d_s = BN's grid index of its max stable lr minus plain's (one index = one "
-        "half-decade step; 2 = 10x); an arm with no stable rate counts as index -1 and one stable at the top of "
-        "the (extended) grid is censored, so that seed's d_s is a bound (a lower bound when BN is censored or "
-        "plain never stable). delta = 2. Supported if the 95% t-interval of the mean d_s lies above 0 and the mean "
+        "at 10 in some seed (by any stability definition shown). Per seed, d_s = BN's grid index of its max "
+        "stable lr minus plain's (one index = one half-decade step; 2 = 10x); an arm with no stable rate counts "
+        "as index -1 and one stable at the top of the (extended) grid is censored, so that seed's d_s is a bound "
+        "(a lower bound when BN is censored or plain never stable). delta = 2. Supported if the 95% t-interval of the mean d_s lies above 0 and the mean "
         "is >= 2; refuted if the interval lies below 2; else inconclusive; a lower-bound d_s cannot refute and an "
         "upper-bound d_s cannot support (inconclusive instead). A seed where both arms sit at the same end of "
         "the grid (neither stable anywhere, or both censored) gives no d_s; the part is degenerate (inconclusive) "
@@ -143,7 +143,8 @@ def _config(ctx, part: str, arm: str, seeds: list[int], lrs: list[float]) -> dic
     if part == "mlp":
         model, steps = {"arch": "mlp", "widths": s["widths"], "act": "relu", "norm": ARMS[arm]}, s["steps"]
     else:
-        model, steps = {"arch": "cnn", "channels": s["conv_channels"], "act": "relu", "norm": ARMS[arm]}, s["conv_steps"]
+        model = {"arch": "cnn", "channels": s["conv_channels"], "act": "relu", "norm": ARMS[arm]}
+        steps = s["conv_steps"]
     return classify_config(
         data=data_spec(ctx, s["dataset"]), model=model, init={"kind": "kaiming"},
         optim={"kind": "sgd", "momentum": 0.0}, batch=s["batch"], steps=steps,
@@ -200,8 +201,8 @@ def plan(ctx, results) -> Plan:
         for seeds in _seed_sets(ctx):
             tag = f"seeds {seeds[0]}-{seeds[-1]}"
             for arm in ARMS:
-                runs.append(Run(_config(ctx, part, arm, seeds, s["lrs"]), cost=_cost(ctx, part, arm, len(s["lrs"]) * len(seeds)),
-                                label=f"C1 {part} {arm} {tag}"))
+                runs.append(Run(_config(ctx, part, arm, seeds, s["lrs"]),
+                                cost=_cost(ctx, part, arm, len(s["lrs"]) * len(seeds)), label=f"C1 {part} {arm} {tag}"))
             if not ext:
                 continue
             if _first_stage(ctx, results, part, seeds) is None:
@@ -242,7 +243,8 @@ def _by_lr(members: list[dict]) -> dict[float, list[dict]]:
 def _mean_acc(members: list[dict], chance: float) -> dict[float, float]:
     """Seed-mean test accuracy per rate (a diverged run counts at chance), over the seeds that ran it."""
     k = _classes(chance)
-    return {lr: float(np.mean([M.acc_or_chance(m, classes=k) for m in ms])) for lr, ms in sorted(_by_lr(members).items())}
+    return {lr: float(np.mean([M.acc_or_chance(m, classes=k) for m in ms]))
+            for lr, ms in sorted(_by_lr(members).items())}
 
 
 def _best_mean_acc(members: list[dict], chance: float) -> float:
@@ -479,8 +481,9 @@ def decide(ctx, results) -> dict:
         tables += _tables(ctx, an, chance, f"{name} ({_dataset(ctx)})")
         width = _width(an, chance)
         ext = sorted(s for s, e in an["data"]["extended"].items() if e)
-        findings.append(f"{part}: with accuracy-based stability: {_fmt_part(an['parts'][ACC_KEY])}; loss threshold "
-                        f"0.8 ln K: {an['parts']['stricter']['verdict']}, 1.0 ln K: {an['parts']['looser']['verdict']}.")
+        findings.append(f"{part}: with accuracy-based stability: {_fmt_part(an['parts'][ACC_KEY])}; loss "
+                        f"threshold 0.8 ln K: {an['parts']['stricter']['verdict']}, 1.0 ln K: "
+                        f"{an['parts']['looser']['verdict']}.")
         findings.append(f"{part}: lr width (grid points within 2 accuracy points of the arm's best seed-mean accuracy, "
                         f"a finding, not a verdict input): BN {width['bn']} vs plain {width['plain']}.")
         cens = an["part"]["censored"]
@@ -493,7 +496,8 @@ def decide(ctx, results) -> dict:
         metrics[part] = {
             "grid": an["data"]["grid"], "extended_seeds": ext, "lr_width": width, "best_mean_acc": an["best"],
             "acc_threshold": an["acc_threshold"],
-            "mean_test_acc": {a: {f"{k:g}": v for k, v in _mean_acc(_all(an["data"], a), chance).items()} for a in ARMS},
+            "mean_test_acc": {a: {f"{k:g}": v for k, v in _mean_acc(_all(an["data"], a), chance).items()}
+                              for a in ARMS},
             "max_stable_lr": {key: {a: {str(r["seed"]): (None if r[f"{a}_flag"] == "none" else an["data"]["grid"][r[a]])
                                         for r in an["effects"][key]["rows"]} for a in ARMS}
                               for key in an["effects"]},

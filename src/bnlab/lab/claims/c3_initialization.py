@@ -57,7 +57,7 @@ PROTOCOL_CHANGES: list[str] = []
 DATASETS = ["digits", "mnist1d"]
 
 _BASE = {"dataset": "digits", "depths": [2, 8, 16, 32], "gains": [0.25, 0.5, 1.0, 2.0, 4.0], "width": 64,
-         "batch": 64, "steps": 300, "lrs": [0.01, 0.1], "momentum": 0.9, "share": 0.8}
+         "batch": 64, "steps": 300, "lrs": [0.01, 0.1], "momentum": 0.9}
 PROFILES = {
     "tiny": dict(_BASE, seeds=[0, 1], depths=[2, 4], gains=[0.5, 2.0], steps=30),
     "quick": dict(_BASE, seeds=[0, 1, 2, 3, 4]),
@@ -241,7 +241,7 @@ def decide(ctx, results) -> dict:
         f"trainable area BN {np.mean(area['bn']):.2f} vs plain {np.mean(area['plain']):.2f} (seed means).",
         "Spread of test accuracy over init scales (max - min, seed mean), over the depths where at least one g "
         "trained: " + "; ".join(
-            f"{label(a)} {100 * np.mean(msp[a]):.1f} points ({len(msp[a])} depth{'s' if len(msp[a]) > 1 else ''})" if msp[a] else
+            f"{label(a)} {100 * np.mean(msp[a]):.1f} points ({len(msp[a])} of {len(s['depths'])} depths)" if msp[a] else
             f"{label(a)} n/a (no depth with a trained g)" for a in ARMS) + ".",
         "Gradient-norm ratio ||dL/dW_1|| / ||dL/dW_out|| at init (g = 1, geometric mean over seeds) by depth "
         + ", ".join(str(d) for d in s["depths"]) + ": " + "; ".join(

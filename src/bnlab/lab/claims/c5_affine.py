@@ -85,11 +85,13 @@ RULE = ("Three parts, each by the default rule on paired per-seed differences of
 RULES = [
     {"version": 1, "date": "2026-11-25", "text": RULE_V1},
     {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1 decided the claim jointly: 'helps' needed 4/5 seeds and a fixed mean margin, was refuted only "
-                "together with the gamma/beta-only sub-test, and the ReLU net could not move the verdict; its "
-                "interval was a percentile bootstrap over 5 seeds (about [min, max]). v2 decides the sigmoid net, "
-                "the ReLU net and the gamma/beta-only sub-test as three parts, each refuted or supported by its own "
-                "paired difference with a t-interval, and calls a comparison of two arms at chance degenerate.")},
+     "reason": ("v1 decided the claim jointly: supported needed the sigmoid net's gain (>= 0.5 points, ahead in 4/5 "
+                "seeds) and the gamma/beta-only net >= 10 points above its control; refuted needed no gain in either "
+                "net and gamma/beta-only within 5 points of its control, so 'helps' could be refuted only together "
+                "with the sub-test; its interval was a percentile bootstrap over 5 seeds (about [min, max]). v2 decides "
+                "the sigmoid net, the ReLU net and the gamma/beta-only sub-test as three parts, each supported or "
+                "refuted by its own paired difference and t-interval, and calls a comparison of two arms at chance "
+                "degenerate.")},
 ]
 
 
