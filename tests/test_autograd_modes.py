@@ -273,3 +273,20 @@ def test_needs_reference_is_false_outside_transforms_and_true_inside():
     vmap(lambda x: seen.append(kernels.needs_reference()) or x)(torch.randn(2, 3))
     assert seen == [True]
     assert not kernels.needs_reference()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_vectorized_jacobian_over_the_fast_paths_backward_equals_torchs(training):
+    x, w, b, rm, rv = _args((4, 3))
+
+    def ours(x):
+        return BF.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+
+    def theirs(x):
+        return F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+
+    jo = torch.autograd.functional.jacobian(ours, x, vectorize=True)  # vmap over _TrainFn/_EvalFn's backward
+    jt = torch.autograd.functional.jacobian(theirs, x, vectorize=True)
+    torch.testing.assert_close(jo, jt)
+    torch.testing.assert_close(torch.autograd.functional.hessian(lambda x: (ours(x) ** 3).sum(), x),
+                               torch.autograd.functional.hessian(lambda x: (theirs(x) ** 3).sum(), x))

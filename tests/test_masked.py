@@ -294,3 +294,21 @@ def test_a_padded_first_position_holding_a_huge_value_does_not_spoil_the_shift()
     valid = _valid(x, mask)
     torch.testing.assert_close(mean, valid.mean(0))
     torch.testing.assert_close(var, valid.var(0, unbiased=False))
+
+
+def test_forward_ad_through_the_masked_layer_equals_batchnorm_of_the_valid_rows():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    x[~mask] = float("inf")
+    ours, plain = MaskedBatchNorm1d(3, dtype=torch.float64), torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    for train in (True, False):
+        ours.train(train), plain.train(train)
+        with fwAD.dual_level():
+            y, ty = fwAD.unpack_dual(ours(fwAD.make_dual(x, t), mask))
+            ye, te = fwAD.unpack_dual(plain(fwAD.make_dual(x[mask], t[mask])))
+        torch.testing.assert_close(y[mask], ye)
+        torch.testing.assert_close(ty[mask], te)
+        assert bool((ty[~mask] == 0).all()) and bool((y[~mask] == 0).all())
+    torch.testing.assert_close(ours.running_mean, plain.running_mean)

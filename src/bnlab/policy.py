@@ -69,14 +69,12 @@ def bessel(count) -> float:
     return m / (m - 1.0) if m > 1 else 1.0
 
 
-def ema_factor(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+def ema_factor(momentum: float | None, batches: int | None) -> float:
     """The update factor: ``momentum``, or for ``momentum=None`` (a cumulative average)
-    ``1 / num_batches_tracked``, the counter already counting this batch."""
+    ``1 / batches``, the number of batches tracked counting this one (0 when nothing counts)."""
     if momentum is not None:
         return float(momentum)
-    if num_batches_tracked is None:
-        return 0.0
-    return 1.0 / float(num_batches_tracked.item())
+    return 1.0 / batches if batches else 0.0
 
 
 def _limit(running_mean, running_var) -> float:
@@ -115,7 +113,10 @@ def raise_bad_batch(name: str, channels: list[int], kinds: list[str], limit: flo
     said = []
     for k in kinds:
         if k == "overflow":
-            where = f"{dtype}'s largest value {limit:.3g}" if dtype is not None and math.isfinite(limit) else "float64"
+            if not math.isfinite(limit):
+                where = "float64's range"
+            else:
+                where = f"{limit:.3g}, the largest value of the buffers' dtype" + (f" {dtype}" if dtype else "")
             said.append(f"overflow: the input is finite but its variance exceeds {where}")
         else:
             said.append(k)
@@ -184,10 +185,8 @@ def update_buffers(
         num_batches_tracked.add_(1)
         return True
     # the factor counts this batch: computed before the increment so that a refused batch is not counted
-    if momentum is None:
-        factor = 1.0 / float(num_batches_tracked.item() + 1) if num_batches_tracked is not None else 0.0
-    else:
-        factor = float(momentum)
+    factor = ema_factor(momentum, None if momentum is not None or num_batches_tracked is None
+                        else int(num_batches_tracked.item()) + 1)
     if isinstance(mean, np.ndarray) and _fast(running_mean) and _fast(running_var):
         rm = running_mean.numpy() if running_mean is not None else None
         rv = running_var.numpy() if running_var is not None else None

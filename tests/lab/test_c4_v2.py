@@ -139,7 +139,8 @@ def test_c4_sensitivity_moves_with_the_threshold():
     d = c4.decide(context(c4), c4_results(gaps(), accs(bn=(0.805, 0.80, 0.80), noise=0.001)))
     assert d["parts"]["less_dropout"]["sensitivity"] == {"stricter": "refuted", "default": "refuted",
                                                          "looser": "supported"}
-    assert d["parts"]["less_dropout"]["thresholds"]["looser"] == "margin 2 points"
+    assert d["parts"]["less_dropout"]["thresholds"] == {"stricter": "margin 0.5 points", "default": "margin 1 point",
+                                                        "looser": "margin 2 points"}
 
 
 def test_c4_batch_noise_rule():

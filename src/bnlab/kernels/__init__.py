@@ -135,7 +135,8 @@ class _TrainFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate again
+        if torch.is_grad_enabled() or needs_reference():  # create_graph=True (a backward autograd can
+            # differentiate again), or a vmap over the backward (jacobian(vectorize=True)): torch ops
             dx, dw, db = _graph_backward_train(dy, x, weight, ctx.eps)
             return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
         dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)  # grads: (2, C) dbias, dweight
@@ -157,7 +158,7 @@ class _EvalFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or needs_reference():
             dx, dw, db = _graph_backward_eval(dy, x, weight, ctx.stats)
             return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
         dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)

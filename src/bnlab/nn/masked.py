@@ -205,7 +205,11 @@ class MaskedBatchNorm1d(_NormBase):
         if not use_batch_stats:
             y = kernels.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             return ref.mask_out(y, mask)
-        y, mean, var, count = _MaskedBatchNormFn.apply(x, self.weight, self.bias, self.eps, mask)
+        if kernels.needs_reference():  # forward AD / torch.func: the reference math, which torch differentiates
+            y, mean, _, var, count = ref.batch_norm_forward(x, self.weight, self.bias, self.eps, mask)
+            y, mean, var = ref.mask_out(y, mask), mean.detach(), var.detach()
+        else:
+            y, mean, var, count = _MaskedBatchNormFn.apply(x, self.weight, self.bias, self.eps, mask)
         if self._population is not None:
             if float(count) > 0:
                 self._population.add_batch(0, mean[None], var[None], count, self.nonfinite, type(self).__name__)

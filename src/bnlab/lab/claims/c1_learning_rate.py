@@ -8,12 +8,13 @@ Bjorck et al. 2018 (arXiv 1806.02375), larger rates are the main benefit; Santur
 (arXiv 1805.11604), a wider range of usable rates. Against / nuance: De & Smith 2020
 (arXiv 2002.10444), Fixup (arXiv 1901.09321).
 
-Reproduce: ``bnlab audit --profile quick --claims C1`` (``--profile full`` for 10 seeds;
-``--dataset digits`` for the other shipped data set, where the conv part runs too).
+Reproduce: ``bnlab audit --profile quick --claims C1`` (``--profile full`` for 10 seeds and both
+shipped data sets).
 
 Protocol (CLAIMS.md): two testbeds, the same grid and rule. "mlp": MLP 40 -> [128]x6 -> 10 on
 mnist1d (flattened images on an image data set), ReLU, Kaiming init; Linear(bias=False) -> BN ->
-ReLU vs Linear -> ReLU. "conv": on image data (digits as 1x8x8 images), three blocks of
+ReLU vs Linear -> ReLU. "conv": on the claim's data set when it holds images, else on digits as
+1x8x8 images (the protocol's conv testbed), three blocks of
 conv3x3 (16 channels) -> BN -> ReLU (-> 2x2 max pooling), global average pooling, linear; the
 plain arm's convolutions have a bias instead of BN. Plain SGD, batch 64, 500 steps; lr in
 {0.01, 0.03, 0.1, 0.3, 1, 3, 10}. One run per (part, arm, seed set) trains every (seed, rate)
@@ -37,6 +38,8 @@ Quick: seeds 0-4; full: seeds 0-9 (two seed sets of 5); nothing else differs.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import math
 import statistics
@@ -88,20 +91,20 @@ RULE_V1 = ("Per seed r_s = BN's max stable lr / plain's (stable: loss finite, fi
            "Supported if median r_s >= 10 (two grid points), r_s > 1 in every seed, and BN's lr width "
            "(grid points within 2 accuracy points of the arm's best, on seed-mean test accuracy) is larger; "
            "refuted if median r_s <= 3.16 (one grid point); else inconclusive.")
-RULE = ("Two parts decided alone, the MLP ('mlp') and the conv net on image data ('conv'; degenerate on other "
-        "data). A run is stable when its loss stayed finite and its final train loss < 0.9 ln K (K classes; "
-        "ln 10 here). Grid {0.01, 0.03, ..., 10}, extended by {30, 100} for a seed set where either arm is stable "
-        "at 10 in some seed (by any stability definition shown). Per seed, d_s = BN's grid index of its max "
-        "stable lr minus plain's (one index = one half-decade step; 2 = 10x); an arm with no stable rate counts "
-        "as index -1 and one stable at the top of the (extended) grid is censored, so that seed's d_s is a bound "
-        "(a lower bound when BN is censored or plain never stable). delta = 2. Supported if the 95% t-interval of the mean d_s lies above 0 and the mean "
-        "is >= 2; refuted if the interval lies below 2; else inconclusive; a lower-bound d_s cannot refute and an "
-        "upper-bound d_s cannot support (inconclusive instead). A seed where both arms sit at the same end of "
+RULE = ("Two parts decided alone, the MLP ('mlp') and the conv net ('conv', on the data set's images, or on digits as 1x8x8 images when the data set has none). "
+        "A run is stable when its loss stayed finite and its final train loss < 0.9 ln K (K classes; ln 10 here). "
+        "Grid {0.01, 0.03, ..., 10}, extended by {30, 100} for a seed set where either arm is stable at 10 in some "
+        "seed (by any stability definition shown). Per seed, d_s = BN's grid index of its max stable lr minus plain's"
+        " (one index = one half-decade step; 2 = 10x); an arm with no stable rate counts as index -1 and one stable "
+        "at the top of the (extended) grid is censored, so that seed's d_s is a bound (a lower bound when BN is "
+        "censored or plain never stable). delta = 2. Supported if the 95% t-interval of the mean d_s lies above 0 and"
+        " the mean is >= 2; refuted if the interval lies below 2; else inconclusive; a lower-bound d_s cannot refute "
+        "and an upper-bound d_s cannot support (inconclusive instead). A seed where both arms sit at the same end of "
         "the grid (neither stable anywhere, or both censored) gives no d_s; the part is degenerate (inconclusive) "
         "when that holds for half the seeds or more. The loss threshold is also applied at 0.8 ln K (stricter) and "
-        "1.0 ln K (looser), and the same rule is shown with accuracy-based stability (test accuracy >= "
-        "c + 0.5 (b - c), c chance, b the arm's best seed-mean accuracy over the grid). lr width (grid points "
-        "within 2 accuracy points of the arm's best seed-mean accuracy) is a finding.")
+        "1.0 ln K (looser), and the same rule is shown with accuracy-based stability (test accuracy >= c + 0.5 (b - "
+        "c), c chance, b the arm's best seed-mean accuracy over the grid). lr width (grid points within 2 accuracy "
+        "points of the arm's best seed-mean accuracy) is a finding.")
 RULES = [
     {"version": 1, "date": "2026-11-25", "text": RULE_V1},
     {"version": 2, "date": "2026-12-01", "text": RULE,
@@ -122,8 +125,17 @@ def _dataset(ctx) -> str:
 
 
 def _runs(ctx, part: str) -> bool:
-    """Whether ``part`` runs on this data set (the conv net needs images)."""
-    return part == "mlp" or _dataset(ctx) in IMAGE_DATASETS
+    """Whether ``part`` runs: always (the conv part takes digits when the claim's data set has no
+    images); kept as a hook for data sets neither testbed can read."""
+    return part == "mlp" or _dataset(_part_ctx(ctx, part)) in IMAGE_DATASETS
+
+
+def _part_ctx(ctx, part: str):
+    """The context a part's runs are made in: the conv testbed reads digits as 1x8x8 images when
+    the claim's data set is not an image set (mnist1d), as the protocol states."""
+    if part == "conv" and _dataset(ctx) not in IMAGE_DATASETS:
+        return dataclasses.replace(ctx, dataset="digits")
+    return ctx
 
 
 def _seed_sets(ctx) -> list[list[int]]:
@@ -146,7 +158,7 @@ def _config(ctx, part: str, arm: str, seeds: list[int], lrs: list[float]) -> dic
         model = {"arch": "cnn", "channels": s["conv_channels"], "act": "relu", "norm": ARMS[arm]}
         steps = s["conv_steps"]
     return classify_config(
-        data=data_spec(ctx, s["dataset"]), model=model, init={"kind": "kaiming"},
+        data=data_spec(_part_ctx(ctx, part), s["dataset"]), model=model, init={"kind": "kaiming"},
         optim={"kind": "sgd", "momentum": 0.0}, batch=s["batch"], steps=steps,
         members=[{"seed": seed, "lr": float(lr)} for seed in seeds for lr in lrs],
     )
@@ -344,7 +356,7 @@ def _part(ctx, data: dict, stable: dict, *, part: str, what: str, degenerate: st
 
 
 def _label(ctx, part: str) -> str:
-    name = _dataset(ctx)
+    name = _dataset(_part_ctx(ctx, part))
     if part == "mlp":
         return f"MLP on {name}"
     return f"conv net on {name} images" if _runs(ctx, part) else "conv net (needs images)"
@@ -478,7 +490,7 @@ def decide(ctx, results) -> dict:
         an = _analyse(ctx, results, part, chance)
         parts[part] = an["part"]
         name = "MLP" if part == "mlp" else "conv net"
-        tables += _tables(ctx, an, chance, f"{name} ({_dataset(ctx)})")
+        tables += _tables(ctx, an, chance, f"{name} ({_dataset(_part_ctx(ctx, part))})")
         width = _width(an, chance)
         ext = sorted(s for s, e in an["data"]["extended"].items() if e)
         findings.append(f"{part}: with accuracy-based stability: {_fmt_part(an['parts'][ACC_KEY])}; loss "

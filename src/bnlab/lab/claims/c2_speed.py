@@ -21,8 +21,8 @@ by side as stacked members (paired across arms: the same seed is the same split,
 initial weights).
 
 Target (rules v2, relative to the data): with chance c = 1 / classes and b the best seed-mean
-test accuracy any arm of the net reaches at its tuned lr after the protocol's 2000 steps (one
-reference run per (net, arm, seed set), precise BN before its single evaluation), the target is
+test accuracy any arm of the net reaches at its tuned lr after the protocol's 2000 steps (quick:
+1000; one reference run per (net, arm, seed set), precise BN before its single evaluation), the target is
 c + 0.97 (b - c) (95% on digits when b is about 97.6%), and at 0.99 (stricter, about 97%) and 0.91
 (looser, about 90%) for sensitivity. b is taken per seed set (in quick the set is every seed),
 because a main run stops once every member reaches its set's strictest target; each set's runs
@@ -38,7 +38,8 @@ degenerate (inconclusive) when that is half of the seeds or more, or when b is b
 not explain the speed-up), the comparison at the shared lr 0.1, and wall-clock per step measured
 with the arms alternating in one process on the same batches (median of repeated blocks).
 
-Quick: seeds 0-4; full: seeds 0-9 (two seed sets of 5); nothing else differs.
+Quick: seeds 0-4 and 1000-step reference runs (see PROTOCOL_CHANGES); full: seeds 0-9 (two seed
+sets of 5); nothing else differs.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ PROTOCOL_CHANGES = [
     "can stop at the target (checking every 5 steps to 2000 would cost several times the claim's budget). b is "
     "taken per seed set (one set in quick), so that a set's runs serve its robustness cell and the pooled headline "
     "alike. Decided with rules v2, before any v2 verdict was seen.",
+    "Quick only: the reference runs train 1000 steps instead of 2000 (full keeps 2000), to hold the quick budget "
+    "(about 25 s of wall on 2 cores): in the first quick run (2000-step references) they were 33 of the claim's "
+    "63 CPU-seconds. The best arm gains up to about 0.6 points from 1000 to 2000 steps on digits (sigmoid BN at lr "
+    "0.1, seed-mean 96.9% vs 97.5% in a cost trial), so quick's targets can sit up to about 0.5 points below "
+    "full's. Decided on that run's cost, after its verdicts had been seen.",
 ]
 DATASETS = ["digits", "mnist1d"]
 
@@ -94,7 +100,7 @@ _BASE = {"dataset": "digits", "widths": [100, 100, 100], "batch": 60, "cap": 200
          "timing_steps": 20, "timing_repeats": 9}
 PROFILES = {
     "tiny": dict(_BASE, seeds=[0, 1], cap=60, select_steps=20, ref_steps=60, timing_steps=4, timing_repeats=3),
-    "quick": dict(_BASE, seeds=[0, 1, 2, 3, 4]),
+    "quick": dict(_BASE, seeds=[0, 1, 2, 3, 4], ref_steps=1000),
     "full": dict(_BASE, seeds=list(range(10))),
 }
 
@@ -103,7 +109,8 @@ RULE_V1 = ("On the Ioffe replica (sigmoid, N(0, 0.05^2) init), at each arm's tun
            "if BN's median steps >= plain's; else inconclusive. The ReLU + Kaiming net is reported beside it.")
 RULE = ("Two parts, each decided alone: the Ioffe replica (sigmoid, N(0, 0.05^2) init) and the ReLU + Kaiming net. "
         "Target: c + 0.97 (b - c) test accuracy, with c chance and b the best seed-mean test accuracy of any arm "
-        "(plain, BN, noisy BN) of that net at its tuned lr after 2000 steps (about 95% on digits). Per seed, d_s = "
+        "(plain, BN, noisy BN) of that net at its tuned lr after its reference run (2000 steps; quick 1000), about "
+        "95% on digits. Per seed, d_s = "
         "log(plain's steps / BN's steps) to the target at each arm's tuned lr, checked every 5 steps; a run that "
         "never reaches it counts at the cap (censored); a seed where both arms are censored gives no d_s. delta = "
         "log 2. Supported if the 95% t-interval of the mean d_s lies above 0 and the geometric-mean ratio is >= 2; "
@@ -416,17 +423,19 @@ def _findings(ctx, d: dict, timing: dict | None) -> list[str]:
     out.append(f"{name}: censored at the cap ({s['cap']} steps, default target): "
                + ", ".join(f"{label(a)} {sum(c for _, c in steps[a])}/{n}" for a in ARMS)
                + f"; plain and BN both censored in {both}/{n} seeds.")
-    # ICS control (Santurkar): noisy BN against BN
+    # ICS control (Santurkar): noisy BN against BN, at tuned lr (the finding) and at the shared lr
+    sh = {arm: _arm_steps(ctx, d, "shared", arm) for arm in ARMS}
     ratio, ci, k = _geo(_log_ratios(steps["noisy"], steps["bn"]))
     if ratio is None:
         out.append(f"ICS ({name}): noisy BN and BN both censored in every seed; no comparison.")
     else:
         verdict = ("within 1.5x, so reduced internal covariate shift does not explain BN's speed"
                    if ratio <= 1.5 else "more than 1.5x, so this test does not rule ICS out")
-        out.append(f"ICS ({name}): noisy BN needs {ratio:.2f}x BN's steps (geometric mean over {k} seeds"
-                   + (f", 95% t-interval [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + f"): {verdict}.")
+        rs, _, ks = _geo(_log_ratios(sh["noisy"], sh["bn"]))
+        out.append(f"ICS ({name}): at tuned lr noisy BN needs {ratio:.2f}x BN's steps (geometric mean over {k} seeds"
+                   + (f", 95% t-interval [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "") + f"): {verdict}"
+                   + ("" if rs is None else f" (at the shared lr {s['shared_lr']:g}: {rs:.2f}x)") + ".")
     # shared learning rate
-    sh = {arm: _arm_steps(ctx, d, "shared", arm) for arm in ARMS}
     ratio, ci, k = _geo(_log_ratios(sh["plain"], sh["bn"]))
     if ratio is None:
         out.append(f"Shared lr {s['shared_lr']:g} ({name}): plain and BN both censored in every seed.")
@@ -499,7 +508,7 @@ def decide_v1(ctx, results) -> dict:
         for m in d["runs"][arm]:
             c = m["curve"]
             hit = M.steps_to_target(c, target)
-            if hit is None and (not c["step"] or c["step"][-1] < cap) and not m.get("diverged"):
+            if hit is None and (not c["step"] or c["step"][-1] <= cap - s["every"]) and not m.get("diverged"):
                 return {"verdict": "n/a",
                         "why": (f"v1's 95% target lies above the v2 runs' stop target "
                                 f"({_fmt_targets(d, 'stricter')}): steps to 95% are unknown for seed {m['seed']}")}

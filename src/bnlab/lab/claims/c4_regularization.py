@@ -315,8 +315,8 @@ def decide(ctx, results) -> dict:
         "plain does not overfit at p = 0 (gap <= 0 in every seed): there is no gap to narrow"
         if plain_gaps and all(g <= 0 for g in plain_gaps) else None)
     part_a = _part(d_gap, ctx, DELTA_GAP, SENS_GAP, stats.default_rule,
-                   {k: f"delta {v:g} points" for k, v in SENS_GAP.items()},
-                   units="points (plain's gap - BN's gap, p = 0)", label_=f"{PARTS['gap']} (plain's gap - BN's gap)",
+                   {k: f"delta {_pts(v)}" for k, v in SENS_GAP.items()},
+                   units="points (plain's gap - BN's gap, p = 0)", label_=PARTS["gap"],
                    degenerate=deg_a)
 
     # (b) through batch noise: ghost-batch dose-response
@@ -328,7 +328,7 @@ def decide(ctx, results) -> dict:
     part_b = _part(rho, ctx, DELTA_DOSE, SENS_DOSE, _decide_dose,
                    {k: f"refuted below {v:g}" for k, v in SENS_DOSE.items()},
                    units="Spearman correlation (virtual batch size vs gap)",
-                   label_=f"{PARTS['batch_noise']}: Spearman(virtual batch, gap)", degenerate=deg_b)
+                   label_=PARTS["batch_noise"], degenerate=deg_b)
 
     # (c) so less dropout is needed
     best = {arm: _best_p(ctx, t, arm) for arm in ARMS}
@@ -338,9 +338,9 @@ def decide(ctx, results) -> dict:
                      "so 'less dropout is needed' is not evaluated" if best["plain"] == 0 else None) or _missing(
         d_drop, "accuracy")
     part_c = _part(d_drop, ctx, -MARGIN, {k: -v for k, v in SENS_MARGIN.items()}, _decide_noninferior(best_ok),
-                   {k: f"margin {v:g} points" for k, v in SENS_MARGIN.items()},
+                   {k: f"margin {_pts(v)}" for k, v in SENS_MARGIN.items()},
                    units=f"points (BN at p = 0 - plain at its best p = {best['plain']:g})",
-                   label_=f"{PARTS['less_dropout']} (BN at p = 0 - plain at best p, margin {MARGIN:g})",
+                   label_=PARTS["less_dropout"],
                    degenerate=deg_c)
     part_c["best_p"] = {"plain": best["plain"], "bn": best["bn"]}
     if not deg_c:
@@ -394,6 +394,10 @@ def _ci_text(v: list[float], fmt: str = ".2f") -> str:
         return "n/a"
     iv = stats.t_interval(v)
     return f"{np.mean(v):+{fmt}}" + ("" if iv is None else f" [{iv[0]:+{fmt}}, {iv[1]:+{fmt}}]")
+
+
+def _pts(v: float) -> str:
+    return f"{v:g} point" + ("" if v == 1 else "s")
 
 
 def _fmt(x, fmt: str) -> str:
