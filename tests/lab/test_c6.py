@@ -4,11 +4,12 @@ decision rules on synthetic results: tests/lab/test_c6_v2.py."""
 
 import math
 
+import torch
+
 from bnlab.lab.claims import c6_recurrent as C6
 from bnlab.lab.config import Context
 from bnlab.lab.protocol import Results
 from bnlab.lab.stats import VERDICTS
-from bnlab.lab.runner import _set_threads
 from bnlab.lab.tasks import run as run_task
 
 
@@ -45,11 +46,12 @@ def test_a_tiny_real_run_records_profiles_and_decides_and_plots(tmp_path):
     ctx = _ctx("tiny")
     plan = C6.plan(ctx, Results(None))
     results = Results(None)
-    before = _set_threads(1)  # as the audit's workers run (two threads on a busy 2-core machine thrash)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one torch thread, as the audit's workers (two threads on a busy machine thrash)
     try:
         outs = [run_task(r.config) for r in plan.runs]
     finally:
-        _set_threads(before[0])
+        torch.set_num_threads(before)
     for r, out in zip(plan.runs, outs):
         assert 0 <= out["test_acc"] <= 1 and len(out["grad_init"]) == 2 and out["classes"] == 10
         assert len(out["batch_acc"]) == out["steps_run"]

@@ -135,13 +135,17 @@ class _TrainFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled() or needs_reference():  # create_graph=True (a backward autograd can
-            # differentiate again), or a vmap over the backward (jacobian(vectorize=True)): torch ops
-            dx, dw, db = _graph_backward_train(dy, x, weight, ctx.eps)
-            return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
-        dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)  # grads: (2, C) dbias, dweight
-        return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
-                torch.from_numpy(grads[0]) if need[2] else None, None, None)
+        if not (torch.is_grad_enabled() or needs_reference()):
+            try:
+                dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)  # grads: (2, C) dbias, dweight
+            except RuntimeError:  # a dy the kernel cannot read (jacobian(vectorize=True) batches it): below
+                pass
+            else:
+                return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
+                        torch.from_numpy(grads[0]) if need[2] else None, None, None)
+        # create_graph=True (a backward autograd can differentiate again), or a batched dy: torch ops
+        dx, dw, db = _graph_backward_train(dy, x, weight, ctx.eps)
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
 
 
 class _EvalFn(torch.autograd.Function):
@@ -158,12 +162,16 @@ class _EvalFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled() or needs_reference():
-            dx, dw, db = _graph_backward_eval(dy, x, weight, ctx.stats)
-            return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
-        dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
-        return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
-                torch.from_numpy(grads[0]) if need[2] else None, None)
+        if not (torch.is_grad_enabled() or needs_reference()):
+            try:
+                dx, grads = cpu.backward(dy, x, weight, ctx.stats, False)
+            except RuntimeError:  # a dy the kernel cannot read: below
+                pass
+            else:
+                return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
+                        torch.from_numpy(grads[0]) if need[2] else None, None)
+        dx, dw, db = _graph_backward_eval(dy, x, weight, ctx.stats)
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None
 
 
 def _track(running_mean, running_var, num_batches_tracked) -> bool:

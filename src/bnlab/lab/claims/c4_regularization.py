@@ -363,8 +363,13 @@ def decide(ctx, results) -> dict:
     d_nll = stats.finite(_diff(nll["plain"], nll["bn"]))
     findings.append(f"Test NLL at p = 0 (finding): plain's - BN's {_ci_text(d_nll, '.3f')} nats, BN lower in "
                     f"{stats.sign_count(d_nll)} seeds.")
-    findings.append("Dose-response, mean gap at p = 0 by virtual batch: " + ", ".join(
-        f"{_vb_label(s, vb)}: {_fmt(_mean(dose[vb]), '.1f')}" for vb in vbs) + " points.")
+    train_acc = {vb: [None if sd not in t[_dose_arm(s, vb)][0.0] or t[_dose_arm(s, vb)][0.0][sd].get("train_acc") is None
+                      else 100 * t[_dose_arm(s, vb)][0.0][sd]["train_acc"] for sd in seeds] for vb in vbs}
+    findings.append("Dose-response at p = 0 by virtual batch, mean gap (train acc / test acc), points: " + ", ".join(
+        f"{_vb_label(s, vb)}: {_fmt(_mean(dose[vb]), '.1f')} ({_fmt(_mean(train_acc[vb]), '.1f')} / "
+        f"{_fmt(_mean(_accs(ctx, t, _dose_arm(s, vb), 0.0)), '.1f')})" for vb in vbs)
+        + ". A smaller gap from a lower training accuracy is less fitting, not better generalization: read the "
+        "test accuracies beside it.")
     findings.append(f"Best dropout p (highest seed-mean test accuracy): plain {best['plain']:g}, BN {best['bn']:g}, "
                     f"frozen {best['frozen']:g}.")
     findings.append("Gap = train accuracy - test accuracy on the whole training subset and the test set, in eval mode "

@@ -454,12 +454,16 @@ def _gradients(ctx, data, key: str) -> dict:
 
 _PARTS = {"vertical_fine": _vertical, "naive_horizontal_hurts": _naive,
           "horizontal_hurts_however_done": _cooijmans, "because_gradients_explode": _gradients}
+def _points(x: float) -> str:
+    return f"{x:g} point" + ("" if x == 1 else "s")
+
+
 _THRESHOLDS = {
-    "vertical_fine": {k: f"margin {MARGIN[k]:g} points, steps target {100 * SHARE[k]:.0f}% of the way from chance to "
+    "vertical_fine": {k: f"margin {_points(MARGIN[k])}, steps target {100 * SHARE[k]:.0f}% of the way from chance to "
                          f"best, slower factor {SLOWER[k]:g}" for k in SETTINGS},
-    "naive_horizontal_hurts": {k: f"delta {DELTA_NAIVE[k]:g} points" for k in SETTINGS},
-    "horizontal_hurts_however_done": {k: f"delta {DELTA_COOIJMANS[k]:g} points, refuted within {WITHIN[k]:g} point(s)"
-                                      for k in SETTINGS},
+    "naive_horizontal_hurts": {k: f"delta {_points(DELTA_NAIVE[k])}" for k in SETTINGS},
+    "horizontal_hurts_however_done": {k: f"delta {_points(DELTA_COOIJMANS[k])}, refuted within "
+                                         f"{_points(WITHIN[k])}" for k in SETTINGS},
     "because_gradients_explode": {k: f"delta {GROWTH[k]:.3g}x" for k in SETTINGS},
 }
 
@@ -569,7 +573,7 @@ def decide(ctx, results) -> dict:
                              "(median), on the probe batch"),
                    "columns": ["arm"] + cols, "rows": rows})
     findings = []
-    if ctx.profile in V2_SEEDS and len(ctx.seeds) < V2_SEEDS[ctx.profile]:
+    if ctx.profile in V2_SEEDS and len(ctx.seeds) < V2_SEEDS[ctx.profile] and not (ctx.extra or {}).get("cell"):
         findings.append(f"Seeds: {len(ctx.seeds)}, fewer than the {V2_SEEDS[ctx.profile]} rules v2 ask for the "
                         f"{ctx.profile} profile: the recurrent layers' time loop does not fit more in C6's budget "
                         "(PROTOCOL_CHANGES). The rule is unchanged; its t-intervals are wider.")
