@@ -43,6 +43,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/bnlab
 CORE_CODE = (
     "reference.py",
     "functional.py",
+    "policy.py",
     "kernels/",
     "nn/batchnorm.py",
     "nn/variants.py",

@@ -222,6 +222,12 @@ def _accs(ctx, t, arm: str, p: float) -> list[float | None]:
             for sd in ctx.seeds]
 
 
+def _train_accs(ctx, t, arm: str, p: float) -> list[float | None]:
+    """Training accuracy in points per seed (None: diverged or missing)."""
+    ms = t[arm].get(p, {})
+    return [None if sd not in ms or ms[sd].get("train_acc") is None else 100 * ms[sd]["train_acc"] for sd in ctx.seeds]
+
+
 def _mean(v) -> float | None:
     f = stats.finite(v)
     return float(np.mean(f)) if f else None
@@ -363,8 +369,7 @@ def decide(ctx, results) -> dict:
     d_nll = stats.finite(_diff(nll["plain"], nll["bn"]))
     findings.append(f"Test NLL at p = 0 (finding): plain's - BN's {_ci_text(d_nll, '.3f')} nats, BN lower in "
                     f"{stats.sign_count(d_nll)} seeds.")
-    train_acc = {vb: [None if sd not in t[_dose_arm(s, vb)][0.0] or t[_dose_arm(s, vb)][0.0][sd].get("train_acc") is None
-                      else 100 * t[_dose_arm(s, vb)][0.0][sd]["train_acc"] for sd in seeds] for vb in vbs}
+    train_acc = {vb: _train_accs(ctx, t, _dose_arm(s, vb), 0.0) for vb in vbs}
     findings.append("Dose-response at p = 0 by virtual batch, mean gap (train acc / test acc), points: " + ", ".join(
         f"{_vb_label(s, vb)}: {_fmt(_mean(dose[vb]), '.1f')} ({_fmt(_mean(train_acc[vb]), '.1f')} / "
         f"{_fmt(_mean(_accs(ctx, t, _dose_arm(s, vb), 0.0)), '.1f')})" for vb in vbs)
@@ -382,7 +387,7 @@ def decide(ctx, results) -> dict:
             rows.append([_arm_label(s, arm), f"{p:g}", _fmt(_mean(_accs(ctx, t, arm, p)), ".1f"),
                          _fmt(_mean(_gaps(ctx, t, arm, p)), ".1f"),
                          _fmt(_mean([m.get("test_nll") for m in ms]), ".3f"),
-                         _fmt(_mean([None if m.get("train_acc") is None else 100 * m["train_acc"] for m in ms]), ".1f")])
+                         _fmt(_mean(_train_accs(ctx, t, arm, p)), ".1f")])
     return stats.claim(
         parts, rule=RULE, findings=findings,
         metrics={"gap_p0": gap, "nll_p0": nll, "best_p": best, "spearman": rho, "virtual_batches": vbs,

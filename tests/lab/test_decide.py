@@ -1,1 +1,0 @@
-"""Each claim's decide() on synthetic result sets that must give each verdict."""
