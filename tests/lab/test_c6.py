@@ -70,3 +70,21 @@ def test_a_tiny_real_run_records_profiles_and_decides_and_plots(tmp_path):
     assert C6.decide_v1(ctx, results)["verdict"] in VERDICTS
     paths = C6.plots(ctx, results, str(tmp_path))
     assert paths and all(p.exists() and p.stat().st_size > 0 for p, _ in paths)
+
+
+def test_c6_tiny_audit_end_to_end_forces_the_degenerate_case(tmp_path):
+    """Two steps at a negligible rate: every arm stays at chance and nothing reaches a steps target,
+    so the accuracy parts are degenerate (the gradient part needs no trained arm)."""
+    import json
+
+    from bnlab.cli import main
+
+    assert main(["audit", "--profile", "tiny", "--claims", "C6", "--workers", "2", "--no-progress",
+                 "--set", "C6.steps=2", "--set", "C6.lr=1e-06", "--store", str(tmp_path / "s.sqlite"),
+                 "--out", str(tmp_path / "out")]) == 0
+    c = json.loads((tmp_path / "out" / "results.json").read_text())["claims"]["C6"]
+    assert c["status"] == "decided"
+    for name in C6.PART_NAMES[:3]:
+        p = c["parts"][name]
+        assert p["verdict"] == "inconclusive" and "at chance" in (p["degenerate"] or ""), p
+    assert c["verdict"] in ("inconclusive", "partly refuted", "partly supported")
