@@ -27,7 +27,8 @@ def _member(seed, lr, reach, cap, every=5, levels=LEVELS):
     elif not isinstance(reach, tuple):
         reach = (reach, reach, reach)
     done = [r for r in reach if r is not None]
-    end = max(done) if len(done) == 3 else cap  # the run stops once the stricter target is reached
+    # the run stops at the first check once the stricter target is reached
+    end = min(cap, every * math.ceil(max(done) / every)) if len(done) == 3 else cap
     steps = list(range(every, end + 1, every))
     acc = []
     for t in steps:
@@ -211,10 +212,15 @@ def test_c2_main_runs_wait_for_selection_and_reference():
     assert len(plan.pending) > 0
 
 
-def test_c2_mnist1d_input_width_follows_the_data():
+def test_c2_mnist1d_runs_on_its_own_data_and_check_interval():
     ctx = Context(profile="quick", seeds=SEEDS, settings=c2.PROFILES["quick"], dataset="mnist1d")
     runs = c2.plan(ctx, c2_results(_steps(FAST, FAST))).runs
     assert all(r.config["data"]["name"] == "mnist1d" for r in runs)
+    classify = [r.config for r in runs if r.config["task"] == "classify"]
+    assert {c["eval"]["every"] for c in classify if c["data"]["val_fraction"]} == {5}  # lr selection
+    assert {c["eval"]["every"] for c in classify if c["eval"]["target"]} == {50}  # steps to the target
+    d = c2.decide(ctx, c2_results(_steps(FAST, FAST)))
+    assert d["verdict"] == "supported"
 
 
 def test_c2_wallclock_task_times_every_arm_in_one_process():
