@@ -161,8 +161,10 @@ def test_dataset_replaces_a_claims_data_with_idx_files_from_data_dir(tmp_path):
     assert _audit(tmp_path, "r", "--claims", "C1", "--dataset", "mnist", "--data-dir", str(tmp_path / "data")) == 0
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["claims"]["C1"]["status"] == "decided"
-    cfg = json.loads((tmp_path / "r" / "runs.jsonl").read_text().splitlines()[0])["config"]
-    assert cfg["data"] == {"name": "mnist", "subset": None, "val_fraction": 0.0, "data_dir": str(tmp_path / "data")}
+    cfgs = [json.loads(line)["config"] for line in (tmp_path / "r" / "runs.jsonl").read_text().splitlines()]
+    assert cfgs and all(c["data"]["name"] == "mnist" and c["data"]["data_dir"] == str(tmp_path / "data") for c in cfgs)
+    assert all(c["data"]["source"] == cfgs[0]["data"]["source"] for c in cfgs)  # keyed by the files' contents
+    assert {c["model"]["arch"] for c in cfgs} == {"mlp", "cnn"}  # MNIST holds images: both C1 testbeds run on it
 
 
 def test_a_claim_that_cannot_plan_is_reported_and_the_others_still_decide(tmp_path, monkeypatch):

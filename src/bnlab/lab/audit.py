@@ -403,12 +403,21 @@ def _outdir(args) -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def _console():
+    """A rich console; when stdout is not a terminal (CI logs, pipes) it is 150 columns wide, so
+    the verdict table keeps one line per part instead of rich's 80-column wrap."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=150)
+
+
 def run_audit(args) -> int:
     from rich.console import Console
 
     from .report import provenance, terminal_table, write_report
 
-    console = Console(stderr=False)
+    console = _console()
     try:
         ctxs = contexts(args)
     except AuditError as e:
@@ -452,7 +461,7 @@ def run_report(args) -> int:
 
     from .report import provenance, terminal_table, write_report
 
-    console = Console()
+    console = _console()
     try:
         ctxs = contexts(args)
     except AuditError as e:
