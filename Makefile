@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnlab-installed
+WARMUP_MSG := "Warming bnlab's kernel cache: compiling the numba CPU kernels once into numba's on-disk cache (about a minute on a fresh checkout, a second when warm)..."
 
 .PHONY: audit test bench setup clean
 
@@ -13,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	@echo $(WARMUP_MSG)
 	$(PY) -m bnlab.kernels.warmup
 	touch $(STAMP)
 
@@ -20,6 +22,7 @@ audit: $(STAMP)
 	$(VENV)/bin/bnlab audit --profile quick
 
 test: $(STAMP)
+	@echo $(WARMUP_MSG)
 	$(PY) -m bnlab.kernels.warmup
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -290,3 +290,21 @@ def test_vectorized_jacobian_over_the_fast_paths_backward_equals_torchs(training
     torch.testing.assert_close(jo, jt)
     torch.testing.assert_close(torch.autograd.functional.hessian(lambda x: (ours(x) ** 3).sum(), x),
                                torch.autograd.functional.hessian(lambda x: (theirs(x) ** 3).sum(), x))
+
+
+def test_vmap_in_training_with_batched_buffers_raises_one_clear_error():
+    """A limitation the README lists: torch's batch norm updates per-example buffers passed in
+    batched under vmap; bnlab's running-statistics update cannot (yet), and says so."""
+    ours, theirs = _pair(True, True)
+    xs = torch.randn(3, 8, 5)
+
+    def run(m):
+        params = dict(m.named_parameters())
+        bufs = {k: torch.stack([v.clone()] * 3) for k, v in m.named_buffers()}
+        vmap(lambda b, x: functional_call(m, (params, b), (x,)), in_dims=(0, 0))(bufs, xs)
+        return bufs
+
+    assert int(run(theirs)["1.num_batches_tracked"][0]) == 1  # torch: works
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d: cannot update the running statistics inside this "
+                                           r"torch.func transform.*not vmap"):
+        run(ours)

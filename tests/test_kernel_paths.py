@@ -156,8 +156,7 @@ def train_step(fn, x, dy, w, b, rm, rv):
 
 def plan_flags(x):
     """(pf, stream) of the plan the kernels use for ``x``."""
-    pool = cpu._threads()  # the pool size the kernels key their plans by
-    p = cpu._plan(x, pool if pool > 0 else cpu.get_num_threads())
+    p = cpu._plan(x, cpu.threads())  # the thread count the kernels key their plans by
     return p[-2], p[-1]
 
 

@@ -214,3 +214,89 @@ def test_batches_as_tuples_lists_dicts_and_a_forward_hook_give_the_same_statisti
             torch.testing.assert_close(got[0], h.mean(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[0], expect[0], msg=what)
         torch.testing.assert_close(got[1], expect[1], msg=what)
+
+
+# ----------------------------------------------------------------------------------------------
+# progress bar
+
+
+class _FakeBar:
+    def __init__(self, total):
+        self.total, self.done, self.stopped = total, [], False
+
+    def update(self, task, completed):
+        self.done.append(completed)
+
+    def stop(self):
+        self.stopped = True
+
+
+def _spy(monkeypatch):
+    import importlib
+
+    R = importlib.import_module("bnlab.tools.recalibrate")  # the module (bnlab.tools.recalibrate is also the function)
+    bars = []
+
+    def new(total):
+        bars.append(_FakeBar(total))
+        return bars[-1], 0
+
+    monkeypatch.setattr(R, "_new_progress", new)
+    return R, bars
+
+
+def _net_and_batches(n=5):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), bnn.BatchNorm1d(3)), list(torch.randn(10 * n, 4).split(10))
+
+
+def test_progress_true_shows_a_bar_over_every_batch_and_closes_it(monkeypatch):
+    _, bars = _spy(monkeypatch)
+    net, batches = _net_and_batches()
+    bnlab.tools.recalibrate(net, batches, num_batches=4, progress=True)
+    assert len(bars) == 1 and bars[0].total == 4 and bars[0].done == [1, 2, 3, 4] and bars[0].stopped
+
+
+def test_progress_false_and_a_non_tty_default_show_nothing(monkeypatch):
+    R, bars = _spy(monkeypatch)
+    monkeypatch.setattr(R, "PROGRESS_AFTER_S", 0.0)
+    net, batches = _net_and_batches()
+    bnlab.tools.recalibrate(net, batches, progress=False)
+    monkeypatch.setattr(R.sys, "stderr", type("NotATTY", (), {"isatty": lambda self: False})())
+    bnlab.tools.recalibrate(net, batches)  # default: a non-TTY stderr (logs, CI) gets no bar
+    assert bars == []
+
+
+def test_the_default_shows_a_bar_on_a_terminal_only_once_the_pass_runs_long(monkeypatch):
+    R, bars = _spy(monkeypatch)
+    monkeypatch.setattr(R.sys, "stderr", type("TTY", (), {"isatty": lambda self: True})())
+    net, batches = _net_and_batches()
+    bnlab.tools.recalibrate(net, batches)  # a short pass: under PROGRESS_AFTER_S
+    assert bars == []
+    monkeypatch.setattr(R, "PROGRESS_AFTER_S", 0.0)  # every pass "long"
+    bnlab.tools.recalibrate(net, iter(batches))  # no len(): a bar without a total
+    assert len(bars) == 1 and bars[0].total is None and bars[0].done == [1, 2, 3, 4, 5] and bars[0].stopped
+
+
+def test_an_interrupted_pass_closes_its_bar(monkeypatch):
+    _, bars = _spy(monkeypatch)
+    net, batches = _net_and_batches()
+
+    def data():
+        yield batches[0]
+        raise KeyboardInterrupt
+
+    try:
+        bnlab.tools.recalibrate(net, data(), progress=True)
+    except KeyboardInterrupt:
+        pass
+    assert len(bars) == 1 and bars[0].stopped
+
+
+def test_the_real_rich_bar_runs_and_changes_no_statistic(capsys):
+    net, batches = _net_and_batches()
+    bnlab.tools.recalibrate(net, batches, progress=True)
+    quiet, _ = _net_and_batches()
+    bnlab.tools.recalibrate(quiet, batches, progress=False)
+    torch.testing.assert_close(net[1].running_mean, quiet[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(net[1].running_var, quiet[1].running_var, rtol=0, atol=0)

@@ -17,6 +17,7 @@ from .policy import NonFiniteBatchError, check_nonfinite_option
 __all__ = ["batch_norm", "NonFiniteBatchError", "check_batch_norm_input"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_is_tracing = torch._C._is_tracing
 
 
 def _shape(t: Tensor) -> tuple:
@@ -43,6 +44,10 @@ def check_batch_norm_input(
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor input (got {type(input).__name__})")
+    if not torch.compiler.is_compiling() and _is_tracing():
+        # torch.jit.trace: shapes are traced tensors here (every check would warn and be frozen);
+        # the op it records, torch's batch norm, checks its input itself
+        return
     if input.dim() < 2:
         raise ValueError(f"{name}: expected input of shape (N, C, *) with at least 2 dimensions (got {input.dim()}D input)")
     dtype = input.dtype

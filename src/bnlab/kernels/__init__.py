@@ -23,6 +23,12 @@ transform is active (:func:`needs_reference`), every input takes the reference m
 torch ops (:mod:`bnlab.reference`), which torch differentiates in every mode; the running
 statistics still go through :func:`bnlab.policy.update_buffers`, as on every path.
 
+Capture: ``torch.compile`` and ``torch.export`` in training see bnlab's custom ops (:mod:`.ops`).
+In eval, ``torch.export`` (and so ``torch.onnx.export``) and ``torch.jit.trace`` record torch's
+own ``aten.batch_norm``, the op every exporter, runtime and conv-bn folding pass knows (torch's
+float32 eval math). ``torch.jit.trace`` in training mode and ``torch.jit.script`` raise one error
+naming the alternatives (:func:`trace_training_error`, :func:`script_error`).
+
 Autograd: first-order gradients come from the kernels' hand-derived backward. When a graph of the
 backward is requested (``create_graph=True``: double backward, gradient penalties,
 Hessian-vector products) the backward is the same formula in differentiable torch ops, with the
@@ -53,10 +59,30 @@ from . import cpu
 
 __all__ = [
     "NonFiniteBatchError", "update_buffers", "commit_running_stats", "uses_bnlab_kernel", "needs_reference",
-    "batch_norm_train", "batch_norm_eval",
+    "batch_norm_train", "batch_norm_eval", "trace_training_error", "script_error",
 ]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+
+_is_tracing = torch._C._is_tracing  # inside torch.jit.trace
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+_ALTERNATIVES = ("torch.compile(model) or torch.export.export(model, args), which both capture bnlab's batch norm "
+                 "in training and eval")
+
+
+def trace_training_error(name: str) -> str:
+    """The error torch.jit.trace of a training-mode bnlab batch norm raises."""
+    return (f"{name}: torch.jit.trace cannot record bnlab's batch norm in training mode (the kernels are numba code "
+            "outside TorchScript, and the running-statistics update is Python a trace would freeze). Use "
+            f"{_ALTERNATIVES}; or trace the model in eval mode (model.eval()), which records torch's eval batch norm.")
+
+
+def script_error(name: str) -> str:
+    """The error torch.jit.script of a model with a bnlab batch-norm layer raises."""
+    return (f"{name}: torch.jit.script cannot compile bnlab's batch norm (its forward calls numba kernels, which "
+            f"TorchScript cannot represent). Use {_ALTERNATIVES}; torch.jit.trace of the model in eval mode; or "
+            "convert the layers to torch's first: bnlab.convert(model, to=\"torch\").")
 
 _transforms_active = torch._C._are_functorch_transforms_active
 
@@ -194,10 +220,11 @@ def _reference_train(x, weight, bias, running_mean, running_var, num_batches_tra
                 if not _transforms_active():
                     raise
                 raise RuntimeError(
-                    f"{name}: cannot update the running statistics inside this torch.func transform (torch's "
-                    f"batch norm cannot either: {str(e).splitlines()[0]}). Use the layer in eval mode, build it "
-                    "with track_running_stats=False, call torch.func.replace_all_batch_norm_modules_(model), or "
-                    "pass the buffers to the transformed function as inputs (functional_call)."
+                    f"{name}: cannot update the running statistics inside this torch.func transform "
+                    f"({str(e).splitlines()[0]}). Use the layer in eval mode, build it with "
+                    "track_running_stats=False, call torch.func.replace_all_batch_norm_modules_(model), or, under "
+                    "grad/vjp/jvp (not vmap: bnlab cannot update batched buffers), pass the buffers to the "
+                    "transformed function as inputs (functional_call)."
                 ) from e
     return y
 
@@ -255,6 +282,8 @@ def batch_norm_train(
     if torch.compiler.is_compiling():
         return _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                nonfinite, name)
+    if _is_tracing():
+        raise RuntimeError(trace_training_error(name))
     if _dual_level_open() or _transforms_active():
         return _reference_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 nonfinite, name)
@@ -273,7 +302,9 @@ def batch_norm_eval(
     x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     if torch.compiler.is_compiling():
-        if not uses_bnlab_kernel(x):
+        if _is_exporting() or not uses_bnlab_kernel(x):
+            # torch.export (and the ONNX exporter on top of it): torch's own eval batch norm, the op
+            # every exporter, runtime and conv-bn folding pass knows; the numbers are torch's
             return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         from . import ops
 
@@ -281,7 +312,7 @@ def batch_norm_eval(
         return ops.batch_norm_eval(x, weight, bias, torch.stack((mean, var, torch.rsqrt(var + eps))))
     if _dual_level_open() or _transforms_active():
         return _reference_eval(x, running_mean, running_var, weight, bias, eps)
-    if not uses_bnlab_kernel(x):
+    if not uses_bnlab_kernel(x) or _is_tracing():  # torch.jit.trace records torch's op
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     stats = cpu.eval_stats(running_mean, running_var, eps)
     if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias):

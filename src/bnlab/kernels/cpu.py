@@ -59,7 +59,11 @@ variance, row 2 ``invstd = 1 / sqrt(var + eps)``.
 from __future__ import annotations
 
 import math
+import os
+import types as types_
+from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 from numba import get_num_threads, njit, prange, set_num_threads, uint64
@@ -1012,18 +1016,130 @@ def _group(n: int, c: int, s: int, nt: int, itemsize: int) -> int:
     return g
 
 
-def _threads_first() -> int:
+# ----------------------------------------------------------------------------------------------
+# threads: torch's setting, numba's pool, and fork
+#
+# The kernels run on as many threads as ``torch.get_num_threads()`` says (at most numba's pool,
+# ``NUMBA_NUM_THREADS``), so ``torch.set_num_threads`` and DataLoader workers (which set 1)
+# govern them as they govern torch's own kernels. numba's thread count is thread-local; a call
+# sets it for its own kernel launch only and puts back what it found.
+#
+# Threading layer, by measurement (2-core machine, 2 threads, training fwd+bwd, torch time / bnlab
+# time in one process, interleaved, median of 41; shapes 64x64x32x32 NCHW, 8x128x64x64 NCHW,
+# 64x64x32x32 channels_last, 32x256x8x8, 1024x512): numba's OpenMP layer ('omp', its default where
+# TBB is absent) 2.18 / 1.81 / 1.33 / 1.81 / 0.96; TBB (the PyPI ``tbb`` package, libtbb preloaded
+# by hand: numba does not find it in a venv) 1.59 / 1.55 / 0.90 / 1.21 / 0.58; 'workqueue' (also
+# not thread-safe: concurrent calls abort the process) 1.28 / 1.26 / 1.31 / 0.87 / 0.39. OpenMP
+# stays; bnlab does not change numba's choice (``NUMBA_THREADING_LAYER`` is honoured).
+# GNU OpenMP cannot be used across fork(): numba kills a forked child at its first parallel launch
+# if the parent had started the OpenMP pool ("fork() called from a process already using GNU
+# OpenMP"), and torch's own OpenMP kernels hang there. So a child forked after the pool started
+# (DataLoader fork workers, multiprocessing fork pools) runs serial twins of the kernels: the same
+# code compiled without ``parallel=True`` (prange is range), on the calling thread, never touching
+# the parent's pool; numerically they are the kernels with one thread. TBB and workqueue survive a
+# fork by themselves, and a child of a process under them keeps the parallel kernels.
+
+
+def _numba_threads_first() -> int:
     """numba's thread count for this thread; the first call starts numba's pool, then the plain
-    C getters replace the public functions (which take a lock and run Python on every call)."""
-    global _threads, _set_threads
+    C getter and setter replace the public functions (which take a lock and run Python)."""
+    global _numba_threads, _set_threads
     n = get_num_threads()
-    _threads = getattr(_numba_parallel, "_get_num_threads", get_num_threads)
+    _numba_threads = getattr(_numba_parallel, "_get_num_threads", get_num_threads)
     _set_threads = getattr(_numba_parallel, "_set_num_threads", set_num_threads)
     return n
 
 
-_threads = _threads_first
+_numba_threads = _numba_threads_first
 _set_threads = set_num_threads
+_MAX_THREADS = max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
+class _Kernels(NamedTuple):
+    rows_forward_train: object
+    rows_forward_eval: object
+    rows_backward: object
+    cols_forward_train: object
+    cols_forward_eval: object
+    cols_backward: object
+
+
+def _serial_twin(kernel):
+    """``kernel`` compiled without ``parallel=True``, under its own name (numba's on-disk cache
+    keys a function by name and bytecode, not by its flags: the twin must not load the parallel
+    build, nor the parallel kernel the twin's)."""
+    f = kernel.py_func
+    g = types_.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__module__ = f.__module__
+    g.__doc__ = f"Serial twin of :func:`{f.__name__}` (used in a forked child)."
+    return njit(**_JIT_SERIAL)(g)
+
+
+_SERIAL_KERNELS: _Kernels | None = None
+
+
+def serial_kernels() -> _Kernels:
+    """The serial twins of the six kernels (created on first use; compiled, or loaded from the
+    on-disk cache, on their first call)."""
+    global _SERIAL_KERNELS
+    if _SERIAL_KERNELS is None:
+        _SERIAL_KERNELS = _Kernels(*(_serial_twin(k) for k in _PARALLEL_KERNELS))
+    return _SERIAL_KERNELS
+
+
+_PARALLEL_KERNELS = _Kernels(rows_forward_train, rows_forward_eval, rows_backward,
+                             cols_forward_train, cols_forward_eval, cols_backward)
+_kernels = _PARALLEL_KERNELS  # what the entry points below call
+_serial_only = False  # every call on the serial twins, one thread
+_forked_from_omp = False  # a child forked from a process whose OpenMP pool had started
+
+
+def _omp_pool_started() -> bool:
+    return bool(getattr(_numba_parallel, "_is_initialized", False)) and \
+        getattr(_numba_parallel, "_threading_layer", None) == "omp"
+
+
+def _after_fork_in_child() -> None:
+    global _serial_only, _kernels, _forked_from_omp
+    if not _forked_from_omp and _omp_pool_started():
+        _forked_from_omp = _serial_only = True
+        _kernels = serial_kernels()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def use_serial_kernels(on: bool = True) -> None:
+    """Run every kernel call on the serial twins, on the calling thread: what a child forked from
+    an OpenMP process does by itself (for tests, and for keeping bnlab off numba's thread pool).
+    ``on=False`` goes back to the parallel kernels, except in such a child, where they cannot run."""
+    global _serial_only, _kernels
+    _serial_only = bool(on) or _forked_from_omp
+    _kernels = serial_kernels() if _serial_only else _PARALLEL_KERNELS
+
+
+def threads() -> int:
+    """Threads a kernel call from this thread uses on a large input: ``torch.get_num_threads()``,
+    at most numba's pool size; 1 where only the serial twins may run."""
+    if _serial_only:
+        return 1
+    n = torch.get_num_threads()
+    return n if n < _MAX_THREADS else _MAX_THREADS
+
+
+def _enter(nt: int) -> int:
+    """Set numba's thread count for this thread to ``nt`` for one kernel launch: the count to put
+    back afterwards, or 0 when nothing changed."""
+    if _serial_only:
+        return 0
+    prev = _numba_threads()
+    if prev <= 0:
+        prev = get_num_threads()
+    if prev == nt:
+        return 0
+    _set_threads(nt)
+    return prev
 
 
 # A plan per (shape, strides, dtype, threads): the layout and loop parameters, worked out once.
@@ -1081,10 +1197,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         stats = np.zeros((3, x.shape[1]))
         stats[2] = 1.0 / math.sqrt(eps)
         return torch.empty_like(x), stats, 0
-    pool = _threads()
-    if pool <= 0:
-        pool = get_num_threads()
-    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, pool)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, threads())
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
     xa = xd.numpy(force=True)
@@ -1103,16 +1216,16 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     else:
         b, has_b = bias.numpy(force=True), True
     stats = np.empty((3, c))
-    if serial:
-        _set_threads(1)
+    k = _kernels
+    prev = _enter(nt)
     try:
         if lay == ROWS:
-            nbad = rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf, stream)
+            nbad = k.rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf, stream)
         else:
-            nbad = cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt, stream)
+            nbad = k.cols_forward_train(xa, ya, w, b, has_w, has_b, n, c, eps, stats, nt, stream)
     finally:
-        if serial:
-            _set_threads(pool)
+        if prev:
+            _set_threads(prev)
     if not dense:
         y = torch.empty_like(x).copy_(y)
     return y, stats, nbad
@@ -1122,10 +1235,7 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     """Eval forward: normalize with ``stats`` (float64 ``(3, C)``; rows 0 and 2 are read)."""
     if x.numel() == 0:
         return torch.empty_like(x)
-    pool = _threads()
-    if pool <= 0:
-        pool = get_num_threads()
-    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, pool)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, threads())
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
     xa = xd.numpy(force=True)
@@ -1137,16 +1247,16 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     ya = ya.reshape(-1, copy=False)
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
-    if serial:
-        _set_threads(1)
+    k = _kernels
+    prev = _enter(nt)
     try:
         if lay == ROWS:
-            rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, nt)
+            k.rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, nt)
         else:
-            cols_forward_eval(xa, ya, w, b, has_w, has_b, n, c, stats, nt)
+            k.cols_forward_eval(xa, ya, w, b, has_w, has_b, n, c, stats, nt)
     finally:
-        if serial:
-            _set_threads(pool)
+        if prev:
+            _set_threads(prev)
     if not dense:
         y = torch.empty_like(x).copy_(y)
     return y
@@ -1186,10 +1296,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     gdtype = np.float64 if weight is None else _NP_DTYPE.get(weight.dtype, np.float64)
     if x.numel() == 0:
         return torch.empty_like(x), np.zeros((2, c), gdtype)
-    pool = _threads()
-    if pool <= 0:
-        pool = get_num_threads()
-    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, pool)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = _plan(x, threads())
     xd = x if dense else x.contiguous()
     if dy.stride() != xd.stride():
         dy = torch.empty_like(xd).copy_(dy)
@@ -1206,16 +1313,16 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     da = da.reshape(-1, copy=False)
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     grads = np.empty((2, c), gdtype)
-    if serial:
-        _set_threads(1)
+    k = _kernels
+    prev = _enter(nt)
     try:
         if lay == ROWS:
-            rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, g, pf, stream)
+            k.rows_backward(xa, ga, da, w, has_w, n, c, s, stats, grads, train, nt, g, pf, stream)
         else:
-            cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt, stream)
+            k.cols_backward(xa, ga, da, w, has_w, n, c, stats, grads, train, nt, stream)
     finally:
-        if serial:
-            _set_threads(pool)
+        if prev:
+            _set_threads(prev)
     if not dense:
         dx = torch.empty_like(x).copy_(dx)
     return dx, grads

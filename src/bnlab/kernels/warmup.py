@@ -3,9 +3,11 @@
 Compiles every kernel for every layout, dtype and parameter combination the library reaches
 (rows and columns layouts, float32 and float64, with and without an affine weight, training and
 eval, forward and backward, the running-statistics update), small inputs (one thread) and large
-ones (the thread pool) alike, so that the first batch norm in a fresh process loads compiled code
-from numba's on-disk cache (``cache=True``, next to the kernels' source) instead of compiling.
-A warm cache makes this command itself take about a second; a cold one some tens of seconds.
+ones (the thread pool) alike, and then the serial twins a forked child runs
+(:func:`bnlab.kernels.cpu.serial_kernels`), so that the first batch norm in a fresh process, or in
+a DataLoader fork worker, loads compiled code from numba's on-disk cache (``cache=True``, next to
+the kernels' source) instead of compiling. A warm cache makes this command itself take about a
+second; a cold one about 45 s on the 2-core machines here (the serial twins about 9 s of it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ def warmup() -> float:
         ((8, 3, 48, 48), None), ((8, 3, 48, 48), torch.channels_last), ((8192, 3), None),  # above SERIAL_BELOW
     ]
     assert 8 * 3 * 48 * 48 > cpu.SERIAL_BELOW
+    for serial in (False, True):
+        cpu.use_serial_kernels(serial)
+        try:
+            _pass(BF, shapes)
+        finally:
+            cpu.use_serial_kernels(False)
+    return time.perf_counter() - t0
+
+
+def _pass(BF, shapes) -> None:
     for dtype in (torch.float32, torch.float64):
         for shape, fmt in shapes:
             for affine in (True, False):
@@ -41,8 +53,7 @@ def warmup() -> float:
                 y.backward(torch.ones_like(y))
                 ye = BF.batch_norm(x, rm, rv, w, b, training=False)
                 ye.backward(torch.ones_like(ye))
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
-    print(f"bnlab kernels warm ({warmup():.1f} s)")
+    print(f"bnlab kernels warm ({warmup():.1f} s)", flush=True)

@@ -60,6 +60,11 @@ class _BatchNorm(_tbn._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.nonfinite = check_nonfinite_option(nonfinite, type(self).__name__)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: one clear error instead
+        # of TorchScript's (or numba's) failure deep inside the kernels
+        raise RuntimeError(kernels.script_error(type(self).__name__))
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         name = type(self).__name__

@@ -196,6 +196,9 @@ class MaskedBatchNorm1d(_NormBase):
             )
         return mask.to(device=input.device, dtype=torch.bool)
 
+    def __prepare_scriptable__(self):  # torch.jit.script: one clear error (see bnlab.nn.BatchNorm2d)
+        raise RuntimeError(kernels.script_error(type(self).__name__))
+
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = self._check_input(input, mask)
         # padding content never enters any arithmetic: masked positions become 0 first (torch.where,
@@ -355,6 +358,9 @@ class SequenceBatchNorm(Module):
         if offset is None:
             return self.bias
         return offset if self.bias is None else self.bias + offset
+
+    def __prepare_scriptable__(self):  # torch.jit.script: one clear error (see bnlab.nn.BatchNorm2d)
+        raise RuntimeError(kernels.script_error(type(self).__name__))
 
     def forward(self, x: Tensor, step: int = 0, offset: Tensor | None = None) -> Tensor:
         """Normalize the ``(N, C)`` rows of time step ``step``.

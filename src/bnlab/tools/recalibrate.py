@@ -21,6 +21,8 @@ norm (a ``torch.nn.modules.batchnorm._BatchNorm``) with the two methods gets bot
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,7 +32,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..policy import _LIMIT, bad_channels, bessel, raise_bad_batch
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "PROGRESS_AFTER_S"]
 
 
 class _Accumulator:
@@ -96,6 +98,61 @@ def _input_of(batch: Any) -> Any:
     return batch
 
 
+# A pass shorter than this shows no progress bar (seconds).
+PROGRESS_AFTER_S = 2.0
+
+
+def _new_progress(total: int | None):
+    """A rich progress bar on stderr (transient: it disappears when the pass ends), started."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("recalibrate: batches"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    bar.start()
+    return bar, bar.add_task("recalibrate", total=total)
+
+
+class _Progress:
+    """The pass's progress bar: ``progress=None`` shows it on a terminal (stderr a TTY) once the pass
+    has run :data:`PROGRESS_AFTER_S`; ``True`` shows it from the first batch whatever stderr is;
+    ``False`` never."""
+
+    def __init__(self, progress: bool | None, total: int | None) -> None:
+        if progress is None:
+            isatty = getattr(sys.stderr, "isatty", None)
+            self.on, self.after = bool(isatty and isatty()), PROGRESS_AFTER_S
+        else:
+            self.on, self.after = bool(progress), 0.0
+        self.total = total
+        self.t0 = time.perf_counter()
+        self.bar = self.task = None
+
+    def update(self, done: int) -> None:
+        if not self.on:
+            return
+        if self.bar is None:
+            if time.perf_counter() - self.t0 < self.after:
+                return
+            self.bar, self.task = _new_progress(self.total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _total(data: Iterable, num_batches: int | None) -> int | None:
+    """How many batches the pass will run, when it can be known in advance."""
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    if num_batches is None:
+        return n
+    return num_batches if n is None else min(n, num_batches)
+
+
 def _restore_buffer(module: nn.Module, name: str, original: torch.Tensor, saved: torch.Tensor) -> None:
     if module._buffers.get(name) is not original:  # replaced (a layer that grows its buffers): put it back
         module._buffers[name] = original
@@ -112,6 +169,7 @@ def recalibrate(
     num_batches: int | None = None,
     *,
     forward: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Recompute every batch-norm layer's running statistics over ``data`` (precise BN).
 
@@ -126,6 +184,10 @@ def recalibrate(
         num_batches: use at most this many batches (default: all).
         forward: keyword; ``forward(model, batch)`` runs one batch instead, for any other batch
             structure (``lambda m, b: m(**b)``, ``lambda m, b: m(b["x"], lengths=b["len"])``).
+        progress: keyword; a progress bar (rich, on stderr, gone when the pass ends). ``None``
+            (default): only on a terminal, and only once the pass has run 2 seconds
+            (:data:`PROGRESS_AFTER_S`), so a short pass and a non-TTY run (logs, CI) print
+            nothing; ``True``: always, from the first batch; ``False``: never.
 
     Non-finite batches follow each layer's ``nonfinite`` policy: ``"skip"`` leaves the batch out
     of that layer's statistics; ``"raise"`` (bnlab's default; also what torch's layers, which have
@@ -169,6 +231,7 @@ def recalibrate(
     hooks = [m.register_forward_pre_hook(accs[m]) for m in bns]
     begun, ended = [], set()
     ok = False
+    bar = _Progress(progress, _total(data, num_batches))
     try:
         model.train()
         for m in custom:
@@ -181,11 +244,13 @@ def recalibrate(
                 forward(model, batch)
             else:
                 model(_input_of(batch))
+            bar.update(i + 1)
         for m in custom:
             m.recalibrate_end()
             ended.add(m)
         ok = True
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
         if not ok:
