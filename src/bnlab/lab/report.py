@@ -636,7 +636,7 @@ def write_markdown(path: Path, claims: dict, prov: dict, outdir: Path, summary: 
     L += ["## Time", ""] + [f"- {x}" for x in _budget_lines(prov)] + [""]
     pc = [(cid, x) for cid, c in claims.items() for x in c.get("protocol_changes") or []]
     if pc:
-        L += ["## Protocol changes from CLAIMS.md", ""] + [f"- {cid}: {x}" for cid, x in pc] + [""]
+        L += ["## Protocol changes from docs/CLAIMS.md", ""] + [f"- {cid}: {x}" for cid, x in pc] + [""]
     L += ["## Provenance", "", "```json", json.dumps(_jsonable(prov), indent=2), "```", ""]
     path.write_text("\n".join(L))
 
