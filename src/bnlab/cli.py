@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--robustness", action="store_true",
                    help="the --robustness of the audit to report (default: off; always on in the full profile)")
     r.add_argument("--workers", type=int, default=2,
-                   help="the --workers of the audit to report (C2's wall-clock runs are keyed by it) "
-                        "(default: %(default)s)")
+                   help="the --workers of the audit to report; no run is keyed by it, so any value re-renders "
+                        "the same report (default: %(default)s)")
 
     b = sub.add_parser("bench", help="time bnlab's batch norm against torch's native kernel")
     b.add_argument("--suite", choices=["bn", "rnn", "all"], default="all",
