@@ -342,6 +342,7 @@ class _Entry:
     seeded: bool
     files: Callable[[str | None], dict[str, Path]] | None
     source: dict | None
+    classes: int | None
 
 
 _LOADERS: dict[str, _Entry] = {}
@@ -350,12 +351,14 @@ DATA_DIR_SETS = ("mnist", "fashion-mnist", "cifar10")  # the built-in sets read 
 
 
 def register_dataset(name: str, fn: Callable[[int, str | None], Dataset], seeded: bool = False,
-                     files: Callable[[str | None], dict[str, Path]] | None = None, source: dict | None = None) -> None:
+                     files: Callable[[str | None], dict[str, Path]] | None = None, source: dict | None = None,
+                     classes: int | None = None) -> None:
     """Add a data set: ``fn(seed, data_dir) -> Dataset``. ``seeded``: whether the seed changes it.
     ``files(data_dir) -> {role: path}``: for a set read from ``--data-dir``, the files it reads
     (raising :class:`DataError` when one is missing); its identity is then their contents' hash.
-    ``source``: for a shipped set, what generates it (its identity)."""
-    _LOADERS[name] = _Entry(fn, seeded, files, source)
+    ``source``: for a shipped set, what generates it (its identity). ``classes``: its class count,
+    when known without loading it (:func:`chance` then needs no data)."""
+    _LOADERS[name] = _Entry(fn, seeded, files, source, classes)
 
 
 def _version(dist: str) -> str:
@@ -367,14 +370,15 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-register_dataset("digits", _digits, seeded=True,
+register_dataset("digits", _digits, seeded=True, classes=10,
                  source={"generator": "sklearn.datasets.load_digits", "package": "scikit-learn"})
-register_dataset("mnist1d", _mnist1d,
+register_dataset("mnist1d", _mnist1d, classes=10,
                  source={"generator": "mnist1d.data.make_dataset", "package": "mnist1d", "args": MNIST1D_ARGS})
-register_dataset("mnist", lambda seed, d: _idx_dataset("mnist", d), files=lambda d: _idx_files("mnist", d))
+register_dataset("mnist", lambda seed, d: _idx_dataset("mnist", d), files=lambda d: _idx_files("mnist", d),
+                 classes=10)
 register_dataset("fashion-mnist", lambda seed, d: _idx_dataset("fashion-mnist", d),
-                 files=lambda d: _idx_files("fashion-mnist", d))
-register_dataset("cifar10", lambda seed, d: load_cifar10(d), files=_cifar_files)
+                 files=lambda d: _idx_files("fashion-mnist", d), classes=10)
+register_dataset("cifar10", lambda seed, d: load_cifar10(d), files=_cifar_files, classes=10)
 
 
 def _entry(name: str) -> _Entry:
@@ -430,6 +434,14 @@ def source(name: str, data_dir: str | None = None) -> dict:
 
 def names() -> list[str]:
     return sorted(_LOADERS)
+
+
+def chance(name: str, data_dir: str | None = None) -> float:
+    """Chance accuracy, 1 / classes, of a data set: from its registration where it declares its
+    class count (every built-in set), else from loading it."""
+    entry = _entry(name)
+    k = entry.classes if entry.classes is not None else load(name, 0, data_dir).num_classes
+    return 1.0 / k
 
 
 @lru_cache(maxsize=16)

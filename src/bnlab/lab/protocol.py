@@ -21,6 +21,15 @@ VERDICTS = ("supported", "refuted", "inconclusive", "partly supported", "partly 
 BUDGET_S = {"quick": 180, "full": 1200}  # the audit's wall-clock bar (C1-C5, 2 cores)
 
 
+RULE_DATES = {1: "2026-11-25", 2: "2026-12-01"}  # when each version of the audit's rules was fixed
+
+
+def rule_versions(v1: str, v2: str, reason: str) -> list[dict]:
+    """A claim's ``RULES``: its rule text under each version, with the dates and why v2 replaced v1."""
+    return [{"version": 1, "date": RULE_DATES[1], "text": v1},
+            {"version": 2, "date": RULE_DATES[2], "text": v2, "reason": reason}]
+
+
 @dataclass
 class Run:
     """One run a claim needs. Only ``config`` is the run's identity (with the code fingerprint).

@@ -50,7 +50,7 @@ from .. import data as D
 from .. import metrics as M
 from .. import stats
 from ..plots import color, figure, label, save
-from ..protocol import Plan, Run, classify_config, data_spec, step_cost
+from ..protocol import Plan, Run, classify_config, data_spec, rule_versions, step_cost
 
 ID = "C1"
 TITLE = "BN allows much higher learning rates"
@@ -105,18 +105,15 @@ RULE = ("Two parts decided alone, the MLP ('mlp') and the conv net ('conv', on t
         "1.0 ln K (looser), and the same rule is shown with accuracy-based stability (test accuracy >= c + 0.5 (b - "
         "c), c chance, b the arm's best seed-mean accuracy over the grid). lr width (grid points within 2 accuracy "
         "points of the arm's best seed-mean accuracy) is a finding.")
-RULES = [
-    {"version": 1, "date": "2026-11-25", "text": RULE_V1},
-    {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1's interval was a percentile bootstrap of the median over 3-5 seeds (about [min, max] of the "
-                "seeds) and its rule compared a median ratio with fixed cut-offs, no interval involved; BN stable "
-                "at the top of the grid was read as a value although the grid ended there; one loss threshold "
-                "alone decided stability; lr width, a finding, was a verdict input; and only an MLP was tested "
-                "while most BN in the field sits in conv nets. v2 decides by the t-interval of the paired "
-                "grid-index difference against delta 2, extends the grid and reports censored seeds as bounds, "
-                "shows the verdict with accuracy-based stability and at two more loss thresholds, keeps lr width "
-                "as a finding and adds a conv part.")},
-]
+RULES = rule_versions(RULE_V1, RULE, reason=(
+    "v1's interval was a percentile bootstrap of the median over 3-5 seeds (about [min, max] of the "
+    "seeds) and its rule compared a median ratio with fixed cut-offs, no interval involved; BN stable "
+    "at the top of the grid was read as a value although the grid ended there; one loss threshold "
+    "alone decided stability; lr width, a finding, was a verdict input; and only an MLP was tested "
+    "while most BN in the field sits in conv nets. v2 decides by the t-interval of the paired "
+    "grid-index difference against delta 2, extends the grid and reports censored seeds as bounds, "
+    "shows the verdict with accuracy-based stability and at two more loss thresholds, keeps lr width "
+    "as a finding and adds a conv part."))
 
 
 # ------------------------------------------------------------------ runs
@@ -227,12 +224,9 @@ def plan(ctx, results) -> Plan:
 
 # ------------------------------------------------------------------ metrics
 def _chance(ctx) -> float:
-    """1 / classes of the data set the runs used (10 for every data set bnlab ships or reads)."""
+    """1 / classes of the data set the runs used."""
     spec = data_spec(ctx, ctx.settings["dataset"])
-    try:
-        return 1.0 / D.load(spec["name"], ctx.first_seed, spec.get("data_dir")).num_classes
-    except Exception:  # the data are gone after the runs: every data set bnlab reads has 10 classes
-        return 0.1
+    return D.chance(spec["name"], spec.get("data_dir"))
 
 
 def _classes(chance: float) -> int:

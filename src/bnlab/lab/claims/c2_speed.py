@@ -54,7 +54,7 @@ from .. import data as D
 from .. import metrics as M
 from .. import stats
 from ..plots import color, figure, label, save
-from ..protocol import Plan, Run, classify_config, data_spec, pick_best, step_cost
+from ..protocol import Plan, Run, classify_config, data_spec, pick_best, rule_versions, step_cost
 from ..tasks import LAB_CODE, register_task
 
 ID = "C2"
@@ -126,16 +126,13 @@ RULE = ("Two parts, each decided alone: the Ioffe replica (sigmoid, N(0, 0.05^2)
         "share 0.97 is also applied at 0.99 (stricter, about 97%) and 0.91 (looser, about 90%). Findings, not "
         "verdict inputs: noisy BN within 1.5x of BN's steps, the arms at the shared lr 0.1, and wall-clock per "
         "step with the arms alternating in one process.")
-RULES = [
-    {"version": 1, "date": "2026-11-25", "text": RULE_V1},
-    {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1 decided on the sigmoid net alone after the ReLU net's verdict had flipped between seed sets, "
-                "gave a strong verdict from a metric that could not separate the arms (every run censored at the "
-                "cap: ratio 1, refuted), and read a percentile bootstrap over 3-5 seeds as a 95% interval. v2 "
-                "restores both nets as parts with the seeds the ReLU part needs (full: 10), decides each by the "
-                "t-interval of the paired log step ratio against log 2, calls seeds with both arms censored "
-                "degenerate, sets the target relative to the data and makes wall-clock a finding.")},
-]
+RULES = rule_versions(RULE_V1, RULE, reason=(
+    "v1 decided on the sigmoid net alone after the ReLU net's verdict had flipped between seed sets, "
+    "gave a strong verdict from a metric that could not separate the arms (every run censored at the "
+    "cap: ratio 1, refuted), and read a percentile bootstrap over 3-5 seeds as a 95% interval. v2 "
+    "restores both nets as parts with the seeds the ReLU part needs (full: 10), decides each by the "
+    "t-interval of the paired log step ratio against log 2, calls seeds with both arms censored "
+    "degenerate, sets the target relative to the data and makes wall-clock a finding."))
 
 
 # ------------------------------------------------------------------ runs
@@ -148,8 +145,9 @@ def _data(ctx, val: bool = False) -> dict:
 
 
 def _chance(ctx) -> float:
+    """1 / classes of the data set the runs used."""
     spec = _data(ctx)
-    return 1.0 / D.load(spec["name"], ctx.first_seed, spec.get("data_dir")).num_classes
+    return D.chance(spec["name"], spec.get("data_dir"))
 
 
 def _model(ctx, net: str, arm: str) -> tuple[dict, dict]:

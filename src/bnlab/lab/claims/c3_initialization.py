@@ -42,7 +42,7 @@ from .. import data as D
 from .. import metrics as M
 from .. import stats
 from ..plots import color, figure, label, save
-from ..protocol import Plan, Run, classify_config, data_spec, pick_best, step_cost
+from ..protocol import Plan, Run, classify_config, data_spec, pick_best, rule_versions, step_cost
 
 ID = "C3"
 TITLE = "BN makes initialization easier, especially in deep networks"
@@ -77,16 +77,13 @@ RULE = ("A cell (depth L, init scale g) is trained in a seed when its test accur
         "(this includes BN with the smaller area); else inconclusive. Inconclusive (degenerate) when b - c < "
         "0.1 (1 - c) or when every seed has both areas 0 or both 1. The share 0.8 is also applied at 0.9 (stricter) "
         "and 0.7 (looser). Spread over g per depth and the gradient ratio at init are findings.")
-RULES = [
-    {"version": 1, "date": "2026-11-25", "text": RULE_V1},
-    {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1's fixed 80% threshold is out of reach on mnist1d, where no MLP cell of either arm gets there: both "
-                "areas were 0 and v1 said refuted while BN's accuracy spread over init scales was a third of "
-                "plain's; its interval was a percentile bootstrap over 3-5 seeds (about [min, max]); its refutation "
-                "(areas within one cell) did not cover BN with the smaller area. v2 sets 'trained' from the data "
-                "(c + 0.8 (b - c)), decides by the t-interval of the paired area difference against delta 0.25, "
-                "calls both areas 0 (or 1) degenerate and shows the verdict at shares 0.7 and 0.9.")},
-]
+RULES = rule_versions(RULE_V1, RULE, reason=(
+    "v1's fixed 80% threshold is out of reach on mnist1d, where no MLP cell of either arm gets there: both "
+    "areas were 0 and v1 said refuted while BN's accuracy spread over init scales was a third of "
+    "plain's; its interval was a percentile bootstrap over 3-5 seeds (about [min, max]); its refutation "
+    "(areas within one cell) did not cover BN with the smaller area. v2 sets 'trained' from the data "
+    "(c + 0.8 (b - c)), decides by the t-interval of the paired area difference against delta 0.25, "
+    "calls both areas 0 (or 1) degenerate and shows the verdict at shares 0.7 and 0.9."))
 
 
 # ------------------------------------------------------------------ runs
@@ -144,15 +141,12 @@ def plan(ctx, results) -> Plan:
 
 
 # ------------------------------------------------------------------ metrics
-_CLASSES = {"digits": 10, "mnist1d": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
 def _chance(ctx) -> float:
-    """1 / classes of the data set the runs used (the built-in data sets without loading them)."""
+    """1 / classes of the data set the runs used."""
     spec = data_spec(ctx, ctx.settings["dataset"])
-    if spec["name"] in _CLASSES:
-        return 1.0 / _CLASSES[spec["name"]]
-    return 1.0 / D.load(spec["name"], ctx.first_seed, spec.get("data_dir")).num_classes
+    return D.chance(spec["name"], spec.get("data_dir"))
 
 
 def _grid(ctx, results) -> dict:

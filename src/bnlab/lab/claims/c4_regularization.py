@@ -73,7 +73,7 @@ from .. import data as D
 from .. import metrics as M
 from .. import stats
 from ..plots import color, figure, label, save
-from ..protocol import Plan, Run, classify_config, data_spec, step_cost
+from ..protocol import Plan, Run, classify_config, data_spec, rule_versions, step_cost
 
 ID = "C4"
 TITLE = "BN regularizes a little, like dropout"
@@ -126,16 +126,13 @@ RULE = ("Three parts. (a) gap: d_s = plain's gap - BN's gap at p = 0 (train - te
         "plain's best p (points); supported if the interval lies above -1 (non-inferior, margin 1 point) and BN's best "
         "p <= plain's best p; refuted if the interval lies below -1; else inconclusive; degenerate where plain's best "
         "p is 0. Every part is degenerate when nothing trained. The frozen-statistics arm and test NLL are findings.")
-RULES = [
-    {"version": 1, "date": "2026-11-25", "text": RULE_V1},
-    {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1 joined the gap, NLL and dropout conditions into one verdict decided by seed counts (4/5) and a "
-                "percentile bootstrap over 5 seeds (about [min, max]), and attributed the effect to batch noise through "
-                "the frozen-statistics control, which removes both the noise and the gradient through the statistics "
-                "(and was evaluated with statistics that did not match what its layers saw). v2 decides three parts "
-                "with paired t-intervals, tests the noise by a ghost-batch dose-response, keeps the frozen arm (with "
-                "refreshed eval statistics) as a finding, and does not evaluate 'less dropout' where plain needs none.")},
-]
+RULES = rule_versions(RULE_V1, RULE, reason=(
+    "v1 joined the gap, NLL and dropout conditions into one verdict decided by seed counts (4/5) and a "
+    "percentile bootstrap over 5 seeds (about [min, max]), and attributed the effect to batch noise through "
+    "the frozen-statistics control, which removes both the noise and the gradient through the statistics "
+    "(and was evaluated with statistics that did not match what its layers saw). v2 decides three parts "
+    "with paired t-intervals, tests the noise by a ghost-batch dose-response, keeps the frozen arm (with "
+    "refreshed eval statistics) as a finding, and does not evaluate 'less dropout' where plain needs none."))
 
 
 # ------------------------------------------------------------------ runs
@@ -189,15 +186,12 @@ def plan(ctx, results) -> Plan:
 
 
 # ------------------------------------------------------------------ metrics
-_CLASSES = {"digits": 10, "mnist1d": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
 def _chance(ctx) -> float:
-    """1 / classes of the data set the runs used (the built-in data sets without loading them)."""
+    """1 / classes of the data set the runs used."""
     spec = data_spec(ctx, ctx.settings["dataset"])
-    if spec["name"] in _CLASSES:
-        return 1.0 / _CLASSES[spec["name"]]
-    return 1.0 / D.load(spec["name"], ctx.first_seed, spec.get("data_dir")).num_classes
+    return D.chance(spec["name"], spec.get("data_dir"))
 
 
 def _table(ctx, results) -> dict:

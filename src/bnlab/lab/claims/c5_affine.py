@@ -45,7 +45,7 @@ from .. import data as D
 from .. import metrics as M
 from .. import stats
 from ..plots import color, figure, label, save
-from ..protocol import Plan, Run, classify_config, data_spec, step_cost
+from ..protocol import Plan, Run, classify_config, data_spec, rule_versions, step_cost
 
 ID = "C5"
 TITLE = "gamma and beta add flexibility and help"
@@ -82,17 +82,14 @@ RULE = ("Three parts, each by the default rule on paired per-seed differences of
         "mean lies above 0 and the mean is >= delta; refuted if the interval lies below delta (the opposite direction "
         "included); else inconclusive. A part whose two arms are at chance in every run is inconclusive (degenerate). "
         "The claim combines the parts (partly supported / partly refuted where they differ).")
-RULES = [
-    {"version": 1, "date": "2026-11-25", "text": RULE_V1},
-    {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1 decided the claim jointly: supported needed the sigmoid net's gain (>= 0.5 points, ahead in 4/5 "
-                "seeds) and the gamma/beta-only net >= 10 points above its control; refuted needed no gain in either "
-                "net and gamma/beta-only within 5 points of its control, so 'helps' could be refuted only together "
-                "with the sub-test; its interval was a percentile bootstrap over 5 seeds (about [min, max]). v2 decides "
-                "the sigmoid net, the ReLU net and the gamma/beta-only sub-test as three parts, each supported or "
-                "refuted by its own paired difference and t-interval, and calls a comparison of two arms at chance "
-                "degenerate.")},
-]
+RULES = rule_versions(RULE_V1, RULE, reason=(
+    "v1 decided the claim jointly: supported needed the sigmoid net's gain (>= 0.5 points, ahead in 4/5 "
+    "seeds) and the gamma/beta-only net >= 10 points above its control; refuted needed no gain in either "
+    "net and gamma/beta-only within 5 points of its control, so 'helps' could be refuted only together "
+    "with the sub-test; its interval was a percentile bootstrap over 5 seeds (about [min, max]). v2 decides "
+    "the sigmoid net, the ReLU net and the gamma/beta-only sub-test as three parts, each supported or "
+    "refuted by its own paired difference and t-interval, and calls a comparison of two arms at chance "
+    "degenerate."))
 
 
 # ------------------------------------------------------------------ runs
@@ -143,15 +140,12 @@ def plan(ctx, results) -> Plan:
 
 
 # ------------------------------------------------------------------ metrics
-_CLASSES = {"digits": 10, "mnist1d": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
 def _chance(ctx) -> float:
-    """1 / classes of the data set the runs used (the built-in data sets without loading them)."""
+    """1 / classes of the data set the runs used."""
     spec = data_spec(ctx, ctx.settings["dataset"])
-    if spec["name"] in _CLASSES:
-        return 1.0 / _CLASSES[spec["name"]]
-    return 1.0 / D.load(spec["name"], ctx.first_seed, spec.get("data_dir")).num_classes
+    return D.chance(spec["name"], spec.get("data_dir"))
 
 
 def _by_seed(ctx, members: list[dict]) -> dict[int, dict]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import stats
 from ..plots import figure, save
-from ..protocol import Plan, Run
+from ..protocol import Plan, Run, rule_versions
 from ..rnn_train import DEFAULTS, FIRST_STEP, train_rnn
 from ..seqdata import SEQ_DATASETS
 from ..tasks import register_task
@@ -190,20 +190,17 @@ _RULES_V1 = {
 RULE_V1 = ("Per part (CLAIMS.md C6), on the 2-layer LSTM: " + "; ".join(f"'{k}': {v}" for k, v in _RULES_V1.items())
            + ". Overall: all parts supported -> supported; all refuted -> refuted; any part supported or partly "
              "supported -> partly supported; else inconclusive.")
-RULES = [
-    {"version": 1, "date": "2026-11-25", "text": RULE_V1},
-    {"version": 2, "date": "2026-12-01", "text": RULE,
-     "reason": ("v1's intervals were a percentile bootstrap over 3-5 seeds (about [min, max] of the seeds) and its "
-                "support tests used point estimates (vertical's mean within 1 point, a 4/5 sign count); 'because "
-                "gradients explode' read only ||dL/dh_1|| / ||dL/dh_T|| at init, on which LayerNorm, the control "
-                "the literature treats as safe, scores higher than naive horizontal BN (about 400 vs 130, seed 0), "
-                "mostly from the first step or two where h_0 = 0; and 'horizontal hurts' mixed the naive arm and "
-                "the blanket claim in one part. v2 decides four parts by paired t-intervals: vertical by "
-                "non-inferiority (accuracy and steps), the naive arm and Cooijmans-style each against none, and the "
-                "gradient growth from h_3 over init and training against the larger of none's and LayerNorm's; "
-                "it also corrects the report's account of what separates horizontal from per-step BN with gamma 1 "
-                "(the cell normalization and the input statistics).")},
-]
+RULES = rule_versions(RULE_V1, RULE, reason=(
+    "v1's intervals were a percentile bootstrap over 3-5 seeds (about [min, max] of the seeds) and its "
+    "support tests used point estimates (vertical's mean within 1 point, a 4/5 sign count); 'because "
+    "gradients explode' read only ||dL/dh_1|| / ||dL/dh_T|| at init, on which LayerNorm, the control "
+    "the literature treats as safe, scores higher than naive horizontal BN (about 400 vs 130, seed 0), "
+    "mostly from the first step or two where h_0 = 0; and 'horizontal hurts' mixed the naive arm and "
+    "the blanket claim in one part. v2 decides four parts by paired t-intervals: vertical by "
+    "non-inferiority (accuracy and steps), the naive arm and Cooijmans-style each against none, and the "
+    "gradient growth from h_3 over init and training against the larger of none's and LayerNorm's; "
+    "it also corrects the report's account of what separates horizontal from per-step BN with gamma 1 "
+    "(the cell normalization and the input statistics)."))
 
 # seconds of one core per training step (LSTM, T = 32, hidden 64, batch 64), measured here
 _STEP_S = {"none": 0.0085, "vertical": 0.021, "horizontal": 0.028, "per_timestep": 0.028, "layer": 0.027}
