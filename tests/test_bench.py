@@ -34,3 +34,17 @@ def test_bench_rnn_suite_is_skipped_with_a_message_when_its_module_is_missing(tm
     assert cli.main(["bench", "--quick", "--suite", "rnn", "--json", str(out), "--no-progress"]) == 0
     res = json.loads(out.read_text())
     assert "skipped" in res["rnn"] and "bn" not in res
+
+
+def test_bench_quick_models_suite_prints_one_direction_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "models.json"
+    assert cli.main(["bench", "--quick", "--suite", "models", "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ratio = torch time / bnlab time" in printed and "models: one training step" in printed
+    res = json.loads(out.read_text())
+    assert "bn" not in res and "rnn" not in res
+    rows = [r for r in res["models"]["rows"] if "skipped" not in r]
+    assert {r["model"] for r in rows} >= {"mlp", "resnet"}
+    for r in rows:
+        assert r["torch_ms"] > 0 and r["bnlab_ms"] > 0
+        assert abs(r["ratio"] - r["torch_ms"] / r["bnlab_ms"]) < 1e-9 * r["ratio"]

@@ -52,20 +52,25 @@ def test_export_eval_records_torchs_batch_norm_and_gives_the_eager_output(strict
         torch.testing.assert_close(ep.module()(x2), m(x2), rtol=1e-5, atol=1e-5)
 
 
-def test_export_train_with_a_dynamic_batch_runs_bnlabs_ops_and_updates_the_buffers_like_eager():
+def test_export_train_with_a_dynamic_batch_records_torch_ops_and_updates_the_buffers_like_eager():
+    """In training, the exported graph is batch norm in torch ops (shifted var_mean and the affine,
+    as under torch.compile) plus bnlab's running-statistics op, which applies the policy."""
     torch.manual_seed(0)
     m = ConvBN().train()
     eager = copy.deepcopy(m)
     x = torch.randn(4, 3, 8, 8)
     ep = torch.export.export(m, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
-    assert {"bnlab.batch_norm_train.default", "bnlab.update_running_stats.default"} <= _targets(ep)
+    targets = _targets(ep)
+    assert "bnlab.update_running_stats.default" in targets
+    assert "bnlab.batch_norm_train.default" not in targets
+    assert any("var_mean" in t for t in targets)
     em = ep.module()
     for n in (6, 3):  # batch sizes other than the example's
         xb = torch.randn(n, 3, 8, 8)
-        torch.testing.assert_close(em(xb), eager(xb), rtol=0, atol=0)
+        torch.testing.assert_close(em(xb), eager(xb), rtol=1e-5, atol=1e-5)
     buffers = dict(em.named_buffers())
     for k in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(buffers[f"bn.{k}"], getattr(eager.bn, k), rtol=0, atol=0)
+        torch.testing.assert_close(buffers[f"bn.{k}"], getattr(eager.bn, k), rtol=1e-6, atol=1e-6)
     assert buffers["bn.num_batches_tracked"].item() == 2
 
 

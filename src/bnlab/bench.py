@@ -370,6 +370,18 @@ def _print_report(console, result: dict) -> None:
                       + ("" if not bad else "; missed: " + "; ".join(
                           f"{c['what']} {c['ratio']:.2f} (need {'<' if 'first' in c['what'] else '>='} {c['need']})"
                           for c in bad)))
+    models = result.get("models")
+    if models is not None:
+        from .bench_models import format_rows
+
+        t = Table(title=f"models: one training step (forward, loss, backward, SGD step) or one inference call, "
+                        f"{models['threads']} threads, median of {models['repeats']} interleaved rounds "
+                        "(ratio = torch / bnlab)")
+        for col in ("model", "configuration", "torch ms", "bnlab ms", "ratio", "bar", "note"):
+            t.add_column(col, justify="left" if col in ("model", "configuration", "bar", "note") else "right")
+        for row in format_rows(models):
+            t.add_row(*row)
+        console.print(t)
     rnn = result.get("rnn")
     if isinstance(rnn, dict) and "rows" in rnn:
         try:
@@ -395,6 +407,7 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     console = Console() if sys.stdout.isatty() else Console(width=150)
+    console.print("ratio = torch time / bnlab time in every table: above 1, bnlab is faster")
     result: dict = {"suite": suite, "quick": quick, "loadavg_start": _loadavg()}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=bool(getattr(args, "no_progress", False)), transient=True)
@@ -415,6 +428,10 @@ def run(args) -> int:
                 result["first_call"] = first_call_cost(threads, later=5 if quick else 20)
                 progress.advance(task)
                 result["bar"] = check_bar(result["bn"]["rows"], result["first_call"])
+            if suite in ("models", "all"):
+                from .bench_models import run_models_suite
+
+                result["models"] = run_models_suite(args, progress)
             if suite in ("rnn", "all"):
                 try:
                     from .bench_rnn import run_rnn_suite

@@ -17,14 +17,20 @@ nonfinite, name) -> y``
     Normalize with the given statistics (constants for autograd).
 
 Routing: CPU float32/float64 tensors go to bnlab's fused numba kernels (:mod:`.cpu`); every other
-device and dtype (CUDA, float16, bfloat16) goes to ``torch.nn.functional.batch_norm``, which
-computes half-precision statistics in float32. While forward-mode AD or a ``torch.func``
+device and dtype (CUDA, float16, bfloat16) goes to torch's kernel
+(``aten._native_batch_norm_legit``), which computes half-precision statistics in float32 and
+returns them from the same call: the non-finite check and the running update read those, with no
+second pass over the input. While forward-mode AD or a ``torch.func``
 transform is active (:func:`needs_reference`), every input takes the reference math in plain
 torch ops (:mod:`bnlab.reference`), which torch differentiates in every mode; the running
 statistics still go through :func:`bnlab.policy.update_buffers`, as on every path.
 
-Capture: ``torch.compile`` and ``torch.export`` in training see bnlab's custom ops (:mod:`.ops`).
-In eval, ``torch.export`` (and so ``torch.onnx.export``) and ``torch.jit.trace`` record torch's
+Capture: under ``torch.compile`` and ``torch.export`` batch norm is written in torch ops
+(:func:`_compiled_train`: a shifted ``var_mean``, which inductor lowers to a Welford reduction,
+and the affine), so inductor fuses it with the convolution, activation and residual add around
+it as it does torch's own; the running statistics go through bnlab's mutating op
+:func:`bnlab.kernels.ops.update_running_stats`, the policy with its non-finite check inside. In
+eval, ``torch.export`` (and so ``torch.onnx.export``) and ``torch.jit.trace`` record torch's
 own ``aten.batch_norm``, the op every exporter, runtime and conv-bn folding pass knows (torch's
 float32 eval math). ``torch.jit.trace`` in training mode and ``torch.jit.script`` raise one error
 naming the alternatives (:func:`trace_training_error`, :func:`script_error`).
@@ -34,17 +40,18 @@ backward is requested (``create_graph=True``: double backward, gradient penaltie
 Hessian-vector products) the backward is the same formula in differentiable torch ops, with the
 statistics recomputed from ``x`` so that their dependence on ``x`` is differentiated too.
 
-Two entries into the same kernels:
+The eager entry into the kernels:
 
-* eager: plain ``torch.autograd.Function`` classes (:class:`_TrainFn`, :class:`_EvalFn`) that call
+* plain ``torch.autograd.Function`` classes (:class:`_TrainFn`, :class:`_EvalFn`) that call
   the kernels directly, with the running-statistics update (:func:`bnlab.policy.update_buffers`,
   C-sized work on the float64 statistics the kernel returned) inside the forward. A torch.library
   op's Python dispatch costs ~0.2 ms a call, more than the whole step on small shapes. When
   nothing needs a gradient (``torch.no_grad()``, inference, recalibration) the kernels are called
   directly, without an autograd node.
-* under ``torch.compile``: the custom ops of :mod:`.ops` (fake functions, autograd formulas, and a
-  mutating op for the running statistics with the non-finite policy inside), so that
-  ``fullgraph=True`` traces a network containing bnlab's batch norm.
+
+:mod:`.ops` also registers the kernels themselves as custom ops with fake functions and autograd
+formulas (``bnlab::batch_norm_train`` and friends) for callers that want bnlab's kernel numerics
+inside a captured graph; bnlab's layers trace to torch ops instead, which inductor can fuse.
 """
 
 from __future__ import annotations
@@ -234,35 +241,66 @@ def _reference_eval(x, running_mean, running_var, weight, bias, eps):
 
 
 def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
-    """torch's kernel for the output; the statistics (float32 for half inputs) go through the policy."""
-    y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    """torch's kernel for every other device and dtype (CUDA, float16, bfloat16): one call gives the
+    output and the batch statistics it normalized with (``save_mean``, ``save_invstd``: float32
+    for half inputs), so the statistics cost no second pass over ``x``; the biased variance is
+    recovered as ``invstd**-2 - eps`` in float64, and the buffers move through the policy."""
+    y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(x, weight, bias, True, 0.0, eps)
     if _track(running_mean, running_var, num_batches_tracked):
         count = x.numel() // x.shape[1] if x.shape[1] else 0
         with torch.no_grad():
             if count:
-                xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-                var, mean = torch.var_mean(xf, dim=ref.reduce_dims(x), unbiased=False)
+                mean = mean.detach()
+                var = (invstd.detach().double().pow(-2) - eps).clamp_(min=0.0)
             else:
                 mean = var = None
             update_buffers(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name)
     return y
 
 
+def _bshape(x: Tensor) -> list[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _compiled_affine(x, mean, invstd, weight, bias):
+    """``(x - mean) * invstd * weight + bias`` in torch ops, computed in the statistics' dtype
+    (float32 for half inputs, as torch does) and returned in ``x``'s."""
+    shape = _bshape(x)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    xs = x.to(mean.dtype)
+    y = (xs - mean.view(shape)) * scale.view(shape)
+    if bias is not None:
+        y = y + bias.to(mean.dtype).view(shape)
+    return y.to(x.dtype)
+
+
 def _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
-    """What torch.compile traces: custom ops only (no data-dependent Python)."""
+    """What torch.compile traces in training: batch norm as plain torch ops, which inductor fuses
+    with the ops around it (the convolution's epilogue, the activation, the residual add) and
+    differentiates itself. The statistics are one ``var_mean`` reduction (inductor lowers it to a
+    Welford reduction: no cancellation for inputs with a large mean), in float32 for half inputs;
+    every value shifted by its channel's first value, as the kernels do; the running-statistics
+    update is :func:`bnlab.kernels.ops.update_running_stats`, the one policy, with the
+    non-finite check inside."""
     from . import ops
 
-    if uses_bnlab_kernel(x):
-        y, stats = ops.batch_norm_train(x, weight, bias, eps)
+    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if x.numel():
+        # shifted by each channel's first value (a constant for autograd): the statistics and the
+        # normalization see x - shift, whose mean is small, so a large common offset costs no digits
+        # (the mean itself, rounded to float32, would be off by half an ulp of the offset)
+        shift = xs[(0, slice(None)) + (0,) * (x.dim() - 2)].detach()
+        d = xs - shift.view(_bshape(x))
     else:
-        with torch.no_grad():
-            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-            var, mean = torch.var_mean(xf, dim=ref.reduce_dims(x), unbiased=False)
-            stats = torch.stack((mean, var, var))
-        y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        shift, d = None, xs
+    var, dmean = torch.var_mean(d, dim=ref.reduce_dims(x), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    y = _compiled_affine(d, dmean, invstd, weight, bias).to(x.dtype)
+    mean = dmean if shift is None else dmean + shift
     if _track(running_mean, running_var, num_batches_tracked):
         count = x.numel() // x.shape[1] if x.shape[1] else 0
-        ops.update_running_stats(running_mean, running_var, num_batches_tracked, stats.detach(), count,
+        stats = torch.stack((mean, var, invstd)).detach()
+        ops.update_running_stats(running_mean, running_var, num_batches_tracked, stats, count,
                                  0.0 if momentum is None else float(momentum), momentum is None, nonfinite, name)
     return y
 
@@ -306,10 +344,10 @@ def batch_norm_eval(
             # torch.export (and the ONNX exporter on top of it): torch's own eval batch norm, the op
             # every exporter, runtime and conv-bn folding pass knows; the numbers are torch's
             return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-        from . import ops
-
-        mean, var = running_mean.to(torch.float64), running_var.to(torch.float64)
-        return ops.batch_norm_eval(x, weight, bias, torch.stack((mean, var, torch.rsqrt(var + eps))))
+        # torch ops, which inductor fuses with the neighbours; the scale from float64 statistics
+        sdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        invstd = torch.rsqrt(running_var.to(torch.float64) + eps).to(sdt)
+        return _compiled_affine(x, running_mean.to(sdt), invstd, weight, bias)
     if _dual_level_open() or _transforms_active():
         return _reference_eval(x, running_mean, running_var, weight, bias, eps)
     if not uses_bnlab_kernel(x) or _is_tracing():  # torch.jit.trace records torch's op

@@ -1,0 +1,272 @@
+"""Model benchmark (``bnlab bench --suite models``): whole training steps and inference of small
+models built with bnlab's batch norm against the same models built with torch's.
+
+Each model is built once with torch's layers; bnlab's copy is :func:`bnlab.convert` of a deep copy,
+so both start from the same weights. A **training step** is forward, cross-entropy loss, backward
+and an SGD step (``foreach``, momentum 0.9); **inference** is ``model.eval()`` under
+``torch.no_grad()``. Both contenders alternate call by call (interleaved, the order flipping every
+round) and each figure is the median of ``--repeats`` rounds (at least 15) after a warm-up; under
+``torch.compile`` the first call (the compilation) is timed separately and left out of the median.
+
+The figure of merit is the **ratio = torch time / bnlab time**, as in every suite of
+``bnlab bench``: above 1, bnlab's model is faster.
+
+Models:
+
+* ``resnet``: a CIFAR-style ResNet (a 3x3 stem, three stages of 16/32/64 channels with two basic
+  residual blocks each, 1x1 projection shortcuts where the shape changes), batch 64, 3x32x32
+  inputs, 10 classes; 15 BatchNorm2d layers.
+* ``mlp``: three Linear(512) -> BatchNorm1d -> ReLU blocks and a linear head, batch 256, 128
+  input features.
+* ``lstm``: a sequence classifier, one LSTM layer (32 inputs, 128 hidden, 50 steps, batch 64) and
+  a linear head on the last hidden state: torch.nn.LSTM against bnlab's BNLSTM with
+  ``norm="vertical"`` (one batch norm over the input projection). Informative, no bar: the two
+  are not the same computation.
+
+Configurations: ``eager`` (NCHW float32), ``channels_last`` (the ResNet's inputs and weights in
+channels_last), ``bf16`` (the step under ``torch.autocast("cpu", torch.bfloat16)``), ``inference``
+and ``compile`` (``torch.compile`` of the whole model; the step around it in eager).
+
+With fused layers available (:class:`bnlab.nn.BatchNormAct2d`), the ResNet's eager training step is
+also timed with its BN -> ReLU pairs fused (``bnlab.convert(model, fuse_act=True)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+import bnlab
+
+__all__ = ["run_models_suite", "format_rows", "resnet", "mlp", "lstm_classifier", "BARS", "CONFIGS"]
+
+CONFIGS = ("eager", "channels_last", "bf16", "inference", "compile")
+# the bar: ratio >= this in every configuration of these models (1.0 within the noise band)
+BARS = {"resnet": 0.97, "mlp": 0.97}
+FUSED_BAR = 1.1  # the ResNet's eager training step with BN -> ReLU fused
+
+
+class _Block(nn.Module):
+    """A basic residual block: conv-BN-ReLU-conv-BN, plus the (projected) input, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + (x if self.short is None else self.short(x)))
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths=(16, 32, 64), blocks: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks):
+                layers.append(_Block(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet() -> nn.Module:
+    """The suite's ResNet, with torch's layers (seeded: the same weights every call)."""
+    torch.manual_seed(0)
+    return ResNet()
+
+
+def mlp(features: int = 128, width: int = 512, depth: int = 3, classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    layers, cin = [], features
+    for _ in range(depth):
+        layers += [nn.Linear(cin, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        cin = width
+    layers.append(nn.Linear(cin, classes))
+    return nn.Sequential(*layers)
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, rnn: nn.Module, hidden: int, classes: int = 10) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        return self.head(out[:, -1])
+
+
+def lstm_classifier(bnlab_norm: str | None = None, inputs: int = 32, hidden: int = 128) -> nn.Module:
+    """torch.nn.LSTM (``bnlab_norm=None``) or bnlab's BNLSTM with that norm mode, same head."""
+    torch.manual_seed(0)
+    if bnlab_norm is None:
+        rnn = nn.LSTM(inputs, hidden, 1, batch_first=True)
+    else:
+        rnn = bnlab.nn.BNLSTM(inputs, hidden, 1, batch_first=True, norm=bnlab_norm)
+    return LSTMClassifier(rnn, hidden)
+
+
+def _inputs(model: str, batch: int | None = None):
+    g = torch.Generator().manual_seed(1)
+    if model == "resnet":
+        n = batch or 64
+        return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    if model == "mlp":
+        n = batch or 256
+        return torch.randn(n, 128, generator=g), torch.randint(0, 10, (n,), generator=g)
+    n = batch or 64
+    return torch.randn(n, 50, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _pair(model: str, fused: bool = False) -> tuple[nn.Module, nn.Module]:
+    if model == "lstm":
+        return lstm_classifier(None), lstm_classifier("vertical")
+    ref = resnet() if model == "resnet" else mlp()
+    ours = bnlab.convert(copy.deepcopy(ref), to="bnlab", warn=False, **({"fuse_act": True} if fused else {}))
+    return ref, ours
+
+
+class _Contender:
+    """One model and its step in one configuration."""
+
+    def __init__(self, model: nn.Module, config: str, x, target) -> None:
+        self.config = config
+        if config == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.x, self.target = x, target
+        self.model = model
+        if config == "inference":
+            model.eval()
+        else:
+            model.train()
+        self.fn = torch.compile(model) if config == "compile" else model
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+        self.compile_s = None
+
+    def step(self) -> None:
+        if self.config == "inference":
+            with torch.no_grad():
+                self.fn(self.x)
+            return
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.config == "bf16" else nullcontext()
+        self.opt.zero_grad(set_to_none=True)
+        with ctx:
+            loss = nn.functional.cross_entropy(self.fn(self.x).float(), self.target)
+        loss.backward()
+        self.opt.step()
+
+
+def _median_pair(a: _Contender, b: _Contender, repeats: int, warmup: int) -> tuple[float, float]:
+    for c in (a, b):
+        if c.config == "compile":
+            t0 = time.perf_counter()
+            c.step()
+            c.compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        a.step()
+        b.step()
+    ta, tb = [], []
+    gc.collect()
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            order = ((a, ta), (b, tb)) if r % 2 == 0 else ((b, tb), (a, ta))
+            for c, out in order:
+                t0 = time.perf_counter()
+                c.step()
+                out.append(time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _applies(model: str, config: str) -> str | None:
+    """None when the configuration applies to the model, else why it is not measured."""
+    if config == "channels_last" and model != "resnet":
+        return "no 4-D tensors"
+    if model == "lstm" and config == "compile":
+        return "BNLSTM's Python time loop unrolls under torch.compile (minutes of compilation)"
+    return None
+
+
+def _has_fused() -> bool:
+    return hasattr(bnlab.nn, "BatchNormAct2d")
+
+
+def run_models_suite(args, progress=None) -> dict:
+    """Time every (model, configuration); returns ``{"repeats", "rows": [...]}`` with one row per pair:
+    ``{"model", "config", "torch_ms", "bnlab_ms", "ratio", "compile_s", "bar", "ok", "skipped"}``."""
+    quick = bool(getattr(args, "quick", False))
+    repeats = 3 if quick else max(15, int(getattr(args, "repeats", 15) or 15))
+    warmup = 1 if quick else 3
+    models = getattr(args, "models", None) or (("mlp", "resnet") if quick else ("resnet", "mlp", "lstm"))
+    configs = getattr(args, "configs", None) or (("eager", "inference") if quick else CONFIGS)
+    plan = [(m, c, False) for m in models for c in configs]
+    if "resnet" in models and "eager" in configs and _has_fused():
+        plan.insert(plan.index(("resnet", "eager", False)) + 1, ("resnet", "eager", True))
+    task = progress.add_task("model steps", total=len(plan)) if progress is not None else None
+    rows = []
+    for model, config, fused in plan:
+        why = _applies(model, config)
+        label = "resnet (BN+ReLU fused)" if fused else model
+        if why is not None:
+            rows.append({"model": label, "config": config, "skipped": why})
+        else:
+            ref, ours = _pair(model, fused)
+            x, target = _inputs(model)
+            a, b = _Contender(ref, config, x, target), _Contender(ours, config, x.clone(), target)
+            sec_t, sec_b = _median_pair(a, b, repeats, warmup)
+            bar = FUSED_BAR if fused else BARS.get(model)
+            speed = sec_t / sec_b
+            rows.append({"model": label, "config": config, "torch_ms": sec_t * 1e3, "bnlab_ms": sec_b * 1e3,
+                         "ratio": speed, "compile_s": None if config != "compile" else
+                         {"torch": a.compile_s, "bnlab": b.compile_s},
+                         "bar": bar, "ok": None if bar is None or quick else speed >= bar})
+            del a, b, ref, ours
+            if config == "compile":
+                torch._dynamo.reset()
+        if task is not None:
+            progress.advance(task)
+    return {"repeats": repeats, "threads": torch.get_num_threads(), "rows": rows,
+            "ratio": "torch time / bnlab time (> 1: bnlab is faster)"}
+
+
+def format_rows(result: dict) -> list[tuple]:
+    """Table rows: model, configuration, torch ms, bnlab ms, ratio, bar, compile seconds."""
+    out = []
+    for r in result["rows"]:
+        if "skipped" in r:
+            out.append((r["model"], r["config"], "-", "-", "-", "", f"not measured: {r['skipped']}"))
+            continue
+        bar = "" if r["bar"] is None else (f">= {r['bar']:.2f} " + ("" if r["ok"] is None else
+                                                                   ("ok" if r["ok"] else "MISSED")))
+        comp = r.get("compile_s")
+        note = "" if not comp else f"compile {comp['torch']:.1f} s / {comp['bnlab']:.1f} s"
+        out.append((r["model"], r["config"], f"{r['torch_ms']:.2f}", f"{r['bnlab_ms']:.2f}", f"{r['ratio']:.2f}",
+                    bar, note))
+    return out
