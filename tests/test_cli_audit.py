@@ -72,6 +72,7 @@ def test_the_html_report_parses_and_embeds_every_plot(tiny_audit):
     parser = _Images()
     parser.feed((out / "report.html").read_text())
     plots = [p for c in _claims(out).values() for p in c["plots"]]
+    plots += [p for f in json.loads((out / "results.json").read_text()).get("findings", {}).values() for p in f["plots"]]
     assert len(plots) >= 5 and len(parser.images) == len(plots) + 1  # + the summary forest plot
     assert not parser.external
     for src in parser.images:

@@ -1,11 +1,11 @@
 """The size-gated paths of bnlab's CPU kernels, forced on for small tensors.
 
-From ``cpu.STREAM_FROM`` bytes the training forward stores ``y`` and the backward ``dx`` with
-non-temporal whole-cache-line stores (scalar heads and tails around the aligned body; in the
-columns layout only for whole, aligned lines); from ``cpu.PREFETCH_FROM`` bytes the rows layout
-with channel groups prefetches in software. Both thresholds are read when a per-shape plan is built
-(``cpu._make_plan``, cached in ``cpu._PLANS``), so the fixtures below patch them and clear the cache
-before and after each test.
+From ``Thresholds.stream_from`` bytes the training forward stores ``y`` and the backward ``dx``
+with non-temporal whole-cache-line stores (scalar heads and tails around the aligned body; in the
+columns layout only for whole, aligned lines); from ``Thresholds.prefetch_from`` bytes the rows
+layout with channel groups prefetches in software. The thresholds are an argument of the kernels'
+entry points (``thresholds=``, default ``cpu.DEFAULT_THRESHOLDS``) and a key of the plan cache, so
+the tests below pass small ones to force the paths on for small tensors.
 
 The streamed path computes the same float64 operations in the same order as the regular one: its
 results must be bit-identical, not merely close. Inputs cover the rows layout with channel groups
@@ -21,34 +21,17 @@ import torch
 import bnlab
 import bnlab.functional as BF
 from bnlab.kernels import cpu
-from bnlab.nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.kernels.cpu import Thresholds
+from bnlab.kernels.plan import make_plan
 
-DEFAULTS = {"STREAM_FROM": cpu.STREAM_FROM, "PREFETCH_FROM": cpu.PREFETCH_FROM}
 POOL = 2  # the thread count conftest sets; only a key of the plan cache in test_plan_*
 NEVER = 1 << 62  # a threshold no tensor reaches
-
-
-@pytest.fixture
-def thresholds(monkeypatch):
-    """``set(stream=..., prefetch=...)``: patch the thresholds (bytes; None: the module default)
-    and clear the plan cache, so the next call builds its plan with them. The cache is cleared
-    before the test and after it, so no plan built with patched thresholds outlives the test."""
-    cpu._PLANS.clear()
-
-    def set_(stream=None, prefetch=None):
-        monkeypatch.setattr(cpu, "STREAM_FROM", DEFAULTS["STREAM_FROM"] if stream is None else stream)
-        monkeypatch.setattr(cpu, "PREFETCH_FROM", DEFAULTS["PREFETCH_FROM"] if prefetch is None else prefetch)
-        cpu._PLANS.clear()
-
-    yield set_
-    cpu._PLANS.clear()
-
-
-@pytest.fixture
-def forced(thresholds):
-    """Both paths on from 0 bytes, for the whole test."""
-    thresholds(stream=0, prefetch=0)
-    return thresholds
+DEFAULT = cpu.DEFAULT_THRESHOLDS
+OFF = Thresholds(prefetch_from=NEVER, stream_from=NEVER)
+FORCED = Thresholds(prefetch_from=0, stream_from=0)  # both paths on from 0 bytes
+STREAM_ONLY = Thresholds(prefetch_from=NEVER, stream_from=0)
+PREFETCH_ONLY = Thresholds(prefetch_from=0, stream_from=NEVER)
+EPS = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,23 +124,34 @@ def case_tensors(shape, layout, dtype):
     return x, dy, w, b, rm, rv
 
 
-def train_step(fn, x, dy, w, b, rm, rv):
-    """One training forward and backward through ``fn`` (bnlab's or torch's batch_norm) on fresh
-    leaves; x keeps its storage (and so its alignment); w, b and the buffers are cloned."""
-    xr = x.detach().requires_grad_()
-    wr = w.clone().requires_grad_()
-    br = b.clone().requires_grad_()
-    rmr, rvr = rm.clone(), rv.clone()
-    y = fn(xr, rmr, rvr, wr, br, training=True, momentum=0.1, eps=1e-5)
+def train_step(x, dy, w, b, thresholds):
+    """One training forward and backward through bnlab's kernels with ``thresholds``."""
+    y, stats, nbad = cpu.forward_train(x, w, b, EPS, thresholds=thresholds)
+    assert nbad == 0
+    dx, grads = cpu.backward(dy, x, w, stats, True, thresholds=thresholds)
+    return {"y": y, "x.grad": dx, "weight.grad": torch.from_numpy(grads[1]), "bias.grad": torch.from_numpy(grads[0]),
+            "mean": torch.from_numpy(stats[0]), "var": torch.from_numpy(stats[1])}
+
+
+def torch_train_step(x, dy, w, b):
+    """The same step through torch's batch norm, on fresh leaves (x keeps its storage)."""
+    xr, wr, br = x.detach().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = torch.nn.functional.batch_norm(xr, None, None, wr, br, training=True, eps=EPS)
     y.backward(dy)
-    return {"y": y, "x.grad": xr.grad, "weight.grad": wr.grad, "bias.grad": br.grad,
-            "running_mean": rmr, "running_var": rvr}
+    var, mean = torch.var_mean(x.double(), dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
+    return {"y": y, "x.grad": xr.grad, "weight.grad": wr.grad, "bias.grad": br.grad, "mean": mean, "var": var}
 
 
-def plan_flags(x):
-    """(pf, stream) of the plan the kernels use for ``x``."""
-    p = cpu._plan(x, cpu.threads())  # the thread count the kernels key their plans by
-    return p[-2], p[-1]
+def eval_step(x, dy, w, b, stats, thresholds):
+    y = cpu.forward_eval(x, w, b, stats, thresholds=thresholds)
+    dx, grads = cpu.backward(dy, x, w, stats, False, thresholds=thresholds)
+    return {"y": y, "x.grad": dx, "weight.grad": torch.from_numpy(grads[1]), "bias.grad": torch.from_numpy(grads[0])}
+
+
+def plan_flags(x, thresholds):
+    """(prefetch, stream) of the plan the kernels use for ``x`` with ``thresholds``."""
+    p = cpu.plan(x, cpu.threads(), thresholds)  # the thread count the kernels key their plans by
+    return p.prefetch, p.stream
 
 
 def assert_bitwise(a, b, what):
@@ -173,40 +167,43 @@ def tol(dtype):
     return dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
+def assert_close_all(ours, theirs, dtype, **override):
+    for k in theirs:
+        t = override.get(k, tol(dtype))
+        torch.testing.assert_close(ours[k].to(theirs[k].dtype), theirs[k], **t, msg=lambda m, k=k: f"{k}: {m}")
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. forced on vs off: the same bits
 
 
 @pytest.mark.parametrize("shape,layout,lay,_what", CASES, ids=IDS)
 @DTYPES
-def test_forced_paths_give_bitwise_the_same_training_step(thresholds, shape, layout, lay, _what, dtype):
-    x, dy, w, b, rm, rv = case_tensors(shape, layout, dtype)
+def test_forced_paths_give_bitwise_the_same_training_step(shape, layout, lay, _what, dtype):
+    x, dy, w, b, _, _ = case_tensors(shape, layout, dtype)
     check_input(x, layout, lay)
 
-    thresholds()  # module defaults: these small tensors take neither path
-    assert plan_flags(x) == (False, False)
-    off = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
+    assert plan_flags(x, DEFAULT) == (False, False)  # these small tensors take neither path by default
+    off = train_step(x, dy, w, b, DEFAULT)
 
-    thresholds(stream=0, prefetch=0)
-    pf, stream = plan_flags(x)
+    pf, stream = plan_flags(x, FORCED)
     assert stream
-    on = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
+    on = train_step(x, dy, w, b, FORCED)
 
     assert_bitwise(on, off, f"{shape} {layout} {dtype} (pf={pf})")
 
 
 @pytest.mark.parametrize("shape,layout,lay,_what", [c for c in CASES if c[2] == cpu.ROWS][:4],
                          ids=[i for c, i in zip(CASES, IDS) if c[2] == cpu.ROWS][:4])
-@pytest.mark.parametrize("stream,prefetch", [(0, None), (None, 0)], ids=["stream-only", "prefetch-only"])
-def test_each_path_alone_gives_bitwise_the_same_training_step(thresholds, shape, layout, lay, _what, stream, prefetch):
+@pytest.mark.parametrize("th,flags", [(STREAM_ONLY, (False, True)), (PREFETCH_ONLY, (True, False))],
+                         ids=["stream-only", "prefetch-only"])
+def test_each_path_alone_gives_bitwise_the_same_training_step(shape, layout, lay, _what, th, flags):
     dtype = torch.float32
-    x, dy, w, b, rm, rv = case_tensors(shape, layout, dtype)
-    thresholds()
-    off = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
-    thresholds(stream=stream, prefetch=prefetch)
-    assert plan_flags(x) == (prefetch == 0, stream == 0)
-    on = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
-    assert_bitwise(on, off, f"{shape} {layout} stream={stream == 0} prefetch={prefetch == 0}")
+    x, dy, w, b, _, _ = case_tensors(shape, layout, dtype)
+    off = train_step(x, dy, w, b, DEFAULT)
+    assert plan_flags(x, th) == flags
+    on = train_step(x, dy, w, b, th)
+    assert_bitwise(on, off, f"{shape} {layout} {th}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,21 +212,19 @@ def test_each_path_alone_gives_bitwise_the_same_training_step(thresholds, shape,
 
 @pytest.mark.parametrize("shape,layout,lay,_what", CASES, ids=IDS)
 @DTYPES
-def test_forced_paths_agree_with_torch(forced, shape, layout, lay, _what, dtype):
-    x, dy, w, b, rm, rv = case_tensors(shape, layout, dtype)
+def test_forced_paths_agree_with_torch(shape, layout, lay, _what, dtype):
+    x, dy, w, b, _, _ = case_tensors(shape, layout, dtype)
     check_input(x, layout, lay)
-    assert plan_flags(x)[1]
-    ours = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
-    theirs = train_step(torch.nn.functional.batch_norm, x, dy, w, b, rm, rv)
-    for k in ours:
-        torch.testing.assert_close(ours[k], theirs[k], **tol(dtype), msg=lambda m, k=k: f"{k}: {m}")
+    assert plan_flags(x, FORCED)[1]
+    ours = train_step(x, dy, w, b, FORCED)
+    assert_close_all(ours, torch_train_step(x, dy, w, b), dtype, mean=tol(torch.float64), var=tol(torch.float64))
     # bnlab's outputs take torch.empty_like(x)'s strides (torch's may not: (N, C, L) with C innermost)
     assert ours["y"].stride() == torch.empty_like(x).stride()
     assert ours["x.grad"].stride() == torch.empty_like(x).stride()
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. eval-mode backward (dx = k * dy, streamed with _nt_scale_line)
+# 3. eval mode (the backward's dx = k * dy, streamed with _nt_scale_line)
 
 EVAL_CASES = [
     ((8, 32, 4, 4), "contiguous"),
@@ -246,74 +241,67 @@ EVAL_CASES = [
     ((6, 32, 10), "transposed"),
 ]
 EVAL_IDS = [f"{'x'.join(map(str, s))}-{lay}" for s, lay in EVAL_CASES]
-OURS = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
-THEIRS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 
 
-def eval_step(module, x, dy):
-    xr = x.detach().requires_grad_()
-    module.zero_grad(set_to_none=True)
-    y = module(xr)
+def torch_eval_step(x, dy, w, b, rm, rv):
+    xr, wr, br = x.detach().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = torch.nn.functional.batch_norm(xr, rm, rv, wr, br, training=False, eps=EPS)
     y.backward(dy)
-    return {"y": y, "x.grad": xr.grad, "weight.grad": module.weight.grad, "bias.grad": module.bias.grad}
-
-
-def eval_pair(shape, dtype):
-    _, _, w, b, rm, rv = case_tensors(shape, "contiguous", dtype)
-    c = shape[1]
-    ours, theirs = OURS[len(shape)](c, dtype=dtype).eval(), THEIRS[len(shape)](c, dtype=dtype).eval()
-    with torch.no_grad():
-        for m in (ours, theirs):
-            m.weight.copy_(w)
-            m.bias.copy_(b)
-            m.running_mean.copy_(rm)
-            m.running_var.copy_(rv)
-    return ours, theirs
+    return {"y": y, "x.grad": xr.grad, "weight.grad": wr.grad, "bias.grad": br.grad}
 
 
 @pytest.mark.parametrize("shape,layout", EVAL_CASES, ids=EVAL_IDS)
 @DTYPES
-def test_eval_backward_forced_on_is_bitwise_the_same_and_agrees_with_torch(thresholds, shape, layout, dtype):
-    ours, theirs = eval_pair(shape, dtype)
-    x = make(shape, layout, dtype, seed=1)
-    dy = make(shape, layout, dtype, seed=2)
+def test_eval_forced_on_is_bitwise_the_same_and_agrees_with_torch(shape, layout, dtype):
+    x, dy, w, b, rm, rv = case_tensors(shape, layout, dtype)
     if layout in UNALIGNED:
         assert x.data_ptr() % 64 != 0
+    stats = cpu.eval_stats(rm, rv, EPS)
 
-    thresholds()
-    assert plan_flags(x) == (False, False)
-    off = eval_step(ours, x, dy)
-    thresholds(stream=0, prefetch=0)
-    assert plan_flags(x)[1]
-    on = eval_step(ours, x, dy)
+    assert plan_flags(x, DEFAULT) == (False, False)
+    off = eval_step(x, dy, w, b, stats, DEFAULT)
+    assert plan_flags(x, FORCED)[1]
+    on = eval_step(x, dy, w, b, stats, FORCED)
     assert_bitwise(on, off, f"eval {shape} {layout} {dtype}")
-
-    ref = eval_step(theirs, x, dy)
-    for k in on:
-        torch.testing.assert_close(on[k], ref[k], **tol(dtype), msg=lambda m, k=k: f"{k}: {m}")
-    assert not ours.training
+    assert_close_all(on, torch_eval_step(x, dy, w, b, rm, rv), dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. gradcheck through the streamed path
 
 
+class _ForcedBatchNorm(torch.autograd.Function):
+    """bnlab's kernels with both paths forced on (first-order backward only)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stats):
+        train = stats is None
+        if train:
+            y, stats, _ = cpu.forward_train(x, w, b, 1e-3, thresholds=FORCED)
+        else:
+            y = cpu.forward_eval(x, w, b, stats, thresholds=FORCED)
+        ctx.stats, ctx.train = stats, train
+        ctx.save_for_backward(x, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx, grads = cpu.backward(dy, x, w, ctx.stats, ctx.train, thresholds=FORCED)
+        return dx, torch.from_numpy(grads[1]), torch.from_numpy(grads[0]), None
+
+
 @pytest.mark.parametrize("shape,layout", [((12, 8), "contiguous"), ((4, 8, 3, 3), "contiguous"),
                                           ((4, 8, 3, 3), "channels_last")])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_float64_with_paths_forced_on(forced, shape, layout, training):
+def test_gradcheck_float64_with_paths_forced_on(shape, layout, training):
     x, _, w, b, rm, rv = case_tensors(shape, layout, torch.float64)
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    assert plan_flags(x)[1]
-
-    def f(x, w, b):
-        if training:
-            return BF.batch_norm(x, None, None, w, b, training=True, eps=1e-3)
-        return BF.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3)
-
-    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert plan_flags(x, FORCED)[1]
+    stats = None if training else cpu.eval_stats(rm, rv, 1e-3)
+    assert torch.autograd.gradcheck(lambda x, w, b: _ForcedBatchNorm.apply(x, w, b, stats), (x, w, b))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,68 +316,75 @@ def test_gradcheck_float64_with_paths_forced_on(forced, shape, layout, training)
     ((4, 32, 6, 6), "channels_last", False),
     ((100, 7), "contiguous", False),
 ])
-def test_plan_selects_the_paths_from_the_thresholds(thresholds, shape, layout, pf):
+def test_plan_selects_the_paths_from_the_thresholds(shape, layout, pf):
     x = make(shape, layout, torch.float32, seed=0)
     nbytes = x.numel() * x.element_size()
 
-    thresholds()
-    p = cpu._plan(x, POOL)
-    assert len(p) == 11 and (p[-2], p[-1]) == (False, False)
-    assert nbytes < min(DEFAULTS.values())
+    p = cpu.plan(x, POOL, DEFAULT)
+    assert (p.prefetch, p.stream) == (False, False)
+    assert nbytes < min(DEFAULT.prefetch_from, DEFAULT.stream_from)
 
-    thresholds(stream=0, prefetch=0)
-    p = cpu._plan(x, POOL)
-    assert p[-1] is True
-    assert p[-2] is pf
-    assert (p[5] > 0) is pf  # pf exactly where the rows layout groups channels (p[5]: g)
+    p = cpu.plan(x, POOL, FORCED)
+    assert p.stream is True
+    assert p.prefetch is pf
+    assert (p.group > 0) is pf  # pf exactly where the rows layout groups channels
 
     # the thresholds are inclusive lower bounds: from exactly nbytes on, not from one byte more
-    thresholds(stream=nbytes, prefetch=nbytes)
-    assert cpu._plan(x, POOL)[-2:] == (pf, True)
-    thresholds(stream=nbytes + 1, prefetch=nbytes + 1)
-    assert cpu._plan(x, POOL)[-2:] == (False, False)
+    p = cpu.plan(x, POOL, Thresholds(prefetch_from=nbytes, stream_from=nbytes))
+    assert (p.prefetch, p.stream) == (pf, True)
+    p = cpu.plan(x, POOL, Thresholds(prefetch_from=nbytes + 1, stream_from=nbytes + 1))
+    assert (p.prefetch, p.stream) == (False, False)
 
 
-def test_plan_cache_keeps_a_plan_until_cleared(thresholds, monkeypatch):
-    """Why the fixtures clear ``cpu._PLANS``: a cached plan ignores a threshold changed later."""
+def test_plan_serial_below_is_a_threshold_in_elements():
+    x = make((8, 32, 4, 4), "contiguous", torch.float32, seed=0)  # 4096 elements
+    assert cpu.plan(x, POOL, Thresholds(serial_below=4097)).serial
+    p = cpu.plan(x, POOL, Thresholds(serial_below=4096))
+    assert not p.serial and p.threads == POOL
+    assert cpu.plan(x, 1, Thresholds(serial_below=4097)).threads == 1  # a pool of one is never "serial"
+    assert not cpu.plan(x, 1, Thresholds(serial_below=4097)).serial
+
+
+def test_plans_are_cached_per_thresholds():
+    """A plan built with one thresholds argument is never served for another."""
     x = make((8, 32, 4, 4), "contiguous", torch.float32, seed=0)
-    thresholds()
-    assert cpu._plan(x, POOL)[-2:] == (False, False)
-    monkeypatch.setattr(cpu, "STREAM_FROM", 0)
-    assert cpu._plan(x, POOL)[-2:] == (False, False)
-    cpu._PLANS.clear()
-    assert cpu._plan(x, POOL)[-1] is True
+    assert cpu.plan(x, POOL, FORCED).stream is True
+    assert cpu.plan(x, POOL).stream is False  # the default thresholds
+    assert cpu.plan(x, POOL, DEFAULT) is cpu.plan(x, POOL)
+    assert cpu.plan(x, POOL, FORCED) is cpu.plan(x, POOL, Thresholds(prefetch_from=0, stream_from=0))
+    assert cpu.plan(x, POOL, FORCED) == make_plan(x, POOL, FORCED)
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. one tensor above the default thresholds
 
 
-def test_just_above_8_mib_takes_both_paths_by_default_and_matches_torch_and_the_regular_path(thresholds):
-    shape = (2, 64, 128, 130)  # float32: 8,519,680 bytes, just above STREAM_FROM (8,388,608)
+def test_just_above_8_mib_takes_both_paths_by_default_and_matches_torch_and_the_regular_path():
+    shape = (2, 64, 128, 130)  # float32: 8,519,680 bytes, just above the default stream_from (8,388,608)
     dtype = torch.float32
     x, dy, w, b, rm, rv = case_tensors(shape, "contiguous", dtype)
-    assert DEFAULTS["STREAM_FROM"] <= x.numel() * x.element_size() < DEFAULTS["STREAM_FROM"] * 1.05
+    assert DEFAULT.stream_from <= x.numel() * x.element_size() < DEFAULT.stream_from * 1.05
 
-    thresholds()
-    assert plan_flags(x) == (True, True)
-    on = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
+    # the default path, end to end through bnlab's functional batch norm
+    assert plan_flags(x, DEFAULT) == (True, True)
+    xr, wr, br = x.detach().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = BF.batch_norm(xr, rm.clone(), rv.clone(), wr, br, training=True, momentum=0.1, eps=EPS)
+    y.backward(dy)
+    on = {"y": y.detach(), "x.grad": xr.grad, "weight.grad": wr.grad, "bias.grad": br.grad}
     # torch in float64 on the same values: bnlab's float32 results to float32 tolerances
-    exact = train_step(torch.nn.functional.batch_norm, *(t.double() for t in (x, dy, w, b, rm, rv)))
+    exact = torch_train_step(*(t.double() for t in (x, dy, w, b)))
     for k in on:
         assert on[k].dtype == dtype
         torch.testing.assert_close(on[k].double(), exact[k], **tol(dtype), msg=lambda m, k=k: f"{k}: {m}")
     # torch in float32: its dweight/dbias are float32 sums over 33,280 values per channel (off by
     # up to ~5e-4 from float64 at magnitudes ~400), hence the wider atol there
-    theirs = train_step(torch.nn.functional.batch_norm, x, dy, w, b, rm, rv)
-    for k in on:
-        t = dict(rtol=1e-4, atol=2e-3) if k in ("weight.grad", "bias.grad") else tol(dtype)
-        torch.testing.assert_close(on[k], theirs[k], **t, msg=lambda m, k=k: f"{k}: {m}")
+    theirs = torch_train_step(x, dy, w, b)
+    wide = dict(rtol=1e-4, atol=2e-3)
+    assert_close_all(on, {k: theirs[k] for k in on}, dtype, **{"weight.grad": wide, "bias.grad": wide})
 
-    thresholds(stream=NEVER, prefetch=NEVER)
-    assert plan_flags(x) == (False, False)
-    off = train_step(BF.batch_norm, x, dy, w, b, rm, rv)
-    assert_bitwise(on, off, f"{shape} contiguous {dtype}, default thresholds vs paths off")
+    assert plan_flags(x, OFF) == (False, False)
+    off = train_step(x, dy, w, b, OFF)
+    assert_bitwise(on, {k: off[k] for k in on}, f"{shape} contiguous {dtype}, default thresholds vs paths off")
 
 
 # ----------------------------------------------------------------------------------------------

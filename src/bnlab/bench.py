@@ -32,6 +32,12 @@ extra.
 Shapes: 64x64x32x32, 256x32x16x16, 32x256x8x8, 8x128x64x64 (BatchNorm2d; NCHW and channels_last,
 each against torch on the same layout), 1024x512 (BatchNorm1d). ``--quick`` runs two small
 shapes with a few rounds (a smoke test, not a measurement).
+
+Batch renormalization: on every 4-D shape and layout, :class:`bnlab.nn.BatchRenorm2d` (defaults:
+r_max 3, d_max 5) is timed against bnlab's BatchNorm2d and torch's, the three interleaved in the
+same rounds (rows with ``"layer": "BatchRenorm2d"``: ``bnlab_ms`` is the renorm layer's time,
+``bnlab_bn_ms`` bnlab's batch norm's, ``vs_bnlab_bn`` their ratio, renorm / batch norm). They are
+reported in their own table and are not part of the bar above.
 """
 
 from __future__ import annotations
@@ -166,6 +172,54 @@ def time_pair(fb, ft, xb, xt, pb, pt, dy, repeats: int, warmup: int, advance=Non
     return statistics.median(tb), statistics.median(tt)
 
 
+def time_many(fns: dict, xs: dict, params: dict, dy, repeats: int, warmup: int, advance=None) -> dict:
+    """Median seconds of each contender, one step each per round, the order rotating every round."""
+    keys = list(fns)
+    times: dict = {k: [] for k in keys}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(warmup + repeats):
+            order = keys[i % len(keys):] + keys[:i % len(keys)]
+            if i % 2:
+                order.reverse()
+            for k in order:
+                t = _timed(fns[k], xs[k], params[k], dy)
+                if i >= warmup:
+                    times[k].append(t)
+            if i >= warmup and advance is not None:
+                advance()
+    finally:
+        if gc_was:
+            gc.enable()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _renorm_rows(shape, cl: bool, x, dy, mb: float, repeats: int, warmup: int, advance=None) -> list[dict]:
+    """bnlab's BatchRenorm2d against bnlab's BatchNorm2d and torch's, in the same rounds."""
+    c = shape[1]
+    fns = {"renorm": bnlab.nn.BatchRenorm2d(c).train(), "bn": bnlab.nn.BatchNorm2d(c).train(),
+           "torch": torch.nn.BatchNorm2d(c).train()}
+    xs = {k: x.clone().requires_grad_() for k in fns}
+    params = {k: list(m.parameters()) for k, m in fns.items()}
+    for k in fns:
+        for _ in range(warmup):
+            _timed(fns[k], xs[k], params[k], dy)
+    rows = []
+    for pss in ("fwd", "fwd+bwd"):
+        sec = time_many(fns, xs, params, dy if pss == "fwd+bwd" else None, repeats, warmup, advance)
+        sizes = FWD_SIZES if pss == "fwd" else STEP_SIZES
+        rows.append({
+            "shape": list(shape), "label": _label(shape, cl), "dims": len(shape),
+            "layout": "channels_last" if cl else "nchw", "mb": mb, "path": "BatchRenorm2d module",
+            "layer": "BatchRenorm2d", "pass": pss,
+            "bnlab_ms": sec["renorm"] * 1e3, "torch_ms": sec["torch"] * 1e3, "ratio": sec["torch"] / sec["renorm"],
+            "bnlab_gbs": sizes * mb / 1e3 / sec["renorm"], "torch_gbs": sizes * mb / 1e3 / sec["torch"],
+            "bnlab_bn_ms": sec["bn"] * 1e3, "vs_bnlab_bn": sec["renorm"] / sec["bn"],
+        })
+    return rows
+
+
 def run_bn_suite(args, progress=None) -> dict:
     quick = bool(getattr(args, "quick", False))
     repeats = int(getattr(args, "repeats", 25) or 25)
@@ -176,7 +230,8 @@ def run_bn_suite(args, progress=None) -> dict:
     paths, passes = ("functional", "module"), ("fwd", "fwd+bwd")
     task = None
     if progress is not None:
-        task = progress.add_task("bn kernels", total=len(cases) * len(paths) * len(passes) * repeats)
+        n4 = sum(1 for s_, _ in cases if len(s_) == 4)  # + BatchRenorm2d on each 4-D case
+        task = progress.add_task("bn kernels", total=(len(cases) * len(paths) + n4) * len(passes) * repeats)
     advance = (lambda: progress.advance(task)) if progress is not None else None
     rows = []
     for shape, cl in cases:
@@ -205,6 +260,8 @@ def run_bn_suite(args, progress=None) -> dict:
                     "bnlab_ms": sec_b * 1e3, "torch_ms": sec_t * 1e3, "ratio": sec_t / sec_b,
                     "bnlab_gbs": sizes * mb / 1e3 / sec_b, "torch_gbs": sizes * mb / 1e3 / sec_t,
                 })
+        if len(shape) == 4:
+            rows += _renorm_rows(shape, cl, x, dy, mb, repeats, warmup, advance)
     return {"repeats": repeats, "warmup": warmup, "rows": rows}
 
 
@@ -285,7 +342,7 @@ def first_call_cost(threads: int, later: int = 20) -> dict:
 def check_bar(rows: list[dict], first: dict | None) -> list[dict]:
     checks = []
     for r in rows:
-        if r["pass"] != "fwd+bwd":
+        if r["pass"] != "fwd+bwd" or r.get("layer", "BatchNorm") != "BatchNorm":
             continue
         need = BAR_EVERY
         if r["dims"] == 4 and r["mb"] >= BAR_LARGE_MB:
@@ -339,11 +396,24 @@ def _print_report(console, result: dict) -> None:
                     "ratio"):
             t.add_column(col, justify="left" if col in ("shape", "layout", "path", "pass") else "right")
         for r in bn["rows"]:
+            if r.get("layer", "BatchNorm") != "BatchNorm":
+                continue
             ratio = f"{r['ratio']:.2f}"
             t.add_row("x".join(map(str, r["shape"])), r["layout"], f"{r['mb']:.1f}", r["path"], r["pass"],
                       f"{r['bnlab_ms']:.3f}", f"{r['bnlab_gbs']:.1f}", f"{r['torch_ms']:.3f}",
                       f"{r['torch_gbs']:.1f}", ratio)
         console.print(t)
+        rn = [r for r in bn["rows"] if r.get("layer") == "BatchRenorm2d"]
+        if rn:
+            t = Table(title="BatchRenorm2d (r_max 3, d_max 5) against bnlab's BatchNorm2d and torch's, same rounds, "
+                            "median ms (renorm / BN: > 1 is slower than bnlab's batch norm)")
+            for col in ("shape", "layout", "MB", "pass", "renorm ms", "bnlab BN ms", "torch BN ms", "renorm / bnlab BN",
+                        "torch / renorm"):
+                t.add_column(col, justify="left" if col in ("shape", "layout", "pass") else "right")
+            for r in rn:
+                t.add_row("x".join(map(str, r["shape"])), r["layout"], f"{r['mb']:.1f}", r["pass"], f"{r['bnlab_ms']:.3f}",
+                          f"{r['bnlab_bn_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['vs_bnlab_bn']:.2f}", f"{r['ratio']:.2f}")
+            console.print(t)
     if bw is not None:
         console.print(f"streaming bandwidth (numba scale-copy, {result['machine']['threads']} threads): "
                       f"{bw['memory_gbs']:.1f} GB/s over {bw['memory_mb']:.0f} MB, "

@@ -17,6 +17,7 @@ from .policy import NonFiniteBatchError, check_nonfinite_option
 __all__ = ["batch_norm", "NonFiniteBatchError", "check_batch_norm_input"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_ONE_VALUE = "more than 1 value per channel when training"  # in the one-value batch's error (modules extend it)
 _is_tracing = torch._C._is_tracing
 
 
@@ -97,7 +98,7 @@ def check_batch_norm_input(
             raise ValueError(f"{name}: expected eps > 0 in training (got eps={eps})")
         if c and input.numel() > 0 and input.numel() // c == 1:
             raise ValueError(
-                f"{name}: expected more than 1 value per channel when training (got input of shape "
+                f"{name}: expected {_ONE_VALUE} (got input of shape "
                 f"{tuple(shape)}, 1 value per channel); use a batch of at least 2 or call .eval()"
             )
     elif eps is not None and eps < 0:
@@ -166,13 +167,50 @@ def batch_norm(
         weight = weight.reshape(-1)  # torch takes any shape with C elements
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
-    x = input
-    if x.dim() > 5:  # (N, C, *) with more than 3 spatial dims: the same batch norm on (N, C, prod(spatial))
-        x = x.reshape(x.shape[0], x.shape[1], -1)
+    if input.dim() > 5:  # (N, C, *) with more than 3 spatial dims: the same batch norm on (N, C, prod(spatial))
+        x = input.reshape(input.shape[0], input.shape[1], -1)
+        y = _batch_norm_checked(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                num_batches_tracked, nonfinite, name)
+        return y.reshape(input.shape)
+    return _batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                               num_batches_tracked, nonfinite, name)
+
+
+def _batch_norm_checked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    nonfinite: str,
+    name: str,
+    *,
+    act: str = "none",
+    residual: Tensor | None = None,
+) -> Tensor:
+    """:func:`batch_norm` after validation: the one path from bnlab's functional form and modules
+    to :mod:`bnlab.kernels`.
+
+    The caller has already checked what :func:`batch_norm` checks (:func:`check_batch_norm_input`,
+    ``nonfinite``, ``momentum=None`` with ``num_batches_tracked``, running statistics in eval) and
+    hands over an input of at most 5 dims with 1-D (or None) ``weight`` and ``bias``. The modules
+    (:mod:`bnlab.nn.batchnorm`) call this directly: they validate once per call, with their own
+    layer name, and their options are validated when they are built. ``training`` here means
+    "normalize with the batch statistics"; running statistics given in training are updated.
+    ``act`` and ``residual`` (the norm-act layers, :mod:`bnlab.nn.act`): ``act(y + residual)``,
+    fused into the kernels' passes.
+    """
+    if act != "none" or residual is not None:  # bnlab.nn.BatchNormAct*: y = act(BN(x) + residual), fused
+        if training:
+            return kernels.batch_norm_act_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                momentum, eps, nonfinite, name, act, residual)
+        return kernels.batch_norm_act_eval(input, running_mean, running_var, weight, bias, eps, act, residual)
     if training:
-        y = kernels.batch_norm_train(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name
+        return kernels.batch_norm_train(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name
         )
-    else:
-        y = kernels.batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
-    return y if x is input else y.reshape(input.shape)
+    return kernels.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)

@@ -20,6 +20,17 @@ recalibration) calls :func:`update_buffers`, which owns:
   buffers take the same arithmetic in one compiled call (:func:`_write_running`) with the overflow
   check inside, because this runs once per training step and small steps are dominated by the
   Python around the kernels.
+
+Two layer options decide *when* a training batch reaches the buffers; both are validated here and
+both end in :func:`update_buffers`:
+
+* **accumulation** (``accumulate=k``, :func:`check_accumulate_option`): the statistics of k
+  micro-batches are pooled (:class:`PooledStats`: count-weighted mean and variance, Chan's
+  parallel formula in float64) and written once, so that k micro-batches of size b leave the
+  running statistics and ``num_batches_tracked`` one batch of k * b would leave.
+* **the one-value batch** (``small_batch``, :func:`check_small_batch_option`): ``"error"``
+  (torch's behaviour) or ``"running_stats"``: such a training batch normalizes with the running
+  statistics and updates nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +53,14 @@ __all__ = [
     "bad_channels",
     "raise_bad_batch",
     "update_buffers",
+    "SMALL_BATCH",
+    "check_small_batch_option",
+    "check_accumulate_option",
+    "PooledStats",
 ]
 
 NONFINITE = ("raise", "skip")
+SMALL_BATCH = ("error", "running_stats")
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _LIMIT = {d: float(torch.finfo(d).max) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
@@ -60,6 +76,23 @@ def check_nonfinite_option(nonfinite: str, name: str) -> str:
     if nonfinite not in NONFINITE:
         raise ValueError(f"{name}: nonfinite must be 'raise' or 'skip' (got {nonfinite!r})")
     return nonfinite
+
+
+def check_small_batch_option(small_batch: str, name: str) -> str:
+    """``small_batch`` if it is one of :data:`SMALL_BATCH`, else a ValueError naming the layer."""
+    if small_batch not in SMALL_BATCH:
+        raise ValueError(f"{name}: small_batch must be 'error' or 'running_stats' (got {small_batch!r})")
+    return small_batch
+
+
+def check_accumulate_option(accumulate, name: str) -> int:
+    """``accumulate`` (micro-batches per running-statistics update) as an int >= 1, else an error
+    naming the layer."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, (int, np.integer)):
+        raise TypeError(f"{name}: accumulate must be an int >= 1, the micro-batches per update (got {accumulate!r})")
+    if accumulate < 1:
+        raise ValueError(f"{name}: accumulate must be >= 1, the micro-batches per update (got {accumulate})")
+    return int(accumulate)
 
 
 def bessel(count) -> float:
@@ -173,6 +206,14 @@ def update_buffers(
             num_batches_tracked.add_(1)
         return False
     limit = _limit(running_mean, running_var)
+    if (isinstance(mean, Tensor) and mean.is_cpu and not mean.requires_grad and mean.dtype in _FAST_DTYPES
+            and var.is_cpu and var.dtype in _FAST_DTYPES and _fast(running_mean) and _fast(running_var)):
+        # CPU statistics into CPU float buffers (torch's kernel for half inputs): C-sized ndarrays and
+        # the compiled update below cost less than a handful of small torch ops
+        mean = np.asarray(mean.numpy(), dtype=np.float64)
+        var = np.asarray(var.numpy(), dtype=np.float64)
+        if nbad is None:
+            nbad = 0 if (np.isfinite(mean).all() and np.isfinite(var).all()) else None
     if nbad is None and isinstance(mean, Tensor):  # one check (one sync) first; the details only if needed
         nbad = 0 if bool((torch.isfinite(mean).all() & torch.isfinite(var).all())) else None
     if nbad is None or nbad:
@@ -219,3 +260,56 @@ def _torch_overflow(mean: Tensor, var: Tensor, count, limit: float) -> bool:
         return False
     big = (var.detach() * bessel(count) > limit) | (mean.detach().abs() > limit)
     return bool(big.any())
+
+
+class PooledStats:
+    """The pooled statistics of several batches (micro-batches of one accumulation window).
+
+    ``add(mean, var, count)`` takes one batch's float64 mean and biased variance of ``count``
+    values per channel and combines them with the batches before (Chan, Golub & LeVeque's
+    parallel formula, float64: ``M2 = M2_a + M2_b + delta^2 * n_a * n_b / n``), so that
+    :meth:`commit` hands :func:`update_buffers` exactly the mean, biased variance and count of
+    the union of the batches: one update, one ``num_batches_tracked`` increment, the Bessel
+    correction of the pooled count. ``mark_bad()`` records a batch whose statistics may not enter
+    the buffers (``nonfinite="skip"``): the whole window's update is then skipped, as the update
+    of one batch containing it would be. ``batches`` counts every batch seen, empty ones included.
+    """
+
+    __slots__ = ("batches", "count", "mean", "m2", "bad")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.count = 0
+        self.mean = None
+        self.m2 = None
+        self.bad = False
+
+    def add(self, mean: Tensor, var: Tensor, count: int) -> None:
+        self.batches += 1
+        if not count or self.bad:
+            return
+        mean, m2 = mean.to(torch.float64), var.to(torch.float64) * count
+        if self.mean is None:
+            self.mean, self.m2, self.count = mean.clone(), m2, count
+            return
+        n = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / n)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / n)
+        self.count = n
+
+    def mark_bad(self) -> None:
+        self.batches += 1
+        self.bad = True
+
+    def commit(self, running_mean, running_var, num_batches_tracked, momentum, nonfinite, name) -> bool:
+        """One :func:`update_buffers` with the pooled statistics; returns whether they were
+        written (a window with a refused batch writes nothing, and counts nothing)."""
+        if self.bad or not self.batches:
+            return False
+        if not self.count:  # only empty batches: counted, statistics untouched (as one empty batch)
+            return update_buffers(running_mean, running_var, num_batches_tracked, None, None, 0, momentum, nonfinite,
+                                  name)
+        mean, var = self.mean, self.m2 / self.count
+        return update_buffers(running_mean, running_var, num_batches_tracked, mean, var, self.count, momentum,
+                              nonfinite, name)

@@ -356,3 +356,149 @@ def batch_norm_eval(
     if torch.is_grad_enabled() and _any_requires_grad(x, weight, bias):
         return _EvalFn.apply(x, weight, bias, stats)
     return cpu.forward_eval(x, weight, bias, stats)  # nothing to differentiate: no autograd node
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch norm fused with an activation and a residual add: y = act(BN(x) + residual)
+
+ACTIVATIONS = ("none", "relu", "silu", "gelu")
+
+
+def apply_act(z: Tensor, act: str) -> Tensor:
+    """The activation in torch ops (gelu: the erf form, torch's default)."""
+    if act == "relu":
+        return torch.relu(z)
+    if act == "silu":
+        return torch.nn.functional.silu(z)
+    if act == "gelu":
+        return torch.nn.functional.gelu(z)
+    return z
+
+
+def _epilogue(y: Tensor, residual: Tensor | None, act: str) -> Tensor:
+    if residual is not None:
+        y = y + residual
+    return apply_act(y, act)
+
+
+def _act_reference(x, weight, bias, residual, act, stats, eps):
+    """The fused layer's forward in differentiable torch ops, for a graph of the backward: batch
+    statistics recomputed from ``x`` (training, ``stats is None``) or the given constants."""
+    if stats is None:
+        mean, var, _ = ref.batch_stats(x)
+        invstd = ref.invstd_from_var(var, eps)
+    else:
+        mean, invstd = torch.from_numpy(stats[0]), torch.from_numpy(stats[2])
+    return _epilogue(ref.normalize(x, mean, invstd, weight, bias), residual, act)
+
+
+def _act_graph_backward(ctx, dy, stats_const):
+    x, weight, bias, residual = ctx.saved_tensors
+    inputs = [t for t in (x, weight, bias, residual) if t is not None]
+    with torch.enable_grad():
+        y = _act_reference(x, weight, bias, residual, ctx.act, stats_const, ctx.eps)
+        got = torch.autograd.grad(y, inputs, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
+    it = iter(got)
+    return tuple(None if t is None else next(it) for t in (x, weight, bias, residual))
+
+
+class _TrainActFn(torch.autograd.Function):
+    """Training forward of ``act(BN(x) + residual)`` in the kernels' two passes (the running
+    update inside, as :class:`_TrainFn`), and its hand-derived backward: ``dz = dy * act'(z)``
+    formed inside the batch-norm backward's passes, ``d residual = dz``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, track, act):
+        y, stats, nbad = cpu.forward_train(x, weight, bias, eps, act=act, residual=residual)
+        if track is not None:
+            running_mean, running_var, num_batches_tracked, momentum, nonfinite, name = track
+            count = x.numel() // x.shape[1] if x.shape[1] else 0
+            update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum,
+                           nonfinite, name, nbad)
+        ctx.stats, ctx.eps, ctx.act = stats, eps, act
+        ctx.save_for_backward(x, weight, bias, residual)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        if not (torch.is_grad_enabled() or needs_reference()):
+            x, weight, bias, residual = ctx.saved_tensors
+            try:
+                dx, grads, dres = cpu.backward_act(dy, x, weight, bias, ctx.stats, True, ctx.act, residual)
+            except RuntimeError:  # a dy the kernel cannot read: below
+                pass
+            else:
+                return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
+                        torch.from_numpy(grads[0]) if need[2] else None, dres if need[3] else None, None, None, None)
+        g = _act_graph_backward(ctx, dy, None)
+        return (*(gi if n else None for gi, n in zip(g, need[:4])), None, None, None)
+
+
+class _EvalActFn(torch.autograd.Function):
+    """Eval forward of ``act(BN(x) + residual)`` with given statistics, and its backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stats, act):
+        ctx.stats, ctx.act, ctx.eps = stats, act, 0.0
+        ctx.save_for_backward(x, weight, bias, residual)
+        return cpu.forward_eval(x, weight, bias, stats, act=act, residual=residual)
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        if not (torch.is_grad_enabled() or needs_reference()):
+            x, weight, bias, residual = ctx.saved_tensors
+            try:
+                dx, grads, dres = cpu.backward_act(dy, x, weight, bias, ctx.stats, False, ctx.act, residual)
+            except RuntimeError:
+                pass
+            else:
+                return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
+                        torch.from_numpy(grads[0]) if need[2] else None, dres if need[3] else None, None, None)
+        g = _act_graph_backward(ctx, dy, ctx.stats)
+        return (*(gi if n else None for gi, n in zip(g, need[:4])), None, None)
+
+
+def _fusable(x: Tensor, residual: Tensor | None) -> bool:
+    """The fused kernels serve this call: CPU float32/float64, eager, and a residual (if any) of
+    ``x``'s shape and dtype on the CPU."""
+    if not uses_bnlab_kernel(x) or torch.compiler.is_compiling() or _is_tracing() or needs_reference():
+        return False
+    return residual is None or (residual.is_cpu and residual.dtype == x.dtype and residual.shape == x.shape)
+
+
+def batch_norm_act_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                         nonfinite="raise", name="batch_norm", act="relu", residual=None) -> Tensor:
+    """:func:`batch_norm_train` followed by ``+ residual`` and the activation, fused into the
+    kernels' passes on CPU float32/float64 in eager mode; elsewhere (half precision, CUDA,
+    ``torch.compile``, forward AD / ``torch.func``) the same math in the path's own ops."""
+    if not _fusable(x, residual):
+        y = batch_norm_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                             nonfinite, name)
+        return _epilogue(y, residual, act)
+    if running_mean is None and running_var is None and num_batches_tracked is None:
+        track = None
+    else:
+        track = (running_mean, running_var, num_batches_tracked, momentum, nonfinite, name)
+    if not (torch.is_grad_enabled() and (_any_requires_grad(x, weight, bias)
+                                         or (residual is not None and residual.requires_grad))):
+        y, stats, nbad = cpu.forward_train(x, weight, bias, eps, act=act, residual=residual)
+        if track is not None:
+            count = x.numel() // x.shape[1] if x.shape[1] else 0
+            update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum,
+                           nonfinite, name, nbad)
+        return y
+    return _TrainActFn.apply(x, weight, bias, residual, eps, track, act)
+
+
+def batch_norm_act_eval(x, running_mean, running_var, weight, bias, eps, act="relu", residual=None) -> Tensor:
+    """:func:`batch_norm_eval` followed by ``+ residual`` and the activation (fused as
+    :func:`batch_norm_act_train`)."""
+    if not _fusable(x, residual):
+        return _epilogue(batch_norm_eval(x, running_mean, running_var, weight, bias, eps), residual, act)
+    stats = cpu.eval_stats(running_mean, running_var, eps)
+    if torch.is_grad_enabled() and (_any_requires_grad(x, weight, bias)
+                                    or (residual is not None and residual.requires_grad)):
+        return _EvalActFn.apply(x, weight, bias, residual, stats, act)
+    return cpu.forward_eval(x, weight, bias, stats, act=act, residual=residual)

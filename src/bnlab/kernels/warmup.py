@@ -6,18 +6,28 @@ eval, forward and backward, the running-statistics update), small inputs (one th
 ones (the thread pool) alike, and then the serial twins a forked child runs
 (:func:`bnlab.kernels.cpu.serial_kernels`), so that the first batch norm in a fresh process, or in
 a DataLoader fork worker, loads compiled code from numba's on-disk cache (``cache=True``, next to
-the kernels' source) instead of compiling. A warm cache makes this command itself take about a
-second; a cold one about 45 s on the 2-core machines here (the serial twins about 9 s of it).
+the kernels' source) instead of compiling.
+
+Then the fused batch norm + activation kernels (:func:`bnlab.kernels.cpu.act_kernels`): relu,
+silu and gelu, with and without a residual, float32 and float64, both layouts, training and eval
+(and a residual without an activation); of their serial twins only relu's in float32 (a forked
+child compiles the others on its first call of them, a few seconds each, once per cache).
+
+A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
+any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) takes
+about a minute for the plain kernels and several more for the fused ones on the 2-core machines
+here; ``--plain`` stops after the plain kernels.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 
 
-def warmup() -> float:
+def warmup(fused: bool = True) -> float:
     import bnlab.functional as BF
     from bnlab.kernels import cpu
 
@@ -32,6 +42,18 @@ def warmup() -> float:
         cpu.use_serial_kernels(serial)
         try:
             _pass(BF, shapes)
+        finally:
+            cpu.use_serial_kernels(False)
+    if fused:
+        fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]  # a rows and a columns kernel
+        for act in ("relu", "silu", "gelu"):
+            for dtype in (torch.float32, torch.float64):
+                _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
+        for dtype in (torch.float32, torch.float64):  # a residual without an activation: the forwards
+            _fused_pass(cpu, fused_shapes, "none", dtype, (True,))
+        cpu.use_serial_kernels(True)
+        try:
+            _fused_pass(cpu, fused_shapes, "relu", torch.float32, (False, True))
         finally:
             cpu.use_serial_kernels(False)
     return time.perf_counter() - t0
@@ -55,5 +77,29 @@ def _pass(BF, shapes) -> None:
                 ye.backward(torch.ones_like(ye))
 
 
+def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:
+    """Every kernel of one activation and dtype: the compiled signature depends on the dtype and on
+    whether a residual is given, not on the shape within a layout or on the affine parameters."""
+    for shape, fmt in shapes:
+        x = torch.randn(shape, dtype=dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        w, b = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
+        for with_res in residuals:
+            res = torch.randn_like(x) if with_res else None
+            y, stats, _ = cpu.forward_train(x, w, b, 1e-5, act=act, residual=res)
+            cpu.forward_eval(x, w, b, stats, act=act, residual=res)
+            if act != "none":
+                for train in (True, False):
+                    cpu.backward_act(torch.ones_like(y), x, w, b, stats, train, act, res)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bnlab.kernels.warmup", description=__doc__.splitlines()[0])
+    p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels, not the fused ones")
+    a = p.parse_args(argv)
+    print(f"bnlab kernels warm ({warmup(fused=not a.plain):.1f} s)", flush=True)
+
+
 if __name__ == "__main__":
-    print(f"bnlab kernels warm ({warmup():.1f} s)", flush=True)
+    main()

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from . import claims as registry
+from . import findings as finding_registry
 from .config import Context, SettingError, claim_settings, parse_overrides
 from .protocol import Plan, Results, Run, is_complete, missing
 from .store import Store
@@ -39,18 +40,24 @@ def _parse_seeds(text: str | None) -> list[int] | None:
 
 
 def contexts(args) -> dict[str, Context]:
-    """One Context per selected claim, with the profile's settings and validated overrides."""
-    wanted = [c.strip().upper() for c in args.claims.split(",") if c.strip()] if getattr(args, "claims", None) else registry.ids()
+    """One Context per selected claim, with the profile's settings and validated overrides; and one
+    per selected finding (:mod:`bnlab.lab.findings`: every finding that runs in the profile, or
+    those ``--claims`` names), keyed by its id."""
+    named = [c.strip().upper() for c in args.claims.split(",") if c.strip()] if getattr(args, "claims", None) else None
+    wanted = [c for c in named if c not in finding_registry.FINDINGS] if named is not None else registry.ids()
     for c in wanted:
         if c not in registry.CLAIMS:
-            broken = [n for n in registry.BROKEN if n.lower().startswith(c.lower() + "_")]
+            broken = [n for n in list(registry.BROKEN) + list(finding_registry.BROKEN)
+                      if n.lower().startswith(c.lower() + "_")]
             if broken:
-                raise AuditError(f"claim {c} could not be loaded:\n{registry.BROKEN[broken[0]]}")
-            raise AuditError(f"unknown claim {c!r}; known: {', '.join(registry.ids())}")
+                err = registry.BROKEN.get(broken[0]) or finding_registry.BROKEN[broken[0]]
+                raise AuditError(f"claim {c} could not be loaded:\n{err}")
+            raise AuditError(f"unknown claim {c!r}; known: {', '.join(registry.ids())}"
+                             + (f"; findings: {', '.join(finding_registry.ids())}" if finding_registry.ids() else ""))
     overrides = parse_overrides(getattr(args, "set", None) or [])
     for c in overrides:
-        if c not in registry.CLAIMS:
-            raise AuditError(f"--set names unknown claim {c!r}; known: {', '.join(registry.ids())}")
+        if c not in registry.CLAIMS and c not in finding_registry.FINDINGS:
+            raise AuditError(f"--set names unknown claim {c!r}; known: {', '.join(registry.ids() + finding_registry.ids())}")
     seeds = _parse_seeds(getattr(args, "seeds", None))
     _check_data(getattr(args, "dataset", None), getattr(args, "data_dir", None), "--dataset")
     workers = _workers(args)
@@ -88,7 +95,42 @@ def contexts(args) -> dict[str, Context]:
                 out[cell_key(c, dataset, name)] = Context(
                     seeds=list(subset), dataset=dataset, seed_sets=[list(subset)],
                     extra={"seeds_given": True, "cell": {"dataset": dataset, "seed_set": name}}, **common)
+    out.update(_finding_contexts(args, named, overrides, seeds, workers))
     return out
+
+
+def _finding_contexts(args, named, overrides, seeds, workers) -> dict[str, Context]:
+    """The findings' contexts: headline only (no robustness cells), every seed in one set."""
+    out = {}
+    ids = [c for c in named if c in finding_registry.FINDINGS] if named is not None else \
+        finding_registry.runs_in(args.profile)
+    dataset = getattr(args, "dataset", None)
+    for f in ids:
+        mod = finding_registry.get(f)
+        takes = list(getattr(mod, "TAKES", None) or mod.DATASETS)
+        if args.profile not in mod.PROFILES or (dataset and dataset not in takes):
+            if named is None:
+                continue  # not part of this audit
+            if args.profile not in mod.PROFILES:
+                raise AuditError(f"{f} has no profile {args.profile!r} (has {', '.join(mod.PROFILES)})")
+            raise AuditError(f"{f} runs on {', '.join(takes)} (got --dataset {dataset})")
+        try:
+            settings = claim_settings(f, mod.PROFILES, args.profile, overrides.get(f, {}), getattr(mod, "LIMITS", None))
+            if seeds is not None:
+                settings.schema.check("seeds", seeds)
+        except SettingError as e:
+            raise AuditError(str(e)) from None
+        all_seeds = list(seeds or settings["seeds"])
+        out[f] = Context(profile=args.profile, seeds=all_seeds, settings=settings, dataset=dataset,
+                         data_dir=getattr(args, "data_dir", None), workers=workers, selection_seed=all_seeds[0],
+                         extra={"seeds_given": seeds is not None, "finding": True})
+    return out
+
+
+def _module(cid: str):
+    """The claim or finding module of a context key."""
+    cid = claim_of(cid)
+    return finding_registry.get(cid) if cid in finding_registry.FINDINGS else registry.get(cid)
 
 
 SEED_SET_NAMES = ("A", "B")
@@ -179,16 +221,20 @@ class _Progress:
             self._p.stop()
 
 
-def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool = True, log=print) -> dict:
+def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool = True, log=print,
+            runner=None) -> dict:
     """Run everything the claims need that the store lacks; commit each result as it finishes.
 
     Scheduling: runs that later stages wait on (``Run.gate``) first, then the costliest first.
-    The progress bar counts the runs this audit executes, weighted by their cost estimates."""
+    The progress bar counts the runs this audit executes, weighted by their cost estimates.
+    ``runner``: an already started runner (e.g. :class:`bnlab.lab.ray_backend.RayRunner`), which the
+    caller closes; by default a :class:`bnlab.lab.runner.LocalRunner` of ``workers`` is started
+    when there is something to run, and closed here."""
     from .runner import LocalRunner, effective_workers
 
     workers = effective_workers(workers)  # recorded as what runs (0 runs in-process, as 1)
     results = Results(store)
-    runner = None
+    given = runner
     heap: list = []
     queued: dict[str, Run] = {}
     in_flight: set[str] = set()
@@ -210,7 +256,7 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
                 if cid in plan_errors:
                     continue
                 try:
-                    plan = _plan(registry.get(claim_of(cid)), ctx, results)
+                    plan = _plan(_module(cid), ctx, results)
                 except Exception:  # a broken claim must not stop the others
                     plan_errors[cid] = traceback.format_exc(limit=4)
                     log(f"[claim {cid} cannot plan its runs]\n{plan_errors[cid]}")
@@ -271,7 +317,7 @@ def execute(ctxs: dict[str, Context], store: Store, workers: int, progress: bool
         raise
     finally:
         bar.stop()
-        if runner is not None:
+        if runner is not None and runner is not given:
             runner.close()
     elapsed = {cid: claim_last[cid] - claim_first[cid] for cid in claim_last if cid in claim_first}
     failed.update({f"plan {cid}": err for cid, err in plan_errors.items()})
@@ -285,7 +331,7 @@ def decide_all(ctxs: dict[str, Context], store: Store, outdir: Path | None) -> d
     results = Results(store)
     out = {}
     for cid, ctx in ctxs.items():
-        if "|" in cid:
+        if "|" in cid or cid in finding_registry.FINDINGS:
             continue
         mod = registry.get(cid)
         entry = {"id": cid, "title": mod.TITLE, "claim": mod.CLAIM, "sources": list(mod.SOURCES),
@@ -310,6 +356,48 @@ def decide_all(ctxs: dict[str, Context], store: Store, outdir: Path | None) -> d
         if cells:
             entry["robustness"] = _robustness(mod, cells, results)
         out[cid] = entry
+    return out
+
+
+def decide_findings(ctxs: dict[str, Context], store: Store, outdir: Path | None) -> dict:
+    """Each finding's numbers, tables and plots (or why there are none), from stored results only;
+    the report renders them under "Beyond the claims"."""
+    results = Results(store)
+    out = {}
+    for fid, ctx in ctxs.items():
+        if fid not in finding_registry.FINDINGS:
+            continue
+        mod = finding_registry.get(fid)
+        entry = {"id": fid, "title": mod.TITLE, "question": mod.QUESTION, "sources": list(mod.SOURCES),
+                 "protocol_changes": list(getattr(mod, "PROTOCOL_CHANGES", [])), "seeds": list(ctx.seeds),
+                 "dataset": _dataset_name(mod, ctx), "settings": ctx.settings, "command": _command(fid, ctx),
+                 "doc": (mod.__doc__ or "").strip(), "plots": []}
+        entry.update(_run_accounting(mod, ctx, results, store))
+        try:
+            plan = _plan(mod, ctx, results)
+            complete = is_complete(plan, results)
+        except Exception:
+            entry.update(status="error", why=traceback.format_exc(limit=4))
+            out[fid] = entry
+            continue
+        if not complete:
+            entry.update(status="incomplete", why=f"{len(missing(plan, results)) + len(plan.pending)} runs not in the "
+                                                  "store (run `bnlab audit` with the same settings)")
+            out[fid] = entry
+            continue
+        try:
+            entry.update(mod.decide(ctx, results))
+            entry["status"] = "decided"
+        except Exception:
+            entry.update(status="error", why=traceback.format_exc(limit=4))
+            out[fid] = entry
+            continue
+        if outdir is not None:
+            try:
+                entry["plots"] = [(str(p), cap) for p, cap in mod.plots(ctx, results, str(outdir / "plots"))]
+            except Exception:
+                entry["plot_error"] = traceback.format_exc(limit=4)
+        out[fid] = entry
     return out
 
 
@@ -415,7 +503,7 @@ def _console():
 def run_audit(args) -> int:
     from rich.console import Console
 
-    from .report import provenance, terminal_table, write_report
+    from .report import findings_lines, provenance, terminal_table, write_report
 
     console = _console()
     try:
@@ -425,28 +513,47 @@ def run_audit(args) -> int:
         return 2
     for name, err in registry.BROKEN.items():
         console.print(f"[yellow]claim module {name} not loaded:[/] {err.strip().splitlines()[-1]}")
+    for name, err in finding_registry.BROKEN.items():
+        console.print(f"[yellow]finding module {name} not loaded:[/] {err.strip().splitlines()[-1]}")
     outdir = _outdir(args)
+    runner = None
+    if getattr(args, "backend", "local") == "ray":
+        from .ray_backend import RayRunner, RayUnavailable
+
+        try:
+            runner = RayRunner(address=getattr(args, "address", None))
+        except RayUnavailable as e:
+            print(f"bnlab audit: {e}", file=sys.stderr)
+            return 2
+        args.workers = runner.capacity  # recorded: the runs in flight at once, the cluster's CPUs
     t0 = time.time()
     with Store(args.store) as store:
         heads = headline(ctxs)
         audit_id = store.begin_audit(args.profile, {c: x.seeds for c, x in heads.items()}, list(heads), args.workers)
         try:
             ex = execute(ctxs, store, args.workers, progress=not args.no_progress,
-                         log=lambda m: console.print(m, markup=False))
+                         log=lambda m: console.print(m, markup=False), runner=runner)
         except KeyboardInterrupt:
+            if runner is not None:
+                runner.close(cancel=True)
             store.end_audit(audit_id, 0, 0, time.time() - t0, {}, "interrupted")
             console.print("[yellow]interrupted: finished runs are in the store; rerun to resume[/]")
             return 130
+        finally:
+            if runner is not None:
+                runner.close()
         claims_out = decide_all(ctxs, store, outdir)
+        findings_out = decide_findings(ctxs, store, outdir)
         wall = time.time() - t0
         status = "ok" if not ex["failed"] else "failed runs"
         store.end_audit(audit_id, ex["executed"], ex["from_store"], wall, ex["claim_elapsed_s"], status)
-        prov = provenance(args, heads, store, claims_out, audit={"wall_s": wall, "executed": ex["executed"],
-                                                                  "from_store": ex["from_store"],
-                                                                  "claim_elapsed_s": ex["claim_elapsed_s"],
-                                                                  "failed": len(ex["failed"])})
-        write_report(outdir, claims_out, prov, store)
+        prov = provenance(args, heads, store, claims_out,
+                          audit={"wall_s": wall, "executed": ex["executed"], "from_store": ex["from_store"],
+                                 "claim_elapsed_s": ex["claim_elapsed_s"], "failed": len(ex["failed"])},
+                          findings=findings_out)
+        write_report(outdir, claims_out, prov, store, findings=findings_out)
     terminal_table(claims_out, console)
+    findings_lines(findings_out, console)
     console.print(f"executed {ex['executed']} runs, {ex['from_store']} from the store, "
                   f"{wall:.1f} s wall; report: {outdir / 'report.html'}")
     if ex["failed"]:
@@ -459,7 +566,7 @@ def run_audit(args) -> int:
 def run_report(args) -> int:
     from rich.console import Console
 
-    from .report import provenance, terminal_table, write_report
+    from .report import findings_lines, provenance, terminal_table, write_report
 
     console = _console()
     try:
@@ -473,8 +580,10 @@ def run_report(args) -> int:
     outdir = _outdir(args)
     with Store(args.store) as store:
         claims_out = decide_all(ctxs, store, outdir)
-        prov = provenance(args, headline(ctxs), store, claims_out, audit=None)
-        write_report(outdir, claims_out, prov, store)
+        findings_out = decide_findings(ctxs, store, outdir)
+        prov = provenance(args, headline(ctxs), store, claims_out, audit=None, findings=findings_out)
+        write_report(outdir, claims_out, prov, store, findings=findings_out)
     terminal_table(claims_out, console)
+    findings_lines(findings_out, console)
     console.print(f"report: {outdir / 'report.html'}")
     return 0

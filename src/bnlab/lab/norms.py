@@ -8,7 +8,8 @@ with groups that never straddle two members.
 
 Registry names: ``none``, ``batch``, ``noisy`` (Santurkar control), ``frozen-stats`` (C4
 control), ``ghost`` (:class:`bnlab.nn.GhostBatchNorm1d` / ``2d``, recalibrated as ordinary BN:
-:class:`LabGhostBatchNorm1d`), ``layer``, ``group``.
+:class:`LabGhostBatchNorm1d`), ``renorm`` (:class:`bnlab.nn.BatchRenorm1d` / ``2d``: batch
+renormalization, batch norm during precise BN), ``layer``, ``group``.
 Every batch-norm layer here uses ``nonfinite="skip"``: a diverging member is a result, and its nan
 statistics must neither raise nor reach the buffers (precise BN recomputes them before any
 evaluation anyway).
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from .. import functional as BF
 from .. import reference as ref
 from ..nn import BatchNorm1d, BatchNorm2d, GhostBatchNorm1d, GhostBatchNorm2d
+from ..nn.renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = ["NORMS", "make_norm", "NoisyBatchNorm1d", "NoisyBatchNorm2d", "FrozenStatsBatchNorm1d",
            "FrozenStatsBatchNorm2d", "refresh_frozen_stats", "set_generator", "set_generators"]
@@ -246,6 +248,7 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
     "noisy": _bn_factory(NoisyBatchNorm1d, NoisyBatchNorm2d),
     "frozen-stats": _bn_factory(FrozenStatsBatchNorm1d, FrozenStatsBatchNorm2d),
     "ghost": _bn_factory(LabGhostBatchNorm1d, LabGhostBatchNorm2d),
+    "renorm": _bn_factory(BatchRenorm1d, BatchRenorm2d),
     "layer": _layer,
     "group": _group,
 }

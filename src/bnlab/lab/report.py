@@ -18,6 +18,9 @@ results.json::
                        "compute_s", "plots"}, ...},
      "robustness": {claim: {"cells": [...], "robust", "summary"}}   (when robustness ran: full),
      "summary_plot": {"file", "caption"},
+     "findings": {"F1": {"title", "question", "status", "summary", "findings", "tables", "comparisons",
+                         "metrics", "notes", "seeds", "settings", "runs", "compute_s", "plots", ...}}
+                 (the audit's findings, bnlab.lab.findings: numbers and intervals, no verdicts),
      "provenance": {"versions", "code_revision", "fingerprints", "profile", "seeds", "machine",
                     "workers", "wall_time", "budgets", ...}}
 
@@ -68,8 +71,8 @@ def code_revision() -> str:
         return "unknown"
 
 
-def provenance(args, ctxs: dict, store, claims: dict, audit: dict | None) -> dict:
-    """Versions, code revision, seeds, machine and wall times (per claim and for the audit)."""
+def provenance(args, ctxs: dict, store, claims: dict, audit: dict | None, findings: dict | None = None) -> dict:
+    """Versions, code revision, seeds, machine and wall times (per claim, per finding and for the audit)."""
     import torch
 
     profile = args.profile
@@ -85,6 +88,11 @@ def provenance(args, ctxs: dict, store, claims: dict, audit: dict | None) -> dic
         if last and last.get("claim_wall") and cid in last["claim_wall"]:
             per_claim[cid]["elapsed_s_when_executed"] = round(last["claim_wall"][cid], 2)
     wall = {"per_claim": per_claim}
+    if findings:
+        wall["per_finding"] = {fid: {"runs": f.get("runs"), "compute_s": round(f.get("compute_s", 0.0), 2),
+                                     **({"elapsed_s_this_audit": round(audit["claim_elapsed_s"][fid], 2)}
+                                        if audit and fid in audit.get("claim_elapsed_s", {}) else {})}
+                               for fid, f in findings.items()}
     if audit:
         wall["this_invocation_s"] = round(audit["wall_s"], 2)
         wall["executed"] = audit["executed"]
@@ -432,6 +440,64 @@ def sensitivity_rows(claims: dict) -> tuple[list[str], list[dict]]:
     return keys, rows
 
 
+# ---------------------------------------------------------------- findings ("Beyond the claims")
+BEYOND_TITLE = "Beyond the claims"
+BEYOND_LEAD = ("Studies the audit runs beside the claims. They decide nothing: each reports its numbers with paired "
+               "95% intervals, as the claims' parts do, and reads them without a verdict.")
+
+
+def _findings_json(findings: dict, outdir: Path) -> dict:
+    out = {}
+    for fid, f in (findings or {}).items():
+        d = {k: v for k, v in f.items() if k not in ("doc", "run_keys")}
+        d["plots"] = [{"file": os.path.relpath(p, outdir), "caption": cap} for p, cap in f.get("plots") or []]
+        out[fid] = d
+    return out
+
+
+def findings_lines(findings: dict, console) -> None:
+    """One line per finding in the terminal: its summary, or why it has none."""
+    for fid, f in (findings or {}).items():
+        text = f.get("summary") if f.get("status") == "decided" else (
+            f"{f.get('status')}: {((f.get('why') or '').strip().splitlines() or [''])[-1]}")
+        console.print(f"[bold]{fid}[/] {f.get('title', '')}: {text}", markup=True, highlight=False)
+
+
+def _findings_markdown(findings: dict, outdir: Path) -> list[str]:
+    if not findings:
+        return []
+    L = [f"## {BEYOND_TITLE}", "", BEYOND_LEAD, ""]
+    for fid, f in findings.items():
+        L += [f"### {fid} - {f.get('title', '')}", "", f"> {f.get('question', '')}", ""]
+        if f.get("status") != "decided":
+            L += [f"Not computed: {f.get('status')}: {f.get('why', '')}", ""]
+            continue
+        L += [f"**{f.get('summary', '')}**", ""]
+        L += [f"- {x}" for x in f.get("findings") or []]
+        L += [f"- Note: {x}" for x in _as_list(f.get("notes"))]
+        L.append("")
+        for p, cap in f.get("plots") or []:
+            L += [f"![{cap}]({os.path.relpath(p, outdir)})", "", f"*{cap}*", ""]
+        for t in f.get("tables") or []:
+            L += [f"**{t['title']}**", "", _md_table(t["columns"], t["rows"]), ""]
+        for x in f.get("protocol_changes") or []:
+            L.append(f"- Protocol change: {x}")
+        L += ["Sources: " + "; ".join(f.get("sources") or []), "",
+              f"Reproduce: `{f.get('command', '')}` ({f.get('runs', 0)} runs, {f.get('compute_s') or 0:.1f} s of "
+              "compute)", ""]
+    return L
+
+
+def _findings_view(findings: dict) -> list[dict]:
+    view = []
+    for fid, f in (findings or {}).items():
+        v = dict(f)
+        v["images"] = [{"data": _image(p), "caption": cap, "name": Path(p).name} for p, cap in f.get("plots") or []]
+        v["notes_list"] = _as_list(f.get("notes"))
+        view.append(v)
+    return view
+
+
 # ---------------------------------------------------------------- results.json
 def results_json(claims: dict, prov: dict, outdir: Path, summary: Path | None = None) -> dict:
     out = {}
@@ -521,7 +587,8 @@ def _budget_lines(prov: dict) -> list[str]:
         lines.append(f"The last audit of these settings that executed runs ({la['finished']}): "
                      f"{la['wall_s']:.1f} s wall, "
                      f"{la['executed']} runs executed, {la['from_store']} from the store, {la['workers']} workers.")
-    total = sum(v.get("compute_s") or 0 for v in (w.get("per_claim") or {}).values())
+    total = sum(v.get("compute_s") or 0 for v in list((w.get("per_claim") or {}).values())
+                + list((w.get("per_finding") or {}).values()))
     load = (prov.get("machine") or {}).get("load_average_1_5_15min")
     lines.append(f"Compute recorded for this report's runs: {total:.1f} s of one core in all (sum of run times; per "
                  "claim in the provenance). Wall times on a shared machine include other processes' load: the load "
@@ -535,7 +602,8 @@ def _history_cell(h) -> str:
     return f"{h.get('verdict', 'n/a')} ({h.get('date') or 'undated'})"
 
 
-def write_markdown(path: Path, claims: dict, prov: dict, outdir: Path, summary: Path | None = None) -> None:
+def write_markdown(path: Path, claims: dict, prov: dict, outdir: Path, summary: Path | None = None,
+                   findings: dict | None = None) -> None:
     L = ["# bnlab audit report", "",
          f"Profile `{prov.get('profile')}` - generated {prov.get('generated')} - code `{prov.get('code_revision')}` - "
          f"rules version {RULE_VERSION}", ""]
@@ -633,6 +701,7 @@ def write_markdown(path: Path, claims: dict, prov: dict, outdir: Path, summary: 
         for x in c.get("protocol_changes") or []:
             L.append(f"- Protocol change: {x}")
         L += ["", "Sources: " + "; ".join(c.get("sources") or []), "", f"Reproduce: `{c.get('command', '')}`", ""]
+    L += _findings_markdown(findings or {}, outdir)
     L += ["## Time", ""] + [f"- {x}" for x in _budget_lines(prov)] + [""]
     pc = [(cid, x) for cid, c in claims.items() for x in c.get("protocol_changes") or []]
     if pc:
@@ -652,7 +721,8 @@ def _image(path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def write_html(path: Path, claims: dict, prov: dict, summary: Path | None = None) -> None:
+def write_html(path: Path, claims: dict, prov: dict, summary: Path | None = None,
+               findings: dict | None = None) -> None:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2"]))
@@ -677,20 +747,26 @@ def write_html(path: Path, claims: dict, prov: dict, summary: Path | None = None
         summary=None if summary is None else {"data": _image(summary), "caption": SUMMARY_CAPTION},
         verdicts=verdict_rows(claims), robustness=robustness_matrix(claims), robustness_absent=ROBUSTNESS_ABSENT,
         history_versions=versions, history=hrows, sens_keys=skeys, sensitivity=srows,
-        verdict_colors=plots.VERDICT_COLORS, prov_json=json.dumps(_jsonable(prov), indent=2), escape=html.escape)
+        verdict_colors=plots.VERDICT_COLORS, prov_json=json.dumps(_jsonable(prov), indent=2), escape=html.escape,
+        findings=_findings_view(findings), beyond_title=BEYOND_TITLE, beyond_lead=BEYOND_LEAD)
     path.write_text(text)
 
 
-def write_report(outdir: Path, claims: dict, prov: dict, store) -> Path:
-    """Write results.json, runs.jsonl, the summary figure, report.md and report.html into ``outdir``."""
+def write_report(outdir: Path, claims: dict, prov: dict, store, findings: dict | None = None) -> Path:
+    """Write results.json, runs.jsonl, the summary figure, report.md and report.html into ``outdir``;
+    ``findings`` (:func:`bnlab.lab.audit.decide_findings`) go under "Beyond the claims"."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     summary = summary_plot(claims, outdir)
-    (outdir / "results.json").write_text(json.dumps(results_json(claims, prov, outdir, summary), indent=2))
+    res = results_json(claims, prov, outdir, summary)
+    if findings:
+        res = {**{k: v for k, v in res.items() if k != "provenance"}, "findings": _jsonable(_findings_json(findings, outdir)),
+               "provenance": res["provenance"]}
+    (outdir / "results.json").write_text(json.dumps(res, indent=2))
     with open(outdir / "runs.jsonl", "w") as f:
-        for cid, c in claims.items():
+        for cid, c in list(claims.items()) + list((findings or {}).items()):
             for rec in store.records(c.get("run_keys", [])):
                 f.write(json.dumps(_jsonable(dict(rec, claim=cid))) + "\n")
-    write_markdown(outdir / "report.md", claims, prov, outdir, summary)
-    write_html(outdir / "report.html", claims, prov, summary)
+    write_markdown(outdir / "report.md", claims, prov, outdir, summary, findings=findings)
+    write_html(outdir / "report.html", claims, prov, summary, findings=findings)
     return outdir

@@ -5,9 +5,11 @@ The runner only executes; the audit decides what to run and stores each result a
 time, so ``--workers 0`` is the same as ``--workers 1`` and is recorded as 1
 (:func:`effective_workers`).
 
-Scale-out backends (Ray) are to implement the same three methods: ``submit(key, config)``,
-``wait() -> list[(key, outcome)]`` and ``close()``, with ``outcome`` the dict that
-:func:`execute` returns.
+Scale-out backends implement the same interface: ``submit(key, config)``,
+``wait() -> list[(key, outcome)]``, ``close(cancel=False)``, ``capacity`` and ``in_flight``, with
+``outcome`` the dict that :func:`execute` returns; :class:`bnlab.lab.ray_backend.RayRunner`
+(``bnlab audit --backend ray``) runs each config as a Ray task, executed by :func:`execute` in a
+worker set up by :func:`_init_worker` as a pool worker is.
 """
 
 from __future__ import annotations

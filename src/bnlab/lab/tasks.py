@@ -50,7 +50,7 @@ CORE_CODE = (
     "tools/recalibrate.py",
 )
 # the lab code the built-in classification task depends on
-LAB_CODE = ("lab/data.py", "lab/norms.py", "lab/models.py", "lab/optim.py", "lab/train.py")
+LAB_CODE = ("lab/data.py", "lab/norms.py", "lab/models.py", "lab/optim.py", "lab/train.py", "nn/renorm.py")
 
 
 @dataclass(frozen=True)

@@ -25,3 +25,19 @@ __all__ += [
 from .variants import GhostBatchNorm1d, GhostBatchNorm2d
 
 __all__ += ["GhostBatchNorm1d", "GhostBatchNorm2d"]
+
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, convert_frozen_batchnorm
+
+__all__ += ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "convert_frozen_batchnorm"]
+
+from .sync import SyncBatchNorm
+
+__all__ += ["SyncBatchNorm"]
+
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+
+__all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
+
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+
+__all__ += ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]

@@ -14,25 +14,26 @@ population statistics of every valid value they see (per step for ``per_step=Tru
 ``recalibrate_end`` writes them into the running buffers.
 
 Numerical decisions: :class:`MaskedBatchNorm1d` accumulates in float64 (reference.py).
-:class:`SequenceBatchNorm` runs inside a time loop, where per-call overhead dominates at
-recurrent-layer sizes, so it calls torch's fused native batch norm (one dispatch, one autograd
-node per step); its statistics are tested against ``reference.batch_stats``. Population statistics
+:class:`SequenceBatchNorm` normalizes with bnlab's kernels and takes its statistics from
+``reference.batch_stats``; its buffers move only through :func:`bnlab.policy.update_buffers`, after
+every statistic of the forward has been checked (:func:`commit_stats`). Population statistics
 (recalibration) are pooled in float64 with a per-row shift.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, Parameter
 
 from .. import kernels
 from .. import reference as ref
-from ..policy import bad_channels, check_nonfinite_option, raise_bad_batch
+from ..policy import _LIMIT, NonFiniteBatchError, bad_channels, bessel, check_nonfinite_option, raise_bad_batch, update_buffers
 from .batchnorm import _NormBase
 
-__all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "guard_running_stats"]
+__all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "StatsUpdate", "commit_stats", "collect_stats"]
 
 
 class PopulationStats:
@@ -244,6 +245,94 @@ class MaskedBatchNorm1d(_NormBase):
         self.running_var.copy_(_unbiased(var, n)[0])
 
 
+class StatsUpdate:
+    """Batch statistics bound for a :class:`SequenceBatchNorm`'s population statistics.
+
+    ``rows``: the rows of the running buffers (time steps; all 0 for shared statistics), in the
+    order the steps ran; ``mean``/``var``: float64 ``(k, C)`` tensors (biased variance), one row per
+    entry of ``rows``; ``counts``: values per channel behind each row.
+    """
+
+    __slots__ = ("norm", "rows", "mean", "var", "counts")
+
+    def __init__(self, norm: "SequenceBatchNorm", rows, mean, var, counts) -> None:
+        self.norm = norm
+        self.rows = [int(r) for r in rows]
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(len(self.rows), -1)
+        self.var = torch.as_tensor(var, dtype=torch.float64).reshape(len(self.rows), -1)
+        self.counts = [int(n) for n in counts]
+
+
+def _all_good(updates: list[StatsUpdate]) -> bool:
+    """One pass over everything: finite, and within every buffer's dtype (the common case)."""
+    for u in updates:
+        limit = _LIMIT.get(u.norm.running_var.dtype, math.inf)
+        m, v = u.mean, u.var
+        if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(v).all())):
+            return False
+        if math.isfinite(limit) and (float(m.abs().max()) > limit or 2.0 * float(v.max()) > limit):
+            return False
+    return True
+
+
+def commit_stats(updates: list[StatsUpdate], nonfinite: str, name: str, labels: dict | None = None) -> bool:
+    """Write batch statistics into the running buffers (or the recalibration sums) of their norms,
+    every entry checked before any buffer moves.
+
+    If any row of any entry has statistics :func:`bnlab.policy.update_buffers` would refuse (nan,
+    inf, or too large for the buffers' dtype), nothing is written: ``nonfinite="raise"`` raises
+    :class:`bnlab.policy.NonFiniteBatchError` naming the layer (``name``), the norms (``labels``:
+    module -> name) and the steps; ``"skip"`` returns False. Otherwise every entry goes through
+    :meth:`SequenceBatchNorm.write_stats` (``update_buffers``) and True is returned.
+    """
+    if not updates:
+        return True
+    if not _all_good(updates):
+        where, kinds = [], []
+        for u in updates:
+            limit = _LIMIT.get(u.norm.running_var.dtype, math.inf)
+            steps = []
+            for r, m, v, n in zip(u.rows, u.mean, u.var, u.counts):
+                bad, k = bad_channels(m, v, n, limit)
+                if bad:
+                    steps.append(r if u.norm.per_step else len(steps))
+                    kinds += [x for x in k if x not in kinds]
+            if steps:
+                label = (labels or {}).get(u.norm, type(u.norm).__name__)
+                shown = ", ".join(str(s) for s in sorted(set(steps))[:20])
+                where.append(f"{label} at step(s) [{shown}]" if u.norm.per_step else
+                             f"{label} ({len(steps)} of its {len(u.rows)} batch(es))")
+        if nonfinite == "skip":
+            return False
+        raise NonFiniteBatchError(
+            f"{name}: non-finite batch statistics ({'; '.join(kinds)}) in {', '.join(where)}; running statistics "
+            "were left unchanged. Fix the input, or set nonfinite='skip' on the layer to skip this batch's statistics "
+            "update."
+        )
+    for u in updates:
+        u.norm.write_stats(u, nonfinite, name)
+    return True
+
+
+class collect_stats:
+    """While active, the training forwards of every :class:`SequenceBatchNorm` in ``module`` hand
+    their batch statistics to ``updates`` (a list) instead of writing them; the caller commits the
+    list with :func:`commit_stats` once its forward has run. Left on any exception (nothing written)."""
+
+    def __init__(self, module: Module, updates: list) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, SequenceBatchNorm)]
+        self.updates = updates
+
+    def __enter__(self) -> list:
+        for m in self.norms:
+            m._pending = self.updates
+        return self.updates
+
+    def __exit__(self, *exc) -> None:
+        for m in self.norms:
+            m._pending = None
+
+
 class SequenceBatchNorm(Module):
     r"""Batch normalization of a recurrent layer's pre-activations, called once per time step.
 
@@ -264,6 +353,18 @@ class SequenceBatchNorm(Module):
     A training step with fewer than 2 rows (one sequence still running) cannot have batch
     statistics: it is normalized with that step's population statistics and updates nothing.
 
+    The normalization is bnlab's (:func:`bnlab.kernels.batch_norm_train` / ``batch_norm_eval``),
+    the statistics :func:`bnlab.reference.batch_stats`'s, and the running buffers move only through
+    :func:`bnlab.policy.update_buffers` (:meth:`write_stats`), after a check of every statistic
+    that is to be written: a batch with nan/inf statistics raises
+    :class:`bnlab.policy.NonFiniteBatchError` (``nonfinite="raise"``) or is skipped (``"skip"``),
+    and no buffer moves either way. Inside a recurrent layer the statistics of all steps are
+    collected (:class:`collect_stats`) and written once the forward has run, so one bad step
+    leaves every step's buffers untouched. A shared row updated at k steps of one forward gets
+    the k updates in one ``update_buffers`` call: factor ``1 - (1 - momentum)^k`` and the
+    statistics weighted as k sequential updates weight them (for ``momentum=None``, the
+    cumulative average of the k), rounded once.
+
     Args:
         num_features: C.
         per_step: separate statistics per step (default True).
@@ -274,6 +375,9 @@ class SequenceBatchNorm(Module):
         bias: learnable beta when affine (default True). Gate pre-activations use False: the
             recurrent layer's own bias is the shift.
         gamma_init: initial gamma (default 1.0; Cooijmans use 0.1 to keep tanh/sigmoid unsaturated).
+        nonfinite: keyword; "raise" (default) or "skip" for training batches with nan/inf
+            statistics (used when the module is called on its own; a recurrent layer applies its
+            own ``nonfinite``).
 
     Shape: ``forward(x, step)``: x ``(N, C)``; ``forward_steps(x)``: x ``(B, T, C)`` (batch-major),
     every step with the same B rows.
@@ -288,7 +392,7 @@ class SequenceBatchNorm(Module):
 
     def __init__(self, num_features: int, per_step: bool = True, max_steps: int = 1, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True, bias: bool = True, gamma_init: float = 1.0,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, nonfinite: str = "raise") -> None:
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -297,6 +401,7 @@ class SequenceBatchNorm(Module):
         self.momentum = momentum
         self.affine = affine
         self.gamma_init = gamma_init
+        self.nonfinite = check_nonfinite_option(nonfinite, "SequenceBatchNorm")
         rows = max(int(max_steps), 1) if per_step else 1
         self.weight = Parameter(torch.empty(num_features, **fk)) if affine else None
         self.bias = Parameter(torch.empty(num_features, **fk)) if affine and bias else None
@@ -304,6 +409,7 @@ class SequenceBatchNorm(Module):
         self.register_buffer("running_var", torch.ones(rows, num_features, **fk))
         self.register_buffer("num_batches_tracked", torch.zeros(rows, dtype=torch.long, device=device))
         self._population: PopulationStats | None = None
+        self._pending: list | None = None
         self._tracked: int | None = None
         self.reset_parameters()
 
@@ -343,16 +449,28 @@ class SequenceBatchNorm(Module):
         self.running_var = torch.cat([rv, rv.new_ones(extra, rv.shape[1])])
         self.num_batches_tracked = torch.cat([nbt, nbt.new_zeros(extra)])
 
+    def _last_row(self) -> int:
+        return min(max(self.tracked_steps, 1) - 1, self.running_mean.shape[0] - 1)
+
     def _row(self, step: int) -> int:
         """The row of population statistics step ``step`` uses in eval."""
         if not self.per_step:
             return 0
-        return min(step, max(self.tracked_steps, 1) - 1, self.running_mean.shape[0] - 1)
+        return min(step, self._last_row())
 
-    def _factor(self, row: int) -> float:
-        if self.momentum is not None:
-            return self.momentum
-        return 1.0 / float(self.num_batches_tracked[row])
+    def step_rows(self, steps: int) -> Tensor:
+        """The rows steps ``0 .. steps - 1`` use in eval, ``(steps,)`` long."""
+        if not self.per_step:
+            return torch.zeros(steps, dtype=torch.long)
+        return torch.arange(steps).clamp_(max=self._last_row())
+
+    def fixed_stats(self, steps: int) -> tuple[Tensor, Tensor]:
+        """Population mean and ``1 / sqrt(var + eps)`` of every step ``0 .. steps - 1``, float64
+        ``(steps, C)`` on the CPU (what eval, or a training step with one row, normalizes with)."""
+        rows = self.step_rows(steps).to(self.running_mean.device)
+        mean = self.running_mean.detach()[rows].to("cpu", torch.float64)
+        inv = torch.rsqrt(self.running_var.detach()[rows].to("cpu", torch.float64) + self.eps)
+        return mean, inv
 
     def _shift(self, offset: Tensor | None) -> Tensor | None:
         if offset is None:
@@ -361,6 +479,15 @@ class SequenceBatchNorm(Module):
 
     def __prepare_scriptable__(self):  # torch.jit.script: one clear error (see bnlab.nn.BatchNorm2d)
         raise RuntimeError(kernels.script_error(type(self).__name__))
+
+    def record_stats(self, rows, mean, var, counts) -> None:
+        """Hand batch statistics (float64 ``(k, C)`` mean and biased variance of rows ``rows``) to
+        the collecting layer (:class:`collect_stats`), or write them now (:func:`commit_stats`)."""
+        upd = StatsUpdate(self, rows, mean, var, counts)
+        if self._pending is not None:
+            self._pending.append(upd)
+        else:
+            commit_stats([upd], self.nonfinite, type(self).__name__)
 
     def forward(self, x: Tensor, step: int = 0, offset: Tensor | None = None) -> Tensor:
         """Normalize the ``(N, C)`` rows of time step ``step``.
@@ -374,43 +501,16 @@ class SequenceBatchNorm(Module):
         shift = self._shift(offset)
         if not self.training or x.shape[0] < 2:
             r = self._row(step)
-            return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, shift, False, 0.0, self.eps)
-        if self._population is not None:
-            return self._recal_forward(x, step, shift)
-        r = step if self.per_step else 0
-        self.ensure_steps(r + 1)
-        self.num_batches_tracked[r] += 1
-        if self._tracked is not None and r >= self._tracked:
-            self._tracked = r + 1
-        return F.batch_norm(x, self.running_mean[r], self.running_var[r], self.weight, shift, True,
-                            self._factor(r), self.eps)
+            return kernels.batch_norm_eval(x, self.running_mean[r], self.running_var[r], self.weight, shift, self.eps)
+        y = kernels.batch_norm_train(x, self.weight, shift, None, None, None, self.momentum, self.eps)
+        with torch.no_grad():
+            mean, var, _ = ref.batch_stats(x.detach())
+        self.record_stats([step if self.per_step else 0], mean, var, [x.shape[0]])
+        return y
 
     def stepper(self, steps: int, rows: int):
-        """A lean per-step normalizer ``f(x, step)`` for a time loop of ``steps`` steps that all have
-        the same ``rows`` rows: the bookkeeping :meth:`forward` does every call (buffer growth,
-        counters, row lookup) is done once here, so the loop pays one fused batch-norm call per step.
-        Falls back to :meth:`forward` where that bookkeeping depends on the step (recalibration,
-        a cumulative average, fewer than 2 rows)."""
-        if self._population is not None or (self.training and (self.momentum is None or rows < 2)):
-            return self
-        w, b, eps = self.weight, self.bias, self.eps
-        if self.training:
-            if self.per_step:
-                self.ensure_steps(steps)
-                self.num_batches_tracked[:steps] += 1
-                if self._tracked is not None and steps > self._tracked:
-                    self._tracked = steps
-            else:
-                self.num_batches_tracked[0] += steps  # one update per step, as forward does
-            rm, rv = self.running_mean.unbind(0), self.running_var.unbind(0)  # per-row views, updated in place
-            mom = self.momentum
-            if self.per_step:
-                return lambda x, t: F.batch_norm(x, rm[t], rv[t], w, b, True, mom, eps)
-            return lambda x, t: F.batch_norm(x, rm[0], rv[0], w, b, True, mom, eps)
-        picked = [self._row(t) for t in range(steps)]
-        rm = [self.running_mean[r] for r in picked]
-        rv = [self.running_var[r] for r in picked]
-        return lambda x, t: F.batch_norm(x, rm[t], rv[t], w, b, False, 0.0, eps)
+        """A per-step normalizer ``f(x, step)`` for a time loop (this module's :meth:`forward`)."""
+        return self.forward
 
     def forward_steps(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
         """Normalize all steps of a batch-major ``x`` ``(B, T, C)`` at once: one dispatch, not T.
@@ -421,32 +521,80 @@ class SequenceBatchNorm(Module):
         B, T, C = x.shape
         if not self.per_step:
             return self(x.reshape(B * T, C), 0, offset).view(B, T, C)  # statistics over batch and time
-        if (self.training and (B < 2 or self.momentum is None)) or self._population is not None:
-            return torch.stack([self(x[:, t], t, offset) for t in range(T)], 1)
         xb = x.reshape(B, T * C)  # (B, T, C) -> (B, T*C): one channel per (step, feature), no copy
         w = self.weight.repeat(T) if self.weight is not None else None
         shift = self._shift(offset)
         b = shift.repeat(T) if shift is not None else None
-        if self.training:
-            self.ensure_steps(T)
-            self.num_batches_tracked[:T] += 1
-            if self._tracked is not None and T > self._tracked:
-                self._tracked = T
-            y = F.batch_norm(xb, self.running_mean[:T].view(-1), self.running_var[:T].view(-1), w, b, True,
-                             self.momentum, self.eps)
+        if self.training and B >= 2:
+            y = kernels.batch_norm_train(xb, w, b, None, None, None, self.momentum, self.eps)
+            with torch.no_grad():
+                mean, var, _ = ref.batch_stats(xb.detach())
+            self.record_stats(range(T), mean.view(T, C), var.view(T, C), [B] * T)
         else:
-            rows = torch.arange(T, device=x.device).clamp_(max=self._row(T - 1))
-            y = F.batch_norm(xb, self.running_mean[rows].view(-1), self.running_var[rows].view(-1), w, b, False,
-                             0.0, self.eps)
+            rows = self.step_rows(T).to(x.device)
+            y = kernels.batch_norm_eval(xb, self.running_mean[rows].reshape(-1), self.running_var[rows].reshape(-1),
+                                        w, b, self.eps)
         return y.view(B, T, C)
 
-    def _recal_forward(self, x: Tensor, step: int, shift: Tensor | None) -> Tensor:
-        with torch.no_grad():
-            var, mean = torch.var_mean(x.detach().to(torch.float64), dim=0, unbiased=False)  # (N, C) -> (C,)
-            self._population.add_batch(step if self.per_step else 0, mean[None], var[None], x.shape[0],
-                                       getattr(self._population, "nonfinite", "raise"),
-                                       getattr(self._population, "name", type(self).__name__))
-        return F.batch_norm(x, None, None, self.weight, shift, True, 0.0, self.eps)
+    @torch.no_grad()
+    def write_stats(self, update: StatsUpdate, nonfinite: str = "raise", name: str | None = None) -> None:
+        """Apply checked statistics (:func:`commit_stats`): the recalibration sums in population
+        mode, else the running buffers through :func:`bnlab.policy.update_buffers` (per-step rows
+        with equal counts in one call; a shared row's k updates combined, see the class docstring)."""
+        name = name or type(self).__name__
+        rows, mean, var, counts = update.rows, update.mean, update.var, update.counts
+        if self._population is not None:
+            for r, m, v, n in zip(rows, mean, var, counts):
+                self._population.add(r, m[None], v[None], n)
+            return
+        dev = self.running_mean.device
+        if not self.per_step:
+            self._write_shared(mean, var, counts, nonfinite, name)
+        elif self.momentum is None or len(set(rows)) != len(rows):
+            self.ensure_steps(max(rows) + 1)
+            for r, m, v, n in zip(rows, mean, var, counts):
+                update_buffers(self.running_mean[r], self.running_var[r], self.num_batches_tracked[r], m.to(dev),
+                               v.to(dev), n, self.momentum, nonfinite, name)
+        else:
+            self.ensure_steps(max(rows) + 1)
+            order = sorted(range(len(rows)), key=rows.__getitem__)
+            i = 0
+            while i < len(order):  # runs of consecutive rows with equal counts: one call each
+                j = i + 1
+                while (j < len(order) and rows[order[j]] == rows[order[j - 1]] + 1
+                       and counts[order[j]] == counts[order[i]]):
+                    j += 1
+                r0, r1, sel = rows[order[i]], rows[order[i]] + (j - i), order[i:j]
+                if update_buffers(self.running_mean[r0:r1].view(-1), self.running_var[r0:r1].view(-1), None,
+                                  mean[sel].reshape(-1).to(dev), var[sel].reshape(-1).to(dev), counts[order[i]],
+                                  self.momentum, nonfinite, name):
+                    self.num_batches_tracked[r0:r1] += 1
+                i = j
+        self._tracked = None
+
+    def _write_shared(self, mean: Tensor, var: Tensor, counts: list[int], nonfinite: str, name: str) -> None:
+        k = len(counts)
+        dev = self.running_mean.device
+        rm, rv, nbt = self.running_mean[0], self.running_var[0], self.num_batches_tracked[0]
+        if k == 1:
+            update_buffers(rm, rv, nbt, mean[0].to(dev), var[0].to(dev), counts[0], self.momentum, nonfinite, name)
+            return
+        # k sequential updates r <- (1 - f_i) r + f_i u_i in one: r <- (1 - f) r + f * sum_i w_i u_i / f
+        if self.momentum is None:
+            n0 = int(nbt)
+            w = torch.full((k,), 1.0 / (n0 + k), dtype=torch.float64)
+        else:
+            m = float(self.momentum)
+            w = m * (1.0 - m) ** torch.arange(k - 1, -1, -1, dtype=torch.float64)
+        f = float(w.sum())
+        if f <= 0.0:  # momentum 0: nothing moves but the count
+            nbt += k
+            return
+        unbiased = var * torch.tensor([bessel(n) for n in counts], dtype=torch.float64)[:, None]
+        cm = (w[:, None] * mean).sum(0) / f
+        cv = (w[:, None] * unbiased).sum(0) / f / bessel(counts[-1])  # update_buffers applies bessel(counts[-1])
+        if update_buffers(rm, rv, None, cm.to(dev), cv.to(dev), counts[-1], f, nonfinite, name):
+            nbt += k
 
     # precise BN (bnlab.tools.recalibrate): population statistics per step
     def recalibrate_begin(self) -> None:
@@ -481,46 +629,3 @@ class SequenceBatchNorm(Module):
         self._tracked = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-
-class guard_running_stats:
-    """Keep non-finite batches out of the population statistics of ``SequenceBatchNorm`` layers.
-
-    The time loop updates per-step buffers inside torch's fused batch-norm call, one step at a
-    time, so a nan/inf cannot be stopped before it lands. This context snapshots the buffers
-    (``(S, C)``-sized, cheap) on entry and checks them on exit: if any became non-finite, every
-    buffer is restored, and ``nonfinite="raise"`` raises :class:`bnlab.functional.NonFiniteBatchError`
-    naming the layer and steps, while ``"skip"`` keeps the output and drops the update.
-    """
-
-    def __init__(self, module: Module, name: str, nonfinite: str = "raise") -> None:
-        self.norms = [m for m in module.modules() if isinstance(m, SequenceBatchNorm)] if module.training else []
-        self.name = name
-        self.nonfinite = nonfinite
-        self.saved = []
-
-    def __enter__(self) -> "guard_running_stats":
-        for m in self.norms:  # recalibration: the layer's policy decides over non-finite batches too
-            if m._population is not None:
-                m._population.nonfinite, m._population.name = self.nonfinite, self.name
-        self.saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m._tracked)
-                      for m in self.norms]
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        bad_steps: set[int] = set()
-        for m, *_ in self.saved:
-            finite = torch.isfinite(m.running_mean).all(1) & torch.isfinite(m.running_var).all(1)  # (S, C) -> (S,)
-            bad_steps.update((~finite).nonzero().flatten().tolist())
-        if not bad_steps and exc_type is None:
-            return
-        if bad_steps or exc_type is not None:
-            for m, rm, rv, nbt, tracked in self.saved:  # buffers may have grown: restore the objects
-                m.running_mean, m.running_var, m.num_batches_tracked, m._tracked = rm, rv, nbt, tracked
-        if bad_steps and exc_type is None and self.nonfinite != "skip":
-            steps = sorted(bad_steps)[:20]
-            raise kernels.NonFiniteBatchError(
-                f"{self.name}: non-finite values (nan or inf) reached the batch statistics at step(s) {steps}; "
-                "population statistics were left unchanged. Fix the input, or set nonfinite='skip' on the "
-                "layer to skip this batch's statistics update."
-            )

@@ -1,9 +1,10 @@
 """Recurrent layers with batch normalization applied every way the literature does.
 
 ``BNLSTM``, ``BNGRU`` and ``BNRNN`` have torch.nn.LSTM/GRU/RNN's interface and parameter names
-(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ..., gate order i, f, g, o for
-the LSTM and r, z, n for the GRU): with ``norm="none"`` a torch layer's state_dict loads as is
-and gives the same numbers. ``norm=`` picks where normalization goes:
+(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0`` with
+``proj_size``, ``..._reverse`` with ``bidirectional=True``; gate order i, f, g, o for the LSTM and
+r, z, n for the GRU): with ``norm="none"`` a torch layer's state_dict loads as is and gives the
+same numbers. ``norm=`` picks where normalization goes:
 
 * ``"none"``: no normalization. Served by torch's own fused kernels unless ``force_loop=True``.
 * ``"vertical"`` (Laurent et al. 2016, arXiv 1510.01378): BN on the input projection
@@ -22,43 +23,74 @@ Equations (LSTM; N_x, N_h, N_c are the chosen norms, identity when absent; b = b
 
     [i, f, o, g] = N_h(W_h h_{t-1}) + N_x(W_x x_t) + b
     c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
-    h_t = sigmoid(o) * tanh(N_c(c_t))
+    h_t = sigmoid(o) * tanh(N_c(c_t))            (times W_hr with proj_size)
 
 GRU: r, z = sigmoid(N_x(W_x x)_{rz} + b_ih + N_h(W_h h)_{rz} + b_hh),
 n = tanh(N_x(W_x x)_n + b_ih,n + r * (N_h(W_h h)_n + b_hh,n)), h_t = (1 - z) n + z h_{t-1}.
 RNN: h_t = tanh(N_x(W_x x_t) + b_ih + N_h(W_h h_{t-1}) + b_hh).
 
-Internally the LSTM evaluates its gates in the order (i, f, o, g) so that one sigmoid and one tanh
-cover them; the normalization parameters and statistics of the gate pre-activations (``norm_ih``,
-``norm_hh``) are stored in that order. Weights keep torch's order.
+The normalization parameters and statistics of the LSTM's gate pre-activations (``norm_ih``,
+``norm_hh``) are stored in the gate order (i, f, o, g). Weights keep torch's order.
+
+Bidirectional layers have their own norms per direction (``norm_hh_l0_reverse``...), so per-step
+statistics are per direction; both directions key them by the time step t (the reverse direction
+runs t = T-1 .. 0), and with variable lengths the rows at step t are the sequences longer than t
+in both.
 
 Variable lengths: ``lengths`` (or a PackedSequence) run the recurrence on the packed layout, as
 torch does: at step t only the sequences still running are computed, so padded steps never
 enter any statistic, running statistic or output (outputs past a sequence's end are 0, h_n/c_n
-are each sequence's state at its last step).
+are each sequence's state at its last step; the reverse direction starts each sequence at its
+last valid step).
 
-Speed: the input projections of all steps are one matmul (and vertical/per-step BN of them one
-call) before the time loop; the loop holds only the recurrent matmul, the norms and the pointwise
-gate math, on per-step slices that autograd gathers in one node.
+Running statistics: every batch norm's statistics of one forward are collected and written once
+the forward has run, through :func:`bnlab.policy.update_buffers`, after all of them have been
+checked (:func:`bnlab.nn.masked.commit_stats`): a nan/inf at any step raises
+:class:`bnlab.policy.NonFiniteBatchError` (``nonfinite="raise"``, the layer attribute) or skips
+the update (``"skip"``), and no buffer of any step moves.
+
+Speed (CPU float32/float64; the paths are tested against each other):
+
+* ``"none"``: torch's fused kernel (``torch.lstm``/``gru``/``rnn_*``).
+* ``"vertical"``: the normalized input projection is affine in x: with s = gamma / sqrt(var + eps),
+  BN(W x) + b = (s W) x + (b + beta - s mean). The layer runs torch's fused kernel with the
+  folded weights ``s W`` and bias, one layer at a time; the statistics of W x come from the
+  input's float64 mean and covariance (mean = W mu, var = diag(W Sigma W^T)), or from W x itself
+  when the input is wider than 1.5 times the gates, all differentiable torch ops, so the gradient
+  is batch norm's own.
+* ``"horizontal"``, ``"per_timestep"``, ``"layer"``: one compiled call per layer and direction
+  runs the whole time loop (:mod:`bnlab.nn._recurrent_kernels`: the recurrent matmul through the
+  BLAS torch uses, the norms, the gates; backward through time hand-derived), inside one autograd
+  node. The input projection of all steps is one matmul before it (horizontal: folded as in
+  vertical).
+* ``force_loop=True``, ``record_hidden``, forward-mode AD / ``torch.func``, other devices and dtypes:
+  the reference time loop in torch ops (per-step :class:`bnlab.nn.SequenceBatchNorm` and
+  LayerNorm modules), which autograd differentiates in every mode.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, Parameter
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .masked import SequenceBatchNorm, guard_running_stats
+from .. import kernels as _kernels
+from . import _recurrent_kernels as _rk
+from .masked import SequenceBatchNorm, StatsUpdate, collect_stats, commit_stats
 
 __all__ = ["BNLSTM", "BNGRU", "BNRNN", "BNLSTMCell", "BNGRUCell", "BNRNNCell", "NORM_MODES"]
 
 NORM_MODES = ("none", "vertical", "horizontal", "per_timestep", "layer")
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELL = {"LSTM": _rk.LSTM, "GRU": _rk.GRU, "RNN_TANH": _rk.RNN_TANH, "RNN_RELU": _rk.RNN_RELU}
+_TORCH_OP = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
 _MIN_LAYERNORM_INPUT = 8
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 class _RowLayerNorm(torch.nn.LayerNorm):
@@ -77,7 +109,8 @@ class _RowLayerNorm(torch.nn.LayerNorm):
         shift = self.bias if offset is None else (offset if self.bias is None else self.bias + offset)
         return F.layer_norm(x, self.normalized_shape, self.weight, shift, self.eps)
 
-    forward_steps = forward  # rowwise: all steps at once is the same call
+    def forward_steps(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
+        return self.forward(x, 0, offset)  # rowwise: all steps at once is the same call
 
 
 def _make_norms(mode: str, input_size: int, hidden_size: int, norm: str, gamma_init: float | None,
@@ -109,35 +142,49 @@ def _make_norms(mode: str, input_size: int, hidden_size: int, norm: str, gamma_i
 
 
 def _lstm_perm(hidden_size: int, device=None) -> Tensor:
-    """Row order (i, f, o, g) from torch's (i, f, g, o)."""
+    """Row order (i, f, o, g) from torch's (i, f, g, o); its own inverse."""
     h = hidden_size
     return torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
-# The time loops. xs: per-step input projections (b_t, G), bias included; batch_sizes: b_t, non-
-# increasing (packed layout); h, c: (b_0, H). Returns (outputs per step, h_n, c_n).
+# The reference time loops (torch ops). steps: (t, x_t, b_t) in the order the steps run (t = T-1 .. 0
+# for the reverse direction), x_t the step's input projection (b_t, G), b_t non-increasing in t
+# (packed layout); h0, c0: (B, *) initial states. Returns (outputs in run order, h_n, c_n).
 # ---------------------------------------------------------------------------------------------
 
-def _shrink(b, h, c, done_h, done_c):
-    done_h.append(h[b:])
-    if c is not None:
-        done_c.append(c[b:])
-        c = c[:b]
-    return h[:b], c
+def _resize(b, h, c, h0, c0, done_h, done_c):
+    """The state's rows for a step with ``b`` rows: sequences that ended hand their final state to
+    ``done``; sequences that start here (reverse direction) start from ``h0``/``c0``."""
+    n = h.shape[0]
+    if b < n:
+        done_h.append(h[b:])
+        h = h[:b]
+        if c is not None:
+            done_c.append(c[b:])
+            c = c[:b]
+    elif b > n:
+        h = torch.cat([h, h0[n:b]])
+        if c is not None:
+            c = torch.cat([c, c0[n:b]])
+    return h, c
 
 
 def _finals(h, done):
     return torch.cat([h] + done[::-1]) if done else h  # rows 0..B-1 in packed (sorted) order
 
 
-def _lstm_loop(xs, batch_sizes, h, c, w_hh_t, nh, nc, nx, bias, t0):
-    H = h.shape[1]
+def _start(h0, c0, rev):
+    return (h0[:0], None if c0 is None else c0[:0]) if rev else (h0, c0)
+
+
+def _lstm_loop(steps, h0, c0, w_hh_t, w_hr_t, nh, nc, nx, bias, rev):
+    H = c0.shape[1]
+    h, c = _start(h0, c0, rev)
     outs, done_h, done_c = [], [], []
     split = [3 * H, H]
-    for t, (xt, b) in enumerate(zip(xs, batch_sizes), t0):
-        if b < h.shape[0]:
-            h, c = _shrink(b, h, c, done_h, done_c)
+    for t, xt, b in steps:
+        h, c = _resize(b, h, c, h0, c0, done_h, done_c)
         if nx is not None:
             xt = nx(xt, t, bias)
         g = torch.addmm(xt, h, w_hh_t) if nh is None else xt + nh(torch.mm(h, w_hh_t), t)
@@ -145,17 +192,19 @@ def _lstm_loop(xs, batch_sizes, h, c, w_hh_t, nh, nc, nx, bias, t0):
         i, f, o = torch.sigmoid(s).chunk(3, 1)
         c = torch.addcmul(f * c, i, torch.tanh(u))
         h = o * torch.tanh(c if nc is None else nc(c, t))
+        if w_hr_t is not None:
+            h = torch.mm(h, w_hr_t)
         outs.append(h)
     return outs, _finals(h, done_h), _finals(c, done_c)
 
 
-def _gru_loop(xs, batch_sizes, h, w_hh_t, b_hh, nh, nx, b_ih, t0):
-    H = h.shape[1]
+def _gru_loop(steps, h0, w_hh_t, b_hh, nh, nx, b_ih, rev):
+    H = h0.shape[1]
+    h, _ = _start(h0, None, rev)
     outs, done_h = [], []
     split = [2 * H, H]
-    for t, (xt, b) in enumerate(zip(xs, batch_sizes), t0):
-        if b < h.shape[0]:
-            h, _ = _shrink(b, h, None, done_h, None)
+    for t, xt, b in steps:
+        h, _ = _resize(b, h, None, h0, None, done_h, None)
         if nx is not None:
             xt = nx(xt, t, b_ih)
         if nh is None:
@@ -172,11 +221,11 @@ def _gru_loop(xs, batch_sizes, h, w_hh_t, b_hh, nh, nx, b_ih, t0):
     return outs, _finals(h, done_h), None
 
 
-def _rnn_loop(xs, batch_sizes, h, w_hh_t, nh, nx, bias, t0, act):
+def _rnn_loop(steps, h0, w_hh_t, nh, nx, bias, act, rev):
+    h, _ = _start(h0, None, rev)
     outs, done_h = [], []
-    for t, (xt, b) in enumerate(zip(xs, batch_sizes), t0):
-        if b < h.shape[0]:
-            h, _ = _shrink(b, h, None, done_h, None)
+    for t, xt, b in steps:
+        h, _ = _resize(b, h, None, h0, None, done_h, None)
         if nx is not None:
             xt = nx(xt, t, bias)
         h = act(torch.addmm(xt, h, w_hh_t) if nh is None else xt + nh(torch.mm(h, w_hh_t), t))
@@ -184,24 +233,226 @@ def _rnn_loop(xs, batch_sizes, h, w_hh_t, nh, nx, bias, t0, act):
     return outs, _finals(h, done_h), None
 
 
+# ---------------------------------------------------------------------------------------------
+# The folded input norm (vertical BN of W_ih x over every valid row of every step)
+# ---------------------------------------------------------------------------------------------
+
+class _InputMoments:
+    """Float64 mean and covariance of a layer's input rows (shared by both directions)."""
+
+    def __init__(self, rows: Tensor) -> None:
+        xd = rows.to(torch.float64)
+        self.rows, self.n = rows, rows.shape[0]
+        self.mu = xd.mean(0)  # (F,)
+        xc = xd - self.mu
+        self.sigma = (xc.t() @ xc) / max(self.n, 1)  # (F, F)
+
+
+def _fold_input_norm(norm: SequenceBatchNorm, w_ih: Tensor, moments: _InputMoments | None, rows: Tensor,
+                     perm: Tensor | None, updates: list) -> tuple[Tensor, Tensor]:
+    """``BN(X W^T)`` (one batch norm over every row: batch and time) as ``X (s W)^T + shift``;
+    returns ``(s W, shift)`` in ``w_ih``'s dtype (gate order of ``w_ih``), differentiable. In
+    training the batch statistics go to ``updates``."""
+    gamma = norm.weight
+    beta = norm.bias
+    if perm is not None:
+        gamma = gamma[perm] if gamma is not None else None
+        beta = beta[perm] if beta is not None else None
+    n = rows.shape[0]
+    if norm.training and n >= 2:
+        wd = w_ih.to(torch.float64)
+        if moments is not None:
+            mean = wd @ moments.mu
+            var = ((wd @ moments.sigma) * wd).sum(1).clamp_min(0)
+        else:  # a wide input: the statistics of W x itself
+            var, mean = torch.var_mean((rows @ w_ih.t()).to(torch.float64), 0, correction=0)
+        md, vd = mean.detach(), var.detach()
+        if perm is not None:
+            md, vd = md[perm], vd[perm]
+        updates.append(StatsUpdate(norm, [0], md.cpu()[None], vd.cpu()[None], [n]))
+        inv = torch.rsqrt(var + norm.eps)
+    else:
+        m, inv = norm.fixed_stats(1)
+        mean, inv = m[0].to(w_ih.device), inv[0].to(w_ih.device)
+        if perm is not None:
+            mean, inv = mean[perm], inv[perm]
+        wd = w_ih.to(torch.float64)
+    s = inv if gamma is None else inv * gamma.to(torch.float64)
+    shift = -s * mean
+    if beta is not None:
+        shift = shift + beta.to(torch.float64)
+    return (s[:, None] * wd).to(w_ih.dtype), shift.to(w_ih.dtype)
+
+
+def _moments_for(rows: Tensor, gates: int) -> _InputMoments | None:
+    """Covariance route when the input is at most 1.5 times as wide as the gates."""
+    return _InputMoments(rows) if rows.shape[1] <= 1.5 * gates else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused time loop (one autograd node per layer and direction)
+# ---------------------------------------------------------------------------------------------
+
+class _Site:
+    """One normalization site of the fused kernel: per-step kinds and what they need."""
+
+    __slots__ = ("kinds", "fixed", "eps", "norm", "shared", "perm")
+
+    def __init__(self, kinds, fixed=None, eps=0.0, norm=None, shared=False, perm=None) -> None:
+        self.kinds, self.fixed, self.eps, self.norm, self.shared, self.perm = kinds, fixed, eps, norm, shared, perm
+
+
+class _FusedSpec:
+    """Everything about one fused call that is not a differentiable input."""
+
+    __slots__ = ("cell", "rev", "H", "P", "G", "B", "bs", "off", "xbase", "xstride", "obase", "ostride",
+                 "out_shape", "sites", "stats", "name")
+
+
+_EMPTY2 = {dt: np.empty((0, 0), dt) for dt in (np.float32, np.float64)}
+
+
+def _np(t: Tensor | None, dtype=np.float64, n: int = 0) -> np.ndarray:
+    if t is None:
+        return np.zeros(n, dtype)
+    return t.detach().to("cpu", torch.float64 if dtype is np.float64 else t.dtype).contiguous().numpy()
+
+
+def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int, T: int, C: int, dt):
+    k = site.kinds
+    has = {kind: bool((k == kind).any()) for kind in (_rk.BATCH, _rk.FIXED, _rk.ROW)}
+    gamma = np.ones(C) if gamma is None else _np(gamma)
+    beta = np.zeros(C) if beta is None else _np(beta)
+    if has[_rk.FIXED]:
+        fm, fi = site.fixed
+    else:
+        fm = fi = np.empty((0, C))
+    normed = has[_rk.BATCH] or has[_rk.FIXED] or has[_rk.ROW]
+    xhat = np.empty((N if normed else 0, C), dt)
+    inv = np.empty((T if has[_rk.BATCH] else 0, C))
+    rinv = np.empty(N if has[_rk.ROW] else 0)
+    mean = np.empty((T if has[_rk.BATCH] else 0, C))
+    var = np.empty_like(mean)
+    return (k, gamma, beta, fm, fi, float(site.eps), xhat, inv, rinv, mean, var)
+
+
+class _FusedRecurrence(torch.autograd.Function):
+    """One layer and direction over all steps: :func:`bnlab.nn._recurrent_kernels.forward` and its
+    hand-derived backward through time."""
+
+    @staticmethod
+    def forward(ctx, spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, bx, gh, gc, bc):
+        dt = np.float32 if xp.dtype == torch.float32 else np.float64
+        gemm = _rk.blas()[0 if dt is np.float32 else 1]
+        H, P, G, B = spec.H, spec.P, spec.G, spec.B
+        T, N = len(spec.bs), int(spec.off[-1])
+        lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
+        sx = _site_arrays(spec.sites[0], gx, bx, N, T, G, dt)
+        sh = _site_arrays(spec.sites[1], gh, None, N, T, G, dt)
+        sc = _site_arrays(spec.sites[2], gc, bc, N if lstm else 0, T, H, dt)
+        out = torch.empty(spec.out_shape, dtype=xp.dtype)
+        hn = torch.empty(B, P, dtype=xp.dtype)
+        cn = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
+        e = _EMPTY2[dt]
+        gates = np.empty((N, G), dt)
+        cst = np.empty((N, H), dt) if lstm else e
+        tcs = np.empty((N, H), dt) if lstm else e
+        mst = np.empty((N, H), dt) if proj else e
+        hprev = np.empty((N, P), dt)
+        cprev = np.empty((N, H), dt) if lstm else e
+        ghn = np.empty((N, H), dt) if gru else e
+        c0n = _np(c0, dt) if lstm else e
+        _rk.forward(spec.cell, int(spec.rev), gemm, H, P, spec.bs, spec.off, xp.detach().view(-1).numpy(), spec.xbase,
+                    spec.xstride, _np(h0, dt), c0n, w_hh.detach().t().contiguous().numpy(),
+                    w_hr.detach().t().contiguous().numpy() if proj else e,
+                    _np(b_hh, np.float64, G) if gru else np.zeros(G), sx, sh, sc,
+                    out.view(-1).numpy(), spec.obase, spec.ostride, hn.numpy(), cn.numpy(), gates, cst, tcs, mst,
+                    hprev, cprev, ghn,
+                    np.empty((B, G), dt), np.empty((B, G), dt), np.empty((B, P), dt), np.empty((B, H), dt),
+                    np.empty((B, H), dt), np.empty((B, G)), np.empty((B, G)))
+        spec.stats = (sx, sh, sc)
+        ctx.spec = spec
+        ctx.arrays = (sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn)
+        ctx.save_for_backward(w_hh, w_hr, xp)
+        return out, hn, cn
+
+    @staticmethod
+    def backward(ctx, dout, dhn, dcn):
+        spec = ctx.spec
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{spec.name}: the fused time loop has a first-order backward only (create_graph=True asks for a "
+                "graph of it: double backward, gradient penalties). Build the layer with force_loop=True, whose "
+                "torch-ops time loop autograd differentiates to any order."
+            )
+        w_hh, w_hr, xp = ctx.saved_tensors
+        sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn = ctx.arrays
+        dt = np.float32 if xp.dtype == torch.float32 else np.float64
+        gemm = _rk.blas()[0 if dt is np.float32 else 1]
+        H, P, G, B = spec.H, spec.P, spec.G, spec.B
+        N = int(spec.off[-1])
+        lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
+        e = _EMPTY2[dt]
+        dxp = torch.empty_like(xp)
+        dh0 = torch.empty(B, P, dtype=xp.dtype)
+        dc0 = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
+        DA = np.empty((N, G), dt)
+        DHP = np.empty((N, P), dt) if proj else e
+        acc = np.zeros((7, max(G, H)))
+        dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
+        _rk.backward(spec.cell, int(spec.rev), gemm, H, P, spec.bs, spec.off,
+                     dout.detach().contiguous().view(-1).numpy(), spec.obase, spec.ostride,
+                     _np(dhn, dt), _np(dcn, dt) if lstm else e, w_hh.detach().contiguous().numpy(),
+                     w_hr.detach().contiguous().numpy() if proj else e, sx, sh, sc, gates, cst, tcs, hprev, cprev, ghn,
+                     dxp.view(-1).numpy(), spec.xbase, spec.xstride, dh0.numpy(), dc0.numpy(), DA, DHP,
+                     dgx, dbx, dgh, dbh, dgc, dbc,
+                     np.empty((B, P)), np.empty((B, H)), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, G)),
+                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((3, G)))
+        need = ctx.needs_input_grad
+        pdt = w_hh.dtype
+
+        def vec(a, i):
+            return torch.from_numpy(a.copy()).to(pdt) if need[i] else None
+
+        dw_hh = torch.from_numpy(DA).t() @ torch.from_numpy(hprev) if need[4] else None
+        dw_hr = torch.from_numpy(DHP).t() @ torch.from_numpy(mst) if proj and need[5] else None
+        return (None, dxp if need[1] else None, dh0 if need[2] else None, dc0 if lstm and need[3] else None,
+                dw_hh, dw_hr, vec(dbh, 6) if gru else None, vec(dgx, 7), vec(dbx, 8), vec(dgh, 9),
+                vec(dgc, 10) if lstm else None, vec(dbc, 11) if lstm else None)
+
+
+def _layout(kind: str, B: int, T: int, bs: np.ndarray, off: np.ndarray, width: int):
+    """``(base (T,), stride)`` in elements of a flat buffer with ``width`` features per row:
+    ``"batch"`` (B, T, w), ``"time"`` (T, B, w) or ``"packed"`` (rows of step t at off[t])."""
+    if kind == "batch":
+        return np.arange(T, dtype=np.int64) * width, T * width
+    if kind == "time":
+        return np.arange(T, dtype=np.int64) * (B * width), width
+    return off[:-1] * width, width
+
+
 class _RecurrentCore(Module):
-    """Shared by layers and cells: weights of one layer -> projection -> time loop."""
+    """Shared by layers and cells: weights of one layer -> projection -> reference time loop."""
 
     mode: str
     norm: str
     #: what a training batch whose statistics are nan/inf does to the population statistics:
-    #: "raise" (NonFiniteBatchError, buffers untouched) or "skip" (buffers untouched, no error)
+    #: "raise" (NonFiniteBatchError, no buffer moves) or "skip" (no buffer moves, no error)
     nonfinite: str = "raise"
 
     def _check_norm(self, norm: str) -> None:
         if norm not in NORM_MODES:
             raise ValueError(f"{type(self).__name__}: norm must be one of {NORM_MODES} (got {norm!r})")
 
-    def _run_layer(self, data, batch_sizes, uniform, h, c, w_ih, w_hh, b_ih, b_hh, norms, t0=0):
-        """One layer: returns (outputs per step, h_n, c_n).
+    def _labels(self) -> dict:
+        return {m: n for n, m in self.named_children()}
+
+    def _run_layer(self, data, batch_sizes, uniform, h, c, w_ih, w_hh, b_ih, b_hh, norms, w_hr=None, rev=False,
+                   t0=0):
+        """One layer and direction on the reference loop: returns (outputs indexed by step, h_n, c_n).
 
         ``data``: batch-major ``(B, T, F)`` when ``uniform`` (every sequence runs every step), else
-        the packed rows ``(sum b_t, F)`` with ``batch_sizes`` b_t.
+        the packed rows ``(sum b_t, F)`` with ``batch_sizes`` b_t. ``rev``: the reverse direction.
         """
         mode, H = self.mode, self.hidden_size
         nih, nhh, nc = norms
@@ -228,59 +479,77 @@ class _RecurrentCore(Module):
             xs = xp.view(data.shape[0], data.shape[1], -1).unbind(1)  # (B, T, G) -> T x (B, G), strided
         else:
             xs = xp.split(batch_sizes)  # packed rows -> (b_t, G) per step
+        if t0:  # a cell: one step, numbered t0
+            steps = [(t0, xs[0], batch_sizes[0])]
+        else:
+            order = range(len(xs) - 1, -1, -1) if rev else range(len(xs))
+            steps = [(t, xs[t], batch_sizes[t]) for t in order]
         nx = nih if in_loop else None
-        if uniform and t0 == 0:  # equal rows every step: the norms' per-step bookkeeping done once
-            T = len(batch_sizes)
-            nhh = nhh.stepper(T, h.shape[0]) if isinstance(nhh, SequenceBatchNorm) else nhh
-            nc = nc.stepper(T, h.shape[0]) if isinstance(nc, SequenceBatchNorm) else nc
         if mode == "LSTM":
-            return _lstm_loop(xs, batch_sizes, h, c, w_hh.t(), nhh, nc, nx, bias, t0)
-        if mode == "GRU":
-            return _gru_loop(xs, batch_sizes, h, w_hh.t(), b_hh, nhh, nx, bias, t0)
-        act = torch.tanh if mode == "RNN_TANH" else torch.relu
-        return _rnn_loop(xs, batch_sizes, h, w_hh.t(), nhh, nx, bias, t0, act)
+            outs, hn, cn = _lstm_loop(steps, h, c, w_hh.t(), None if w_hr is None else w_hr.t(), nhh, nc, nx, bias,
+                                      rev)
+        elif mode == "GRU":
+            outs, hn, cn = _gru_loop(steps, h, w_hh.t(), b_hh, nhh, nx, bias, rev)
+        else:
+            act = torch.tanh if mode == "RNN_TANH" else torch.relu
+            outs, hn, cn = _rnn_loop(steps, h, w_hh.t(), nhh, nx, bias, act, rev)
+        return (outs[::-1] if rev else outs), hn, cn
 
 
 class _BNRNNBase(_RecurrentCore):
     """Stacked recurrent layers with normalization: see the module docstring."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0, *,
                  norm: str = "none", gamma_init: float | None = None, momentum: float | None = 0.1,
                  eps: float = 1e-5, max_steps: int = 1, force_loop: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         name = type(self).__name__
         self._check_norm(norm)
-        if bidirectional:
-            raise NotImplementedError(f"{name}: bidirectional=True is not supported")
         if not (isinstance(num_layers, int) and num_layers >= 1):
             raise ValueError(f"{name}: num_layers must be a positive int (got {num_layers!r})")
         if not (isinstance(hidden_size, int) and hidden_size >= 1) or not (isinstance(input_size, int) and input_size >= 1):
             raise ValueError(f"{name}: input_size and hidden_size must be positive ints (got {input_size!r}, {hidden_size!r})")
         if not 0 <= dropout <= 1:
             raise ValueError(f"{name}: dropout must be in [0, 1] (got {dropout})")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(f"{name}: proj_size must be an int >= 0, 0 for no projection (got {proj_size!r})")
+        if proj_size and mode != "LSTM":
+            raise ValueError(f"{name}: proj_size is supported for the LSTM only, as in torch (got proj_size={proj_size})")
+        if proj_size >= hidden_size:
+            raise ValueError(f"{name}: proj_size must be smaller than hidden_size (got proj_size={proj_size}, "
+                             f"hidden_size={hidden_size})")
         fk = {"device": device, "dtype": dtype}
         self.mode, self.norm = mode, norm
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
-        self.bidirectional = False
+        self.bidirectional, self.proj_size = bool(bidirectional), proj_size
         self.gamma_init = gamma_init
         self.force_loop = force_loop
         self.record_hidden = False
         self.hidden_states: list[list[Tensor]] = []
         g = _GATES[mode] * hidden_size
+        out = proj_size or hidden_size
         for l in range(num_layers):
-            fin = input_size if l == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{l}", Parameter(torch.empty(g, fin, **fk)))
-            self.register_parameter(f"weight_hh_l{l}", Parameter(torch.empty(g, hidden_size, **fk)))
-            if bias:
-                self.register_parameter(f"bias_ih_l{l}", Parameter(torch.empty(g, **fk)))
-                self.register_parameter(f"bias_hh_l{l}", Parameter(torch.empty(g, **fk)))
-            norms = _make_norms(mode, fin, hidden_size, norm, gamma_init, momentum, eps, max_steps, fk)
-            for k, m in norms.items():
-                if m is not None:
-                    self.add_module(f"norm_{k}_l{l}", m)
+            fin = input_size if l == 0 else out * self.num_directions
+            for d in range(self.num_directions):
+                sfx = f"l{l}" + ("_reverse" if d else "")
+                self.register_parameter(f"weight_ih_{sfx}", Parameter(torch.empty(g, fin, **fk)))
+                self.register_parameter(f"weight_hh_{sfx}", Parameter(torch.empty(g, out, **fk)))
+                if bias:
+                    self.register_parameter(f"bias_ih_{sfx}", Parameter(torch.empty(g, **fk)))
+                    self.register_parameter(f"bias_hh_{sfx}", Parameter(torch.empty(g, **fk)))
+                if proj_size:
+                    self.register_parameter(f"weight_hr_{sfx}", Parameter(torch.empty(proj_size, hidden_size, **fk)))
+                norms = _make_norms(mode, fin, hidden_size, norm, gamma_init, momentum, eps, max_steps, fk)
+                for k, m in norms.items():
+                    if m is not None:
+                        self.add_module(f"norm_{k}_{sfx}", m)
         self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     def reset_parameters(self) -> None:
         """torch's init: every weight and bias U(-1/sqrt(H), 1/sqrt(H)); norms to their defaults."""
@@ -298,22 +567,36 @@ class _BNRNNBase(_RecurrentCore):
             s += ", batch_first=True"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return s
 
-    def _weights(self, l: int):
-        return (getattr(self, f"weight_ih_l{l}"), getattr(self, f"weight_hh_l{l}"),
-                getattr(self, f"bias_ih_l{l}", None), getattr(self, f"bias_hh_l{l}", None))
+    def _sfx(self, l: int, d: int) -> str:
+        return f"l{l}" + ("_reverse" if d else "")
 
-    def _norms(self, l: int):
-        return tuple(getattr(self, f"norm_{k}_l{l}", None) for k in ("ih", "hh", "c"))
+    def _weights(self, l: int, d: int = 0):
+        """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of layer l, direction d (None where absent)."""
+        s = self._sfx(l, d)
+        return (getattr(self, f"weight_ih_{s}"), getattr(self, f"weight_hh_{s}"), getattr(self, f"bias_ih_{s}", None),
+                getattr(self, f"bias_hh_{s}", None), getattr(self, f"weight_hr_{s}", None))
+
+    def _norms(self, l: int, d: int = 0):
+        s = self._sfx(l, d)
+        return tuple(getattr(self, f"norm_{k}_{s}", None) for k in ("ih", "hh", "c"))
 
     def _flat_weights(self) -> list[Tensor]:
-        return [w for l in range(self.num_layers) for w in self._weights(l) if w is not None]
+        """torch's flat weight order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
+        return [w for l in range(self.num_layers) for d in range(self.num_directions) for w in self._weights(l, d)
+                if w is not None]
 
     # --- input handling ------------------------------------------------------------------------
     def _check_hx(self, hx, B: int) -> tuple[Tensor | None, Tensor | None]:
         name = type(self).__name__
-        want = (self.num_layers, B, self.hidden_size)
+        LD = self.num_layers * self.num_directions
+        want_h = (LD, B, self.proj_size or self.hidden_size)
+        want_c = (LD, B, self.hidden_size)
         if self.mode == "LSTM":
             if hx is None:
                 return None, None
@@ -326,7 +609,7 @@ class _BNRNNBase(_RecurrentCore):
             if not isinstance(hx, Tensor):
                 raise ValueError(f"{name}: expected hx to be a tensor h_0 (got {type(hx).__name__})")
             h0, c0 = hx, None
-        for what, t in (("h_0", h0), ("c_0", c0)):
+        for what, t, want in (("h_0", h0, want_h), ("c_0", c0, want_c)):
             if t is not None and tuple(t.shape) != want:
                 raise ValueError(f"{name}: expected {what} of shape {want} (got {tuple(t.shape)})")
         return h0, c0
@@ -337,11 +620,14 @@ class _BNRNNBase(_RecurrentCore):
         Args:
             input: ``(T, B, F)`` (``(B, T, F)`` with batch_first), ``(T, F)`` unbatched, or a
                 PackedSequence.
-            hx: initial state ``(num_layers, B, H)``; for the LSTM a tuple ``(h_0, c_0)``. Default 0.
+            hx: initial state ``(D * num_layers, B, H_out)`` (D = 2 if bidirectional; H_out =
+                proj_size or hidden_size); for the LSTM a tuple ``(h_0, c_0)`` with c_0
+                ``(D * num_layers, B, hidden_size)``. Default 0.
             lengths: optional ``(B,)`` valid lengths of a padded ``input`` (each in 1..T).
 
-        Returns: ``output`` (same layout as input, H features, 0 past each sequence's end) and
-        ``h_n`` (``(h_n, c_n)`` for the LSTM), each sequence's state at its last valid step.
+        Returns: ``output`` (same layout as input, D * H_out features, 0 past each sequence's end)
+        and ``h_n`` (``(h_n, c_n)`` for the LSTM), each sequence's state at its last valid step
+        (the reverse direction's at step 0).
         """
         name = type(self).__name__
         packed_in = isinstance(input, PackedSequence)
@@ -387,11 +673,20 @@ class _BNRNNBase(_RecurrentCore):
             h0 = h0.index_select(1, sorted_idx) if h0 is not None else None
             c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
 
-        if self.norm == "none" and not self.force_loop and not self.record_hidden:
-            out, hn, cn = self._torch_forward(data, bs_t if variable else None, h0, c0, B)
+        batch_sizes = bs_t if variable else None
+        path = self._path(data)
+        if path == "torch":
+            out, hn, cn = self._torch_forward(data, batch_sizes, h0, c0, B)
         else:
-            with guard_running_stats(self, name, self.nonfinite):
-                out, hn, cn = self._loop_forward(data, bs_t if variable else None, h0, c0, B, T)
+            updates: list = []
+            with collect_stats(self, updates):
+                if path == "fold":
+                    out, hn, cn = self._fold_forward(data, batch_sizes, h0, c0, B, updates)
+                elif path == "fused":
+                    out, hn, cn = self._fused_forward(data, batch_sizes, h0, c0, B, T, updates)
+                else:
+                    out, hn, cn = self._loop_forward(data, batch_sizes, h0, c0, B, T)
+            commit_stats(updates, self.nonfinite, name, self._labels() if updates else None)
 
         if sorted_idx is not None:
             hn = hn.index_select(1, unsorted_idx)
@@ -409,45 +704,214 @@ class _BNRNNBase(_RecurrentCore):
             cn = cn.squeeze(1) if cn is not None else None
         return (output, (hn, cn)) if self.mode == "LSTM" else (output, hn)
 
+    def _path(self, data: Tensor) -> str:
+        """Which implementation serves this call: "torch", "fold", "fused" or "loop"."""
+        if self.force_loop or self.record_hidden or _kernels.needs_reference():
+            return "loop"
+        if self.norm == "none":
+            return "torch"
+        if self.norm == "vertical":
+            return "fold"
+        if (data.is_cpu and data.dtype in _FUSED_DTYPES and not torch.compiler.is_compiling()
+                and _rk.blas() is not None):
+            return "fused"
+        return "loop"
+
+    def _initial(self, h0, c0, l: int, d: int, B: int, like: Tensor):
+        k = l * self.num_directions + d
+        P, H = self.proj_size or self.hidden_size, self.hidden_size
+        h = h0[k] if h0 is not None else like.new_zeros(B, P)
+        c = (c0[k] if c0 is not None else like.new_zeros(B, H)) if self.mode == "LSTM" else None
+        return h, c
+
+    def _between_layers(self, x: Tensor, l: int) -> Tensor:
+        if self.dropout and self.training and l < self.num_layers - 1:
+            return F.dropout(x, self.dropout, True)
+        return x
+
     def _torch_forward(self, data, batch_sizes, h0, c0, B):
         """norm="none": torch's fused recurrent kernels, same weights."""
-        zeros = data.new_zeros(self.num_layers, B, self.hidden_size)
+        LD = self.num_layers * self.num_directions
+        zeros = data.new_zeros(LD, B, self.proj_size or self.hidden_size)
         h0 = zeros if h0 is None else h0
         w, L, p, tr = self._flat_weights(), self.num_layers, self.dropout, self.training
-        fn = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[self.mode]
-        hx = [h0, zeros if c0 is None else c0] if self.mode == "LSTM" else h0
+        fn = _TORCH_OP[self.mode]
+        hx = [h0, data.new_zeros(LD, B, self.hidden_size) if c0 is None else c0] if self.mode == "LSTM" else h0
         if batch_sizes is None:
-            res = fn(data, hx, w, self.bias, L, p, tr, False, self.batch_first)
+            res = fn(data, hx, w, self.bias, L, p, tr, self.bidirectional, self.batch_first)
         else:
-            res = fn(data, batch_sizes, hx, w, self.bias, L, p, tr, False)
+            res = fn(data, batch_sizes, hx, w, self.bias, L, p, tr, self.bidirectional)
         return res[0], res[1], (res[2] if self.mode == "LSTM" else None)
 
+    def _fold_forward(self, data, batch_sizes, h0, c0, B, updates):
+        """norm="vertical": per layer, the input norm folded into W_ih and the bias, then torch's
+        fused kernel for one layer (both directions)."""
+        fn = _TORCH_OP[self.mode]
+        G = _GATES[self.mode] * self.hidden_size
+        perm = _lstm_perm(self.hidden_size, data.device) if self.mode == "LSTM" else None
+        x = data
+        hns, cns = [], []
+        for l in range(self.num_layers):
+            rows = x.reshape(-1, x.shape[-1])  # every valid row of every step (uniform or packed)
+            moments = _moments_for(rows, G) if self._norms(l)[0].training and rows.shape[0] >= 2 else None
+            params, hs, cs = [], [], []
+            for d in range(self.num_directions):
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
+                w_f, shift = _fold_input_norm(self._norms(l, d)[0], w_ih, moments, rows, perm, updates)
+                b_f = shift if b_ih is None else b_ih + shift
+                b_hh = torch.zeros_like(b_f) if b_hh is None else b_hh
+                params += [w_f, w_hh, b_f, b_hh] + ([w_hr] if w_hr is not None else [])
+                h, c = self._initial(h0, c0, l, d, B, data)
+                hs.append(h)
+                cs.append(c)
+            hx = torch.stack(hs)
+            if self.mode == "LSTM":
+                hx = [hx, torch.stack(cs)]
+            bi = self.bidirectional
+            if batch_sizes is None:
+                res = fn(x, hx, params, True, 1, 0.0, self.training, bi, self.batch_first)
+            else:
+                res = fn(x, batch_sizes, hx, params, True, 1, 0.0, self.training, bi)
+            x = self._between_layers(res[0], l)
+            hns.append(res[1])
+            if self.mode == "LSTM":
+                cns.append(res[2])
+        return x, torch.cat(hns), (torch.cat(cns) if self.mode == "LSTM" else None)
+
+    def _site(self, norm, T: int, sizes: np.ndarray, gates: bool) -> _Site:
+        """The kernel's site for ``norm`` (a SequenceBatchNorm, a LayerNorm or None)."""
+        if norm is None:
+            return _Site(np.zeros(T, np.int8))
+        if isinstance(norm, _RowLayerNorm):
+            return _Site(np.full(T, _rk.ROW, np.int8), eps=norm.eps, norm=norm)
+        perm = _lstm_perm(self.hidden_size).numpy() if gates and self.mode == "LSTM" else None
+        if norm.training:
+            kinds = np.where(sizes >= 2, _rk.BATCH, _rk.FIXED).astype(np.int8)
+        else:
+            kinds = np.full(T, _rk.FIXED, np.int8)
+        fixed = None
+        if (kinds == _rk.FIXED).any():
+            m, inv = norm.fixed_stats(T)
+            m, inv = m.numpy(), inv.numpy()
+            fixed = (m[:, perm], inv[:, perm]) if perm is not None else (m, inv)
+            fixed = (np.ascontiguousarray(fixed[0]), np.ascontiguousarray(fixed[1]))
+        return _Site(kinds, fixed, norm.eps, norm, not norm.per_step, perm)
+
+    def _fused_forward(self, data, batch_sizes, h0, c0, B, T, updates):
+        """horizontal / per_timestep / layer: one fused call per layer and direction."""
+        mode, H = self.mode, self.hidden_size
+        P = self.proj_size or H
+        G = _GATES[mode] * H
+        if batch_sizes is None:
+            layout = "batch" if self.batch_first else "time"
+            bs = np.full(T, B, np.int64)
+        else:
+            layout = "packed"
+            bs = batch_sizes.numpy().astype(np.int64)
+        off = np.zeros(T + 1, np.int64)
+        np.cumsum(bs, out=off[1:])
+        xbase, xstride = _layout(layout, B, T, bs, off, G)
+        obase, ostride = _layout(layout, B, T, bs, off, P)
+        gperm = _lstm_perm(H, data.device) if mode == "LSTM" else None
+        x = data
+        hns, cns = [], []
+        name = type(self).__name__
+        for l in range(self.num_layers):
+            rows = x.reshape(-1, x.shape[-1])
+            nih0 = self._norms(l)[0]
+            fold = self.norm == "horizontal"
+            moments = (_moments_for(rows, G) if fold and nih0.training and rows.shape[0] >= 2 else None)
+            outs = []
+            for d in range(self.num_directions):
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
+                nih, nhh, nc = self._norms(l, d)
+                if mode == "GRU":
+                    bias = b_ih
+                else:
+                    bias = b_ih + b_hh if b_ih is not None else None
+                if fold:
+                    w_f, shift = _fold_input_norm(nih, w_ih, moments, rows, gperm, updates)
+                    xp = torch.matmul(x, w_f.t())
+                    sx, gx = _Site(np.zeros(T, np.int8)), None
+                    bx = shift if bias is None else bias + shift
+                else:
+                    xp = torch.matmul(x, w_ih.t())
+                    sx = self._site(nih, T, bs, True)
+                    gx = None if nih is None or nih.weight is None else (nih.weight[gperm] if gperm is not None
+                                                                        else nih.weight)
+                    bx = bias
+                    if nih is not None and getattr(nih, "bias", None) is not None:
+                        nb = nih.bias[gperm] if gperm is not None else nih.bias
+                        bx = nb if bx is None else bx + nb
+                sh = self._site(nhh, T, bs, True)
+                gh = None if nhh is None or nhh.weight is None else (nhh.weight[gperm] if gperm is not None
+                                                                     else nhh.weight)
+                sc = self._site(nc, T, bs, False)
+                gc = None if nc is None else nc.weight
+                bc = None if nc is None else nc.bias
+                spec = _FusedSpec()
+                spec.cell, spec.rev, spec.H, spec.P, spec.G, spec.B = _CELL[mode], bool(d), H, P, G, B
+                spec.bs, spec.off, spec.xbase, spec.xstride, spec.obase, spec.ostride = (bs, off, xbase, xstride,
+                                                                                         obase, ostride)
+                spec.out_shape = tuple(xp.shape[:-1]) + (P,)
+                spec.sites, spec.name = (sx, sh, sc), name
+                h, c = self._initial(h0, c0, l, d, B, data)
+                out, hn, cn = _FusedRecurrence.apply(spec, xp.contiguous(), h, c, w_hh, w_hr,
+                                                     b_hh if mode == "GRU" else None, gx, bx, gh, gc, bc)
+                self._collect_fused(spec, d, T, bs, updates)
+                outs.append(out)
+                hns.append(hn)
+                if mode == "LSTM":
+                    cns.append(cn)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+            x = self._between_layers(x, l)
+        return x, torch.stack(hns), (torch.stack(cns) if mode == "LSTM" else None)
+
+    @staticmethod
+    def _collect_fused(spec, d: int, T: int, bs: np.ndarray, updates: list) -> None:
+        """The batch statistics of the fused call's BATCH steps, in the order the steps ran."""
+        for site, arrays in zip(spec.sites, spec.stats):
+            kinds = site.kinds
+            if site.norm is None or not isinstance(site.norm, SequenceBatchNorm) or not (kinds == _rk.BATCH).any():
+                continue
+            steps = np.flatnonzero(kinds == _rk.BATCH)
+            if d:
+                steps = steps[::-1]
+            mean, var = arrays[9][steps], arrays[10][steps]
+            if site.perm is not None:
+                mean, var = mean[:, site.perm], var[:, site.perm]
+            rows = [0] * len(steps) if site.shared else steps.tolist()
+            updates.append(StatsUpdate(site.norm, rows, torch.from_numpy(mean), torch.from_numpy(var),
+                                       bs[steps].tolist()))
+
     def _loop_forward(self, data, batch_sizes, h0, c0, B, T):
-        """The time loop (every norm mode, and norm="none" with force_loop).
+        """The reference time loop (every norm mode, and norm="none" with force_loop).
 
         Equal lengths run batch-major: layer inputs and outputs are ``(B, T, F)`` (a stack of
         the steps' outputs along dim 1), so per-step statistics of all steps are one call on a
-        ``(B, T*G)`` view and nothing is transposed. Variable lengths run on packed rows.
+        ``(B, T*G)`` view. Variable lengths run on packed rows.
         """
         if batch_sizes is None:
             layer_in = data if self.batch_first else data.transpose(0, 1)  # (B, T, F)
             sizes, uniform = [B] * T, True
         else:
             layer_in, sizes, uniform = data, batch_sizes.tolist(), False
-        H = self.hidden_size
         hns, cns = [], []
         self.hidden_states = []
         for l in range(self.num_layers):
-            h = h0[l] if h0 is not None else layer_in.new_zeros(B, H)
-            c = (c0[l] if c0 is not None else layer_in.new_zeros(B, H)) if self.mode == "LSTM" else None
-            outs, hn, cn = self._run_layer(layer_in, sizes, uniform, h, c, *self._weights(l), self._norms(l))
-            if self.record_hidden:
-                self.hidden_states.append(outs)
-            layer_in = torch.stack(outs, 1) if uniform else torch.cat(outs)  # (B, T, H) or packed (rows, H)
-            if self.dropout and self.training and l < self.num_layers - 1:
-                layer_in = F.dropout(layer_in, self.dropout, True)
-            hns.append(hn)
-            cns.append(cn)
+            outs_d = []
+            for d in range(self.num_directions):
+                h, c = self._initial(h0, c0, l, d, B, layer_in)
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
+                outs, hn, cn = self._run_layer(layer_in, sizes, uniform, h, c, w_ih, w_hh, b_ih, b_hh,
+                                               self._norms(l, d), w_hr=w_hr, rev=bool(d))
+                if self.record_hidden:
+                    self.hidden_states.append(outs)
+                outs_d.append(torch.stack(outs, 1) if uniform else torch.cat(outs))  # (B, T, H) or (rows, H)
+                hns.append(hn)
+                cns.append(cn)
+            layer_in = outs_d[0] if len(outs_d) == 1 else torch.cat(outs_d, -1)
+            layer_in = self._between_layers(layer_in, l)
         out = layer_in
         if uniform and not self.batch_first:
             out = out.transpose(0, 1).contiguous()  # (B, T, H) -> (T, B, H)
@@ -459,18 +923,24 @@ class BNLSTM(_BNRNNBase):
 
     Args:
         input_size, hidden_size, num_layers (default 1), bias (default True), batch_first
-            (default False), dropout (default 0, between layers): as torch.nn.LSTM.
+            (default False), dropout (default 0, between layers), bidirectional (default False),
+            proj_size (default 0): as torch.nn.LSTM (``_reverse`` parameters and norms per
+            direction; ``weight_hr_l{k}`` with a projection).
         norm: "none" | "vertical" | "horizontal" | "per_timestep" | "layer" (default "none").
         gamma_init: initial gamma of every norm (default 0.1 for "per_timestep", 1 otherwise).
         momentum, eps: of the batch norms (defaults 0.1, 1e-5; torch's momentum convention).
         max_steps: per-step statistics rows allocated up front (grows on demand).
-        force_loop: with norm="none", run bnlab's time loop instead of torch's kernel.
+        force_loop: run the reference time loop (torch ops, per-step norm modules) instead of
+            torch's kernel (norm="none"), the folded torch kernel ("vertical") or the fused loop.
 
     Shape: input ``(T, B, F)`` or ``(B, T, F)`` with batch_first, or a PackedSequence;
-    ``lengths`` ``(B,)``. Output ``(T, B, H)``; h_n, c_n ``(num_layers, B, H)``.
+    ``lengths`` ``(B,)``. Output ``(T, B, D * H_out)`` (D = 2 if bidirectional, H_out = proj_size
+    or hidden_size); h_n ``(D * num_layers, B, H_out)``, c_n ``(D * num_layers, B, H)``.
 
     Attributes: ``record_hidden`` (set True to keep each layer's per-step hidden states, graph
-    attached, in ``hidden_states[layer][t]`` for gradient diagnostics).
+    attached, in ``hidden_states[layer * D + direction][t]`` for gradient diagnostics; runs the
+    reference loop); ``nonfinite`` ("raise" or "skip": a training batch whose statistics are
+    nan/inf at any step raises NonFiniteBatchError, or skips the update; no buffer moves either way).
 
     Example:
         >>> import torch, bnlab
@@ -481,9 +951,10 @@ class BNLSTM(_BNRNNBase):
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, **kwargs) -> None:
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 **kwargs) -> None:
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         **kwargs)
+                         proj_size, **kwargs)
 
 
 class BNGRU(_BNRNNBase):
@@ -572,9 +1043,11 @@ class _BNCellBase(_RecurrentCore):
             h, c = (hx.unsqueeze(0) if unbatched else hx), None
         if tuple(h.shape) != (B, H) or (c is not None and tuple(c.shape) != (B, H)):
             raise ValueError(f"{name}: expected hidden state of shape {(B, H)} (got {tuple(h.shape)})")
-        with guard_running_stats(self, name, self.nonfinite):
+        updates = []
+        with collect_stats(self, updates):
             _, hn, cn = self._run_layer(x.unsqueeze(1), [B], True, h, c, self.weight_ih, self.weight_hh, self.bias_ih,
                                         self.bias_hh, (self.norm_ih, self.norm_hh, self.norm_c), t0=step)
+        commit_stats(updates, self.nonfinite, name, self._labels() if updates else None)
         if unbatched:
             hn, cn = hn.squeeze(0), (cn.squeeze(0) if cn is not None else None)
         return (hn, cn) if self.mode == "LSTM" else hn

@@ -43,7 +43,8 @@ def _left_alone(m: nn.Module, to: str) -> str | None:
         if isinstance(m, nn.modules.batchnorm._LazyNormBase) and m.has_uninitialized_params():
             return f"an uninitialized lazy layer ({name}): run one forward first, then convert"
         if isinstance(m, nn.SyncBatchNorm):
-            return "SyncBatchNorm: bnlab has no synchronized batch norm yet; kept as torch's"
+            return ("torch's SyncBatchNorm: kept as it is (bnlab.nn.SyncBatchNorm.convert_sync_batchnorm converts "
+                    "it to bnlab's)")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return (f"{name} subclasses torch's batch norm ({type(m).__module__}); converting it would drop what the "
                     "subclass adds, so it is kept as it is")
@@ -61,7 +62,7 @@ def _bnlab_norms() -> tuple:
     return (MaskedBatchNorm1d, SequenceBatchNorm)
 
 
-def convert(model: nn.Module, to: str = "bnlab", *, warn: bool = True) -> nn.Module:
+def convert(model: nn.Module, to: str = "bnlab", *, warn: bool = True, fuse_act: bool = False) -> nn.Module:
     """Replace, in place, every batch-norm layer of ``model`` by the other library's equivalent.
 
     Args:
@@ -69,6 +70,11 @@ def convert(model: nn.Module, to: str = "bnlab", *, warn: bool = True) -> nn.Mod
         to: ``"bnlab"`` (torch.nn.BatchNorm* -> bnlab.nn.BatchNorm*) or ``"torch"`` (the reverse).
         warn: keyword; warn (one ``UserWarning`` listing them) about the batch-norm layers left
             alone, and why (default True). :func:`convert_report` returns the same list.
+        fuse_act: keyword, ``to="bnlab"`` only; also fuse each batch norm with the activation
+            that follows it (ReLU, SiLU, exact GELU), and with a residual add between them, into
+            :class:`bnlab.nn.BatchNormAct2d` (1d/3d) layers, found by tracing the model with
+            ``torch.fx`` (:func:`bnlab.tools.fuse.fuse_activations`). The result is then a
+            ``torch.fx.GraphModule`` computing the same function (default False).
 
     Parameters (the same Parameter objects), buffers, training mode, device and dtype are kept.
     Only the exact classes ``torch.nn.BatchNorm1d/2d/3d`` and ``bnlab.nn.BatchNorm1d/2d/3d`` are
@@ -83,7 +89,13 @@ def convert(model: nn.Module, to: str = "bnlab", *, warn: bool = True) -> nn.Mod
         >>> type(net[1]).__module__
         'bnlab.nn.batchnorm'
     """
+    if fuse_act and to != "bnlab":
+        raise ValueError(f"convert: fuse_act=True fuses into bnlab's norm-act layers, so it needs to='bnlab' (got to={to!r})")
     model, skipped = _convert(model, to)
+    if fuse_act:
+        from .fuse import fuse_activations
+
+        model, _ = fuse_activations(model)
     if warn and skipped:
         lines = "; ".join(f"{where or '<model>'}: {why}" for where, why in skipped)
         warnings.warn(f"bnlab.convert(to={to!r}) left {len(skipped)} batch-norm layer(s) alone: {lines}", stacklevel=2)

@@ -1,0 +1,365 @@
+"""Serial compiled helpers shared by both layouts: spans, lanes, statistics, the fused epilogue.
+
+A *span* is a contiguous run of output values with per-span float64 operands; its kind (a named
+constant below, a literal at every call site, so that each kind compiles to its own loop) says
+what it computes. Every value is formed in float64 and rounded once to the output dtype. With
+``stream`` the span's whole, 64-byte aligned cache lines are stored non-temporally
+(:mod:`._llvm`), the same operations in the same order, so the same bits.
+
+**Fused epilogue.** The batch-norm output ``z = (x - mean) * scale + beta``, plus a residual
+``res`` when one is given, goes through an activation ``act`` before it is stored:
+``y = act(z)``. Its backward needs ``dz = dy * act'(z)``, with ``z`` recomputed from ``x`` (and
+``res``) in float64 by the same operations as in the forward, so the same ``z``. ``act`` is a
+literal at every call site (the kernels' module constant ``ACT``, :mod:`._jit`) and ``res`` is an
+array or None: numba compiles each combination apart and prunes the code of the others, so a
+kernel without an epilogue (``act == NONE`` and no residual) runs the plain loops and nothing else.
+
+Indices are uint64 on purpose: numba wraps negative signed indices, and that select turns a vector
+load into a gather.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import uint64
+
+from ._jit import SERIAL, kernel_jit
+from ._llvm import (LANES, _buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _nt_affine_line, _nt_buffer_line,
+                    _nt_dx_line, _nt_scale_line, _prefetch)
+
+# span kinds (module constants, not an IntEnum: numba passes a global int to a helper as a literal
+# and compiles the helper once per kind; an IntEnum member it passes as one runtime type)
+AFFINE = 0  # y = (x - p0) * p1 + p2
+DX = 1  # dx = p1 * ((dy - p2) - (x - p0) * p3)
+SCALE = 2  # dx = x * p0 (x standing for dy)
+
+# activations of the fused epilogue (module constants for the same reason; bnlab.kernels.cpu.Act
+# names them for callers)
+NONE = 0  # y = z
+RELU = 1  # y = max(z, 0)
+SILU = 2  # y = z * sigmoid(z)
+GELU = 3  # y = z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2)))  (torch's default, exact form)
+
+LINE = 16  # float64 values of a line buffer: a cache line of float32
+CHUNK = 512  # values of a span whose dz is computed at once into a float64 buffer (4 KB)
+
+_SQRT1_2 = 0.70710678118654752440  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.39894228040143267794  # 1 / sqrt(2 pi)
+
+
+@kernel_jit(**SERIAL)
+def _aligned_head(a, start, length):
+    """How many elements from ``start`` until ``a``'s next 64-byte boundary (at most ``length``)."""
+    size = uint64(a.itemsize)
+    addr = uint64(a.ctypes.data) + uint64(start) * size
+    head = ((uint64(64) - addr % uint64(64)) % uint64(64)) // size
+    return min(head, uint64(length))
+
+
+@kernel_jit(**SERIAL)
+def _prefetch_runs(a, ch0, g, i0, i1, c, s):
+    """Prefetch a group's runs (``g * s`` values from channel ``ch0``) of samples ``i0 .. i1 - 1``."""
+    step = uint64(64 // a.itemsize)
+    su = uint64(s)
+    for i in range(uint64(i0), uint64(i1)):
+        run = (i * uint64(c) + uint64(ch0)) * su
+        for q in range(run, run + uint64(g) * su, step):
+            _prefetch(a, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# inner loops (serial; compiled once each, vectorized on their own, called from the parallel
+# kernels). Indices are uint64 on purpose: numba wraps negative signed indices, and that select
+# turns a vector load into a gather.
+
+
+@kernel_jit(**SERIAL)
+def _lane_sums(x, start, length, k, a1, a2):
+    """Sums of ``x - k`` and ``(x - k)^2`` over ``length`` values from ``start``: value ``j`` goes to
+    lane ``j % LANES`` of the float64 accumulators ``a1``, ``a2``; the last ``length % LANES``
+    values are summed apart and returned."""
+    st = uint64(start)
+    full = (uint64(length) // LANES) * LANES
+    _lane_loop(x, x, st, full, k, a1, a2)
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(st + full, st + uint64(length)):
+        d = np.float64(x[j]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@kernel_jit(**SERIAL)
+def _lane_grad_sums(x, dy, start, length, mean, a1, a2):
+    """Sums of ``dy`` and ``dy * (x - mean)``, laid out as in :func:`_lane_sums`."""
+    st = uint64(start)
+    full = (uint64(length) // LANES) * LANES
+    _grad_lane_loop(x, dy, st, full, mean, a1, a2)
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(st + full, st + uint64(length)):
+        g = np.float64(dy[j])
+        s1 += g
+        s2 += g * (np.float64(x[j]) - mean)
+    return s1, s2
+
+
+@kernel_jit(**SERIAL)
+def _lane_total(a):
+    s = 0.0
+    for t in range(a.size):
+        s += a[t]
+    return s
+
+
+@kernel_jit(**SERIAL)
+def _span_scalar(kind, x, dy, out, lo, hi, p0, p1, p2, p3):
+    """Output values ``[lo, hi)`` one by one, in float64 with one rounding; ``kind`` and the
+    operands as in :func:`_stream_line`."""
+    if kind == AFFINE:
+        for j in range(uint64(lo), uint64(hi)):
+            out[j] = (np.float64(x[j]) - p0) * p1 + p2
+    elif kind == DX:
+        for j in range(uint64(lo), uint64(hi)):
+            out[j] = p1 * ((np.float64(dy[j]) - p2) - (np.float64(x[j]) - p0) * p3)
+    else:
+        for j in range(uint64(lo), uint64(hi)):
+            out[j] = np.float64(x[j]) * p0
+
+
+@kernel_jit(**SERIAL)
+def _span_write(kind, stream, x, dy, out, start, length, p0, p1, p2, p3):
+    """One span of output (:func:`_span_scalar`). ``stream``: its whole, aligned cache lines are
+    stored non-temporally (:func:`_stream_line`, the same bits), the unaligned head and the tail
+    one by one."""
+    st = uint64(start)
+    end = st + uint64(length)
+    lo = st
+    hi = st
+    if stream:
+        w = uint64(64 // out.itemsize)
+        lo = st + _aligned_head(out, st, length)
+        hi = lo + ((end - lo) // w) * w
+        for q in range(lo, hi, w):
+            _stream_line(kind, x, dy, out, q, p0, p1, p2, p3, 0)
+        _span_scalar(kind, x, dy, out, st, lo, p0, p1, p2, p3)
+    _span_scalar(kind, x, dy, out, hi, end, p0, p1, p2, p3)
+
+
+@kernel_jit(**SERIAL)
+def _stream_line(kind, x, dy, out, idx, p0, p1, p2, p3, ch):
+    """One non-temporal output line from element ``idx``: ``kind`` AFFINE ``y = (x - p0) * p1 + p2``;
+    DX ``dx = p1 * ((dy - p2) - (x - p0) * p3)``; SCALE ``dx = x * p0`` (``x`` standing for
+    ``dy``). The operands are floats (a span's) or float64 arrays read from ``ch`` (the columns
+    layout's channels)."""
+    if kind == AFFINE:
+        _nt_affine_line(x, out, idx, p0, p1, p2, ch)
+    elif kind == DX:
+        _nt_dx_line(x, dy, out, idx, p0, p1, p2, p3, ch)
+    else:
+        _nt_scale_line(x, out, idx, p0, ch)
+
+
+@kernel_jit(**SERIAL)
+def _finish_stats(stats, ch, s1, s2, m, eps, shift):
+    """Mean, biased variance and invstd of one channel from its shifted float64 sums."""
+    d = s1 / m
+    var = s2 / m - d * d  # shifted one-pass: both terms are O(spread^2), nothing cancels badly
+    if var < 0.0:
+        var = 0.0
+    stats[0, ch] = shift + d
+    stats[1, ch] = var
+    stats[2, ch] = 1.0 / math.sqrt(var + eps)
+
+
+@kernel_jit(**SERIAL)
+def _count_nonfinite(stats):
+    bad = 0
+    for ch in range(stats.shape[1]):
+        if not (math.isfinite(stats[0, ch]) and math.isfinite(stats[1, ch])):
+            bad += 1
+    return bad
+
+
+@kernel_jit(**SERIAL)
+def _lane_pair():
+    """Two zeroed float64 lane accumulators, 64 bytes apart (no 4K aliasing between them)."""
+    acc = np.zeros(2 * LANES + 8)
+    return acc[:LANES], acc[LANES + 8:]
+
+
+@kernel_jit(**SERIAL)
+def update_running(rm, rv, has_rm, has_rv, mean, var, count, factor):
+    """``running = (1 - factor) * running + factor * batch`` in float64, the variance unbiased
+    (``var * M / (M - 1)``), rounded once to the buffers' dtype: the formula of
+    :func:`bnlab.reference.update_running_stats`, without a torch op per step."""
+    corr = count / (count - 1.0) if count > 1 else 1.0
+    for ch in range(mean.shape[0]):
+        if has_rm:
+            rm[ch] = (1.0 - factor) * np.float64(rm[ch]) + factor * mean[ch]
+        if has_rv:
+            rv[ch] = (1.0 - factor) * np.float64(rv[ch]) + factor * (var[ch] * corr)
+
+
+@kernel_jit(**SERIAL)
+def _fill_eval_stats(rm, rv, eps, stats):
+    for ch in range(stats.shape[1]):
+        v = np.float64(rv[ch])
+        stats[0, ch] = np.float64(rm[ch])
+        stats[1, ch] = v
+        stats[2, ch] = 1.0 / math.sqrt(v + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused epilogue: y = act(z), z = (x - mean) * scale + beta (+ res); dz = dy * act'(z)
+
+
+@kernel_jit(**SERIAL)
+def _z(x, res, j, mu, sc, be):
+    """The batch-norm output of element ``j`` before the activation, in float64."""
+    z = (np.float64(x[j]) - mu) * sc + be
+    if res is not None:
+        z += np.float64(res[j])
+    return z
+
+
+@kernel_jit(**SERIAL)
+def _act(z, act):
+    """``act(z)`` in float64 (the formulas of torch's relu, silu and erf-form gelu)."""
+    if act == RELU:
+        return 0.0 if z < 0.0 else z  # NaN stays NaN
+    if act == SILU:
+        return z / (1.0 + math.exp(-z))
+    if act == GELU:
+        return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
+    return z
+
+
+@kernel_jit(**SERIAL)
+def _act_dz(g, z, act):
+    """``dz = g * act'(z)`` for an incoming gradient ``g``. relu passes ``g`` where ``z > 0`` and
+    0 elsewhere (a select, as torch's threshold_backward: an infinite ``g`` gives 0, not NaN)."""
+    if act == RELU:
+        return g if z > 0.0 else 0.0
+    if act == SILU:
+        sg = 1.0 / (1.0 + math.exp(-z))
+        return g * (sg * (1.0 + z * (1.0 - sg)))
+    if act == GELU:
+        return g * (0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * math.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+    return g
+
+
+@kernel_jit(**SERIAL)
+def _dx_value(train, g, xj, mu, k, mdz, kx):
+    """``dx`` of one element from its ``dz = g`` (the formulas of :func:`bnlab.kernels.rows.rows_backward`)."""
+    if train:
+        return k * ((g - mdz) - (xj - mu) * kx)
+    return g * k
+
+
+@kernel_jit(**SERIAL)
+def _act_values(act, x, res, y, lo, hi, mu, sc, be):
+    """``y = act(z)`` over ``[lo, hi)`` one by one, rounded once."""
+    for j in range(uint64(lo), uint64(hi)):
+        y[j] = _act(_z(x, res, j, mu, sc, be), act)
+
+
+@kernel_jit(**SERIAL)
+def _act_span_write(act, stream, x, res, y, start, length, mu, sc, be, buf):
+    """One span of ``y = act(z)``; ``stream``: its whole, aligned cache lines computed into ``buf``
+    (at least :data:`LINE` values) by the same scalar code and stored non-temporally."""
+    st = uint64(start)
+    end = st + uint64(length)
+    lo = st
+    hi = st
+    if stream:
+        w = uint64(64 // y.itemsize)
+        lo = st + _aligned_head(y, st, length)
+        hi = lo + ((end - lo) // w) * w
+        for q in range(lo, hi, w):
+            for t in range(w):
+                buf[t] = _act(_z(x, res, q + t, mu, sc, be), act)
+            _nt_buffer_line(buf, 0, y, q)
+        _act_values(act, x, res, y, st, lo, mu, sc, be)
+    _act_values(act, x, res, y, hi, end, mu, sc, be)
+
+
+@kernel_jit(**SERIAL)
+def _act_lane_grad_sums(act, x, dy, res, start, length, mu, sc, be, a1, a2, buf):
+    """Sums of ``dz`` and ``dz * (x - mu)`` over ``length`` values from ``start``: ``dz`` is computed
+    :data:`CHUNK` values at a time into ``buf`` and summed from there in the lanes ``a1``, ``a2``
+    (:func:`_buf_grad_lane_loop`); each chunk's last ``% LANES`` values are summed apart and
+    returned."""
+    st = uint64(start)
+    end = st + uint64(length)
+    s1 = 0.0
+    s2 = 0.0
+    for c0 in range(st, end, uint64(CHUNK)):
+        m = min(uint64(CHUNK), end - c0)
+        for t in range(m):
+            j = c0 + t
+            buf[t] = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
+        full = (m // LANES) * LANES
+        _buf_grad_lane_loop(x, buf, c0, full, mu, a1, a2)
+        for t in range(full, m):
+            g = buf[t]
+            s1 += g
+            s2 += g * (np.float64(x[c0 + t]) - mu)
+    return s1, s2
+
+
+@kernel_jit(**SERIAL)
+def _act_dx_values(act, train, x, dy, res, dx, dres, lo, hi, mu, sc, be, k, mdz, kx):
+    """``dx`` (and ``dres = dz`` when ``dres`` is an array) over ``[lo, hi)`` one by one."""
+    if train:
+        for j in range(uint64(lo), uint64(hi)):
+            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
+            dx[j] = k * ((g - mdz) - (np.float64(x[j]) - mu) * kx)
+            if dres is not None:
+                dres[j] = g
+    else:
+        for j in range(uint64(lo), uint64(hi)):
+            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
+            dx[j] = g * k
+            if dres is not None:
+                dres[j] = g
+
+
+@kernel_jit(**SERIAL)
+def _act_dx_span(act, train, stream, x, dy, res, dx, dres, start, length, mu, sc, be, k, mdz, kx, buf):
+    """One span of the fused backward's ``dx`` (and ``dres``); ``stream``: whole aligned lines
+    computed into ``buf`` (``dx`` at 0, ``dz`` at :data:`LINE`) and stored non-temporally."""
+    st = uint64(start)
+    end = st + uint64(length)
+    lo = st
+    hi = st
+    if stream:
+        w = uint64(64 // dx.itemsize)
+        lo = st + _aligned_head(dx, st, length)
+        hi = lo + ((end - lo) // w) * w
+        for q in range(lo, hi, w):
+            for t in range(w):
+                j = q + t
+                g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
+                buf[t] = _dx_value(train, g, np.float64(x[j]), mu, k, mdz, kx)
+                buf[LINE + t] = g
+            _nt_buffer_line(buf, 0, dx, q)
+            if dres is not None:
+                _store_line(buf, LINE, dres, q)
+        _act_dx_values(act, train, x, dy, res, dx, dres, st, lo, mu, sc, be, k, mdz, kx)
+    _act_dx_values(act, train, x, dy, res, dx, dres, hi, end, mu, sc, be, k, mdz, kx)
+
+
+@kernel_jit(**SERIAL)
+def _store_line(buf, off, out, idx):
+    """A line's worth of ``buf`` from ``off`` into ``out`` from ``idx``: non-temporally where that
+    line of ``out`` is 64-byte aligned, one by one otherwise."""
+    w = uint64(64 // out.itemsize)
+    if _aligned_head(out, idx, 64) == 0:
+        _nt_buffer_line(buf, off, out, idx)
+    else:
+        for t in range(w):
+            out[uint64(idx) + t] = buf[uint64(off) + t]

@@ -1,0 +1,410 @@
+"""The columns layout: 2-D ``(M, C)`` input and channels_last / channels_last_3d (and ``(N, C, L)``
+with C innermost), seen as ``M`` rows of ``C`` channels; ``x`` flat of length ``m * c``, (M, C) in
+memory order.
+
+The ``M`` rows are cut into one block per thread; each block writes per-channel partial sums,
+combined after the parallel loop. A block is read as four interleaved streams (a row from each
+quarter per step), which more than doubles what a core reads per second.
+
+Fused epilogue: as in :mod:`.rows` (the module constant :data:`ACT`, ``res``, ``dres``). Its loops
+take the four streams a row at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange, uint64
+
+from ._jit import PARALLEL, SERIAL, kernel_jit
+from ._llvm import _nt_buffer_line, _store_fence
+from ._serial import (AFFINE, DX, LINE, NONE, SCALE, _act, _act_dz, _aligned_head, _count_nonfinite, _dx_value,
+                      _finish_stats, _store_line, _stream_line, _z)
+
+ACT = NONE  # the activation of the fused epilogue (replaced in the act variants, see :mod:`.rows`)
+
+
+@kernel_jit(**SERIAL)
+def _cols_sums(x, r0, r1, c, shift, a1, a2):
+    """Per-channel sums of ``x - shift`` and its square over rows ``[r0, r1)`` of ``(M, C)``.
+
+    The rows are read as four streams, one per quarter of the range, a row of each per step (one
+    accumulator update per four values): a single sequential stream per core leaves memory
+    mostly idle on these machines (about 4-5 GB/s a core), four keep it busy (10-13)."""
+    cu = uint64(c)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            k = shift[ch]
+            d0 = np.float64(x[b0 + ch]) - k
+            d1 = np.float64(x[b1 + ch]) - k
+            d2 = np.float64(x[b2 + ch]) - k
+            d3 = np.float64(x[b3 + ch]) - k
+            a1[ch] += (d0 + d1) + (d2 + d3)
+            a2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            d = np.float64(x[base + ch]) - shift[ch]
+            a1[ch] += d
+            a2[ch] += d * d
+
+
+@kernel_jit(**SERIAL)
+def _cols_grad_sums(x, dy, r0, r1, c, mean, a1, a2):
+    """Per-channel sums of ``dy`` and ``dy * (x - mean)`` over rows ``[r0, r1)``, read as four
+    streams (see :func:`_cols_sums`)."""
+    cu = uint64(c)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            mu = mean[ch]
+            g0 = np.float64(dy[b0 + ch])
+            g1 = np.float64(dy[b1 + ch])
+            g2 = np.float64(dy[b2 + ch])
+            g3 = np.float64(dy[b3 + ch])
+            a1[ch] += (g0 + g1) + (g2 + g3)
+            a2[ch] += (g0 * (np.float64(x[b0 + ch]) - mu) + g1 * (np.float64(x[b1 + ch]) - mu)) + (
+                g2 * (np.float64(x[b2 + ch]) - mu) + g3 * (np.float64(x[b3 + ch]) - mu))
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            g = np.float64(dy[base + ch])
+            a1[ch] += g
+            a2[ch] += g * (np.float64(x[base + ch]) - mean[ch])
+
+
+@kernel_jit(**SERIAL)
+def _cols_lines(out, r0, c):
+    """True when rows ``[r0, ...)`` of ``out`` ``(M, C)`` are whole, 64-byte aligned cache lines
+    (``C`` a multiple of a line, the block's start aligned): then they can be streamed."""
+    return c % (64 // out.itemsize) == 0 and _aligned_head(out, uint64(r0) * uint64(c), 64) == 0
+
+
+@kernel_jit(**SERIAL)
+def _cols_stream(kind, x, dy, out, r0, r1, c, p0, p1, p2, p3):
+    """Rows ``[r0, r1)`` of a columns-layout output written a whole cache line at a time,
+    non-temporally (:func:`_stream_line`), reading four streams (see :func:`_cols_sums`), then a
+    fence. The rows must be whole aligned lines (:func:`_cols_lines`)."""
+    cu = uint64(c)
+    w = uint64(64 // out.itemsize)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        for ch in range(uint64(0), cu, w):
+            _stream_line(kind, x, dy, out, b0 + ch, p0, p1, p2, p3, ch)
+            _stream_line(kind, x, dy, out, b0 + qn * cu + ch, p0, p1, p2, p3, ch)
+            _stream_line(kind, x, dy, out, b0 + 2 * qn * cu + ch, p0, p1, p2, p3, ch)
+            _stream_line(kind, x, dy, out, b0 + 3 * qn * cu + ch, p0, p1, p2, p3, ch)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        for ch in range(uint64(0), cu, w):
+            _stream_line(kind, x, dy, out, r * cu + ch, p0, p1, p2, p3, ch)
+    _store_fence()
+
+
+@kernel_jit(**SERIAL)
+def _cols_affine(x, y, r0, r1, c, mean, scale, beta, stream):
+    """``y = (x - mean) * scale + beta`` over rows ``[r0, r1)``; ``stream``: whole cache lines of
+    ``y`` stored non-temporally where the rows allow it (:func:`_cols_lines`)."""
+    cu = uint64(c)
+    if stream and _cols_lines(y, r0, c):
+        _cols_stream(AFFINE, x, x, y, r0, r1, c, mean, scale, beta, beta)
+        return
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            mu = mean[ch]
+            sc = scale[ch]
+            be = beta[ch]
+            y[b0 + ch] = (np.float64(x[b0 + ch]) - mu) * sc + be
+            y[b1 + ch] = (np.float64(x[b1 + ch]) - mu) * sc + be
+            y[b2 + ch] = (np.float64(x[b2 + ch]) - mu) * sc + be
+            y[b3 + ch] = (np.float64(x[b3 + ch]) - mu) * sc + be
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            y[base + ch] = (np.float64(x[base + ch]) - mean[ch]) * scale[ch] + beta[ch]
+
+
+@kernel_jit(**SERIAL)
+def _cols_dx(x, dy, dx, r0, r1, c, mean, k, mdy, kx, stream):
+    cu = uint64(c)
+    if stream and _cols_lines(dx, r0, c):
+        _cols_stream(DX, x, dy, dx, r0, r1, c, mean, k, mdy, kx)
+        return
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            kk = k[ch]
+            md = mdy[ch]
+            mu = mean[ch]
+            kxx = kx[ch]
+            dx[b0 + ch] = kk * ((np.float64(dy[b0 + ch]) - md) - (np.float64(x[b0 + ch]) - mu) * kxx)
+            dx[b1 + ch] = kk * ((np.float64(dy[b1 + ch]) - md) - (np.float64(x[b1 + ch]) - mu) * kxx)
+            dx[b2 + ch] = kk * ((np.float64(dy[b2 + ch]) - md) - (np.float64(x[b2 + ch]) - mu) * kxx)
+            dx[b3 + ch] = kk * ((np.float64(dy[b3 + ch]) - md) - (np.float64(x[b3 + ch]) - mu) * kxx)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            dx[base + ch] = k[ch] * ((np.float64(dy[base + ch]) - mdy[ch]) - (np.float64(x[base + ch]) - mean[ch]) * kx[ch])
+
+
+@kernel_jit(**SERIAL)
+def _cols_scale(dy, dx, r0, r1, c, k, stream):
+    cu = uint64(c)
+    if stream and _cols_lines(dx, r0, c):
+        _cols_stream(SCALE, dy, dy, dx, r0, r1, c, k, k, k, k)
+        return
+    for r in range(uint64(r0), uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            dx[base + ch] = np.float64(dy[base + ch]) * k[ch]
+
+
+@kernel_jit(**SERIAL)
+def _num_blocks(m, c, nt):
+    """Blocks of rows for the columns layout: one per thread, fewer for tiny inputs."""
+    nb = (m * c) // 4096
+    if nb > nt:
+        nb = nt
+    if nb < 1:
+        nb = 1
+    return nb
+
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused epilogue, a row of C channels at a time (``base``: the row's first element; ``lines``:
+# the row is whole aligned cache lines, stored non-temporally through ``buf``)
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_row(act, x, res, y, base, c, mean, scale, beta, lines, buf):
+    """``y = act((x - mean) * scale + beta (+ res))`` over one row."""
+    cu = uint64(c)
+    b0 = uint64(base)
+    if lines:
+        w = uint64(64 // y.itemsize)
+        for ch in range(uint64(0), cu, w):
+            for t in range(w):
+                cc = ch + t
+                buf[t] = _act(_z(x, res, b0 + cc, mean[cc], scale[cc], beta[cc]), act)
+            _nt_buffer_line(buf, 0, y, b0 + ch)
+    else:
+        for ch in range(cu):
+            y[b0 + ch] = _act(_z(x, res, b0 + ch, mean[ch], scale[ch], beta[ch]), act)
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_grad_row(act, x, dy, res, base, c, mean, scale, beta, a1, a2):
+    """Per-channel sums of ``dz`` and ``dz * (x - mean)`` over one row, into ``a1``, ``a2``."""
+    cu = uint64(c)
+    b0 = uint64(base)
+    for ch in range(cu):
+        j = b0 + ch
+        mu = mean[ch]
+        g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, scale[ch], beta[ch]), act)
+        a1[ch] += g
+        a2[ch] += g * (np.float64(x[j]) - mu)
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_dx_row(act, train, x, dy, res, dx, dres, base, c, mean, k, beta, mdz, kx, lines, buf):
+    """The fused backward's ``dx`` (and ``dres = dz``) over one row; ``k`` is also the scale of ``z``."""
+    cu = uint64(c)
+    b0 = uint64(base)
+    if lines:
+        w = uint64(64 // dx.itemsize)
+        for ch in range(uint64(0), cu, w):
+            for t in range(w):
+                cc = ch + t
+                j = b0 + cc
+                mu = mean[cc]
+                g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[cc], beta[cc]), act)
+                buf[t] = _dx_value(train, g, np.float64(x[j]), mu, k[cc], mdz[cc], kx[cc])
+                buf[LINE + t] = g
+            _nt_buffer_line(buf, 0, dx, b0 + ch)
+            if dres is not None:
+                _store_line(buf, LINE, dres, b0 + ch)
+    elif train:
+        for ch in range(cu):
+            j = b0 + ch
+            mu = mean[ch]
+            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[ch], beta[ch]), act)
+            dx[j] = k[ch] * ((g - mdz[ch]) - (np.float64(x[j]) - mu) * kx[ch])
+            if dres is not None:
+                dres[j] = g
+    else:
+        for ch in range(cu):
+            j = b0 + ch
+            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mean[ch], k[ch], beta[ch]), act)
+            dx[j] = g * k[ch]
+            if dres is not None:
+                dres[j] = g
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_affine(act, x, res, y, r0, r1, c, mean, scale, beta, stream, buf):
+    """:func:`_cols_act_row` over rows ``[r0, r1)``, four streams (a row of each per step);
+    ``stream``: whole lines non-temporally where the rows allow it (:func:`_cols_lines`)."""
+    cu = uint64(c)
+    lines = stream and _cols_lines(y, r0, c)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        for q in range(uint64(4)):
+            _cols_act_row(act, x, res, y, (uint64(r0) + i + q * qn) * cu, c, mean, scale, beta, lines, buf)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        _cols_act_row(act, x, res, y, r * cu, c, mean, scale, beta, lines, buf)
+    if lines:
+        _store_fence()
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_grad_sums(act, x, dy, res, r0, r1, c, mean, scale, beta, a1, a2):
+    """:func:`_cols_act_grad_row` over rows ``[r0, r1)``, four streams."""
+    cu = uint64(c)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        for q in range(uint64(4)):
+            _cols_act_grad_row(act, x, dy, res, (uint64(r0) + i + q * qn) * cu, c, mean, scale, beta, a1, a2)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        _cols_act_grad_row(act, x, dy, res, r * cu, c, mean, scale, beta, a1, a2)
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_dx(act, train, x, dy, res, dx, dres, r0, r1, c, mean, k, beta, mdz, kx, stream, buf):
+    """:func:`_cols_act_dx_row` over rows ``[r0, r1)``, four streams."""
+    cu = uint64(c)
+    lines = stream and _cols_lines(dx, r0, c)
+    qn = uint64((r1 - r0) // 4)
+    for i in range(qn):
+        for q in range(uint64(4)):
+            _cols_act_dx_row(act, train, x, dy, res, dx, dres, (uint64(r0) + i + q * qn) * cu, c, mean, k, beta, mdz,
+                             kx, lines, buf)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        _cols_act_dx_row(act, train, x, dy, res, dx, dres, r * cu, c, mean, k, beta, mdz, kx, lines, buf)
+    if lines:
+        _store_fence()
+
+
+# ----------------------------------------------------------------------------------------------
+# columns layout: x flat of length m * c, (M, C) in memory order
+
+
+@kernel_jit(**SERIAL)
+def _block_sums(nb, c):
+    """Zeroed per-block partial sums ``(nb, 2, C + 8)`` (padded: no 4K aliasing between rows)."""
+    return np.zeros((nb, 2, c + 8))
+
+
+@kernel_jit(**PARALLEL)
+def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt, stream, res):
+    """Training forward, columns layout. Fills ``stats``, writes ``y``; returns the number of
+    channels whose mean or variance is non-finite. ``res``: a residual added before the activation
+    :data:`ACT`, or None."""
+    nb = _num_blocks(m, c, nt)
+    part = _block_sums(nb, c)
+    shift = np.empty(c)
+    for ch in range(c):
+        shift[ch] = np.float64(x[ch])  # shift: the channel's first sample
+    for blk in prange(nb):
+        _cols_sums(x, blk * m // nb, (blk + 1) * m // nb, c, shift, part[blk, 0], part[blk, 1])
+    mean = np.empty(c)
+    scale = np.empty(c)
+    beta = np.empty(c)
+    for ch in range(c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(nb):  # (nb, C) -> (C,)
+            s1 += part[blk, 0, ch]
+            s2 += part[blk, 1, ch]
+        _finish_stats(stats, ch, s1, s2, m, eps, shift[ch])
+        mean[ch] = stats[0, ch]
+        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+        beta[ch] = np.float64(b[ch]) if has_b else 0.0
+    for blk in prange(nb):
+        if ACT != NONE or res is not None:
+            _cols_act_affine(ACT, x, res, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, stream,
+                             np.empty(LINE))
+        else:
+            _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, stream)
+    return _count_nonfinite(stats)
+
+
+@kernel_jit(**PARALLEL)
+def cols_forward_eval(x, y, w, b, has_w, has_b, m, c, stats, nt, res):
+    """Eval forward, columns layout; ``res`` and :data:`ACT` as in :func:`cols_forward_train`."""
+    nb = _num_blocks(m, c, nt)
+    mean = np.empty(c)
+    scale = np.empty(c)
+    beta = np.empty(c)
+    for ch in range(c):
+        mean[ch] = stats[0, ch]
+        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+        beta[ch] = np.float64(b[ch]) if has_b else 0.0
+    for blk in prange(nb):
+        if ACT != NONE or res is not None:
+            _cols_act_affine(ACT, x, res, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, False, mean)
+        else:
+            _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, False)
+
+
+@kernel_jit(**PARALLEL)
+def cols_backward(x, dy, dx, w, b, has_w, has_b, m, c, stats, grads, train, nt, stream, res, dres):
+    """Backward, columns layout; the formulas of :func:`bnlab.kernels.rows.rows_backward`, with the
+    activation :data:`ACT` as there (``dz`` for ``dy``; ``dres``, if an array, receives ``dz``)."""
+    nb = _num_blocks(m, c, nt)
+    part = _block_sums(nb, c)
+    mean = np.empty(c)
+    for ch in range(c):
+        mean[ch] = stats[0, ch]
+    k = np.empty(c)
+    beta = mean  # the epilogue's bias (unused without one)
+    if ACT != NONE:
+        beta = np.empty(c)
+        for ch in range(c):
+            k[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)  # the scale of z
+            beta[ch] = np.float64(b[ch]) if has_b else 0.0
+    for blk in prange(nb):
+        if ACT != NONE:
+            _cols_act_grad_sums(ACT, x, dy, res, blk * m // nb, (blk + 1) * m // nb, c, mean, k, beta,
+                                part[blk, 0], part[blk, 1])
+        else:
+            _cols_grad_sums(x, dy, blk * m // nb, (blk + 1) * m // nb, c, mean, part[blk, 0], part[blk, 1])
+    mdy = np.empty(c)
+    kx = np.empty(c)
+    for ch in range(c):
+        s1 = 0.0
+        s2 = 0.0
+        for blk in range(nb):  # (nb, C) -> (C,)
+            s1 += part[blk, 0, ch]
+            s2 += part[blk, 1, ch]
+        invstd = stats[2, ch]
+        grads[0, ch] = s1
+        grads[1, ch] = s2 * invstd
+        k[ch] = invstd * (np.float64(w[ch]) if has_w else 1.0)
+        mdy[ch] = s1 / m
+        kx[ch] = invstd * invstd * s2 / m
+    for blk in prange(nb):
+        if ACT != NONE:
+            _cols_act_dx(ACT, train, x, dy, res, dx, dres, blk * m // nb, (blk + 1) * m // nb, c, mean, k, beta, mdy,
+                         kx, stream, np.empty(2 * LINE))
+        elif train:
+            _cols_dx(x, dy, dx, blk * m // nb, (blk + 1) * m // nb, c, mean, k, mdy, kx, stream)
+        else:
+            _cols_scale(dy, dx, blk * m // nb, (blk + 1) * m // nb, c, k, stream)

@@ -1,0 +1,780 @@
+"""Whole-sequence CPU kernels of the normalized recurrent layers (numba), forward and backward.
+
+One call runs the whole time loop of one layer and direction: per step the recurrent matmul
+(BLAS ``?gemm`` called from compiled code, no Python in the loop), the normalizations of the
+three sites, the gate nonlinearities and the state update; the backward is the hand-derived
+backpropagation through time over the values the forward saved. :mod:`bnlab.nn.recurrent` wraps
+the two in an autograd Function and checks them against its reference time loop (plain torch
+ops, per-step :class:`bnlab.nn.SequenceBatchNorm`).
+
+**Sites.** The LSTM computes ``pre = N_x(W_ih x_t) + N_h(W_hh h_{t-1})`` (gate bias in ``N_x``'s
+shift), ``c_t = sigmoid(f) c_{t-1} + sigmoid(i) tanh(g)`` and ``h_t = sigmoid(o) tanh(N_c(c_t))``
+(times ``W_hr`` with a projection); the GRU ``r, z = sigmoid(x_rz + h_rz)``,
+``n = tanh(x_n + r h_n)``, ``h_t = n + z (h_{t-1} - n)`` with ``x = N_x(W_ih x_t)`` (plus
+``b_ih``) and ``h = N_h(W_hh h_{t-1}) + b_hh``; the Elman RNN ``h_t = act(N_x(..) + N_h(..))``.
+Gates are in torch's order (LSTM i, f, g, o; GRU r, z, n). Each site's normalization is chosen
+per step (``kinds[t]``):
+
+* ``NONE``: identity (plus the site's shift);
+* ``BATCH``: batch normalization with the statistics of the step's rows (training);
+* ``FIXED``: normalization with given per-step statistics (eval, or a training step with a
+  single row, which has no batch statistics);
+* ``ROW``: layer normalization of each row.
+
+**Numerics** (as :mod:`bnlab.reference`): statistics in float64, the mean shifted by the step's
+first row, the variance from ``x - mean`` formed directly (two passes over the step's rows, which
+are in cache), biased variance to normalize, ``invstd = 1 / sqrt(var + eps)``. Pointwise math is
+float64, rounded once to the data dtype where stored. The matmuls run in the data dtype. ``exp``,
+``sigmoid`` and ``tanh`` are written out (Cody-Waite reduction, degree-13 polynomial, float64
+round-off) so that they vectorize; numba's libm calls do not.
+
+**Layout.** The recurrence works on packed rows: step ``t`` has ``bs[t]`` rows (non-increasing:
+sequences sorted by length), at internal offset ``off[t]``. Inputs and outputs outside the kernel
+are flat arrays addressed by ``base[t] + i * stride + j`` (row ``i`` of step ``t``, feature
+``j``): batch-major, time-major, packed and one direction's half of a bidirectional buffer are
+all read and written in place. ``rev=1`` runs the steps from last to first (the reverse direction
+of a bidirectional layer): sequences join as their last step comes up, from ``h0``.
+
+**BLAS.** The matmuls call the Fortran ``sgemm_``/``dgemm_`` of the BLAS torch was built with
+(MKL in the x86 wheels: the same library, and thread settings, as torch's own matmuls), found in
+``libtorch_cpu``; failing that, scipy's BLAS. The address is a runtime argument, so the compiled
+kernels cache on disk. :func:`blas` returns the two addresses or None (then callers use their
+torch-ops path).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "blas", "forward", "backward"]
+
+NONE, BATCH, FIXED, ROW = 0, 1, 2, 3
+LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
+
+_OPTS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# BLAS from compiled code
+
+@intrinsic
+def _xgemm(typingctx, addr, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    """Row-major ``c[:m, :n] = a[:m, :k] @ b[:k, :n] + beta * c`` through the Fortran gemm at
+    ``addr`` (column-major ``c^T = b^T a^T``); ``a``, ``b``, ``c`` arrays whose data pointers start
+    the blocks, leading dimensions in elements."""
+    dt = c.dtype
+    sig = types.void(addr, m, n, k, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, signature, args):
+        addr_v, m_v, n_v, k_v, a_v, lda_v, b_v, ldb_v, beta_v, c_v, ldc_v = args
+        tys = signature.args
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fl = context.get_value_type(dt)
+
+        def slot(llty, value):
+            p = cgutils.alloca_once(builder, llty)
+            builder.store(value, p)
+            return builder.bitcast(p, i8p)
+
+        def int_arg(v, ty):
+            return slot(i32, context.cast(builder, v, ty, types.int32))
+
+        def data(v, ty):
+            return builder.bitcast(context.make_array(ty)(context, builder, v).data, i8p)
+
+        no = slot(ir.IntType(8), ir.Constant(ir.IntType(8), ord("N")))
+        argv = [no, no, int_arg(n_v, tys[2]), int_arg(m_v, tys[1]), int_arg(k_v, tys[3]),
+                slot(fl, ir.Constant(fl, 1.0)), data(b_v, tys[6]), int_arg(ldb_v, tys[7]), data(a_v, tys[4]),
+                int_arg(lda_v, tys[5]), slot(fl, context.cast(builder, beta_v, tys[8], dt)), data(c_v, tys[9]),
+                int_arg(ldc_v, tys[10])]
+        fnty = ir.FunctionType(ir.VoidType(), [i8p] * 13)
+        fn = builder.inttoptr(addr_v, fnty.as_pointer())
+        builder.call(fn, argv)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**_OPTS)
+def _gemm_probe(addr, a, b, c):
+    _xgemm(addr, a.shape[0], b.shape[1], a.shape[1], a, a.shape[1], b, b.shape[1], 0.0, c, c.shape[1])
+
+
+def _torch_blas() -> tuple[int, int] | None:
+    import torch
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in ("sgemm_", "dgemm_"))
+
+
+def _scipy_blas() -> tuple[int, int] | None:
+    from scipy.linalg import cython_blas
+
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+    get_ptr.restype, get_ptr.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    caps = [cython_blas.__pyx_capi__[n] for n in ("sgemm", "dgemm")]
+    return tuple(get_ptr(c, get_name(c)) for c in caps)
+
+
+def _works(addrs) -> bool:
+    rng = np.random.default_rng(0)
+    for addr, dt in zip(addrs, (np.float32, np.float64)):
+        a, b = rng.standard_normal((5, 3)).astype(dt), rng.standard_normal((3, 7)).astype(dt)
+        c = np.empty((5, 7), dt)
+        _gemm_probe(addr, a, b, c)
+        if not np.allclose(c, a @ b, rtol=1e-4, atol=1e-5):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def blas() -> tuple[int, int] | None:
+    """``(sgemm, dgemm)`` addresses of a working Fortran BLAS, or None."""
+    for find in (_torch_blas, _scipy_blas):
+        try:
+            addrs = find()
+        except (OSError, AttributeError, ImportError, KeyError, TypeError):
+            continue
+        if addrs and all(addrs) and _works(addrs):
+            return addrs
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# exp, sigmoid, tanh that vectorize (float64, ~1e-16 relative)
+
+@intrinsic
+def _i2f(typingctx, i):
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f2i(typingctx, f):
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e00
+_ROUND = 6755399441055744.0  # 1.5 * 2**52: x + _ROUND - _ROUND rounds x to an integer
+_SMALL = 0.17328679513998632  # |x| below which tanh uses expm1(-2|x|) directly
+
+
+@njit(inline="always")
+def _expm1_poly(r):
+    """``exp(r) - 1`` for ``|r| <= ln(2) / 2``: Taylor to degree 13 (truncation < 2e-16)."""
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    return (p * r) * r + r
+
+
+@njit(inline="always")
+def _exp(x):
+    x = -708.0 if x < -708.0 else x  # comparisons are false for nan: nan passes through
+    x = 709.0 if x > 709.0 else x
+    t = x * _INV_LN2 + _ROUND
+    k = t - _ROUND
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    s = _i2f((_f2i(t) - _f2i(_ROUND) + 1023) << 52)
+    return s + s * _expm1_poly(r)
+
+
+@njit(inline="always")
+def _sigmoid(x):
+    return 1.0 / (1.0 + _exp(-x))
+
+
+@njit(inline="always")
+def _tanh(x):
+    a = abs(x)
+    u = -2.0 * a
+    e_small = _expm1_poly(u)
+    e_large = _exp(u) - 1.0
+    em = e_small if a < _SMALL else e_large
+    t = -em / (em + 2.0)
+    return -t if x < 0 else t
+
+
+@njit(**_OPTS)
+def vector_math(x, which):
+    """``exp`` (0), ``sigmoid`` (1) or ``tanh`` (2) of a float64 array (for tests)."""
+    y = np.empty_like(x)
+    for i in range(x.size):
+        if which == 0:
+            y[i] = _exp(x[i])
+        elif which == 1:
+            y[i] = _sigmoid(x[i])
+        else:
+            y[i] = _tanh(x[i])
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Loops are written over 1-D row views indexed from 0 (``r = X[i]; r[j]``): numba's negative-index
+# wraparound on an index it cannot prove non-negative (``X[o0 + i, 3 * H + j]``) keeps LLVM from
+# vectorizing; row sums use 8 accumulators (a fixed order, no fastmath) so that they vectorize too.
+
+@njit(inline="always")
+def _sum_dev(v, n, s):
+    """``sum_j (v[j] - s)`` and ``sum_j (v[j] - s)^2`` for ``j < n``, float64."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
+    m = n - n % 8
+    for j in range(0, m, 8):
+        d0 = np.float64(v[j]) - s
+        d1 = np.float64(v[j + 1]) - s
+        d2 = np.float64(v[j + 2]) - s
+        d3 = np.float64(v[j + 3]) - s
+        d4 = np.float64(v[j + 4]) - s
+        d5 = np.float64(v[j + 5]) - s
+        d6 = np.float64(v[j + 6]) - s
+        d7 = np.float64(v[j + 7]) - s
+        a0 += d0
+        a1 += d1
+        a2 += d2
+        a3 += d3
+        a4 += d4
+        a5 += d5
+        a6 += d6
+        a7 += d7
+        q0 += d0 * d0
+        q1 += d1 * d1
+        q2 += d2 * d2
+        q3 += d3 * d3
+        q4 += d4 * d4
+        q5 += d5 * d5
+        q6 += d6 * d6
+        q7 += d7 * d7
+    for j in range(m, n):
+        d = np.float64(v[j]) - s
+        a0 += d
+        q0 += d * d
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+
+
+@njit(inline="always")
+def _dots(dy, g, xh, n):
+    """``sum_j dy[j] g[j]`` and ``sum_j dy[j] g[j] xh[j]`` for ``j < n``, float64."""
+    a0 = a1 = a2 = a3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    m = n - n % 4
+    for j in range(0, m, 4):
+        e0 = dy[j] * g[j]
+        e1 = dy[j + 1] * g[j + 1]
+        e2 = dy[j + 2] * g[j + 2]
+        e3 = dy[j + 3] * g[j + 3]
+        a0 += e0
+        a1 += e1
+        a2 += e2
+        a3 += e3
+        q0 += e0 * np.float64(xh[j])
+        q1 += e1 * np.float64(xh[j + 1])
+        q2 += e2 * np.float64(xh[j + 2])
+        q3 += e3 * np.float64(xh[j + 3])
+    for j in range(m, n):
+        e = dy[j] * g[j]
+        a0 += e
+        q0 += e * np.float64(xh[j])
+    return (a0 + a1) + (a2 + a3), (q0 + q1) + (q2 + q3)
+
+
+# ------------------------------------------------------------------------------------------------
+# one normalization site, one step
+#
+# site = (kinds (T,) int8, gamma (C,) f64, beta (C,) f64, fixed_mean (T|0, C) f64, fixed_invstd
+#         (T|0, C) f64, eps, xhat (N|0, C) dtype, invstd (T|0, C) f64, row_invstd (N|0,) f64,
+#         mean (T|0, C) f64, var (T|0, C) f64)
+
+@njit(**_OPTS)
+def _site_forward(V, b, C, t, o0, site, Y, accumulate):
+    """``Y[:b, :C]`` (float64) = (or += with ``accumulate``) the site's output for the rows ``V[:b]``."""
+    kinds, gamma, beta, fmean, finv, eps, xhat, inv, rinv, mean, var = site
+    kind = kinds[t]
+    if kind == NONE:
+        for i in range(b):
+            vr = V[i]
+            yr = Y[i]
+            if accumulate:
+                for j in range(C):
+                    yr[j] += np.float64(vr[j]) + beta[j]
+            else:
+                for j in range(C):
+                    yr[j] = np.float64(vr[j]) + beta[j]
+        return
+    if kind == ROW:
+        for i in range(b):
+            vr = V[i]
+            yr = Y[i]
+            xr = xhat[o0 + i]
+            v0 = np.float64(vr[0])
+            s1, _ = _sum_dev(vr, C, v0)
+            mu = v0 + s1 / C
+            _, sq = _sum_dev(vr, C, mu)
+            r = 1.0 / np.sqrt(sq / C + eps)
+            rinv[o0 + i] = r
+            for j in range(C):
+                xh = (np.float64(vr[j]) - mu) * r
+                xr[j] = xh
+                if accumulate:
+                    yr[j] += xh * gamma[j] + beta[j]
+                else:
+                    yr[j] = xh * gamma[j] + beta[j]
+        return
+    if kind == BATCH:
+        m = mean[t]
+        s2 = var[t]
+        iv = inv[t]
+        v0 = V[0]
+        for j in range(C):
+            m[j] = 0.0
+            s2[j] = 0.0
+        for i in range(b):
+            vr = V[i]
+            for j in range(C):
+                m[j] += np.float64(vr[j]) - np.float64(v0[j])
+        for j in range(C):
+            m[j] = np.float64(v0[j]) + m[j] / b
+        for i in range(b):
+            vr = V[i]
+            for j in range(C):
+                d = np.float64(vr[j]) - m[j]
+                s2[j] += d * d
+        for j in range(C):
+            s2[j] = s2[j] / b
+            iv[j] = 1.0 / np.sqrt(s2[j] + eps)
+    else:
+        m = fmean[t]
+        iv = finv[t]
+    for i in range(b):
+        vr = V[i]
+        yr = Y[i]
+        xr = xhat[o0 + i]
+        if accumulate:
+            for j in range(C):
+                xh = (np.float64(vr[j]) - m[j]) * iv[j]
+                xr[j] = xh
+                yr[j] += xh * gamma[j] + beta[j]
+        else:
+            for j in range(C):
+                xh = (np.float64(vr[j]) - m[j]) * iv[j]
+                xr[j] = xh
+                yr[j] = xh * gamma[j] + beta[j]
+
+
+@njit(**_OPTS)
+def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
+    """The site's backward for rows ``DY[:b]`` (float64 gradients of its output): ``DX[:b, :C]``
+    (float64) the input gradients; ``dgamma``, ``dbeta`` accumulated (float64)."""
+    kinds, gamma, beta, fmean, finv, eps, xhat, inv, rinv, mean, var = site
+    kind = kinds[t]
+    if kind == NONE:
+        for i in range(b):
+            dy = DY[i]
+            dx = DX[i]
+            for j in range(C):
+                dx[j] = dy[j]
+                dbeta[j] += dy[j]
+        return
+    if kind == ROW:
+        for i in range(b):
+            dy = DY[i]
+            dx = DX[i]
+            xr = xhat[o0 + i]
+            s1, s2 = _dots(dy, gamma, xr, C)
+            s1 /= C
+            s2 /= C
+            r = rinv[o0 + i]
+            for j in range(C):
+                xh = np.float64(xr[j])
+                dgamma[j] += dy[j] * xh
+                dbeta[j] += dy[j]
+                dx[j] = r * (dy[j] * gamma[j] - s1 - xh * s2)
+        return
+    if kind == FIXED:
+        iv = finv[t]
+        for i in range(b):
+            dy = DY[i]
+            dx = DX[i]
+            xr = xhat[o0 + i]
+            for j in range(C):
+                dx[j] = dy[j] * gamma[j] * iv[j]
+                dgamma[j] += dy[j] * np.float64(xr[j])
+                dbeta[j] += dy[j]
+        return
+    iv = inv[t]
+    s1 = csum[0]
+    s2 = csum[1]
+    for j in range(C):
+        s1[j] = 0.0
+        s2[j] = 0.0
+    for i in range(b):
+        dy = DY[i]
+        xr = xhat[o0 + i]
+        for j in range(C):
+            s1[j] += dy[j]
+            s2[j] += dy[j] * np.float64(xr[j])
+    for j in range(C):
+        dgamma[j] += s2[j]
+        dbeta[j] += s1[j]
+        s1[j] = s1[j] * gamma[j] / b
+        s2[j] = s2[j] * gamma[j] / b
+    for i in range(b):
+        dy = DY[i]
+        dx = DX[i]
+        xr = xhat[o0 + i]
+        for j in range(C):
+            dx[j] = iv[j] * (dy[j] * gamma[j] - s1[j] - np.float64(xr[j]) * s2[j])
+
+
+@njit(inline="always")
+def _copy_rows(src, dst, lo, hi, n):
+    for i in range(lo, hi):
+        s = src[i]
+        d = dst[i]
+        for j in range(n):
+            d[j] = s[j]
+
+
+# ------------------------------------------------------------------------------------------------
+# the time loop, forward
+
+@njit(**_OPTS)
+def forward(cell, rev, gemm, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, sx, sh, sc,
+            out, obase, ostride, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn,
+            A, Xs, Hs, Cs, Ms, Yx, Yh):
+    """Run the recurrence over all steps; see the module docstring.
+
+    ``xp``/``out``: flat external arrays (``base[t] + i * stride + j``); ``h0``/``hn`` ``(B, P)``,
+    ``c0``/``cn`` ``(B, H)``; ``wt`` = W_hh^T ``(P, G)``, ``wrt`` = W_hr^T ``(H, P)`` (LSTM with
+    ``P != H``), ``bhh`` ``(G,)`` float64 (GRU). Saved for the backward (internal rows): ``gates``
+    (activations), ``cst`` c_t, ``tcs`` tanh(N_c(c_t)), ``mst`` the unprojected h, ``hprev``/``cprev``
+    the states each step started from, ``ghn`` the GRU's N_h(..)_n + b_hn, and each site's xhat,
+    invstd and batch statistics. The rest is scratch.
+    """
+    T = bs.shape[0]
+    B = h0.shape[0]
+    G = wt.shape[1]
+    proj = P != H
+    lstm = cell == LSTM
+    b0 = bhh[:H]
+    b1 = bhh[H:2 * H]
+    b2 = bhh[2 * H:]
+    cur = 0 if rev else B
+    if not rev:
+        _copy_rows(h0, Hs, 0, B, P)
+        if lstm:
+            _copy_rows(c0, Cs, 0, B, H)
+    for k in range(T):
+        t = T - 1 - k if rev else k
+        b = bs[t]
+        o0 = off[t]
+        if not rev and b < cur:  # sequences that ended at the previous step: their final state
+            _copy_rows(Hs, hn, b, cur, P)
+            if lstm:
+                _copy_rows(Cs, cn, b, cur, H)
+            cur = b
+        elif rev and b > cur:  # sequences whose last step this is: they start from h0
+            _copy_rows(h0, Hs, cur, b, P)
+            if lstm:
+                _copy_rows(c0, Cs, cur, b, H)
+            cur = b
+        for i in range(b):
+            hs = Hs[i]
+            hp = hprev[o0 + i]
+            for j in range(P):
+                hp[j] = hs[j]
+            if lstm:
+                cs = Cs[i]
+                cp = cprev[o0 + i]
+                for j in range(H):
+                    cp[j] = cs[j]
+        _xgemm(gemm, b, G, P, Hs, P, wt, G, 0.0, A, G)  # A[:b] = h_{t-1} W_hh^T
+        xb = xbase[t]
+        for i in range(b):
+            r0 = xb + i * xstride
+            src = xp[r0:r0 + G]
+            xs = Xs[i]
+            for j in range(G):
+                xs[j] = src[j]
+        _site_forward(Xs, b, G, t, o0, sx, Yx, False)
+        if cell == GRU:
+            _site_forward(A, b, G, t, o0, sh, Yh, False)
+            for i in range(b):
+                yx = Yx[i]
+                yh = Yh[i]
+                x0, x1, x2 = yx[:H], yx[H:2 * H], yx[2 * H:]
+                h_0, h_1, h_2 = yh[:H], yh[H:2 * H], yh[2 * H:]
+                g = gates[o0 + i]
+                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:]
+                gh = ghn[o0 + i]
+                hs = Hs[i]
+                for j in range(H):
+                    r = _sigmoid(x0[j] + h_0[j] + b0[j])
+                    z = _sigmoid(x1[j] + h_1[j] + b1[j])
+                    gn = h_2[j] + b2[j]
+                    n = _tanh(x2[j] + r * gn)
+                    hp = np.float64(hs[j])
+                    g0[j] = r
+                    g1[j] = z
+                    g2[j] = n
+                    gh[j] = gn
+                    hs[j] = n + z * (hp - n)
+        elif lstm:
+            _site_forward(A, b, G, t, o0, sh, Yx, True)
+            for i in range(b):
+                yx = Yx[i]
+                y0, y1, y2, y3 = yx[:H], yx[H:2 * H], yx[2 * H:3 * H], yx[3 * H:]
+                g = gates[o0 + i]
+                g0, g1, g2, g3 = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+                cs = Cs[i]
+                cr = cst[o0 + i]
+                for j in range(H):
+                    ig = _sigmoid(y0[j])
+                    fg = _sigmoid(y1[j])
+                    gg = _tanh(y2[j])
+                    og = _sigmoid(y3[j])
+                    g0[j] = ig
+                    g1[j] = fg
+                    g2[j] = gg
+                    g3[j] = og
+                    c = fg * np.float64(cs[j]) + ig * gg
+                    cs[j] = c
+                    cr[j] = cs[j]
+            _site_forward(Cs, b, H, t, o0, sc, Yh, False)
+            for i in range(b):
+                yh = Yh[i]
+                g3 = gates[o0 + i][3 * H:]
+                tr = tcs[o0 + i]
+                dst = Ms[i] if proj else Hs[i]
+                for j in range(H):
+                    tc = _tanh(yh[j])
+                    tr[j] = tc
+                    dst[j] = np.float64(g3[j]) * tc
+                if proj:
+                    mr = mst[o0 + i]
+                    for j in range(H):
+                        mr[j] = dst[j]
+            if proj:
+                _xgemm(gemm, b, P, H, Ms, H, wrt, P, 0.0, Hs, P)  # h = m W_hr^T
+        else:
+            _site_forward(A, b, G, t, o0, sh, Yx, True)
+            for i in range(b):
+                yx = Yx[i]
+                g = gates[o0 + i]
+                hs = Hs[i]
+                if cell == RNN_TANH:
+                    for j in range(H):
+                        v = _tanh(yx[j])
+                        g[j] = v
+                        hs[j] = v
+                else:
+                    for j in range(H):
+                        v = yx[j]
+                        v = 0.0 if v < 0.0 else v  # nan stays nan
+                        g[j] = v
+                        hs[j] = v
+        ob = obase[t]
+        for i in range(b):
+            r0 = ob + i * ostride
+            dst = out[r0:r0 + P]
+            hs = Hs[i]
+            for j in range(P):
+                dst[j] = hs[j]
+    _copy_rows(Hs, hn, 0, cur, P)
+    if lstm:
+        _copy_rows(Cs, cn, 0, cur, H)
+
+
+# ------------------------------------------------------------------------------------------------
+# the time loop, backward
+
+@njit(**_OPTS)
+def backward(cell, rev, gemm, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx, sh, sc,
+             gates, cst, tcs, hprev, cprev, ghn,
+             dxp, xbase, xstride, dh0, dc0, DA, DHP, dgx, dbx, dgh, dbh, dgc, dbc,
+             DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
+    """Backpropagation through time of :func:`forward`.
+
+    ``dout`` flat, in the output's layout; ``dhn``/``dcn`` the gradients of the final states.
+    ``w`` = W_hh ``(G, P)``, ``wr`` = W_hr ``(P, H)``. Writes ``dxp`` (flat, the input's layout),
+    ``dh0``/``dc0``, ``DA`` (internal rows: the gradient of W_hh h_{t-1}, for dW_hh = DA^T hprev),
+    ``DHP`` (LSTM with a projection: the gradient of each h_t, for dW_hr = DHP^T m), and
+    accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh`` (float64).
+    """
+    T = bs.shape[0]
+    B = dhn.shape[0]
+    G = w.shape[0]
+    proj = P != H
+    lstm = cell == LSTM
+    cur = B if rev else 0
+    if rev:
+        _copy_rows(dhn, DHs, 0, B, P)
+        if lstm:
+            _copy_rows(dcn, DCs, 0, B, H)
+    for k in range(T):
+        t = k if rev else T - 1 - k
+        b = bs[t]
+        o0 = off[t]
+        if not rev and b > cur:  # the final states of sequences whose last step this is
+            _copy_rows(dhn, DHs, cur, b, P)
+            if lstm:
+                _copy_rows(dcn, DCs, cur, b, H)
+            cur = b
+        elif rev and b < cur:  # sequences that started (from h0) at the step before
+            _copy_rows(DHs, dh0, b, cur, P)
+            if lstm:
+                _copy_rows(DCs, dc0, b, cur, H)
+            cur = b
+        ob = obase[t]
+        for i in range(b):
+            r0 = ob + i * ostride
+            src = dout[r0:r0 + P]
+            dh = DHs[i]
+            for j in range(P):
+                dh[j] += src[j]
+        if lstm:
+            if proj:
+                for i in range(b):
+                    dh = DHs[i]
+                    dd = Dd[i]
+                    dp = DHP[o0 + i]
+                    for j in range(P):
+                        dd[j] = dh[j]
+                        dp[j] = dh[j]
+                _xgemm(gemm, b, H, P, Dd, P, wr, H, 0.0, DMd, H)  # dm = dh W_hr
+                _copy_rows(DMd, DC, 0, b, H)
+            else:
+                _copy_rows(DHs, DC, 0, b, H)
+            # DC holds dm; through h = o tanh(N_c(c)): do into DP's o block, d N_c(c) into DC
+            for i in range(b):
+                g3 = gates[o0 + i][3 * H:]
+                tr = tcs[o0 + i]
+                dp3 = DP[i][3 * H:]
+                dc = DC[i]
+                for j in range(H):
+                    og = np.float64(g3[j])
+                    tc = np.float64(tr[j])
+                    dm = dc[j]
+                    dp3[j] = dm * tc * og * (1.0 - og)
+                    dc[j] = dm * og * (1.0 - tc * tc)
+            _site_backward(DC, b, H, t, o0, sc, DX, dgc, dbc, csum)
+            for i in range(b):
+                g = gates[o0 + i]
+                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:3 * H]
+                dp = DP[i]
+                dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:3 * H]
+                dcs = DCs[i]
+                dx = DX[i]
+                cp = cprev[o0 + i]
+                for j in range(H):
+                    ig = np.float64(g0[j])
+                    fg = np.float64(g1[j])
+                    gg = np.float64(g2[j])
+                    dc = dcs[j] + dx[j]
+                    dp0[j] = dc * gg * ig * (1.0 - ig)
+                    dp1[j] = dc * np.float64(cp[j]) * fg * (1.0 - fg)
+                    dp2[j] = dc * ig * (1.0 - gg * gg)
+                    dcs[j] = dc * fg
+            hsrc = DP
+        elif cell == GRU:
+            for i in range(b):
+                g = gates[o0 + i]
+                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:]
+                gh = ghn[o0 + i]
+                hp = hprev[o0 + i]
+                dp = DP[i]
+                dph = DPh[i]
+                dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:]
+                dq0, dq1, dq2 = dph[:H], dph[H:2 * H], dph[2 * H:]
+                dhs = DHs[i]
+                for j in range(H):
+                    r = np.float64(g0[j])
+                    z = np.float64(g1[j])
+                    n = np.float64(g2[j])
+                    dh = dhs[j]
+                    dnp = dh * (1.0 - z) * (1.0 - n * n)
+                    drp = dnp * np.float64(gh[j]) * r * (1.0 - r)
+                    dzp = dh * (np.float64(hp[j]) - n) * z * (1.0 - z)
+                    dp0[j] = drp
+                    dp1[j] = dzp
+                    dp2[j] = dnp
+                    dq0[j] = drp
+                    dq1[j] = dzp
+                    dq2[j] = dnp * r
+                    dhs[j] = dh * z  # the direct path h_{t-1} -> h_t
+                for j in range(G):
+                    dbh[j] += dph[j]
+            hsrc = DPh
+        else:
+            for i in range(b):
+                g = gates[o0 + i]
+                dhs = DHs[i]
+                dp = DP[i]
+                if cell == RNN_TANH:
+                    for j in range(H):
+                        y = np.float64(g[j])
+                        dp[j] = dhs[j] * (1.0 - y * y)
+                else:
+                    for j in range(H):
+                        dp[j] = dhs[j] if g[j] > 0.0 else 0.0
+            hsrc = DP
+        # input site -> dxp
+        _site_backward(DP, b, G, t, o0, sx, DX, dgx, dbx, csum)
+        xb = xbase[t]
+        for i in range(b):
+            r0 = xb + i * xstride
+            dst = dxp[r0:r0 + G]
+            dx = DX[i]
+            for j in range(G):
+                dst[j] = dx[j]
+        # recurrent site -> DA, then dh_{t-1} = DA W_hh (+ the GRU's direct path)
+        _site_backward(hsrc, b, G, t, o0, sh, DX, dgh, csum[2], csum)  # no shift of its own: dbeta to scratch
+        for i in range(b):
+            dx = DX[i]
+            da = DA[o0 + i]
+            for j in range(G):
+                da[j] = dx[j]
+        _xgemm(gemm, b, P, G, DA[o0:], G, w, P, 0.0, Dd, P)
+        for i in range(b):
+            dd = Dd[i]
+            dhs = DHs[i]
+            if cell == GRU:
+                for j in range(P):
+                    dhs[j] += dd[j]
+            else:
+                for j in range(P):
+                    dhs[j] = dd[j]
+    _copy_rows(DHs, dh0, 0, cur, P)
+    if lstm:
+        _copy_rows(DCs, dc0, 0, cur, H)
