@@ -484,3 +484,29 @@ def test_bench_times_renorm_against_both_batch_norms_outside_the_bar():
         assert r["vs_bnlab_bn"] == pytest.approx(r["bnlab_ms"] / r["bnlab_bn_ms"])
         assert r["ratio"] == pytest.approx(r["torch_ms"] / r["bnlab_ms"])
     assert bench.check_bar(rows, None) == []  # batch norm's bar only
+
+
+def test_torch_compile_fullgraph_with_a_warmup_schedule():
+    """torch.compile traces the layer whole (fullgraph), the warm-up limits included (computed from
+    num_batches_tracked as tensors): the eager layer's outputs, gradients and buffers, step by step."""
+    torch.manual_seed(11)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False),
+                                   bnlab.nn.BatchRenorm2d(4, r_max=1.5, d_max=0.5, warmup_steps=(1, 4, 3)))
+
+    eager, net = make(), make()
+    net.load_state_dict(eager.state_dict())
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    for i in range(5):
+        x = torch.randn(8, 3, 6, 6) * (1 + i) + i
+        w = torch.randn(8, 4, 4, 4)
+        ye, yc = eager(x), compiled(x)
+        (ye * w).sum().backward()
+        (yc * w).sum().backward()
+        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+        g = eager[0].weight.grad
+        torch.testing.assert_close(net[0].weight.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
+        for k, v in eager[1].state_dict().items():
+            torch.testing.assert_close(net[1].state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    assert eager[1].limits() == (1.5, 0.5) and int(net[1].num_batches_tracked) == 5

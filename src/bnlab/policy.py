@@ -210,10 +210,15 @@ def update_buffers(
             and var.is_cpu and var.dtype in _FAST_DTYPES and _fast(running_mean) and _fast(running_var)):
         # CPU statistics into CPU float buffers (torch's kernel for half inputs): C-sized ndarrays and
         # the compiled update below cost less than a handful of small torch ops
-        mean = np.asarray(mean.numpy(), dtype=np.float64)
-        var = np.asarray(var.numpy(), dtype=np.float64)
-        if nbad is None:
-            nbad = 0 if (np.isfinite(mean).all() and np.isfinite(var).all()) else None
+        try:
+            mean_np = np.asarray(mean.numpy(), dtype=np.float64)
+            var_np = np.asarray(var.numpy(), dtype=np.float64)
+        except RuntimeError:  # no storage to read (a torch.func transform's wrapped tensor): torch ops below
+            pass
+        else:
+            mean, var = mean_np, var_np
+            if nbad is None:
+                nbad = 0 if (np.isfinite(mean).all() and np.isfinite(var).all()) else None
     if nbad is None and isinstance(mean, Tensor):  # one check (one sync) first; the details only if needed
         nbad = 0 if bool((torch.isfinite(mean).all() & torch.isfinite(var).all())) else None
     if nbad is None or nbad:

@@ -52,10 +52,7 @@ def _metrics(result):
 
 def _stored(path):
     with Store(path) as s:
-        rows = s._db.execute("SELECT key, result, meta FROM runs").fetchall()
-    import json
-
-    return {k: (json.loads(r), json.loads(m)) for k, r, m in rows}
+        return {r["key"]: (r["result"], r["meta"]) for r in s.records()}
 
 
 def test_a_tiny_audit_on_ray_stores_the_local_backends_metrics(ray_runner, tmp_path):

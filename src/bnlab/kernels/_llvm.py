@@ -9,8 +9,8 @@
   whose values were computed one by one (the fused activations).
 * lane loops: the rows layout's float64 sums over a span, accumulated in :data:`LANES` lanes held
   in vector registers for the whole loop (:func:`_lane_loop`, :func:`_grad_lane_loop`,
-  :func:`_buf_grad_lane_loop`). Without
-  ``fastmath`` LLVM does not vectorize a floating-point reduction by itself.
+  :func:`_buf_grad_lane_loop`). Without ``fastmath`` LLVM does not vectorize a floating-point
+  reduction by itself.
 
 Everything here is typed on float32/float64 arrays and is called from the compiled helpers of
 :mod:`._serial`, :mod:`.rows` and :mod:`.cols`.

@@ -9,10 +9,13 @@ what it computes. Every value is formed in float64 and rounded once to the outpu
 **Fused epilogue.** The batch-norm output ``z = (x - mean) * scale + beta``, plus a residual
 ``res`` when one is given, goes through an activation ``act`` before it is stored:
 ``y = act(z)``. Its backward needs ``dz = dy * act'(z)``, with ``z`` recomputed from ``x`` (and
-``res``) in float64 by the same operations as in the forward, so the same ``z``. ``act`` is a
-literal at every call site (the kernels' module constant ``ACT``, :mod:`._jit`) and ``res`` is an
-array or None: numba compiles each combination apart and prunes the code of the others, so a
-kernel without an epilogue (``act == NONE`` and no residual) runs the plain loops and nothing else.
+``res``) in float64 by the same operations as in the forward, so the same ``z``. The kernels
+choose between the plain loops and the epilogue's on their module constant ``ACT`` and on
+``res is None``: numba prunes a branch on a global constant or on a None argument before typing,
+so a kernel without an epilogue compiles the plain loops and nothing else, and an act variant
+(:mod:`._jit`) only its epilogue. The epilogue helpers below get ``act`` as a literal argument
+(numba compiles them once per activation, and LLVM folds the branches on it) and ``res`` as an
+array or None (compiled apart).
 
 Indices are uint64 on purpose: numba wraps negative signed indices, and that select turns a vector
 load into a gather.

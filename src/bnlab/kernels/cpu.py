@@ -128,6 +128,7 @@ class Act(IntEnum):
 
 
 _ACTS = {**{a.name.lower(): a for a in Act}, **{a: a for a in Act}}  # ints hash as their members
+_NONE = Act.NONE
 
 
 def _act(act, where: str) -> Act:
@@ -265,11 +266,6 @@ def use_serial_kernels(on: bool = True) -> None:
     _kernels = serial_kernels() if _serial_only else _PARALLEL_KERNELS
 
 
-def _kernel_set(act: Act) -> _Kernels:
-    """The kernels a call with ``act`` runs now (serial twins where only they may run)."""
-    return _kernels if act == Act.NONE else act_kernels(act, _serial_only)
-
-
 def threads() -> int:
     """Threads a kernel call from this thread uses on a large input: ``torch.get_num_threads()``,
     at most numba's pool size; 1 where only the serial twins may run."""
@@ -309,13 +305,7 @@ def _like(t: Tensor | None, xd: Tensor) -> Tensor | None:
     return torch.empty_like(xd).copy_(t)
 
 
-def _affine_args(x: Tensor, weight: Tensor | None, bias: Tensor | None):
-    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
-    b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
-    return w, b, has_w, has_b
-
-
-def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, act=Act.NONE,
+def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, act=_NONE,
                   residual: Tensor | None = None, thresholds: Thresholds = DEFAULT_THRESHOLDS):
     """Training forward of a CPU float32/float64 tensor ``(N, C, *)``:
     ``y = act(BN(x) + residual)`` (``act``: :class:`Act`, default none; ``residual``: a tensor of
@@ -326,7 +316,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     with a non-finite mean or variance. An empty batch gives mean 0 and variance 0, as
     :func:`bnlab.reference.batch_stats` does.
     """
-    if act is not Act.NONE or residual is not None:
+    if act is not _NONE or residual is not None:
         act = _act(act, "bnlab.kernels.cpu.forward_train")
         if residual is not None:
             _check_residual(residual, x, "bnlab.kernels.cpu.forward_train")
@@ -337,12 +327,18 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     lay, n, c, s, perm, g, serial, nt, dense, pf, stream = plan(x, threads(), thresholds)
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
-    xa = _flat(xd, perm)
-    ya = _flat(y, perm)
+    xa = xd.numpy(force=True)
+    ya = y.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ya = ya.transpose(perm)
+    xa = xa.reshape(-1)
+    ya = ya.reshape(-1, copy=False)  # never a copy: the kernel writes through it
     ra = None if residual is None else _flat(_like(residual, xd), perm)
-    w, b, has_w, has_b = _affine_args(x, weight, bias)
+    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
+    b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
     stats = np.empty((3, c))
-    k = _kernel_set(act)
+    k = _kernels if act is _NONE else act_kernels(act, _serial_only)
     prev = _enter(nt)
     try:
         if lay == ROWS:
@@ -357,11 +353,11 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     return y, stats, nbad
 
 
-def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: np.ndarray, *, act=Act.NONE,
+def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: np.ndarray, *, act=_NONE,
                  residual: Tensor | None = None, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Tensor:
     """Eval forward: normalize with ``stats`` (float64 ``(3, C)``; rows 0 and 2 are read), then
     ``act`` and ``residual`` as in :func:`forward_train`."""
-    if act is not Act.NONE or residual is not None:
+    if act is not _NONE or residual is not None:
         act = _act(act, "bnlab.kernels.cpu.forward_eval")
         if residual is not None:
             _check_residual(residual, x, "bnlab.kernels.cpu.forward_eval")
@@ -370,11 +366,17 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     lay, n, c, s, perm, g, serial, nt, dense, pf, stream = plan(x, threads(), thresholds)
     xd = x if dense else x.contiguous()
     y = torch.empty_like(xd)
-    xa = _flat(xd, perm)
-    ya = _flat(y, perm)
+    xa = xd.numpy(force=True)
+    ya = y.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ya = ya.transpose(perm)
+    xa = xa.reshape(-1)
+    ya = ya.reshape(-1, copy=False)
     ra = None if residual is None else _flat(_like(residual, xd), perm)
-    w, b, has_w, has_b = _affine_args(x, weight, bias)
-    k = _kernel_set(act)
+    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
+    b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
+    k = _kernels if act is _NONE else act_kernels(act, _serial_only)
     prev = _enter(nt)
     try:
         if lay == ROWS:
@@ -412,7 +414,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     Returns ``(dx, grads)``: ``dx`` with the strides of ``torch.empty_like(x)``, ``grads`` a
     ``(2, C)`` ndarray (dbias, dweight) in the weight's dtype (float64 without a weight).
     """
-    dx, grads, _ = _backward(dy, x, weight, None, stats, train, Act.NONE, None, thresholds)
+    dx, grads, _ = _backward(dy, x, weight, None, stats, train, _NONE, None, thresholds)
     return dx, grads
 
 
@@ -433,8 +435,8 @@ def backward_act(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | No
     act = _act(act, "bnlab.kernels.cpu.backward_act")
     if residual is not None:
         _check_residual(residual, x, "bnlab.kernels.cpu.backward_act")
-    if act == Act.NONE:
-        dx, grads, _ = _backward(dy, x, weight, None, stats, train, Act.NONE, None, thresholds)
+    if act is _NONE:
+        dx, grads, _ = _backward(dy, x, weight, None, stats, train, _NONE, None, thresholds)
         return dx, grads, (dy if residual is not None else None)
     return _backward(dy, x, weight, bias, stats, train, act, residual, thresholds)
 
@@ -446,20 +448,29 @@ def _backward(dy, x, weight, bias, stats, train, act, residual, thresholds):
         return torch.empty_like(x), np.zeros((2, c), gdtype), None if residual is None else torch.empty_like(x)
     lay, n, c, s, perm, g, serial, nt, dense, pf, stream = plan(x, threads(), thresholds)
     xd = x if dense else x.contiguous()
-    dy = _like(dy, xd)
+    if dy.stride() != xd.stride():
+        dy = torch.empty_like(xd).copy_(dy)
     dx = torch.empty_like(xd)
-    xa = _flat(xd, perm)
-    ga = _flat(dy, perm)
-    da = _flat(dx, perm)
+    xa = xd.numpy(force=True)
+    ga = dy.numpy(force=True)
+    da = dx.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ga = ga.transpose(perm)
+        da = da.transpose(perm)
+    xa = xa.reshape(-1)
+    ga = ga.reshape(-1)
+    da = da.reshape(-1, copy=False)
     if residual is None:
         ra = dra = dres = None
     else:
         dres = torch.empty_like(xd)
         ra = _flat(_like(residual, xd), perm)
         dra = _flat(dres, perm)
-    w, b, has_w, has_b = _affine_args(x, weight, bias)
+    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
+    b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
     grads = np.empty((2, c), gdtype)
-    k = _kernel_set(act)
+    k = _kernels if act is _NONE else act_kernels(act, _serial_only)
     prev = _enter(nt)
     try:
         if lay == ROWS:

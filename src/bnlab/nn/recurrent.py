@@ -237,56 +237,131 @@ def _rnn_loop(steps, h0, w_hh_t, nh, nx, bias, act, rev):
 # The folded input norm (vertical BN of W_ih x over every valid row of every step)
 # ---------------------------------------------------------------------------------------------
 
-class _InputMoments:
-    """Float64 mean and covariance of a layer's input rows (shared by both directions)."""
+class _FoldFn(torch.autograd.Function):
+    """Training-mode fold of the vertical input norm of D directions sharing one input.
 
-    def __init__(self, rows: Tensor) -> None:
-        xd = rows.to(torch.float64)
-        self.rows, self.n = rows, rows.shape[0]
-        self.mu = xd.mean(0)  # (F,)
-        xc = xd - self.mu
-        self.sigma = (xc.t() @ xc) / max(self.n, 1)  # (F, F)
+    Forward (float64): the rows' mean mu and biased covariance S; per direction W (G, F), mean
+    m = W mu and biased variance v = diag(W S W^T) of W x over the rows, s = gamma / sqrt(v + eps),
+    outputs ``W' = s W`` and ``shift = beta - s m`` (in W's dtype) and the statistics ``(m, v)``
+    (not differentiable). Backward by hand, through s, m and v into W, gamma, beta and the rows:
+    ``dX = dmu / N + 2 (X - mu) dS / N`` with ``dmu = sum_d W^T dm``, ``dS = sum_d W^T diag(dv) W``
+    (S does not depend on mu to first order: the centred rows sum to 0).
+    """
+
+    @staticmethod
+    def forward(ctx, eps, rows, *wgb):
+        xd = rows.detach().to(torch.float64)
+        n = rows.shape[0]
+        mu = xd.mean(0)
+        xc = xd - mu
+        sigma = (xc.t() @ xc) / n
+        outs, saved, stats = [], [rows, mu], []
+        for k in range(0, len(wgb), 3):
+            w, gamma, beta = wgb[k:k + 3]
+            wd = w.detach().to(torch.float64)
+            mean = wd @ mu
+            ws = wd @ sigma
+            var = (ws * wd).sum(1).clamp_min(0)
+            inv = torch.rsqrt(var + eps)
+            s = inv if gamma is None else inv * gamma.detach().to(torch.float64)
+            shift = -s * mean
+            if beta is not None:
+                shift = shift + beta.detach().to(torch.float64)
+            outs += [(s[:, None] * wd).to(w.dtype), shift.to(w.dtype), mean, var]
+            saved += [wd, ws, mean, inv, s]
+            stats += [mean, var]
+        ctx.mark_non_differentiable(*stats)
+        ctx.dirs = len(wgb) // 3
+        ctx.has = [(wgb[k + 1] is not None, wgb[k + 2] is not None) for k in range(0, len(wgb), 3)]
+        ctx.dtypes = [wgb[k].dtype for k in range(0, len(wgb), 3)]
+        ctx.gammas = [wgb[k + 1] for k in range(0, len(wgb), 3)]
+        ctx.save_for_backward(*saved)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "vertical batch norm (folded into torch's recurrent kernel) has a first-order backward only "
+                "(create_graph=True asks for a graph of it). Build the layer with force_loop=True, whose torch-ops "
+                "time loop autograd differentiates to any order."
+            )
+        rows, mu, *saved = ctx.saved_tensors
+        n = rows.shape[0]
+        dmu = torch.zeros_like(mu)
+        ds_total = torch.zeros(mu.shape[0], mu.shape[0], dtype=torch.float64)
+        result = []
+        for d in range(ctx.dirs):
+            wd, ws, mean, inv, s = saved[5 * d:5 * d + 5]
+            dwf, dshift = grads[4 * d], grads[4 * d + 1]
+            dwf = torch.zeros_like(wd) if dwf is None else dwf.to(torch.float64)
+            dsh = torch.zeros_like(mean) if dshift is None else dshift.to(torch.float64)
+            has_g, has_b = ctx.has[d]
+            dscale = (dwf * wd).sum(1) - dsh * mean  # s enters W' = s W and shift = beta - s m
+            dmean = -s * dsh
+            gamma = ctx.gammas[d]
+            ginv = dscale if gamma is None else dscale * gamma.detach().to(torch.float64)
+            dvar = -0.5 * ginv * inv ** 3
+            dw = s[:, None] * dwf + dmean[:, None] * mu[None, :] + 2.0 * dvar[:, None] * ws
+            dmu += wd.t() @ dmean
+            ds_total += wd.t() @ (dvar[:, None] * wd)
+            dt = ctx.dtypes[d]
+            result += [dw.to(dt), (dscale * inv).to(dt) if has_g else None, dsh.to(dt) if has_b else None]
+        dt = rows.dtype
+        drows = torch.addmm((dmu / n).to(dt), rows - mu.to(dt), ((2.0 / n) * ds_total).to(dt))
+        return (None, drows, *result)
 
 
-def _fold_input_norm(norm: SequenceBatchNorm, w_ih: Tensor, moments: _InputMoments | None, rows: Tensor,
-                     perm: Tensor | None, updates: list) -> tuple[Tensor, Tensor]:
-    """``BN(X W^T)`` (one batch norm over every row: batch and time) as ``X (s W)^T + shift``;
-    returns ``(s W, shift)`` in ``w_ih``'s dtype (gate order of ``w_ih``), differentiable. In
-    training the batch statistics go to ``updates``."""
-    gamma = norm.weight
-    beta = norm.bias
-    if perm is not None:
-        gamma = gamma[perm] if gamma is not None else None
-        beta = beta[perm] if beta is not None else None
-    n = rows.shape[0]
-    if norm.training and n >= 2:
-        wd = w_ih.to(torch.float64)
-        if moments is not None:
-            mean = wd @ moments.mu
-            var = ((wd @ moments.sigma) * wd).sum(1).clamp_min(0)
-        else:  # a wide input: the statistics of W x itself
-            var, mean = torch.var_mean((rows @ w_ih.t()).to(torch.float64), 0, correction=0)
+def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list) -> list[tuple[Tensor, Tensor]]:
+    """The vertical input norm of every direction of one layer, ``BN(X W_d^T)`` (one batch norm
+    over every row: batch and time), as ``X (s_d W_d)^T + shift_d``: returns ``[(s_d W_d, shift_d)]``
+    in the weights' dtype (their gate order), differentiable. Training batch statistics go to
+    ``updates``."""
+    n, F = rows.shape
+    G = weights[0].shape[0]
+
+    def affine(norm):
+        gamma, beta = norm.weight, norm.bias
+        if perm is not None:
+            gamma = gamma[perm] if gamma is not None else None
+            beta = beta[perm] if beta is not None else None
+        return gamma, beta
+
+    def record(norm, mean, var):
         md, vd = mean.detach(), var.detach()
         if perm is not None:
             md, vd = md[perm], vd[perm]
         updates.append(StatsUpdate(norm, [0], md.cpu()[None], vd.cpu()[None], [n]))
-        inv = torch.rsqrt(var + norm.eps)
-    else:
-        m, inv = norm.fixed_stats(1)
-        mean, inv = m[0].to(w_ih.device), inv[0].to(w_ih.device)
-        if perm is not None:
-            mean, inv = mean[perm], inv[perm]
-        wd = w_ih.to(torch.float64)
-    s = inv if gamma is None else inv * gamma.to(torch.float64)
-    shift = -s * mean
-    if beta is not None:
-        shift = shift + beta.to(torch.float64)
-    return (s[:, None] * wd).to(w_ih.dtype), shift.to(w_ih.dtype)
 
-
-def _moments_for(rows: Tensor, gates: int) -> _InputMoments | None:
-    """Covariance route when the input is at most 1.5 times as wide as the gates."""
-    return _InputMoments(rows) if rows.shape[1] <= 1.5 * gates else None
+    out = []
+    if norms[0].training and n >= 2 and F <= 1.5 * G:  # statistics from the input's covariance
+        args = []
+        for norm, w in zip(norms, weights):
+            args += [w, *affine(norm)]
+        res = _FoldFn.apply(norms[0].eps, rows, *args)
+        for d, norm in enumerate(norms):
+            wf, shift, mean, var = res[4 * d:4 * d + 4]
+            record(norm, mean, var)
+            out.append((wf, shift))
+        return out
+    for norm, w in zip(norms, weights):
+        gamma, beta = affine(norm)
+        wd = w.to(torch.float64)
+        if norm.training and n >= 2:  # a wide input: the statistics of W x itself
+            var, mean = torch.var_mean((rows @ w.t()).to(torch.float64), 0, correction=0)
+            record(norm, mean, var)
+            inv = torch.rsqrt(var + norm.eps)
+        else:
+            m, inv = norm.fixed_stats(1)
+            mean, inv = m[0].to(w.device), inv[0].to(w.device)
+            if perm is not None:
+                mean, inv = mean[perm], inv[perm]
+        s = inv if gamma is None else inv * gamma.to(torch.float64)
+        shift = -s * mean
+        if beta is not None:
+            shift = shift + beta.to(torch.float64)
+        out.append(((s[:, None] * wd).to(w.dtype), shift.to(w.dtype)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,13 +826,15 @@ class _BNRNNBase(_RecurrentCore):
         perm = _lstm_perm(self.hidden_size, data.device) if self.mode == "LSTM" else None
         x = data
         hns, cns = [], []
+        D = self.num_directions
         for l in range(self.num_layers):
             rows = x.reshape(-1, x.shape[-1])  # every valid row of every step (uniform or packed)
-            moments = _moments_for(rows, G) if self._norms(l)[0].training and rows.shape[0] >= 2 else None
+            folded = _fold_layer([self._norms(l, d)[0] for d in range(D)], [self._weights(l, d)[0] for d in range(D)],
+                                 rows, perm, updates)
             params, hs, cs = [], [], []
-            for d in range(self.num_directions):
+            for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
-                w_f, shift = _fold_input_norm(self._norms(l, d)[0], w_ih, moments, rows, perm, updates)
+                w_f, shift = folded[d]
                 b_f = shift if b_ih is None else b_ih + shift
                 b_hh = torch.zeros_like(b_f) if b_hh is None else b_hh
                 params += [w_f, w_hh, b_f, b_hh] + ([w_hr] if w_hr is not None else [])
@@ -816,11 +893,13 @@ class _BNRNNBase(_RecurrentCore):
         x = data
         hns, cns = [], []
         name = type(self).__name__
+        fold = self.norm == "horizontal"
+        D = self.num_directions
         for l in range(self.num_layers):
             rows = x.reshape(-1, x.shape[-1])
-            nih0 = self._norms(l)[0]
-            fold = self.norm == "horizontal"
-            moments = (_moments_for(rows, G) if fold and nih0.training and rows.shape[0] >= 2 else None)
+            if fold:
+                folded = _fold_layer([self._norms(l, d)[0] for d in range(D)],
+                                     [self._weights(l, d)[0] for d in range(D)], rows, gperm, updates)
             outs = []
             for d in range(self.num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
@@ -830,7 +909,7 @@ class _BNRNNBase(_RecurrentCore):
                 else:
                     bias = b_ih + b_hh if b_ih is not None else None
                 if fold:
-                    w_f, shift = _fold_input_norm(nih, w_ih, moments, rows, gperm, updates)
+                    w_f, shift = folded[d]
                     xp = torch.matmul(x, w_f.t())
                     sx, gx = _Site(np.zeros(T, np.int8)), None
                     bx = shift if bias is None else bias + shift

@@ -59,7 +59,8 @@ bn``); with ``r_max = 1, d_max = 0`` (the start of a warm-up) it is one fused ca
 bfloat16, ``torch.compile``, ``torch.func`` transforms, forward-mode AD) computes the batch
 statistics in torch ops (:func:`bnlab.reference.batch_stats`) and calls bnlab's batch norm
 (:func:`bnlab.kernels.batch_norm_train`) with ``weight'`` and ``bias'``, whose autograd gives the
-same gradients.
+same gradients. Under ``torch.compile`` the warm-up limits are computed from
+``num_batches_tracked`` in tensor ops, so ``fullgraph=True`` traces the layer with a schedule too.
 
 Keras (``keras.layers.BatchNormalization(renorm=True, renorm_clipping={"rmax": r_max, "rmin":
 1 / r_max, "dmax": d_max})``) computes the same training output from the same statistics; it
@@ -113,6 +114,11 @@ def renorm_correction(mean, var, running_mean, running_var, eps: float, r_max: f
     rm = running_mean.detach().to(torch.float64)
     rv = running_var.detach().to(torch.float64)
     sigma = torch.sqrt(rv + eps)
+    if isinstance(r_max, Tensor):  # limits from a warm-up schedule traced by torch.compile
+        r_max, d_max = r_max.to(sigma), d_max.to(sigma)
+        r = torch.minimum(torch.maximum(torch.sqrt(var.to(torch.float64) + eps) / sigma, 1.0 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean.to(torch.float64) - rm) / sigma, -d_max), d_max)
+        return r, d
     r = torch.clamp(torch.sqrt(var.to(torch.float64) + eps) / sigma, 1.0 / r_max, r_max)
     d = torch.clamp((mean.to(torch.float64) - rm) / sigma, -d_max, d_max)
     return r, d
@@ -399,6 +405,22 @@ class _BatchRenorm(_BatchNorm):
         d = 0.0 if td == 0.0 else (self.d_max if td == 1.0 or math.isinf(self.d_max) else self.d_max * td)
         return r, d
 
+    def _limits_traced(self) -> tuple[Tensor, Tensor]:
+        """:meth:`limits` at the next step, as float64 tensors computed from ``num_batches_tracked``."""
+        start, r_end, d_end = self._schedule
+        step = self.num_batches_tracked.to(torch.float64)
+
+        def ramp(end):
+            if end <= start:
+                return (step >= start).to(torch.float64)
+            return ((step - start) / (end - start)).clamp(0.0, 1.0)
+
+        tr, td = ramp(r_end), ramp(d_end)
+        one = torch.ones_like(tr)
+        r = torch.where(tr <= 0, one, torch.where(tr >= 1, one * self.r_max, 1.0 + (self.r_max - 1.0) * tr))
+        d = torch.where(td <= 0, one * 0.0, torch.where(td >= 1, one * self.d_max, self.d_max * td))
+        return r, d
+
     # precise BN (bnlab.tools.recalibrate): batch norm for the pass
     def recalibrate_begin(self) -> None:
         self._plain = True
@@ -418,7 +440,10 @@ class _BatchRenorm(_BatchNorm):
         name = type(self).__name__
         weight, bias = self.weight, self.bias
         BF.check_batch_norm_input(input, running_mean, running_var, weight, bias, True, name, self.eps)
-        r_max, d_max = self.limits()
+        if torch.compiler.is_compiling() and self._schedule != (0, 0, 0) and self.num_batches_tracked is not None:
+            r_max, d_max = self._limits_traced()  # tensors: no data-dependent Python for torch.compile
+        else:
+            r_max, d_max = self.limits()
         x = input
         if _fast_ok(x, running_mean, running_var):
             track = (running_mean, running_var, self.num_batches_tracked, self.momentum,

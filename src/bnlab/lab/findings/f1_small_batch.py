@@ -326,7 +326,11 @@ def plots(ctx, results, outdir) -> list:
     ax.set_xlabel("batch size (ghost BN: virtual batch, trained at %d)" % s["ghost_batch"])
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Test accuracy by batch size")
-    ax.axhline(100 * _chance(ctx), color="#999999", ls=":", lw=1)
+    lo = min((min(stats.finite(v)) for x in acc.values() for v in x.values() if stats.finite(v)), default=0.0)
+    chance = 100 * _chance(ctx)
+    ax.set_ylim(max(0.0, lo - 2.0), min(100.0, ax.get_ylim()[1] + 0.5))
+    if chance >= lo - 2.0:
+        ax.axhline(chance, color="#999999", ls=":", lw=1)
     ax.set_xlim(batches[0] / 1.5, batches[-1] * 1.5)
     ax.legend(loc="best")
     ax = axes[0][1]

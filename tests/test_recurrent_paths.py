@@ -1,0 +1,187 @@
+"""The fast paths of BNLSTM / BNGRU / BNRNN (vertical: torch's kernel with the input norm folded in;
+horizontal / per_timestep / layer: the fused whole-sequence kernels) against the reference time loop
+(force_loop=True): outputs, final states, every gradient and every buffer, in every layout, both
+directions, with a projection; gradcheck through time in float64."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from bnlab.nn import BNGRU, BNLSTM, BNRNN
+from bnlab.nn import _recurrent_kernels as rk
+
+pytestmark = pytest.mark.skipif(rk.blas() is None, reason="no BLAS for the fused kernels")
+
+DT = torch.float64
+LENGTHS = torch.tensor([7, 2, 5, 7, 1, 4])  # a sequence of length 1: steps with one row (no batch statistics)
+
+
+def _build(cls, norm, bidirectional=False, proj=0, batch_first=True, dtype=DT, layers=2, **kw):
+    torch.manual_seed(0)
+    extra = {"proj_size": proj} if proj else {}
+    m = cls(9 if norm == "layer" else 3, 5, layers, batch_first=batch_first, norm=norm, bidirectional=bidirectional,
+            momentum=0.3, dtype=dtype, **extra, **kw)
+    ref = copy.deepcopy(m)
+    ref.force_loop = True
+    return m, ref
+
+
+def _run(m, x, lengths=None):
+    """One training-style call: outputs, final states, input and parameter gradients, buffers."""
+    for p in m.parameters():
+        p.grad = None
+    xx = x.clone().requires_grad_(True)
+    out, st = m(xx, lengths=lengths)
+    states = st if isinstance(st, tuple) else (st,)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * w).sum() + sum((s * s).sum() * (k + 1) for k, s in enumerate(states))
+    loss.backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    return out.detach(), [s.detach() for s in states], xx.grad, grads, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b, **tol):
+    out_a, st_a, dx_a, g_a, sd_a = a
+    out_b, st_b, dx_b, g_b, sd_b = b
+    torch.testing.assert_close(out_a, out_b, **tol, msg="output")
+    for u, v in zip(st_a, st_b):
+        torch.testing.assert_close(u, v, **tol, msg="final state")
+    torch.testing.assert_close(dx_a, dx_b, **tol, msg="input gradient")
+    assert g_a.keys() == g_b.keys()
+    for n in g_a:
+        assert (g_a[n] is None) == (g_b[n] is None), n
+        if g_a[n] is not None:
+            torch.testing.assert_close(g_a[n], g_b[n], **tol, msg=f"gradient of {n}")
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        torch.testing.assert_close(sd_a[k], sd_b[k], **tol, msg=f"buffer {k}")
+
+
+def _input(m, B=6, T=7):
+    g = torch.Generator().manual_seed(1)
+    shape = (B, T, m.input_size) if m.batch_first else (T, B, m.input_size)
+    return torch.randn(shape, generator=g, dtype=DT) * 1.5 + 0.3
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("layout", ["batch_first", "time_major", "lengths"])
+@pytest.mark.parametrize("norm", ["vertical", "horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU, BNRNN], ids=["LSTM", "GRU", "RNN"])
+def test_fast_path_equals_the_reference_loop_in_training_and_eval(cls, norm, layout, bidirectional):
+    m, ref = _build(cls, norm, bidirectional, batch_first=layout != "time_major")
+    x = _input(m)
+    lengths = LENGTHS if layout == "lengths" else None
+    for mode in ("train", "eval", "train"):
+        getattr(m, mode)(), getattr(ref, mode)()
+        _same(_run(m, x, lengths), _run(ref, x, lengths))
+
+
+@pytest.mark.parametrize("norm", ["vertical", "horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_fast_path_with_a_projection_equals_the_reference_loop(norm, bidirectional):
+    m, ref = _build(BNLSTM, norm, bidirectional, proj=3)
+    x = _input(m)
+    for lengths in (None, LENGTHS):
+        _same(_run(m, x, lengths), _run(ref, x, lengths))
+    m.eval(), ref.eval()
+    _same(_run(m, x, LENGTHS), _run(ref, x, LENGTHS))
+
+
+def test_packed_input_runs_the_fast_path_like_lengths():
+    m, ref = _build(BNLSTM, "per_timestep", True)
+    x = _input(m)
+    packed = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False)
+    out_a, (h_a, c_a) = m(packed)
+    out_b, (h_b, c_b) = ref(packed)
+    torch.testing.assert_close(out_a.data, out_b.data)
+    torch.testing.assert_close(h_a, h_b)
+    torch.testing.assert_close(c_a, c_b)
+
+
+@pytest.mark.parametrize("norm", ["horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
+def test_float32_fast_path_matches_the_reference_loop_to_float32_rounding(cls, norm):
+    m, ref = _build(cls, norm, dtype=torch.float32)
+    x = _input(m).float()
+    a, b = _run(m, x, LENGTHS), _run(ref, x, LENGTHS)
+    _same(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_relu_rnn_and_a_layer_without_bias_equal_the_reference_loop():
+    for kw in ({"nonlinearity": "relu"}, {"bias": False}):
+        torch.manual_seed(3)
+        m = BNRNN(3, 5, 2, batch_first=True, norm="per_timestep", dtype=DT, **kw)
+        ref = copy.deepcopy(m)
+        ref.force_loop = True
+        x = _input(m)
+        _same(_run(m, x, LENGTHS), _run(ref, x, LENGTHS))
+
+
+@pytest.mark.parametrize("norm, cls, kw", [
+    ("per_timestep", BNLSTM, {}),
+    ("layer", BNLSTM, {"proj_size": 2}),
+    ("horizontal", BNGRU, {}),
+    ("per_timestep", BNGRU, {"bidirectional": True}),
+    ("layer", BNRNN, {"nonlinearity": "relu"}),
+    ("vertical", BNLSTM, {"bidirectional": True}),
+])
+def test_gradcheck_through_time_in_float64(norm, cls, kw):
+    torch.manual_seed(4)
+    m = cls(9 if norm == "layer" else 2, 3, 1, batch_first=True, norm=norm, dtype=DT, **kw)
+    x = torch.randn(4, 3, m.input_size, dtype=DT, requires_grad=True)
+    lengths = torch.tensor([3, 1, 2, 3])  # step 2 has one row: population statistics there
+    params = [p for p in m.parameters()]
+
+    def f(x, *ps):
+        out, st = m(x, lengths=lengths)
+        states = st if isinstance(st, tuple) else (st,)
+        return (out, *states)
+
+    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-6)
+    m.eval()
+    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-6)
+
+
+def test_initial_states_get_gradients_through_the_fused_kernel():
+    m, ref = _build(BNLSTM, "per_timestep", True, proj=2)
+    x = _input(m)
+    h0 = torch.randn(4, 6, 2, dtype=DT)
+    c0 = torch.randn(4, 6, 5, dtype=DT)
+    grads = []
+    for mod in (m, ref):
+        h, c = h0.clone().requires_grad_(True), c0.clone().requires_grad_(True)
+        out, (hn, cn) = mod(x, (h, c), lengths=LENGTHS)
+        (out.sum() + hn.pow(2).sum() + cn.sum()).backward()
+        grads.append((h.grad, c.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("norm", ["vertical", "per_timestep"])
+def test_double_backward_names_force_loop_and_force_loop_provides_it(norm):
+    m, ref = _build(BNLSTM, norm, layers=1)
+    x = _input(m).requires_grad_(True)
+    out, _ = m(x)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="force_loop=True"):
+        g.sum().backward()
+    out, _ = ref(x)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    g.sum().backward()  # the reference loop differentiates to any order
+    assert x.grad is not None
+
+
+def test_vector_math_is_accurate_to_float64_rounding():
+    x = np.concatenate([np.linspace(-40, 40, 20001), np.logspace(-12, 1, 500), -np.logspace(-12, 1, 500)])
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(rk.vector_math(x, 0), np.exp(x), rtol=4e-16 * 8)
+        np.testing.assert_allclose(rk.vector_math(x, 1), 1 / (1 + np.exp(-x)), rtol=4e-16 * 8)
+    np.testing.assert_allclose(rk.vector_math(x, 2), np.tanh(x), rtol=4e-16 * 8, atol=0)
+    special = np.array([np.nan, np.inf, -np.inf, 800.0, -800.0])
+    t = rk.vector_math(special, 2)
+    assert np.isnan(t[0]) and list(t[1:]) == [1.0, -1.0, 1.0, -1.0]
+    s = rk.vector_math(special, 1)
+    assert np.isnan(s[0]) and s[1] == 1.0 and s[2] < 1e-300 and s[3] == 1.0 and s[4] < 1e-300
