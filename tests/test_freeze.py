@@ -258,3 +258,25 @@ def test_docstring_examples_run():
     mod = importlib.import_module("bnlab.tools.freeze")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_recalibrate_leaves_frozen_layers_statistics_alone():
+    import bnlab
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), bnlab.nn.BatchNorm1d(3), torch.nn.Linear(3, 3),
+                              bnlab.nn.BatchNorm1d(3))
+    bnlab.tools.freeze(net[1])
+    before = net[1].running_mean.clone(), net[1].running_var.clone()
+    x = torch.randn(64, 4) * 3 + 2
+    bnlab.tools.recalibrate(net, x.split(16))
+    assert torch.equal(net[1].running_mean, before[0]) and torch.equal(net[1].running_var, before[1])
+    h = net[2](net[1](net[0](x)))
+    torch.testing.assert_close(net[3].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_to_torch_leaves_a_frozen_layer_alone_and_says_why():
+    net = torch.nn.Sequential(bnlab.nn.BatchNorm1d(3), bnlab.nn.BatchNorm1d(3))
+    freeze(net[0])
+    with pytest.warns(UserWarning, match=r"frozen \(bnlab.tools.freeze\).*unfreeze it first"):
+        bnlab.convert(net, to="torch")
+    assert type(net[0]) is bnlab.nn.BatchNorm1d and type(net[1]) is torch.nn.BatchNorm1d

@@ -323,7 +323,7 @@ def test_convert_warns_about_the_layers_it_leaves_alone_and_why():
 
     net = nn.Sequential(nn.BatchNorm2d(3), MyBN(3), nn.SyncBatchNorm(3), nn.LazyBatchNorm1d())
     with pytest.warns(UserWarning, match=r"left 3 batch-norm layer\(s\) alone: 1: MyBN subclasses torch's batch norm"
-                                         r".*2: SyncBatchNorm.*3: an uninitialized lazy layer"):
+                                         r".*2: torch's SyncBatchNorm.*3: an uninitialized lazy layer"):
         bnlab.convert(net, to="bnlab")
     assert type(net[0]) is bnn.BatchNorm2d and type(net[1]) is MyBN and type(net[2]) is nn.SyncBatchNorm
     back = nn.Sequential(bnn.BatchNorm1d(3), bnlab.nn.GhostBatchNorm1d(3), bnlab.nn.MaskedBatchNorm1d(3))

@@ -77,8 +77,12 @@ def test_compile_fullgraph_conv_bn_relu_matches_eager_in_training_and_eval():
         torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
         ye.square().sum().backward()
         yc.square().sum().backward()
+        scale = float(eager.conv.weight.grad.abs().max())
         for (name, pe), pc in zip(eager.named_parameters(), compiled_net.parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+            # the conv bias feeds a batch norm, so its gradient is 0 up to float32 rounding, whose
+            # size depends on the order of the sums (torch's own compiled batch norm: ~1e-4 here)
+            atol = 1e-5 * scale if name == "conv.bias" else 1e-5
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=atol, msg=name)
         torch.testing.assert_close(compiled_net.bn.running_mean, eager.bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compiled_net.bn.running_var, eager.bn.running_var, rtol=1e-5, atol=1e-6)
         assert int(compiled_net.bn.num_batches_tracked) == int(eager.bn.num_batches_tracked) == step + 1

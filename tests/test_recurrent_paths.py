@@ -101,13 +101,26 @@ def test_packed_input_runs_the_fast_path_like_lengths():
     torch.testing.assert_close(c_a, c_b)
 
 
-@pytest.mark.parametrize("norm", ["horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("norm", ["vertical", "horizontal", "per_timestep", "layer"])
 @pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
-def test_float32_fast_path_matches_the_reference_loop_to_float32_rounding(cls, norm):
+def test_float32_fast_path_is_as_accurate_as_the_float32_reference_loop(cls, norm):
     m, ref = _build(cls, norm, dtype=torch.float32)
+    truth = copy.deepcopy(m).double()
     x = _input(m).float()
-    a, b = _run(m, x, LENGTHS), _run(ref, x, LENGTHS)
-    _same(a, b, rtol=2e-4, atol=2e-5)
+    a, b, t = _run(m, x, LENGTHS), _run(ref, x, LENGTHS), _run(truth, x.double(), LENGTHS)
+
+    def err(u, v):  # relative to the largest value
+        return float((u.double() - v).abs().max() / v.abs().max().clamp_min(1e-30))
+
+    # float32 rounding through 7 steps, 2 layers and batch statistics of as few as 2 rows: both
+    # implementations land within a few 1e-5 of the float64 truth, neither always closer
+    for k in (0, 2):  # output, input gradient
+        assert err(a[k], t[k]) <= max(1e-4, 4 * err(b[k], t[k])), k
+    for n in t[3]:
+        assert err(a[3][n], t[3][n]) <= max(2e-4, 4 * err(b[3][n], t[3][n])), n
+    for k in t[4]:
+        if t[4][k].is_floating_point():
+            assert err(a[4][k], t[4][k]) <= max(1e-6, 4 * err(b[4][k], t[4][k])), k
 
 
 def test_relu_rnn_and_a_layer_without_bias_equal_the_reference_loop():
@@ -165,9 +178,10 @@ def test_double_backward_names_force_loop_and_force_loop_provides_it(norm):
     m, ref = _build(BNLSTM, norm, layers=1)
     x = _input(m).requires_grad_(True)
     out, _ = m(x)
-    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="force_loop=True"):
-        g.sum().backward()
+    with pytest.raises(RuntimeError, match="first-order backward only .*force_loop=True"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(m(x)[0].pow(2).sum(), x)  # first order is fine
+    assert torch.isfinite(g).all()
     out, _ = ref(x)
     (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
     g.sum().backward()  # the reference loop differentiates to any order

@@ -135,3 +135,25 @@ def test_tiny_study_runs_decides_and_renders(tmp_path):
     assert main(["report", "--profile", "tiny", "--claims", "F1", "--store", str(store), "--out", str(tmp_path / "r2")]) == 0
     again = json.loads((tmp_path / "r2" / "results.json").read_text())["findings"]["F1"]
     assert again["tables"] == f["tables"] and again["comparisons"] == f["comparisons"]
+
+
+def _ctxs(*argv):
+    from bnlab.cli import build_parser
+    from bnlab.lab import audit
+
+    return audit.contexts(build_parser().parse_args(["audit", *argv]))
+
+
+def test_which_audits_run_it():
+    from bnlab.lab.audit import AuditError
+
+    assert "F1" in _ctxs("--profile", "full") and "F1" not in _ctxs("--profile", "quick")
+    only = _ctxs("--profile", "tiny", "--claims", "F1", "--seeds", "3,4", "--set", "F1.epochs=2")
+    assert list(only) == ["F1"] and only["F1"].seeds == [3, 4] and only["F1"].settings["epochs"] == 2
+    assert "F1" not in _ctxs("--profile", "full", "--dataset", "mnist1d")  # a 1-D data set: not for its CNN
+    with pytest.raises(AuditError, match=r"F1 runs on digits, mnist, fashion-mnist, cifar10 \(got --dataset mnist1d\)"):
+        _ctxs("--profile", "tiny", "--claims", "F1", "--dataset", "mnist1d")
+    with pytest.raises(AuditError, match=r"F1 has no profile 'quick'"):
+        _ctxs("--profile", "quick", "--claims", "F1")
+    with pytest.raises(AuditError, match=r"F1.norms.*"):
+        _ctxs("--profile", "tiny", "--claims", "F1", "--set", 'F1.norms=["batch","instance"]')

@@ -274,6 +274,41 @@ def _compiled_affine(x, mean, invstd, weight, bias):
     return y.to(x.dtype)
 
 
+class _CompiledNorm(torch.autograd.Function):
+    """Batch norm of ``d`` in torch ops, with the hand-derived backward (the formula of
+    :func:`bnlab.reference.batch_norm_backward`) in torch ops too: traced by torch.compile into
+    the graph inductor fuses, and more accurate than differentiating the ``var_mean``
+    decomposition (whose float32 rounding leaves the sum of ``dx`` over a channel visibly off 0).
+    Returns ``(y, mean, var, invstd)``; the statistics are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, d, weight, bias, eps):
+        dims = ref.reduce_dims(d)
+        var, mean = torch.var_mean(d, dim=dims, correction=0)
+        invstd = torch.rsqrt(var + eps)
+        y = _compiled_affine(d, mean, invstd, weight, bias)
+        ctx.save_for_backward(d, mean, invstd, weight)
+        ctx.mark_non_differentiable(mean, var, invstd)
+        return y, mean, var, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dinvstd):
+        d, mean, invstd, weight = ctx.saved_tensors
+        dims = ref.reduce_dims(d)
+        shape = _bshape(d)
+        dy = dy.to(mean.dtype)
+        xhat = (d - mean.view(shape)) * invstd.view(shape)
+        count = d.numel() // d.shape[1] if d.shape[1] else 1
+        sum_dy = dy.sum(dims)
+        sum_dy_xhat = (dy * xhat).sum(dims)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        dd = (dy - (sum_dy / count).view(shape) - xhat * (sum_dy_xhat / count).view(shape)) * scale.view(shape)
+        need = ctx.needs_input_grad
+        dw = sum_dy_xhat.to(weight.dtype) if need[1] else None
+        db = sum_dy.to(weight.dtype if weight is not None else sum_dy.dtype) if need[2] else None
+        return dd.to(d.dtype) if need[0] else None, dw, db, None
+
+
 def _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, nonfinite, name):
     """What torch.compile traces in training: batch norm as plain torch ops, which inductor fuses
     with the ops around it (the convolution's epilogue, the activation, the residual add) and
@@ -293,9 +328,8 @@ def _compiled_train(x, weight, bias, running_mean, running_var, num_batches_trac
         d = xs - shift.view(_bshape(x))
     else:
         shift, d = None, xs
-    var, dmean = torch.var_mean(d, dim=ref.reduce_dims(x), correction=0)
-    invstd = torch.rsqrt(var + eps)
-    y = _compiled_affine(d, dmean, invstd, weight, bias).to(x.dtype)
+    y, dmean, var, invstd = _CompiledNorm.apply(d, weight, bias, eps)
+    y = y.to(x.dtype)
     mean = dmean if shift is None else dmean + shift
     if _track(running_mean, running_var, num_batches_tracked):
         count = x.numel() // x.shape[1] if x.shape[1] else 0

@@ -313,13 +313,15 @@ def _dots(dy, g, xh, n):
 # one normalization site, one step
 #
 # site = (kinds (T,) int8, gamma (C,) f64, beta (C,) f64, fixed_mean (T|0, C) f64, fixed_invstd
-#         (T|0, C) f64, eps, xhat (N|0, C) dtype, invstd (T|0, C) f64, row_invstd (N|0,) f64,
-#         mean (T|0, C) f64, var (T|0, C) f64)
+#         (T|0, C) f64, eps, xraw (N|0, C) dtype, invstd (T|0, C) f64, row_invstd (N|0,) f64,
+#         mean (T|0, C) f64, var (T|0, C) f64, row_mean (N|0,) f64)
+# The forward saves the site's input (xraw) and its statistics; the backward recomputes
+# xhat = (x - mean) * invstd from them in float64, as the batch-norm kernels do.
 
 @njit(**_OPTS)
 def _site_forward(V, b, C, t, o0, site, Y, accumulate):
     """``Y[:b, :C]`` (float64) = (or += with ``accumulate``) the site's output for the rows ``V[:b]``."""
-    kinds, gamma, beta, fmean, finv, eps, xhat, inv, rinv, mean, var = site
+    kinds, gamma, beta, fmean, finv, eps, xraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
     if kind == NONE:
         for i in range(b):
@@ -336,16 +338,17 @@ def _site_forward(V, b, C, t, o0, site, Y, accumulate):
         for i in range(b):
             vr = V[i]
             yr = Y[i]
-            xr = xhat[o0 + i]
+            xr = xraw[o0 + i]
             v0 = np.float64(vr[0])
             s1, _ = _sum_dev(vr, C, v0)
             mu = v0 + s1 / C
             _, sq = _sum_dev(vr, C, mu)
             r = 1.0 / np.sqrt(sq / C + eps)
             rinv[o0 + i] = r
+            rmean[o0 + i] = mu
             for j in range(C):
                 xh = (np.float64(vr[j]) - mu) * r
-                xr[j] = xh
+                xr[j] = vr[j]
                 if accumulate:
                     yr[j] += xh * gamma[j] + beta[j]
                 else:
@@ -379,16 +382,16 @@ def _site_forward(V, b, C, t, o0, site, Y, accumulate):
     for i in range(b):
         vr = V[i]
         yr = Y[i]
-        xr = xhat[o0 + i]
+        xr = xraw[o0 + i]
         if accumulate:
             for j in range(C):
                 xh = (np.float64(vr[j]) - m[j]) * iv[j]
-                xr[j] = xh
+                xr[j] = vr[j]
                 yr[j] += xh * gamma[j] + beta[j]
         else:
             for j in range(C):
                 xh = (np.float64(vr[j]) - m[j]) * iv[j]
-                xr[j] = xh
+                xr[j] = vr[j]
                 yr[j] = xh * gamma[j] + beta[j]
 
 
@@ -396,7 +399,7 @@ def _site_forward(V, b, C, t, o0, site, Y, accumulate):
 def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
     """The site's backward for rows ``DY[:b]`` (float64 gradients of its output): ``DX[:b, :C]``
     (float64) the input gradients; ``dgamma``, ``dbeta`` accumulated (float64)."""
-    kinds, gamma, beta, fmean, finv, eps, xhat, inv, rinv, mean, var = site
+    kinds, gamma, beta, fmean, finv, eps, xraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
     if kind == NONE:
         for i in range(b):
@@ -407,31 +410,36 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
                 dbeta[j] += dy[j]
         return
     if kind == ROW:
+        xh = csum[2]
         for i in range(b):
             dy = DY[i]
             dx = DX[i]
-            xr = xhat[o0 + i]
-            s1, s2 = _dots(dy, gamma, xr, C)
+            xr = xraw[o0 + i]
+            r = rinv[o0 + i]
+            mu = rmean[o0 + i]
+            for j in range(C):
+                xh[j] = (np.float64(xr[j]) - mu) * r
+            s1, s2 = _dots(dy, gamma, xh, C)
             s1 /= C
             s2 /= C
-            r = rinv[o0 + i]
             for j in range(C):
-                xh = np.float64(xr[j])
-                dgamma[j] += dy[j] * xh
+                dgamma[j] += dy[j] * xh[j]
                 dbeta[j] += dy[j]
-                dx[j] = r * (dy[j] * gamma[j] - s1 - xh * s2)
+                dx[j] = r * (dy[j] * gamma[j] - s1 - xh[j] * s2)
         return
     if kind == FIXED:
+        m = fmean[t]
         iv = finv[t]
         for i in range(b):
             dy = DY[i]
             dx = DX[i]
-            xr = xhat[o0 + i]
+            xr = xraw[o0 + i]
             for j in range(C):
                 dx[j] = dy[j] * gamma[j] * iv[j]
-                dgamma[j] += dy[j] * np.float64(xr[j])
+                dgamma[j] += dy[j] * ((np.float64(xr[j]) - m[j]) * iv[j])
                 dbeta[j] += dy[j]
         return
+    m = mean[t]
     iv = inv[t]
     s1 = csum[0]
     s2 = csum[1]
@@ -440,10 +448,10 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
         s2[j] = 0.0
     for i in range(b):
         dy = DY[i]
-        xr = xhat[o0 + i]
+        xr = xraw[o0 + i]
         for j in range(C):
             s1[j] += dy[j]
-            s2[j] += dy[j] * np.float64(xr[j])
+            s2[j] += dy[j] * ((np.float64(xr[j]) - m[j]) * iv[j])
     for j in range(C):
         dgamma[j] += s2[j]
         dbeta[j] += s1[j]
@@ -452,9 +460,9 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
     for i in range(b):
         dy = DY[i]
         dx = DX[i]
-        xr = xhat[o0 + i]
+        xr = xraw[o0 + i]
         for j in range(C):
-            dx[j] = iv[j] * (dy[j] * gamma[j] - s1[j] - np.float64(xr[j]) * s2[j])
+            dx[j] = iv[j] * (dy[j] * gamma[j] - s1[j] - ((np.float64(xr[j]) - m[j]) * iv[j]) * s2[j])
 
 
 @njit(inline="always")
@@ -759,7 +767,7 @@ def backward(cell, rev, gemm, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, 
             for j in range(G):
                 dst[j] = dx[j]
         # recurrent site -> DA, then dh_{t-1} = DA W_hh (+ the GRU's direct path)
-        _site_backward(hsrc, b, G, t, o0, sh, DX, dgh, csum[2], csum)  # no shift of its own: dbeta to scratch
+        _site_backward(hsrc, b, G, t, o0, sh, DX, dgh, csum[3], csum)  # no shift of its own: dbeta to scratch
         for i in range(b):
             dx = DX[i]
             da = DA[o0 + i]

@@ -240,83 +240,94 @@ def _rnn_loop(steps, h0, w_hh_t, nh, nx, bias, act, rev):
 class _FoldFn(torch.autograd.Function):
     """Training-mode fold of the vertical input norm of D directions sharing one input.
 
-    Forward (float64): the rows' mean mu and biased covariance S; per direction W (G, F), mean
-    m = W mu and biased variance v = diag(W S W^T) of W x over the rows, s = gamma / sqrt(v + eps),
-    outputs ``W' = s W`` and ``shift = beta - s m`` (in W's dtype) and the statistics ``(m, v)``
-    (not differentiable). Backward by hand, through s, m and v into W, gamma, beta and the rows:
-    ``dX = dmu / N + 2 (X - mu) dS / N`` with ``dmu = sum_d W^T dm``, ``dS = sum_d W^T diag(dv) W``
-    (S does not depend on mu to first order: the centred rows sum to 0).
+    ``BN(W x)_j = s_j w_j . (x - mu) + beta_j`` with mu the rows' mean and ``s = gamma / sqrt(v + eps)``,
+    ``v = diag(W S W^T)`` the variance of W x (S the rows' biased covariance). Forward (statistics in
+    float64): outputs the centred rows ``x - mu`` (the recurrent kernel's input: its matmul and the
+    weight gradient then carry no large common offset), per direction ``W' = s W`` and ``shift =
+    beta + s W (mu_rounded - mu)`` (the centring's rounding, folded back), in the data dtype, and the
+    statistics ``(W mu, v)`` (not differentiable). Backward by hand: ``ds = rowsum(dW' * W)``,
+    ``dv = -ds gamma / (2 (v + eps)^1.5)``, ``dW = s dW' + 2 dv (W S)``, and for the rows
+    ``dX = dXc - mean(dXc) + 2 (x - mu) dS / N`` with ``dS = sum_d W^T diag(dv) W``.
     """
 
     @staticmethod
     def forward(ctx, eps, rows, *wgb):
+        dt = rows.dtype
         xd = rows.detach().to(torch.float64)
         n = rows.shape[0]
         mu = xd.mean(0)
-        xc = xd - mu
-        sigma = (xc.t() @ xc) / n
-        outs, saved, stats = [], [rows, mu], []
+        xc64 = xd - mu
+        sigma = (xc64.t() @ xc64) / n
+        mu_r = mu.to(dt)
+        xc = rows.detach() - mu_r
+        delta = mu_r.to(torch.float64) - mu  # the rounding of the centring, folded into the shift
+        outs, saved, stats = [xc], [xc, sigma], []
         for k in range(0, len(wgb), 3):
             w, gamma, beta = wgb[k:k + 3]
             wd = w.detach().to(torch.float64)
-            mean = wd @ mu
             ws = wd @ sigma
             var = (ws * wd).sum(1).clamp_min(0)
             inv = torch.rsqrt(var + eps)
             s = inv if gamma is None else inv * gamma.detach().to(torch.float64)
-            shift = -s * mean
+            shift = s * (wd @ delta)
             if beta is not None:
                 shift = shift + beta.detach().to(torch.float64)
+            mean = wd @ mu
             outs += [(s[:, None] * wd).to(w.dtype), shift.to(w.dtype), mean, var]
-            saved += [wd, ws, mean, inv, s]
+            saved += [wd, ws, inv, s]
             stats += [mean, var]
         ctx.mark_non_differentiable(*stats)
         ctx.dirs = len(wgb) // 3
         ctx.has = [(wgb[k + 1] is not None, wgb[k + 2] is not None) for k in range(0, len(wgb), 3)]
         ctx.dtypes = [wgb[k].dtype for k in range(0, len(wgb), 3)]
-        ctx.gammas = [wgb[k + 1] for k in range(0, len(wgb), 3)]
+        ctx.gammas = [None if wgb[k + 1] is None else wgb[k + 1].detach().to(torch.float64)
+                      for k in range(0, len(wgb), 3)]
         ctx.save_for_backward(*saved)
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, dxc, *grads):
         if torch.is_grad_enabled():
             raise RuntimeError(
-                "vertical batch norm (folded into torch's recurrent kernel) has a first-order backward only "
-                "(create_graph=True asks for a graph of it). Build the layer with force_loop=True, whose torch-ops "
-                "time loop autograd differentiates to any order."
+                "vertical batch norm (folded into the recurrent kernel's input weights) has a first-order backward "
+                "only (create_graph=True asks for a graph of it). Build the layer with force_loop=True, whose "
+                "torch-ops time loop autograd differentiates to any order."
             )
-        rows, mu, *saved = ctx.saved_tensors
-        n = rows.shape[0]
-        dmu = torch.zeros_like(mu)
-        ds_total = torch.zeros(mu.shape[0], mu.shape[0], dtype=torch.float64)
+        xc, sigma, *saved = ctx.saved_tensors
+        n = xc.shape[0]
+        ds_total = torch.zeros_like(sigma)
         result = []
         for d in range(ctx.dirs):
-            wd, ws, mean, inv, s = saved[5 * d:5 * d + 5]
+            wd, ws, inv, s = saved[4 * d:4 * d + 4]
             dwf, dshift = grads[4 * d], grads[4 * d + 1]
-            dwf = torch.zeros_like(wd) if dwf is None else dwf.to(torch.float64)
-            dsh = torch.zeros_like(mean) if dshift is None else dshift.to(torch.float64)
             has_g, has_b = ctx.has[d]
-            dscale = (dwf * wd).sum(1) - dsh * mean  # s enters W' = s W and shift = beta - s m
-            dmean = -s * dsh
-            gamma = ctx.gammas[d]
-            ginv = dscale if gamma is None else dscale * gamma.detach().to(torch.float64)
-            dvar = -0.5 * ginv * inv ** 3
-            dw = s[:, None] * dwf + dmean[:, None] * mu[None, :] + 2.0 * dvar[:, None] * ws
-            dmu += wd.t() @ dmean
-            ds_total += wd.t() @ (dvar[:, None] * wd)
             dt = ctx.dtypes[d]
-            result += [dw.to(dt), (dscale * inv).to(dt) if has_g else None, dsh.to(dt) if has_b else None]
-        dt = rows.dtype
-        drows = torch.addmm((dmu / n).to(dt), rows - mu.to(dt), ((2.0 / n) * ds_total).to(dt))
+            if dwf is None:
+                dw = torch.zeros_like(wd)
+                dscale = torch.zeros_like(inv)
+            else:
+                dwf = dwf.to(torch.float64)
+                dscale = (dwf * wd).sum(1)  # s enters W' = s W (its part in the shift is rounding)
+                gamma = ctx.gammas[d]
+                dvar = -0.5 * (dscale if gamma is None else dscale * gamma) * inv ** 3
+                dw = s[:, None] * dwf + 2.0 * dvar[:, None] * ws
+                ds_total += wd.t() @ (dvar[:, None] * wd)
+            db = None
+            if has_b and dshift is not None:
+                db = dshift.to(dt)
+            result += [dw.to(dt), (dscale * inv).to(dt) if has_g else None, db]
+        dt = xc.dtype
+        dxc = torch.zeros_like(xc) if dxc is None else dxc
+        drows = torch.addmm(dxc - dxc.mean(0), xc, ((2.0 / n) * ds_total).to(dt))
         return (None, drows, *result)
 
 
-def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list) -> list[tuple[Tensor, Tensor]]:
+def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list):
     """The vertical input norm of every direction of one layer, ``BN(X W_d^T)`` (one batch norm
-    over every row: batch and time), as ``X (s_d W_d)^T + shift_d``: returns ``[(s_d W_d, shift_d)]``
-    in the weights' dtype (their gate order), differentiable. Training batch statistics go to
-    ``updates``."""
+    over every row: batch and time), as ``X' (s_d W_d)^T + shift_d``: returns ``(X', [(s_d W_d,
+    shift_d)])``, X' the rows the recurrent kernel reads (in training the centred rows, in eval the
+    rows themselves), the weights in their own gate order and dtype, all differentiable. Training
+    batch statistics go to ``updates``."""
     n, F = rows.shape
     G = weights[0].shape[0]
 
@@ -334,22 +345,27 @@ def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list
         updates.append(StatsUpdate(norm, [0], md.cpu()[None], vd.cpu()[None], [n]))
 
     out = []
-    if norms[0].training and n >= 2 and F <= 1.5 * G:  # statistics from the input's covariance
+    training = norms[0].training and n >= 2
+    if training and F <= 1.5 * G:  # statistics from the input's covariance
         args = []
         for norm, w in zip(norms, weights):
             args += [w, *affine(norm)]
         res = _FoldFn.apply(norms[0].eps, rows, *args)
         for d, norm in enumerate(norms):
-            wf, shift, mean, var = res[4 * d:4 * d + 4]
+            wf, shift, mean, var = res[1 + 4 * d:5 + 4 * d]
             record(norm, mean, var)
             out.append((wf, shift))
-        return out
+        return res[0], out
+    if training:  # a wide input: the statistics of W x itself, on centred rows
+        mu = rows.detach().to(torch.float64).mean(0)
+        rows = rows - rows.to(torch.float64).mean(0).to(rows.dtype)
+        mu_r = mu - rows.detach().to(torch.float64).mean(0)  # what was subtracted, float64
     for norm, w in zip(norms, weights):
         gamma, beta = affine(norm)
         wd = w.to(torch.float64)
-        if norm.training and n >= 2:  # a wide input: the statistics of W x itself
-            var, mean = torch.var_mean((rows @ w.t()).to(torch.float64), 0, correction=0)
-            record(norm, mean, var)
+        if training:
+            var, mean = torch.var_mean((rows @ w.t()).to(torch.float64), 0, correction=0)  # of W (x - mu_r)
+            record(norm, mean + wd.detach() @ mu_r, var)
             inv = torch.rsqrt(var + norm.eps)
         else:
             m, inv = norm.fixed_stats(1)
@@ -361,7 +377,39 @@ def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list
         if beta is not None:
             shift = shift + beta.to(torch.float64)
         out.append(((s[:, None] * wd).to(w.dtype), shift.to(w.dtype)))
-    return out
+    return rows, out
+
+
+def _vertical_bn(norm: SequenceBatchNorm, p: Tensor, shift: Tensor | None, perm: Tensor | None, updates: list,
+                 nonfinite: str, name: str) -> Tensor:
+    """``norm`` over every row of ``p`` ``(N, G)`` (batch and time) with bnlab's kernels, plus
+    ``shift``; in training the batch statistics go to ``updates`` (through float64 scratch buffers
+    the kernel's policy writes with momentum 1: no buffer of the layer moves before the commit)."""
+    gamma, beta = norm.weight, norm.bias
+    if perm is not None:
+        gamma = gamma[perm] if gamma is not None else None
+        beta = beta[perm] if beta is not None else None
+    if beta is not None:
+        shift = beta if shift is None else shift + beta
+    n, G = p.shape
+    if not (norm.training and n >= 2):
+        m, inv = norm.fixed_stats(1)
+        mean, var = m[0], inv[0].pow(-2) - norm.eps
+        if perm is not None:
+            mean, var = mean[perm], var[perm]
+        return _kernels.batch_norm_eval(p, mean.to(p), var.to(p), gamma, shift, norm.eps)
+    sm = torch.zeros(G, dtype=torch.float64)
+    sv = torch.ones(G, dtype=torch.float64)
+    sn = torch.zeros((), dtype=torch.long)
+    y = _kernels.batch_norm_train(p, gamma, shift, sm, sv, sn, 1.0, norm.eps, nonfinite, name)
+    if int(sn):  # written: mean and the unbiased variance of the batch
+        mean, var = sm, sv * ((n - 1) / n)
+    else:  # skipped as non-finite: the commit skips the forward's updates too
+        mean = var = torch.full((G,), float("nan"), dtype=torch.float64)
+    if perm is not None:
+        mean, var = mean[perm], var[perm]
+    updates.append(StatsUpdate(norm, [0], mean[None], var[None], [n]))
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,12 +451,13 @@ def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int,
     else:
         fm = fi = np.empty((0, C))
     normed = has[_rk.BATCH] or has[_rk.FIXED] or has[_rk.ROW]
-    xhat = np.empty((N if normed else 0, C), dt)
+    xraw = np.empty((N if normed else 0, C), dt)
     inv = np.empty((T if has[_rk.BATCH] else 0, C))
     rinv = np.empty(N if has[_rk.ROW] else 0)
     mean = np.empty((T if has[_rk.BATCH] else 0, C))
     var = np.empty_like(mean)
-    return (k, gamma, beta, fm, fi, float(site.eps), xhat, inv, rinv, mean, var)
+    rmean = np.empty_like(rinv)
+    return (k, gamma, beta, fm, fi, float(site.eps), xraw, inv, rinv, mean, var, rmean)
 
 
 class _FusedRecurrence(torch.autograd.Function):
@@ -482,7 +531,7 @@ class _FusedRecurrence(torch.autograd.Function):
                      dxp.view(-1).numpy(), spec.xbase, spec.xstride, dh0.numpy(), dc0.numpy(), DA, DHP,
                      dgx, dbx, dgh, dbh, dgc, dbc,
                      np.empty((B, P)), np.empty((B, H)), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, G)),
-                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((3, G)))
+                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((4, G)))
         need = ctx.needs_input_grad
         pdt = w_hh.dtype
 
@@ -829,8 +878,9 @@ class _BNRNNBase(_RecurrentCore):
         D = self.num_directions
         for l in range(self.num_layers):
             rows = x.reshape(-1, x.shape[-1])  # every valid row of every step (uniform or packed)
-            folded = _fold_layer([self._norms(l, d)[0] for d in range(D)], [self._weights(l, d)[0] for d in range(D)],
-                                 rows, perm, updates)
+            rows, folded = _fold_layer([self._norms(l, d)[0] for d in range(D)],
+                                       [self._weights(l, d)[0] for d in range(D)], rows, perm, updates)
+            x = rows.view(x.shape)  # the centred rows in training
             params, hs, cs = [], [], []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
@@ -893,13 +943,8 @@ class _BNRNNBase(_RecurrentCore):
         x = data
         hns, cns = [], []
         name = type(self).__name__
-        fold = self.norm == "horizontal"
-        D = self.num_directions
+        vertical_in = self.norm == "horizontal"  # one batch norm over every row, before the loop
         for l in range(self.num_layers):
-            rows = x.reshape(-1, x.shape[-1])
-            if fold:
-                folded = _fold_layer([self._norms(l, d)[0] for d in range(D)],
-                                     [self._weights(l, d)[0] for d in range(D)], rows, gperm, updates)
             outs = []
             for d in range(self.num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
@@ -908,11 +953,11 @@ class _BNRNNBase(_RecurrentCore):
                     bias = b_ih
                 else:
                     bias = b_ih + b_hh if b_ih is not None else None
-                if fold:
-                    w_f, shift = folded[d]
-                    xp = torch.matmul(x, w_f.t())
-                    sx, gx = _Site(np.zeros(T, np.int8)), None
-                    bx = shift if bias is None else bias + shift
+                if vertical_in:
+                    xp = torch.matmul(x, w_ih.t())
+                    xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates, self.nonfinite,
+                                      f"{name} norm_ih_{self._sfx(l, d)}").view(xp.shape)
+                    sx, gx, bx = _Site(np.zeros(T, np.int8)), None, None
                 else:
                     xp = torch.matmul(x, w_ih.t())
                     sx = self._site(nih, T, bs, True)

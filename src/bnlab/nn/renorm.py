@@ -149,7 +149,8 @@ def _forward(x, weight, bias, track, eps, r_max, d_max):
                        nonfinite, name, nbad)
         c = stats.shape[1]
         return y, stats, np.ones(c), np.zeros(c), weight
-    _, stats, nbad = cpu.forward_train(x, None, None, eps)  # the statistics; its x_hat is not used
+    xhat, stats, nbad = cpu.forward_train(x, None, None, eps)  # the statistics; its x_hat is not used
+    del xhat  # freed before y is allocated: the allocator can hand its memory to y
     r, d = renorm_correction(stats[0], stats[1], running_mean, running_var, eps, r_max, d_max)  # before the update
     update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum, nonfinite,
                    name, nbad)

@@ -34,6 +34,10 @@ def _swap(m: nn.Module, cls: type) -> nn.Module:
     return new
 
 
+def _frozen(m: nn.Module) -> bool:
+    return bool(getattr(m, "frozen_stats", False) or getattr(m, "frozen_affine", False))
+
+
 def _left_alone(m: nn.Module, to: str) -> str | None:
     """Why ``convert`` leaves this batch-norm-like layer alone, or None when it is not one."""
     name = type(m).__name__
@@ -49,6 +53,9 @@ def _left_alone(m: nn.Module, to: str) -> str | None:
             return (f"{name} subclasses torch's batch norm ({type(m).__module__}); converting it would drop what the "
                     "subclass adds, so it is kept as it is")
         return None
+    if _frozen(m):
+        return (f"{name} is frozen (bnlab.tools.freeze), a state torch's class cannot hold; "
+                "bnlab.tools.unfreeze it first")
     if isinstance(m, bbn._BatchNorm) or isinstance(m, _bnlab_norms()):
         if isinstance(m, nn.modules.batchnorm._LazyNormBase) and m.has_uninitialized_params():
             return f"an uninitialized lazy layer ({name}): run one forward first, then convert"
@@ -109,7 +116,7 @@ def convert_report(model: nn.Module, to: str = "bnlab") -> list[tuple[str, str]]
     out = []
     for where, m in model.named_modules():
         table = _TO_BNLAB if to == "bnlab" else _TO_TORCH
-        if type(m) in table:
+        if type(m) in table and not _frozen(m):
             continue
         why = _left_alone(m, to)
         if why is not None:
@@ -120,7 +127,7 @@ def convert_report(model: nn.Module, to: str = "bnlab") -> list[tuple[str, str]]
 def _convert(model: nn.Module, to: str) -> tuple[nn.Module, list[tuple[str, str]]]:
     skipped = convert_report(model, to)  # validates ``to``
     table = _TO_BNLAB if to == "bnlab" else _TO_TORCH
-    if type(model) in table:
+    if type(model) in table and not skipped:
         return _swap(model, table[type(model)]), skipped
     _convert_children(model, table)
     return model, skipped
@@ -128,7 +135,7 @@ def _convert(model: nn.Module, to: str) -> tuple[nn.Module, list[tuple[str, str]
 
 def _convert_children(model: nn.Module, table: dict) -> None:
     for name, child in list(model.named_children()):
-        if type(child) in table:
+        if type(child) in table and not _frozen(child):
             setattr(model, name, _swap(child, table[type(child)]))
         else:
             _convert_children(child, table)

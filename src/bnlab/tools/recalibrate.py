@@ -204,6 +204,9 @@ def recalibrate(
     is interrupted (an exception, KeyboardInterrupt), everything is restored in ``finally``, the
     modules in population mode leave it (``recalibrate_abort()``), and no statistics change.
 
+    Layers frozen with :func:`bnlab.tools.freeze` (``stats=True``) keep their statistics: they are
+    not recalibrated (they normalize with them throughout the pass, as in any training step).
+
     Returns the model, in the training mode it came in with.
 
     Example:
@@ -218,7 +221,7 @@ def recalibrate(
     custom = {m: n for n, m in modules.items() if hasattr(m, "recalibrate_begin") and hasattr(m, "recalibrate_end")}
     bns = {m: n for n, m in modules.items()
            if isinstance(m, _TorchBatchNorm) and m.track_running_stats and m.running_mean is not None
-           and m.running_var is not None}
+           and m.running_var is not None and not getattr(m, "frozen_stats", False)}
     modes = {m: m.training for m in modules.values()}
     momenta = {m: m.momentum for m in bns}
     saved = [(m, name, buf, buf.clone()) for m in modules.values() for name, buf in m._buffers.items()

@@ -18,7 +18,9 @@ executed by the same workers, and ``bnlab report`` rebuilds it from the store. I
     [{"title", "columns", "rows"}], "comparisons": [...], "metrics": {...}}``: numbers with their
     intervals (:mod:`bnlab.lab.stats`), never a verdict.
 
-Optional: ``PROTOCOL_CHANGES`` (list of str), ``LIMITS`` (as for a claim).
+Optional: ``PROTOCOL_CHANGES`` (list of str), ``LIMITS`` (as for a claim), ``TAKES`` (the data sets
+``--dataset`` may name, default ``DATASETS``: with another, an audit that runs everything leaves
+the finding out, and one that names it stops with an error).
 """
 
 from __future__ import annotations

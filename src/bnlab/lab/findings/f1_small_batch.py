@@ -76,7 +76,8 @@ SOURCES = [
     "Goyal et al. 2017, arXiv 1706.02677 (the learning rate scaled linearly with the batch)",
 ]
 PROTOCOL_CHANGES: list[str] = []
-DATASETS = ["digits"]  # image data: the CNN needs (C, H, W) input (mnist, fashion-mnist, cifar10 with --data-dir)
+DATASETS = ["digits"]
+TAKES = ("digits", "mnist", "fashion-mnist", "cifar10")  # image data: the CNN needs (C, H, W) input
 
 NORMS = ("batch", "ghost", "renorm", "group", "layer")
 NAMES = {"batch": "BN", "ghost": "ghost BN", "renorm": "batch renorm", "group": "GroupNorm", "layer": "LayerNorm"}
