@@ -13,8 +13,6 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from bnlab.nn import BNGRU, BNLSTM, BNRNN
 from bnlab.nn import _recurrent_kernels as rk
 
-pytestmark = pytest.mark.skipif(rk.blas() is None, reason="no BLAS for the fused kernels")
-
 DT = torch.float64
 LENGTHS = torch.tensor([7, 2, 5, 7, 1, 4])  # a sequence of length 1: steps with one row (no batch statistics)
 
@@ -199,3 +197,22 @@ def test_vector_math_is_accurate_to_float64_rounding():
     assert np.isnan(t[0]) and list(t[1:]) == [1.0, -1.0, 1.0, -1.0]
     s = rk.vector_math(special, 1)
     assert np.isnan(s[0]) and s[1] == 1.0 and s[2] < 1e-300 and s[3] == 1.0 and s[4] < 1e-300
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_micro_kernel_matrix_product_equals_numpy(dtype):
+    rng = np.random.default_rng(0)
+    for m, n, k in ((64, 256, 128), (7, 5, 3), (63, 70, 130), (9, 100, 600), (4, 64, 1), (5, 33, 0)):
+        A = rng.standard_normal((m + 3, k + 2)).astype(dtype)
+        B = rng.standard_normal((k, n)).astype(dtype)
+        want = A[2:2 + m, 1:1 + k].astype(np.float64) @ B
+        C = np.full((m, n), 7.0, dtype)
+        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, m, n, k, False)  # a block of A, from row 2, column 1
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(C, want, **tol)
+        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, m, n, k, True)  # accumulate
+        np.testing.assert_allclose(C, 2 * want, **tol)
+        At = np.ascontiguousarray(A[2:2 + m, 1:1 + k].T)  # (k, m): the transposed operand
+        D = np.empty((m, n), dtype)
+        rk.gemm(At, 0, True, B, D, m, n, k, False)
+        np.testing.assert_allclose(D, want, **tol)

@@ -1,13 +1,17 @@
-"""Recurrent-layer benchmark: forward+backward of bnlab's BN-LSTM/GRU/RNN against torch's layers.
+"""Recurrent-layer benchmark: forward+backward of bnlab's BN-LSTM/GRU against torch's layers.
 
-The figure of merit is the ratio torch time / bnlab time against torch.nn.LSTM (or GRU/RNN) of the
-same size (above 1: bnlab is faster; the direction of every suite of ``bnlab bench``), timed in the
-same run, interleaved (one call of each contender per round), median of the rounds: absolute
-times drift on shared machines, ratios taken this way do not.
+The figure of merit is the ratio torch time / bnlab time against torch.nn.LSTM (or GRU) of the same
+size, fed the same input (above 1: bnlab is faster; the direction of every suite of ``bnlab bench``),
+timed in the same run, interleaved (one call of each contender per round), median of the rounds:
+absolute times drift on shared machines, ratios taken this way do not.
 
-Default size (the audit's recurrent claim, C6): batch 64, T = 40, hidden 64, 2 layers, 1 input
-feature, 2 threads. Targets (bnlab's layer at most this many times torch's time, i.e. a ratio of at
-least 1/target): norm="none" 1.2 (it runs torch's own kernel), "vertical" 3, "per_timestep" 4.
+Sizes (batch, T, input, hidden, layers): (64, 40, 1, 64, 2), the audit's recurrent claim C6, and
+(64, 50, 32, 128, 1); each with equal lengths and with variable lengths (a PackedSequence, lengths
+spread evenly from T down to T/2, the same for torch), LSTM and GRU, every norm mode. Targets (bnlab's
+layer at most this many times torch's time, i.e. a ratio of at least 1/target): norm="none" 1.2 (it
+runs torch's own kernel), "vertical" 1.1 (torch's kernel with the input norm folded in), "horizontal",
+"per_timestep" and "layer" 1.3 (the fused time loop). ``--loop`` adds the reference time loop
+(``force_loop=True``) of every mode.
 
     python -m bnlab.bench_rnn              # table
     bnlab bench --suite rnn [--json FILE]  # the same, through the project's bench command
@@ -16,16 +20,20 @@ least 1/target): norm="none" 1.2 (it runs torch's own kernel), "vertical" 3, "pe
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from .nn.recurrent import BNGRU, BNLSTM, BNRNN, NORM_MODES
 
-__all__ = ["run_rnn_suite", "main", "TARGETS"]
+__all__ = ["run_rnn_suite", "main", "TARGETS", "SHAPES", "format_table"]
 
-TARGETS = {"none": 1.2, "vertical": 3.0, "per_timestep": 4.0}
+TARGETS = {"none": 1.2, "vertical": 1.1, "horizontal": 1.3, "per_timestep": 1.3, "layer": 1.3}
+SHAPES = ({"batch": 64, "steps": 40, "input": 1, "hidden": 64, "layers": 2},
+          {"batch": 64, "steps": 50, "input": 32, "hidden": 128, "layers": 1})
 _TORCH = {"LSTM": (torch.nn.LSTM, BNLSTM), "GRU": (torch.nn.GRU, BNGRU), "RNN": (torch.nn.RNN, BNRNN)}
 
 
@@ -34,10 +42,11 @@ def _step(model, x):
     for p in model.parameters():
         p.grad = None
     out = model(x)[0]
+    out = out.data if hasattr(out, "batch_sizes") else out
     out.float().pow(2).mean().backward()
 
 
-def _contenders(kind: str, size: dict, modes) -> dict:
+def _contenders(kind: str, size: dict, modes, loop: bool) -> dict:
     tcls, bcls = _TORCH[kind]
     args = (size["input"], size["hidden"], size["layers"])
     torch.manual_seed(0)
@@ -47,13 +56,22 @@ def _contenders(kind: str, size: dict, modes) -> dict:
         m = bcls(*args, batch_first=True, norm=mode)
         if mode == "none":
             m.load_state_dict(ref.state_dict())
-            loop = bcls(*args, batch_first=True, norm="none", force_loop=True)
-            loop.load_state_dict(ref.state_dict())
-            out[f"BN{kind} none"] = m
-            out[f"BN{kind} none (loop)"] = loop
-        else:
-            out[f"BN{kind} {mode}"] = m
+        out[f"BN{kind} {mode}"] = m
+        if loop:
+            r = bcls(*args, batch_first=True, norm=mode, force_loop=True)
+            r.load_state_dict(m.state_dict())
+            out[f"BN{kind} {mode} (loop)"] = r
     return out
+
+
+def _input(size: dict, packed: bool):
+    g = torch.Generator().manual_seed(1)
+    B, T = size["batch"], size["steps"]
+    x = torch.randn(B, T, size["input"], generator=g)
+    if not packed:
+        return x
+    lengths = torch.linspace(T, T // 2, B).round().long()[torch.randperm(B, generator=g)]
+    return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
 
 
 def time_interleaved(models: dict, x, repeats: int, warmup: int = 3, progress=None, task=None) -> dict:
@@ -72,64 +90,93 @@ def time_interleaved(models: dict, x, repeats: int, warmup: int = 3, progress=No
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def run_rnn_suite(args, progress=None) -> dict:
     """Time fwd+bwd of torch's recurrent layers against bnlab's in every norm mode.
 
     Args:
-        args: has ``repeats`` (rounds; at least 20 are timed), ``threads`` and ``quick`` (LSTM
-            only, at least 20 rounds).
+        args: has ``repeats`` (rounds; at least 20, at most 5 with ``quick``), ``threads``,
+            ``quick`` (LSTM only, the first size) and optionally ``loop`` (add the reference loops)
+            and ``kinds`` (a list, default LSTM and GRU).
         progress: a rich Progress to advance, or None.
 
-    Returns a dict: ``{"size": ..., "threads": ..., "repeats": ..., "rows": [{"kind", "name",
-    "norm", "ms", "ratio", "target", "ok"}]}`` with ratio = torch time / bnlab time against torch's
-    layer of the same kind in the same interleaved run; ``target``: the most times torch's time the
-    layer may take (met when ratio >= 1 / target).
+    Returns a dict: ``{"suite": "rnn", "shapes": ..., "threads": ..., "repeats": ..., "loadavg_start",
+    "loadavg_end", "rows": [{"kind", "shape", "lengths", "name", "norm", "ms", "torch_ms", "ratio",
+    "target", "ok"}]}`` with ratio = torch time / bnlab time against torch's layer of the same kind,
+    size and input in the same interleaved run; ``target``: the most times torch's time the layer
+    may take (met when ratio >= 1 / target).
     """
-    repeats = max(int(getattr(args, "repeats", 25) or 25), 20)
-    threads = int(getattr(args, "threads", 2) or 2)
     quick = bool(getattr(args, "quick", False))
-    size = {"batch": 64, "steps": 40, "hidden": 64, "layers": 2, "input": 1}
-    kinds = ["LSTM"] if quick else ["LSTM", "GRU", "RNN"]
+    repeats = int(getattr(args, "repeats", 25) or 25)
+    repeats = min(repeats, 5) if quick else max(repeats, 20)
+    threads = int(getattr(args, "threads", 2) or 2)
+    loop = bool(getattr(args, "loop", False))
+    kinds = ["LSTM"] if quick else list(getattr(args, "kinds", None) or ["LSTM", "GRU"])
+    shapes = SHAPES[:1] if quick else SHAPES
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     rows = []
+    load_start = _loadavg()
     try:
-        for kind in kinds:
-            models = _contenders(kind, size, NORM_MODES if kind == "LSTM" else ("none", "vertical", "per_timestep"))
-            x = torch.randn(size["batch"], size["steps"], size["input"], generator=torch.Generator().manual_seed(1))
-            task = progress.add_task(f"rnn {kind}", total=repeats) if progress is not None else None
-            med = time_interleaved(models, x, repeats, progress=progress, task=task)
-            base = med[f"torch.nn.{kind}"]
-            for name, sec in med.items():
-                norm = name.split(" ", 1)[1] if name.startswith("BN") else "torch"
-                target = TARGETS.get(norm.replace(" (loop)", "")) if kind == "LSTM" and "(loop)" not in norm else None
-                ratio = base / sec  # torch / bnlab, as every suite
-                rows.append({"kind": kind, "name": name, "norm": norm, "ms": sec * 1e3, "ratio": ratio,
-                             "target": target, "ok": None if target is None else ratio >= 1.0 / target})
+        for size in shapes:
+            for kind in kinds:
+                models = _contenders(kind, size, NORM_MODES, loop)
+                for packed in (False, True):
+                    x = _input(size, packed)
+                    lengths = "packed" if packed else "equal"
+                    shape = f"{size['batch']}x{size['steps']}x{size['input']}->{size['hidden']}x{size['layers']}"
+                    task = (progress.add_task(f"rnn {kind} {shape} {lengths}", total=repeats)
+                            if progress is not None else None)
+                    med = time_interleaved(models, x, repeats, progress=progress, task=task)
+                    base = med[f"torch.nn.{kind}"]
+                    for name, sec in med.items():
+                        norm = name.split(" ", 1)[1] if name.startswith("BN") else "torch"
+                        mode = norm.replace(" (loop)", "")
+                        target = TARGETS.get(mode) if "(loop)" not in norm else None
+                        ratio = base / sec  # torch / bnlab, as every suite
+                        rows.append({"kind": kind, "shape": shape, "lengths": lengths, "name": name, "norm": norm,
+                                     "ms": sec * 1e3, "torch_ms": base * 1e3, "ratio": ratio, "target": target,
+                                     "ok": None if target is None else ratio >= 1.0 / target})
     finally:
         torch.set_num_threads(old_threads)
-    return {"suite": "rnn", "size": size, "threads": threads, "repeats": repeats, "rows": rows}
+    return {"suite": "rnn", "shapes": list(shapes), "threads": threads, "repeats": repeats, "rows": rows,
+            "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
 def format_table(result: dict) -> str:
-    s = result["size"]
-    lines = [f"recurrent fwd+bwd: batch {s['batch']}, T={s['steps']}, hidden {s['hidden']}, {s['layers']} layers, "
-             f"{result['threads']} threads, median of {result['repeats']} interleaved rounds",
-             f"{'layer':28s} {'ms':>8s} {'ratio':>8s} {'target':>7s}"]
+    lines = [f"recurrent fwd+bwd, float32, {result['threads']} threads, median of {result['repeats']} interleaved "
+             "rounds; ratio = torch / bnlab (above 1: bnlab faster), target = the least ratio the mode aims for"]
+    if result.get("loadavg_start") is not None:
+        lines.append(f"load average (1, 5, 15 min) at start {result['loadavg_start']}, at end "
+                     f"{result.get('loadavg_end')}")
+    lines.append(f"{'shape (B x T x F -> H x layers)':32s} {'lengths':7s} {'layer':30s} {'ms':>8s} {'torch ms':>9s} "
+                 f"{'ratio':>6s} {'target':>7s}")
     for r in result["rows"]:
+        if r["norm"] == "torch":
+            continue
         tgt = f">={1.0 / r['target']:.2f}" if r["target"] else ""
         flag = "" if r["ok"] is None else (" ok" if r["ok"] else " MISSED")
-        lines.append(f"{r['name']:28s} {r['ms']:8.2f} {r['ratio']:8.2f} {tgt:>7s}{flag}")
+        lines.append(f"{r['shape']:32s} {r['lengths']:7s} {r['name']:30s} {r['ms']:8.2f} {r['torch_ms']:9.2f} "
+                     f"{r['ratio']:6.2f} {tgt:>7s}{flag}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bnlab.bench_rnn", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=25)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=25, help="timed rounds, at least 20 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="LSTM, first size, 5 rounds: a smoke run")
+    p.add_argument("--loop", action="store_true", help="also time the reference loop (force_loop=True) of every mode")
+    p.add_argument("--kinds", default="LSTM,GRU", help="comma-separated, of LSTM, GRU, RNN (default: %(default)s)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     res = run_rnn_suite(args)
     print(format_table(res))
     if args.json:

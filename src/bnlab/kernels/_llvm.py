@@ -5,8 +5,10 @@
   vector, with the scalar loops' operations in the scalar loops' order (so the same bits), rounded
   to the output dtype and stored straight to memory, without the read-for-ownership of a normal
   store (:func:`_nt_affine_line`, :func:`_nt_dx_line`, :func:`_nt_scale_line`), and the fence a
-  thread ends such stores with (:func:`_store_fence`); :func:`_nt_buffer_line` stores a line
-  whose values were computed one by one (the fused activations).
+  thread ends such stores with (:func:`_store_fence`). The fused activations' lines
+  (:func:`_nt_act_line`, :func:`_nt_act_dx_line`) apply the activation, or its derivative, to the
+  vector with the scalar code's operations in its order; ``exp`` (``llvm.exp``) and ``erf`` (the C
+  library's, as numba calls it) are the same functions per element.
 * lane loops: the rows layout's float64 sums over a span, accumulated in :data:`LANES` lanes held
   in vector registers for the whole loop (:func:`_lane_loop`, :func:`_grad_lane_loop`,
   :func:`_buf_grad_lane_loop`). Without ``fastmath`` LLVM does not vectorize a floating-point
@@ -22,6 +24,16 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
+
+# activations of the fused epilogue: module constants (not an IntEnum: numba passes a global int to
+# a helper as a literal and compiles the helper once per value; bnlab.kernels.cpu.Act names them)
+NONE = 0  # y = z
+RELU = 1  # y = max(z, 0)
+SILU = 2  # y = z * sigmoid(z) = z / (1 + exp(-z))
+GELU = 3  # y = z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2)))  (torch's default, exact form)
+
+SQRT1_2 = 0.70710678118654752440  # 1 / sqrt(2)
+INV_SQRT_2PI = 0.39894228040143267794  # 1 / sqrt(2 pi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,23 +159,122 @@ def _nt_scale_line(typingctx, dy, dx, idx, k, off):
     return types.void(dy, dx, idx, k, off), codegen
 
 
+def _splat(value: float, width: int):
+    return ir.Constant(ir.VectorType(ir.DoubleType(), width), [value] * width)
+
+
+def _vexp(builder, v):
+    """``exp`` of each element (``llvm.exp``, as numba's ``math.exp``)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
+                                        f"llvm.exp.v{v.type.count}f64")
+    return builder.call(fn, [v])
+
+
+def _verf(builder, v):
+    """``erf`` of each element (the C library's, as numba's ``math.erf``)."""
+    d = ir.DoubleType()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(d, [d]), "erf")
+    out = v
+    for t in range(v.type.count):
+        i = ir.IntType(32)(t)
+        out = builder.insert_element(out, builder.call(fn, [builder.extract_element(v, i)]), i)
+    return out
+
+
+def _vec_act(builder, z, act: int):
+    """``act(z)``: the operations of :func:`bnlab.kernels._serial._act`, in its order."""
+    w = z.type.count
+    one, zero = _splat(1.0, w), _splat(0.0, w)
+    if act == RELU:
+        return builder.select(builder.fcmp_ordered("<", z, zero), zero, z)
+    if act == SILU:
+        return builder.fdiv(z, builder.fadd(one, _vexp(builder, builder.fneg(z))))
+    if act == GELU:
+        e = _verf(builder, builder.fmul(z, _splat(SQRT1_2, w)))
+        return builder.fmul(builder.fmul(_splat(0.5, w), z), builder.fadd(one, e))
+    return z
+
+
+def _vec_act_dz(builder, g, z, act: int):
+    """``dz = g * act'(z)``: the operations of :func:`bnlab.kernels._serial._act_dz`, in its order."""
+    w = z.type.count
+    one, zero, half = _splat(1.0, w), _splat(0.0, w), _splat(0.5, w)
+    if act == RELU:
+        return builder.select(builder.fcmp_ordered(">", z, zero), g, zero)
+    if act == SILU:
+        sg = builder.fdiv(one, builder.fadd(one, _vexp(builder, builder.fneg(z))))
+        return builder.fmul(g, builder.fmul(sg, builder.fadd(one, builder.fmul(z, builder.fsub(one, sg)))))
+    if act == GELU:
+        cdf = builder.fmul(half, builder.fadd(one, _verf(builder, builder.fmul(z, _splat(SQRT1_2, w)))))
+        ex = _vexp(builder, builder.fmul(builder.fmul(_splat(-0.5, w), z), z))
+        pdf = builder.fmul(builder.fmul(z, ex), _splat(INV_SQRT_2PI, w))
+        return builder.fmul(g, builder.fadd(cdf, pdf))
+    return g
+
+
+def _act_literal(act):
+    return act.literal_value if isinstance(act, types.IntegerLiteral) and act.literal_value in (
+        NONE, RELU, SILU, GELU) else None
+
+
+def _same_or_none(t, dtype) -> bool:
+    return isinstance(t, types.NoneType) or (_float_arrays(t) and t.dtype == dtype)
+
+
+def _z_line(context, builder, sig, args, ix, ires, idx, imean, iscale, ibeta, off, width):
+    """``z = (x - mean) * scale + beta (+ res)`` of one line, and ``x - mean``."""
+    xv = _line_load(context, builder, sig.args[ix], args[ix], idx)
+    mu, sc, be = (_line_operand(context, builder, sig.args[i], args[i], off, width) for i in (imean, iscale, ibeta))
+    d = builder.fsub(xv, mu)
+    z = builder.fadd(builder.fmul(d, sc), be)
+    if not isinstance(sig.args[ires], types.NoneType):
+        z = builder.fadd(z, _line_load(context, builder, sig.args[ires], args[ires], idx))
+    return z, d
+
+
 @intrinsic
-def _nt_buffer_line(typingctx, buf, off, out, idx):
-    """One cache line of ``out`` from element ``idx`` (64-byte aligned): the float64 values
-    ``buf[off:off + width]`` rounded to the output dtype, stored non-temporally. The fused
-    activation's loops compute a line's values one by one into ``buf`` (the scalar code, so the
-    same bits as the regular stores) and store them with this."""
-    if not (_float_arrays(buf, out) and buf.dtype == types.float64 and isinstance(off, types.Integer)
-            and isinstance(idx, types.Integer)):
+def _nt_act_line(typingctx, x, res, y, idx, mean, scale, beta, off, act):
+    """``y = act((x - mean) * scale + beta (+ res))`` on one cache line of ``y`` from ``idx`` (64-byte
+    aligned), stored non-temporally; operands as in :func:`_nt_affine_line`, ``res`` an array or
+    None, ``act`` a literal activation."""
+    a = _act_literal(act)
+    if not (_float_arrays(x, y) and x.dtype == y.dtype and _same_or_none(res, x.dtype) and a is not None):
         return None
 
     def codegen(context, builder, sig, args):
-        width = 64 // sig.args[2].dtype.bitwidth * 8
-        v = _line_operand(context, builder, sig.args[0], args[0], args[1], width)
-        _line_store_nt(context, builder, sig.args[2], args[2], args[3], v)
+        width = 64 // sig.args[0].dtype.bitwidth * 8
+        z, _ = _z_line(context, builder, sig, args, 0, 1, args[3], 4, 5, 6, args[7], width)
+        _line_store_nt(context, builder, sig.args[2], args[2], args[3], _vec_act(builder, z, a))
         return context.get_dummy_value()
 
-    return types.void(buf, off, out, idx), codegen
+    return types.void(x, res, y, idx, mean, scale, beta, off, act), codegen
+
+
+@intrinsic
+def _nt_act_dx_line(typingctx, x, dy, res, dx, dres, idx, mean, k, beta, mdz, kx, off, act, train):
+    """The fused backward on one cache line from ``idx`` (64-byte aligned in ``dx`` and, if an
+    array, ``dres``), stored non-temporally: ``z = (x - mean) * k + beta (+ res)``,
+    ``dz = dy * act'(z)``; ``dx = k * ((dz - mdz) - (x - mean) * kx)`` when ``train``, else
+    ``dz * k``; ``dres = dz``."""
+    a = _act_literal(act)
+    if not (_float_arrays(x, dy, dx) and x.dtype == dy.dtype == dx.dtype and _same_or_none(res, x.dtype)
+            and _same_or_none(dres, x.dtype) and a is not None and isinstance(train, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        width = 64 // sig.args[0].dtype.bitwidth * 8
+        idx = args[5]
+        z, d = _z_line(context, builder, sig, args, 0, 2, idx, 6, 7, 8, args[11], width)
+        g = _vec_act_dz(builder, _line_load(context, builder, sig.args[1], args[1], idx), z, a)
+        kk, md, kxx = (_line_operand(context, builder, sig.args[i], args[i], args[11], width) for i in (7, 9, 10))
+        trained = builder.fmul(kk, builder.fsub(builder.fsub(g, md), builder.fmul(d, kxx)))
+        r = builder.select(context.cast(builder, args[13], sig.args[13], types.boolean), trained, builder.fmul(g, kk))
+        _line_store_nt(context, builder, sig.args[3], args[3], idx, r)
+        if not isinstance(sig.args[4], types.NoneType):
+            _line_store_nt(context, builder, sig.args[4], args[4], idx, g)
+        return context.get_dummy_value()
+
+    return types.void(x, dy, res, dx, dres, idx, mean, k, beta, mdz, kx, off, act, train), codegen
 
 
 @intrinsic

@@ -29,7 +29,8 @@ import numpy as np
 from numba import uint64
 
 from ._jit import SERIAL, kernel_jit
-from ._llvm import (LANES, _buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _nt_affine_line, _nt_buffer_line,
+from ._llvm import GELU, INV_SQRT_2PI, NONE, RELU, SILU, SQRT1_2, LANES  # noqa: F401  (NONE: re-exported)
+from ._llvm import (_buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _nt_act_dx_line, _nt_act_line, _nt_affine_line,
                     _nt_dx_line, _nt_scale_line, _prefetch)
 
 # span kinds (module constants, not an IntEnum: numba passes a global int to a helper as a literal
@@ -38,18 +39,9 @@ AFFINE = 0  # y = (x - p0) * p1 + p2
 DX = 1  # dx = p1 * ((dy - p2) - (x - p0) * p3)
 SCALE = 2  # dx = x * p0 (x standing for dy)
 
-# activations of the fused epilogue (module constants for the same reason; bnlab.kernels.cpu.Act
-# names them for callers)
-NONE = 0  # y = z
-RELU = 1  # y = max(z, 0)
-SILU = 2  # y = z * sigmoid(z)
-GELU = 3  # y = z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2)))  (torch's default, exact form)
+# the activations of the fused epilogue, NONE, RELU, SILU, GELU: module constants of :mod:`._llvm`
 
-LINE = 16  # float64 values of a line buffer: a cache line of float32
 CHUNK = 512  # values of a span whose dz is computed at once into a float64 buffer (4 KB)
-
-_SQRT1_2 = 0.70710678118654752440  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.39894228040143267794  # 1 / sqrt(2 pi)
 
 
 @kernel_jit(**SERIAL)
@@ -237,7 +229,7 @@ def _act(z, act):
     if act == SILU:
         return z / (1.0 + math.exp(-z))
     if act == GELU:
-        return 0.5 * z * (1.0 + math.erf(z * _SQRT1_2))
+        return 0.5 * z * (1.0 + math.erf(z * SQRT1_2))
     return z
 
 
@@ -251,16 +243,8 @@ def _act_dz(g, z, act):
         sg = 1.0 / (1.0 + math.exp(-z))
         return g * (sg * (1.0 + z * (1.0 - sg)))
     if act == GELU:
-        return g * (0.5 * (1.0 + math.erf(z * _SQRT1_2)) + z * math.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+        return g * (0.5 * (1.0 + math.erf(z * SQRT1_2)) + z * math.exp(-0.5 * z * z) * INV_SQRT_2PI)
     return g
-
-
-@kernel_jit(**SERIAL)
-def _dx_value(train, g, xj, mu, k, mdz, kx):
-    """``dx`` of one element from its ``dz = g`` (the formulas of :func:`bnlab.kernels.rows.rows_backward`)."""
-    if train:
-        return k * ((g - mdz) - (xj - mu) * kx)
-    return g * k
 
 
 @kernel_jit(**SERIAL)
@@ -271,9 +255,9 @@ def _act_values(act, x, res, y, lo, hi, mu, sc, be):
 
 
 @kernel_jit(**SERIAL)
-def _act_span_write(act, stream, x, res, y, start, length, mu, sc, be, buf):
-    """One span of ``y = act(z)``; ``stream``: its whole, aligned cache lines computed into ``buf``
-    (at least :data:`LINE` values) by the same scalar code and stored non-temporally."""
+def _act_span_write(act, stream, x, res, y, start, length, mu, sc, be):
+    """One span of ``y = act(z)``; ``stream``: its whole, aligned cache lines stored non-temporally
+    (:func:`_nt_act_line`, the same bits), the unaligned head and the tail one by one."""
     st = uint64(start)
     end = st + uint64(length)
     lo = st
@@ -283,9 +267,7 @@ def _act_span_write(act, stream, x, res, y, start, length, mu, sc, be, buf):
         lo = st + _aligned_head(y, st, length)
         hi = lo + ((end - lo) // w) * w
         for q in range(lo, hi, w):
-            for t in range(w):
-                buf[t] = _act(_z(x, res, q + t, mu, sc, be), act)
-            _nt_buffer_line(buf, 0, y, q)
+            _nt_act_line(x, res, y, q, mu, sc, be, 0, act)
         _act_values(act, x, res, y, st, lo, mu, sc, be)
     _act_values(act, x, res, y, hi, end, mu, sc, be)
 
@@ -315,26 +297,29 @@ def _act_lane_grad_sums(act, x, dy, res, start, length, mu, sc, be, a1, a2, buf)
 
 
 @kernel_jit(**SERIAL)
-def _act_dx_values(act, train, x, dy, res, dx, dres, lo, hi, mu, sc, be, k, mdz, kx):
-    """``dx`` (and ``dres = dz`` when ``dres`` is an array) over ``[lo, hi)`` one by one."""
+def _act_dx_values(act, train, x, dy, res, dx, dres, lo, hi, mu, k, be, mdz, kx):
+    """The fused backward over ``[lo, hi)`` one by one: ``z = (x - mu) * k + be (+ res)``,
+    ``dz = dy * act'(z)``, ``dx = k * ((dz - mdz) - (x - mu) * kx)`` when ``train``, else ``dz * k``
+    (the formulas of :func:`bnlab.kernels.rows.rows_backward`); ``dres = dz`` when ``dres`` is an
+    array."""
     if train:
         for j in range(uint64(lo), uint64(hi)):
-            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
+            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k, be), act)
             dx[j] = k * ((g - mdz) - (np.float64(x[j]) - mu) * kx)
             if dres is not None:
                 dres[j] = g
     else:
         for j in range(uint64(lo), uint64(hi)):
-            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
+            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k, be), act)
             dx[j] = g * k
             if dres is not None:
                 dres[j] = g
 
 
 @kernel_jit(**SERIAL)
-def _act_dx_span(act, train, stream, x, dy, res, dx, dres, start, length, mu, sc, be, k, mdz, kx, buf):
-    """One span of the fused backward's ``dx`` (and ``dres``); ``stream``: whole aligned lines
-    computed into ``buf`` (``dx`` at 0, ``dz`` at :data:`LINE`) and stored non-temporally."""
+def _act_dx_span(act, train, stream, x, dy, res, dx, dres, start, length, mu, k, be, mdz, kx):
+    """One span of the fused backward (:func:`_act_dx_values`); ``stream``: whole aligned lines of
+    ``dx`` and ``dres`` (aligned alike) stored non-temporally (:func:`_nt_act_dx_line`)."""
     st = uint64(start)
     end = st + uint64(length)
     lo = st
@@ -344,25 +329,6 @@ def _act_dx_span(act, train, stream, x, dy, res, dx, dres, start, length, mu, sc
         lo = st + _aligned_head(dx, st, length)
         hi = lo + ((end - lo) // w) * w
         for q in range(lo, hi, w):
-            for t in range(w):
-                j = q + t
-                g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, sc, be), act)
-                buf[t] = _dx_value(train, g, np.float64(x[j]), mu, k, mdz, kx)
-                buf[LINE + t] = g
-            _nt_buffer_line(buf, 0, dx, q)
-            if dres is not None:
-                _store_line(buf, LINE, dres, q)
-        _act_dx_values(act, train, x, dy, res, dx, dres, st, lo, mu, sc, be, k, mdz, kx)
-    _act_dx_values(act, train, x, dy, res, dx, dres, hi, end, mu, sc, be, k, mdz, kx)
-
-
-@kernel_jit(**SERIAL)
-def _store_line(buf, off, out, idx):
-    """A line's worth of ``buf`` from ``off`` into ``out`` from ``idx``: non-temporally where that
-    line of ``out`` is 64-byte aligned, one by one otherwise."""
-    w = uint64(64 // out.itemsize)
-    if _aligned_head(out, idx, 64) == 0:
-        _nt_buffer_line(buf, off, out, idx)
-    else:
-        for t in range(w):
-            out[uint64(idx) + t] = buf[uint64(off) + t]
+            _nt_act_dx_line(x, dy, res, dx, dres, q, mu, k, be, mdz, kx, 0, act, train)
+        _act_dx_values(act, train, x, dy, res, dx, dres, st, lo, mu, k, be, mdz, kx)
+    _act_dx_values(act, train, x, dy, res, dx, dres, hi, end, mu, k, be, mdz, kx)

@@ -189,117 +189,173 @@ def _num_blocks(m, c, nt):
 
 
 # ----------------------------------------------------------------------------------------------
-# the fused epilogue, a row of C channels at a time (``base``: the row's first element; ``lines``:
-# the row is whole aligned cache lines, stored non-temporally through ``buf``)
-
-
-@kernel_jit(**SERIAL)
-def _cols_act_row(act, x, res, y, base, c, mean, scale, beta, lines, buf):
-    """``y = act((x - mean) * scale + beta (+ res))`` over one row."""
-    cu = uint64(c)
-    b0 = uint64(base)
-    if lines:
-        w = uint64(64 // y.itemsize)
-        for ch in range(uint64(0), cu, w):
-            for t in range(w):
-                cc = ch + t
-                buf[t] = _act(_z(x, res, b0 + cc, mean[cc], scale[cc], beta[cc]), act)
-            _nt_buffer_line(buf, 0, y, b0 + ch)
-    else:
-        for ch in range(cu):
-            y[b0 + ch] = _act(_z(x, res, b0 + ch, mean[ch], scale[ch], beta[ch]), act)
-
-
-@kernel_jit(**SERIAL)
-def _cols_act_grad_row(act, x, dy, res, base, c, mean, scale, beta, a1, a2):
-    """Per-channel sums of ``dz`` and ``dz * (x - mean)`` over one row, into ``a1``, ``a2``."""
-    cu = uint64(c)
-    b0 = uint64(base)
-    for ch in range(cu):
-        j = b0 + ch
-        mu = mean[ch]
-        g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, scale[ch], beta[ch]), act)
-        a1[ch] += g
-        a2[ch] += g * (np.float64(x[j]) - mu)
-
-
-@kernel_jit(**SERIAL)
-def _cols_act_dx_row(act, train, x, dy, res, dx, dres, base, c, mean, k, beta, mdz, kx, lines, buf):
-    """The fused backward's ``dx`` (and ``dres = dz``) over one row; ``k`` is also the scale of ``z``."""
-    cu = uint64(c)
-    b0 = uint64(base)
-    if lines:
-        w = uint64(64 // dx.itemsize)
-        for ch in range(uint64(0), cu, w):
-            for t in range(w):
-                cc = ch + t
-                j = b0 + cc
-                mu = mean[cc]
-                g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[cc], beta[cc]), act)
-                buf[t] = _dx_value(train, g, np.float64(x[j]), mu, k[cc], mdz[cc], kx[cc])
-                buf[LINE + t] = g
-            _nt_buffer_line(buf, 0, dx, b0 + ch)
-            if dres is not None:
-                _store_line(buf, LINE, dres, b0 + ch)
-    elif train:
-        for ch in range(cu):
-            j = b0 + ch
-            mu = mean[ch]
-            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[ch], beta[ch]), act)
-            dx[j] = k[ch] * ((g - mdz[ch]) - (np.float64(x[j]) - mu) * kx[ch])
-            if dres is not None:
-                dres[j] = g
-    else:
-        for ch in range(cu):
-            j = b0 + ch
-            g = _act_dz(np.float64(dy[j]), _z(x, res, j, mean[ch], k[ch], beta[ch]), act)
-            dx[j] = g * k[ch]
-            if dres is not None:
-                dres[j] = g
+# the fused epilogue: the plain helpers' loops (four streams, a row of each per step) with ``act(z)``
+# for ``z`` and ``dz`` for ``dy``; where streaming, each whole line is computed into ``buf`` by the
+# same scalar code and stored non-temporally (:func:`bnlab.kernels._llvm._nt_buffer_line`)
 
 
 @kernel_jit(**SERIAL)
 def _cols_act_affine(act, x, res, y, r0, r1, c, mean, scale, beta, stream, buf):
-    """:func:`_cols_act_row` over rows ``[r0, r1)``, four streams (a row of each per step);
-    ``stream``: whole lines non-temporally where the rows allow it (:func:`_cols_lines`)."""
+    """``y = act((x - mean) * scale + beta (+ res))`` over rows ``[r0, r1)`` (:func:`_cols_affine`;
+    ``buf``: a line buffer for ``stream``)."""
     cu = uint64(c)
-    lines = stream and _cols_lines(y, r0, c)
     qn = uint64((r1 - r0) // 4)
-    for i in range(qn):
-        for q in range(uint64(4)):
-            _cols_act_row(act, x, res, y, (uint64(r0) + i + q * qn) * cu, c, mean, scale, beta, lines, buf)
-    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
-        _cols_act_row(act, x, res, y, r * cu, c, mean, scale, beta, lines, buf)
-    if lines:
+    if stream and _cols_lines(y, r0, c):
+        w = uint64(64 // y.itemsize)
+        four = uint64(4)
+        for r in range(uint64(r0), uint64(r1)):
+            # rows in the four streams' order: i, i + qn, i + 2 qn, i + 3 qn, then the last rows
+            i = r - uint64(r0)
+            rr = uint64(r0) + (i // four + (i % four) * qn if i < four * qn else i)
+            for ch in range(uint64(0), cu, w):
+                base = rr * cu + ch
+                for t in range(w):
+                    cc = ch + t
+                    buf[t] = _act(_z(x, res, base + t, mean[cc], scale[cc], beta[cc]), act)
+                _nt_buffer_line(buf, 0, y, base)
         _store_fence()
+        return
+    for i in range(qn):
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            mu = mean[ch]
+            sc = scale[ch]
+            be = beta[ch]
+            y[b0 + ch] = _act(_z(x, res, b0 + ch, mu, sc, be), act)
+            y[b1 + ch] = _act(_z(x, res, b1 + ch, mu, sc, be), act)
+            y[b2 + ch] = _act(_z(x, res, b2 + ch, mu, sc, be), act)
+            y[b3 + ch] = _act(_z(x, res, b3 + ch, mu, sc, be), act)
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        base = r * cu
+        for ch in range(cu):
+            y[base + ch] = _act(_z(x, res, base + ch, mean[ch], scale[ch], beta[ch]), act)
 
 
 @kernel_jit(**SERIAL)
 def _cols_act_grad_sums(act, x, dy, res, r0, r1, c, mean, scale, beta, a1, a2):
-    """:func:`_cols_act_grad_row` over rows ``[r0, r1)``, four streams."""
+    """Per-channel sums of ``dz`` and ``dz * (x - mean)`` over rows ``[r0, r1)``
+    (:func:`_cols_grad_sums`)."""
     cu = uint64(c)
     qn = uint64((r1 - r0) // 4)
     for i in range(qn):
-        for q in range(uint64(4)):
-            _cols_act_grad_row(act, x, dy, res, (uint64(r0) + i + q * qn) * cu, c, mean, scale, beta, a1, a2)
+        b0 = (uint64(r0) + i) * cu
+        b1 = b0 + qn * cu
+        b2 = b1 + qn * cu
+        b3 = b2 + qn * cu
+        for ch in range(cu):
+            mu = mean[ch]
+            sc = scale[ch]
+            be = beta[ch]
+            g0 = _act_dz(np.float64(dy[b0 + ch]), _z(x, res, b0 + ch, mu, sc, be), act)
+            g1 = _act_dz(np.float64(dy[b1 + ch]), _z(x, res, b1 + ch, mu, sc, be), act)
+            g2 = _act_dz(np.float64(dy[b2 + ch]), _z(x, res, b2 + ch, mu, sc, be), act)
+            g3 = _act_dz(np.float64(dy[b3 + ch]), _z(x, res, b3 + ch, mu, sc, be), act)
+            a1[ch] += (g0 + g1) + (g2 + g3)
+            a2[ch] += (g0 * (np.float64(x[b0 + ch]) - mu) + g1 * (np.float64(x[b1 + ch]) - mu)) + (
+                g2 * (np.float64(x[b2 + ch]) - mu) + g3 * (np.float64(x[b3 + ch]) - mu))
     for r in range(uint64(r0) + 4 * qn, uint64(r1)):
-        _cols_act_grad_row(act, x, dy, res, r * cu, c, mean, scale, beta, a1, a2)
+        base = r * cu
+        for ch in range(cu):
+            mu = mean[ch]
+            g = _act_dz(np.float64(dy[base + ch]), _z(x, res, base + ch, mu, scale[ch], beta[ch]), act)
+            a1[ch] += g
+            a2[ch] += g * (np.float64(x[base + ch]) - mu)
+
+
+@kernel_jit(**SERIAL)
+def _cols_act_dx_row(act, train, x, dy, res, dx, dres, base, c, mean, k, beta, mdz, kx):
+    """:func:`_cols_act_dx` over the one row from ``base`` (its last rows, past the four streams)."""
+    cu = uint64(c)
+    for ch in range(cu):
+        j = base + ch
+        mu = mean[ch]
+        g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[ch], beta[ch]), act)
+        dx[j] = _dx_value(train, g, np.float64(x[j]), mu, k[ch], mdz[ch], kx[ch])
+        if dres is not None:
+            dres[j] = g
 
 
 @kernel_jit(**SERIAL)
 def _cols_act_dx(act, train, x, dy, res, dx, dres, r0, r1, c, mean, k, beta, mdz, kx, stream, buf):
-    """:func:`_cols_act_dx_row` over rows ``[r0, r1)``, four streams."""
+    """The fused backward's ``dx`` over rows ``[r0, r1)`` (:func:`_cols_dx`, :func:`_cols_scale`;
+    ``k`` is also the scale of ``z``), ``dres = dz`` when ``dres`` is an array (``buf``: two line
+    buffers for ``stream``)."""
     cu = uint64(c)
-    lines = stream and _cols_lines(dx, r0, c)
     qn = uint64((r1 - r0) // 4)
-    for i in range(qn):
-        for q in range(uint64(4)):
-            _cols_act_dx_row(act, train, x, dy, res, dx, dres, (uint64(r0) + i + q * qn) * cu, c, mean, k, beta, mdz,
-                             kx, lines, buf)
-    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
-        _cols_act_dx_row(act, train, x, dy, res, dx, dres, r * cu, c, mean, k, beta, mdz, kx, lines, buf)
-    if lines:
+    if stream and _cols_lines(dx, r0, c):
+        w = uint64(64 // dx.itemsize)
+        four = uint64(4)
+        for r in range(uint64(r0), uint64(r1)):
+            # rows in the four streams' order: i, i + qn, i + 2 qn, i + 3 qn, then the last rows
+            i = r - uint64(r0)
+            rr = uint64(r0) + (i // four + (i % four) * qn if i < four * qn else i)
+            for ch in range(uint64(0), cu, w):
+                base = rr * cu + ch
+                for t in range(w):
+                    cc = ch + t
+                    j = base + t
+                    mu = mean[cc]
+                    g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[cc], beta[cc]), act)
+                    buf[t] = _dx_value(train, g, np.float64(x[j]), mu, k[cc], mdz[cc], kx[cc])
+                    buf[LINE + t] = g
+                _nt_buffer_line(buf, 0, dx, base)
+                if dres is not None:
+                    _store_line(buf, LINE, dres, base)
         _store_fence()
+        return
+    if train:
+        for i in range(qn):
+            b0 = (uint64(r0) + i) * cu
+            b1 = b0 + qn * cu
+            b2 = b1 + qn * cu
+            b3 = b2 + qn * cu
+            for ch in range(cu):
+                mu = mean[ch]
+                kk = k[ch]
+                be = beta[ch]
+                md = mdz[ch]
+                kxx = kx[ch]
+                g0 = _act_dz(np.float64(dy[b0 + ch]), _z(x, res, b0 + ch, mu, kk, be), act)
+                g1 = _act_dz(np.float64(dy[b1 + ch]), _z(x, res, b1 + ch, mu, kk, be), act)
+                g2 = _act_dz(np.float64(dy[b2 + ch]), _z(x, res, b2 + ch, mu, kk, be), act)
+                g3 = _act_dz(np.float64(dy[b3 + ch]), _z(x, res, b3 + ch, mu, kk, be), act)
+                dx[b0 + ch] = kk * ((g0 - md) - (np.float64(x[b0 + ch]) - mu) * kxx)
+                dx[b1 + ch] = kk * ((g1 - md) - (np.float64(x[b1 + ch]) - mu) * kxx)
+                dx[b2 + ch] = kk * ((g2 - md) - (np.float64(x[b2 + ch]) - mu) * kxx)
+                dx[b3 + ch] = kk * ((g3 - md) - (np.float64(x[b3 + ch]) - mu) * kxx)
+                if dres is not None:
+                    dres[b0 + ch] = g0
+                    dres[b1 + ch] = g1
+                    dres[b2 + ch] = g2
+                    dres[b3 + ch] = g3
+    else:
+        for i in range(qn):
+            b0 = (uint64(r0) + i) * cu
+            b1 = b0 + qn * cu
+            b2 = b1 + qn * cu
+            b3 = b2 + qn * cu
+            for ch in range(cu):
+                mu = mean[ch]
+                kk = k[ch]
+                be = beta[ch]
+                g0 = _act_dz(np.float64(dy[b0 + ch]), _z(x, res, b0 + ch, mu, kk, be), act)
+                g1 = _act_dz(np.float64(dy[b1 + ch]), _z(x, res, b1 + ch, mu, kk, be), act)
+                g2 = _act_dz(np.float64(dy[b2 + ch]), _z(x, res, b2 + ch, mu, kk, be), act)
+                g3 = _act_dz(np.float64(dy[b3 + ch]), _z(x, res, b3 + ch, mu, kk, be), act)
+                dx[b0 + ch] = g0 * kk
+                dx[b1 + ch] = g1 * kk
+                dx[b2 + ch] = g2 * kk
+                dx[b3 + ch] = g3 * kk
+                if dres is not None:
+                    dres[b0 + ch] = g0
+                    dres[b1 + ch] = g1
+                    dres[b2 + ch] = g2
+                    dres[b3 + ch] = g3
+    for r in range(uint64(r0) + 4 * qn, uint64(r1)):
+        _cols_act_dx_row(act, train, x, dy, res, dx, dres, r * cu, c, mean, k, beta, mdz, kx)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -414,7 +414,40 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     Returns ``(dx, grads)``: ``dx`` with the strides of ``torch.empty_like(x)``, ``grads`` a
     ``(2, C)`` ndarray (dbias, dweight) in the weight's dtype (float64 without a weight).
     """
-    dx, grads, _ = _backward(dy, x, weight, None, stats, train, _NONE, None, thresholds)
+    c = x.shape[1]
+    gdtype = np.float64 if weight is None else _NP_DTYPE.get(weight.dtype, np.float64)
+    if x.numel() == 0:
+        return torch.empty_like(x), np.zeros((2, c), gdtype)
+    lay, n, c, s, perm, g, serial, nt, dense, pf, stream = plan(x, threads(), thresholds)
+    xd = x if dense else x.contiguous()
+    if dy.stride() != xd.stride():
+        dy = torch.empty_like(xd).copy_(dy)
+    dx = torch.empty_like(xd)
+    xa = xd.numpy(force=True)
+    ga = dy.numpy(force=True)
+    da = dx.numpy()
+    if perm is not None:
+        xa = xa.transpose(perm)
+        ga = ga.transpose(perm)
+        da = da.transpose(perm)
+    xa = xa.reshape(-1)
+    ga = ga.reshape(-1)
+    da = da.reshape(-1, copy=False)
+    w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
+    b = _DUMMY[x.dtype]  # the bias only enters the fused activation's backward
+    grads = np.empty((2, c), gdtype)
+    k = _kernels
+    prev = _enter(nt)
+    try:
+        if lay == ROWS:
+            k.rows_backward(xa, ga, da, w, b, has_w, False, n, c, s, stats, grads, train, nt, g, pf, stream, None, None)
+        else:
+            k.cols_backward(xa, ga, da, w, b, has_w, False, n, c, stats, grads, train, nt, stream, None, None)
+    finally:
+        if prev:
+            _set_threads(prev)
+    if not dense:
+        dx = torch.empty_like(x).copy_(dx)
     return dx, grads
 
 
@@ -436,12 +469,8 @@ def backward_act(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | No
     if residual is not None:
         _check_residual(residual, x, "bnlab.kernels.cpu.backward_act")
     if act is _NONE:
-        dx, grads, _ = _backward(dy, x, weight, None, stats, train, _NONE, None, thresholds)
+        dx, grads = backward(dy, x, weight, stats, train, thresholds=thresholds)
         return dx, grads, (dy if residual is not None else None)
-    return _backward(dy, x, weight, bias, stats, train, act, residual, thresholds)
-
-
-def _backward(dy, x, weight, bias, stats, train, act, residual, thresholds):
     c = x.shape[1]
     gdtype = np.float64 if weight is None else _NP_DTYPE.get(weight.dtype, np.float64)
     if x.numel() == 0:
@@ -470,7 +499,7 @@ def _backward(dy, x, weight, bias, stats, train, act, residual, thresholds):
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
     grads = np.empty((2, c), gdtype)
-    k = _kernels if act is _NONE else act_kernels(act, _serial_only)
+    k = act_kernels(act, _serial_only)
     prev = _enter(nt)
     try:
         if lay == ROWS:

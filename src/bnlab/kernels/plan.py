@@ -135,7 +135,8 @@ PLANS: dict = {}  # plan() cache; at most 1024 entries
 
 def plan(x: Tensor, pool: int, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Plan:
     """:func:`make_plan`, cached by (shape, strides, dtype, pool, thresholds)."""
-    key = (x.shape, x.stride(), x.dtype, pool, thresholds)
+    key = (x.shape, x.stride(), x.dtype, pool) if thresholds is DEFAULT_THRESHOLDS else \
+        (x.shape, x.stride(), x.dtype, pool, thresholds)  # the defaults' key without them: no tuple to hash
     p = PLANS.get(key)
     if p is None:
         if len(PLANS) >= 1024:

@@ -21,10 +21,10 @@ import numpy as np
 from numba import prange, uint64
 
 from ._jit import PARALLEL, SERIAL, kernel_jit
-from ._llvm import LANES, _grad_lane_loop, _lane_loop, _store_fence
-from ._serial import (AFFINE, CHUNK, DX, LINE, NONE, SCALE, _act, _act_dx_span, _act_dx_values,
-                      _act_lane_grad_sums, _act_span_write, _count_nonfinite, _finish_stats, _lane_grad_sums,
-                      _lane_pair, _lane_sums, _lane_total, _prefetch_runs, _span_write, _z)
+from ._llvm import LANES, _buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _store_fence
+from ._serial import (AFFINE, CHUNK, DX, LINE, NONE, SCALE, _act, _act_dx_span, _act_dz, _act_lane_grad_sums,
+                      _act_span_write, _count_nonfinite, _finish_stats, _lane_grad_sums, _lane_pair, _lane_sums,
+                      _lane_total, _prefetch_runs, _span_write, _z)
 
 ACT = NONE  # the activation of the fused epilogue (replaced in the act variants, see the module doc)
 
@@ -145,11 +145,21 @@ def _group_act_grad_sums(act, x, dy, res, ch0, g, n, c, s, mean, scale, beta, ac
             if res is not None:
                 _prefetch_runs(res, ch0, g, i + 1, i + 2, c, s)
         run = (i * uint64(c) + uint64(ch0)) * su
-        for j in range(uint64(g)):
-            t1, t2 = _act_lane_grad_sums(act, x, dy, res, run + j * su, su, mean[j], scale[j], beta[j], acc[j, 0],
-                                         acc[j, 1], buf)
-            tail[j, 0] += t1
-            tail[j, 1] += t2
+        for j in range(uint64(g)):  # _act_lane_grad_sums inline: a call per short run costs about 2x
+            span = run + j * su
+            mu = mean[j]
+            sc = scale[j]
+            be = beta[j]
+            for c0 in range(span, span + su, uint64(CHUNK)):
+                m = min(uint64(CHUNK), span + su - c0)
+                for t in range(m):
+                    buf[t] = _act_dz(np.float64(dy[c0 + t]), _z(x, res, c0 + t, mu, sc, be), act)
+                full = (m // LANES) * LANES
+                _buf_grad_lane_loop(x, buf, c0, full, mu, acc[j, 0], acc[j, 1])
+                for t in range(full, m):
+                    gv = buf[t]
+                    tail[j, 0] += gv
+                    tail[j, 1] += gv * (np.float64(x[c0 + t]) - mu)
 
 
 @kernel_jit(**SERIAL)
@@ -188,12 +198,24 @@ def _group_act_dx(act, x, dy, res, dx, dres, ch0, g, n, c, s, mean, k, beta, mdz
         for j in range(uint64(g)):
             span = run + j * su
             kj = k[j]
+            mu = mean[j]
+            be = beta[j]
             if stream:
-                _act_dx_span(act, train, True, x, dy, res, dx, dres, span, su, mean[j], kj, beta[j], kj, mdz[j], kx[j],
-                             buf)
+                _act_dx_span(act, train, True, x, dy, res, dx, dres, span, su, mu, kj, be, kj, mdz[j], kx[j], buf)
+            elif train:  # inline, as in _group_dx
+                md = mdz[j]
+                kxj = kx[j]
+                for q in range(span, span + su):
+                    gv = _act_dz(np.float64(dy[q]), _z(x, res, q, mu, kj, be), act)
+                    dx[q] = kj * ((gv - md) - (np.float64(x[q]) - mu) * kxj)
+                    if dres is not None:
+                        dres[q] = gv
             else:
-                _act_dx_values(act, train, x, dy, res, dx, dres, span, span + su, mean[j], kj, beta[j], kj, mdz[j],
-                               kx[j])
+                for q in range(span, span + su):
+                    gv = _act_dz(np.float64(dy[q]), _z(x, res, q, mu, kj, be), act)
+                    dx[q] = gv * kj
+                    if dres is not None:
+                        dres[q] = gv
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,18 +35,14 @@ are flat arrays addressed by ``base[t] + i * stride + j`` (row ``i`` of step ``t
 all read and written in place. ``rev=1`` runs the steps from last to first (the reverse direction
 of a bidirectional layer): sequences join as their last step comes up, from ``h0``.
 
-**BLAS.** The matmuls call the Fortran ``sgemm_``/``dgemm_`` of the BLAS torch was built with
-(MKL in the x86 wheels: the same library, and thread settings, as torch's own matmuls), found in
-``libtorch_cpu``; failing that, scipy's BLAS. The address is a runtime argument, so the compiled
-kernels cache on disk. :func:`blas` returns the two addresses or None (then callers use their
-torch-ops path).
+**Matrix products** (:func:`gemm`): a register-blocked micro-kernel written in LLVM vector IR (4
+rows of A by 4 vectors of B and C held in registers across the k loop, ``llvm.fma``), 64-byte vectors
+where the CPU has AVX-512, 32-byte ones elsewhere. On the 2-core AMD machines this project is
+measured on it runs at about 2.4 times the float32 speed of the BLAS torch calls for these shapes
+(MKL takes its AVX2 code path on AMD CPUs), and needs no BLAS at all.
 """
 
 from __future__ import annotations
-
-import ctypes
-import functools
-import os
 
 import numpy as np
 from llvmlite import ir
@@ -54,7 +50,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "blas", "forward", "backward"]
+__all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "gemm", "forward", "backward",
+           "weight_grad", "moments", "vector_math", "VECTOR_BYTES"]
 
 NONE, BATCH, FIXED, ROW = 0, 1, 2, 3
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
@@ -63,92 +60,161 @@ _OPTS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
 
 
 # ------------------------------------------------------------------------------------------------
-# BLAS from compiled code
+# matrix products: a register-blocked micro-kernel in LLVM vector IR
 
-@intrinsic
-def _xgemm(typingctx, addr, m, n, k, a, lda, b, ldb, beta, c, ldc):
-    """Row-major ``c[:m, :n] = a[:m, :k] @ b[:k, :n] + beta * c`` through the Fortran gemm at
-    ``addr`` (column-major ``c^T = b^T a^T``); ``a``, ``b``, ``c`` arrays whose data pointers start
-    the blocks, leading dimensions in elements."""
-    dt = c.dtype
-    sig = types.void(addr, m, n, k, a, lda, b, ldb, beta, c, ldc)
+def _vector_bytes() -> int:
+    """64 (AVX-512: 32 vector registers) or 32 bytes per vector, from the host CPU numba compiles for."""
+    try:
+        from llvmlite import binding as llvm
 
-    def codegen(context, builder, signature, args):
-        addr_v, m_v, n_v, k_v, a_v, lda_v, b_v, ldb_v, beta_v, c_v, ldc_v = args
-        tys = signature.args
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fl = context.get_value_type(dt)
+        features = llvm.get_host_cpu_features()
+        return 64 if features.get("avx512f", False) else 32
+    except Exception:  # pragma: no cover - unknown host: the smaller vectors lower everywhere
+        return 32
 
-        def slot(llty, value):
-            p = cgutils.alloca_once(builder, llty)
-            builder.store(value, p)
-            return builder.bitcast(p, i8p)
 
-        def int_arg(v, ty):
-            return slot(i32, context.cast(builder, v, ty, types.int32))
+VECTOR_BYTES = _vector_bytes()
+_KC = 256  # rows of B per pass (the B panel stays in cache)
 
-        def data(v, ty):
-            return builder.bitcast(context.make_array(ty)(context, builder, v).data, i8p)
 
-        no = slot(ir.IntType(8), ir.Constant(ir.IntType(8), ord("N")))
-        argv = [no, no, int_arg(n_v, tys[2]), int_arg(m_v, tys[1]), int_arg(k_v, tys[3]),
-                slot(fl, ir.Constant(fl, 1.0)), data(b_v, tys[6]), int_arg(ldb_v, tys[7]), data(a_v, tys[4]),
-                int_arg(lda_v, tys[5]), slot(fl, context.cast(builder, beta_v, tys[8], dt)), data(c_v, tys[9]),
-                int_arg(ldc_v, tys[10])]
-        fnty = ir.FunctionType(ir.VoidType(), [i8p] * 13)
-        fn = builder.inttoptr(addr_v, fnty.as_pointer())
-        builder.call(fn, argv)
-        return context.get_dummy_value()
+def _make_kernel(R: int, NV: int, trans_a: bool):
+    """An intrinsic ``c[R, NV*VL] (+)= a[R, k] @ b[k, NV*VL]`` for one block: R rows of A
+    (row-major, or its transpose with ``trans_a``: element (r, kk) at ``a_off + kk * lda + r``),
+    NV vectors of VL elements of B and C, ``R * NV`` accumulators in registers across the k loop
+    (``llvm.fma``: one rounding per multiply-add). ``k >= 1``."""
 
-    return sig, codegen
+    @intrinsic
+    def kernel(typingctx, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, k, accumulate):
+        dt = c.dtype
+        sig = types.void(a, a_off, lda, b, b_off, ldb, c, c_off, ldc, k, accumulate)
+
+        def codegen(context, builder, signature, args):
+            a_v, a_off_v, lda_v, b_v, b_off_v, ldb_v, c_v, c_off_v, ldc_v, k_v, acc_v = args
+            tys = signature.args
+            fl = context.get_value_type(dt)
+            VL = VECTOR_BYTES // (4 if dt == types.float32 else 8)
+            vt = ir.VectorType(fl, VL)
+            i64 = ir.IntType(64)
+
+            def as64(v, ty):
+                return context.cast(builder, v, ty, types.int64)
+
+            def base(arr, ty, off, off_ty):
+                return builder.gep(context.make_array(ty)(context, builder, arr).data, [as64(off, off_ty)])
+
+            pa = base(a_v, tys[0], a_off_v, tys[1])
+            pb = base(b_v, tys[3], b_off_v, tys[4])
+            pc = base(c_v, tys[6], c_off_v, tys[7])
+            lda, ldb, ldc, kend = as64(lda_v, tys[2]), as64(ldb_v, tys[5]), as64(ldc_v, tys[8]), as64(k_v, tys[9])
+            name = "llvm.fma.v%d%s" % (VL, "f32" if dt == types.float32 else "f64")
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
+            zero = ir.Constant(vt, None)
+            undef = ir.Constant(vt, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
+            entry = builder.basic_block
+            loop = builder.append_basic_block("mk.loop")
+            done = builder.append_basic_block("mk.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            kk = builder.phi(i64)
+            kk.add_incoming(ir.Constant(i64, 0), entry)
+            accs = [[builder.phi(vt) for _ in range(NV)] for _ in range(R)]
+            for row in accs:
+                for phi in row:
+                    phi.add_incoming(zero, entry)
+            brow = builder.gep(pb, [builder.mul(kk, ldb)])
+            bvs = [builder.load(builder.bitcast(builder.gep(brow, [ir.Constant(i64, v * VL)]), vt.as_pointer()),
+                                align=4) for v in range(NV)]
+            new = []
+            for r in range(R):
+                if trans_a:
+                    ap = builder.gep(pa, [builder.add(builder.mul(kk, lda), ir.Constant(i64, r))])
+                else:
+                    ap = builder.gep(pa, [builder.add(builder.mul(ir.Constant(i64, r), lda), kk)])
+                one = builder.insert_element(undef, builder.load(ap), ir.Constant(ir.IntType(32), 0))
+                sv = builder.shuffle_vector(one, undef, splat)
+                new.append([builder.call(fma, [sv, bvs[v], accs[r][v]]) for v in range(NV)])
+            kk1 = builder.add(kk, ir.Constant(i64, 1))
+            kk.add_incoming(kk1, loop)
+            for r in range(R):
+                for v in range(NV):
+                    accs[r][v].add_incoming(new[r][v], loop)
+            builder.cbranch(builder.icmp_signed("<", kk1, kend), loop, done)
+            builder.position_at_end(done)
+            add = context.cast(builder, acc_v, tys[10], types.boolean)
+            for r in range(R):
+                crow = builder.gep(pc, [builder.mul(ir.Constant(i64, r), ldc)])
+                for v in range(NV):
+                    cp = builder.bitcast(builder.gep(crow, [ir.Constant(i64, v * VL)]), vt.as_pointer())
+                    val = builder.select(add, builder.fadd(builder.load(cp, align=4), new[r][v]), new[r][v])
+                    builder.store(val, cp, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
+
+
+_K44, _K14, _K41, _K11 = (_make_kernel(r, v, False) for r, v in ((4, 4), (1, 4), (4, 1), (1, 1)))
+_T44, _T14, _T41, _T11 = (_make_kernel(r, v, True) for r, v in ((4, 4), (1, 4), (4, 1), (1, 1)))
 
 
 @njit(**_OPTS)
-def _gemm_probe(addr, a, b, c):
-    _xgemm(addr, a.shape[0], b.shape[1], a.shape[1], a, a.shape[1], b, b.shape[1], 0.0, c, c.shape[1])
-
-
-def _torch_blas() -> tuple[int, int] | None:
-    import torch
-
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-    return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in ("sgemm_", "dgemm_"))
-
-
-def _scipy_blas() -> tuple[int, int] | None:
-    from scipy.linalg import cython_blas
-
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
-    get_ptr.restype, get_ptr.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    caps = [cython_blas.__pyx_capi__[n] for n in ("sgemm", "dgemm")]
-    return tuple(get_ptr(c, get_name(c)) for c in caps)
-
-
-def _works(addrs) -> bool:
-    rng = np.random.default_rng(0)
-    for addr, dt in zip(addrs, (np.float32, np.float64)):
-        a, b = rng.standard_normal((5, 3)).astype(dt), rng.standard_normal((3, 7)).astype(dt)
-        c = np.empty((5, 7), dt)
-        _gemm_probe(addr, a, b, c)
-        if not np.allclose(c, a @ b, rtol=1e-4, atol=1e-5):
-            return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def blas() -> tuple[int, int] | None:
-    """``(sgemm, dgemm)`` addresses of a working Fortran BLAS, or None."""
-    for find in (_torch_blas, _scipy_blas):
-        try:
-            addrs = find()
-        except (OSError, AttributeError, ImportError, KeyError, TypeError):
-            continue
-        if addrs and all(addrs) and _works(addrs):
-            return addrs
-    return None
+def gemm(A, a_off, trans_a, B, C, m, n, k, accumulate):
+    """``C[:m, :n] (+)= op(A) @ B[:k, :n]`` for 2-D C-contiguous arrays; op(A) is the ``m x k``
+    block of A starting at flat element ``a_off`` (row-major: element (i, kk) at
+    ``a_off + i * lda + kk``; ``trans_a``: at ``a_off + kk * lda + i``), ``lda = A.shape[1]``."""
+    lda = A.shape[1]
+    ldb = B.shape[1]
+    ldc = C.shape[1]
+    if k == 0:
+        if not accumulate:
+            for i in range(m):
+                c = C[i]
+                for j in range(n):
+                    c[j] = 0.0
+        return
+    VL = VECTOR_BYTES // C.itemsize
+    BN = 4 * VL
+    n4 = n - n % BN
+    n1 = n - n % VL
+    m4 = m - m % 4
+    Af = A.reshape(-1)
+    for k0 in range(0, k, _KC):
+        kc = min(_KC, k - k0)
+        acc = accumulate or k0 > 0
+        ao = a_off + (k0 * lda if trans_a else k0)
+        bo = k0 * ldb
+        for j in range(0, n4, BN):
+            for i in range(0, m4, 4):
+                if trans_a:
+                    _T44(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                else:
+                    _K44(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+            for i in range(m4, m):
+                if trans_a:
+                    _T14(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                else:
+                    _K14(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+        for j in range(n4, n1, VL):
+            for i in range(0, m4, 4):
+                if trans_a:
+                    _T41(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                else:
+                    _K41(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+            for i in range(m4, m):
+                if trans_a:
+                    _T11(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                else:
+                    _K11(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+        for i in range(m):  # columns past the last whole vector
+            c = C[i]
+            for j in range(n1, n):
+                s = 0.0
+                for q in range(kc):
+                    e = ao + (q * lda + i if trans_a else i * lda + q)
+                    s += Af[e] * B[k0 + q, j]
+                c[j] = c[j] + s if acc else s
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,7 +544,7 @@ def _copy_rows(src, dst, lo, hi, n):
 # the time loop, forward
 
 @njit(**_OPTS)
-def forward(cell, rev, gemm, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, sx, sh, sc,
+def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, sx, sh, sc,
             out, obase, ostride, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn,
             A, Xs, Hs, Cs, Ms, Yx, Yh):
     """Run the recurrence over all steps; see the module docstring.
@@ -527,7 +593,7 @@ def forward(cell, rev, gemm, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt,
                 cp = cprev[o0 + i]
                 for j in range(H):
                     cp[j] = cs[j]
-        _xgemm(gemm, b, G, P, Hs, P, wt, G, 0.0, A, G)  # A[:b] = h_{t-1} W_hh^T
+        gemm(Hs, 0, False, wt, A, b, G, P, False)  # A[:b] = h_{t-1} W_hh^T
         xb = xbase[t]
         for i in range(b):
             r0 = xb + i * xstride
@@ -594,7 +660,7 @@ def forward(cell, rev, gemm, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt,
                     for j in range(H):
                         mr[j] = dst[j]
             if proj:
-                _xgemm(gemm, b, P, H, Ms, H, wrt, P, 0.0, Hs, P)  # h = m W_hr^T
+                gemm(Ms, 0, False, wrt, Hs, b, P, H, False)  # h = m W_hr^T
         else:
             _site_forward(A, b, G, t, o0, sh, Yx, True)
             for i in range(b):
@@ -628,7 +694,7 @@ def forward(cell, rev, gemm, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt,
 # the time loop, backward
 
 @njit(**_OPTS)
-def backward(cell, rev, gemm, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx, sh, sc,
+def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx, sh, sc,
              gates, cst, tcs, hprev, cprev, ghn,
              dxp, xbase, xstride, dh0, dc0, DA, DHP, dgx, dbx, dgh, dbh, dgc, dbc,
              DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
@@ -680,7 +746,7 @@ def backward(cell, rev, gemm, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, 
                     for j in range(P):
                         dd[j] = dh[j]
                         dp[j] = dh[j]
-                _xgemm(gemm, b, H, P, Dd, P, wr, H, 0.0, DMd, H)  # dm = dh W_hr
+                gemm(Dd, 0, False, wr, DMd, b, H, P, False)  # dm = dh W_hr
                 _copy_rows(DMd, DC, 0, b, H)
             else:
                 _copy_rows(DHs, DC, 0, b, H)
@@ -773,7 +839,7 @@ def backward(cell, rev, gemm, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, 
             da = DA[o0 + i]
             for j in range(G):
                 da[j] = dx[j]
-        _xgemm(gemm, b, P, G, DA[o0:], G, w, P, 0.0, Dd, P)
+        gemm(DA, o0 * G, False, w, Dd, b, P, G, False)
         for i in range(b):
             dd = Dd[i]
             dhs = DHs[i]
@@ -786,3 +852,67 @@ def backward(cell, rev, gemm, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, 
     _copy_rows(DHs, dh0, 0, cur, P)
     if lstm:
         _copy_rows(DCs, dc0, 0, cur, H)
+
+
+# ------------------------------------------------------------------------------------------------
+# moments of a layer's input rows (the folded vertical norm)
+
+@njit(**_OPTS)
+def moments(x, mu, mu_r, sigma, xc):
+    """Float64 mean ``mu`` (shifted by the first row) and biased covariance ``sigma`` of the rows of
+    ``x`` ``(N, F)``, the mean rounded to x's dtype in ``mu_r``, and ``xc = x - mu_r`` (in x's
+    dtype, the rows the folded layer reads). The covariance sums ``(x - mu)`` products in float64,
+    four rows at a time, upper triangle, then mirrored."""
+    N, F = x.shape
+    x0 = x[0]
+    for j in range(F):
+        mu[j] = 0.0
+    for n in range(N):
+        r = x[n]
+        for j in range(F):
+            mu[j] += np.float64(r[j]) - np.float64(x0[j])
+    for j in range(F):
+        mu[j] = np.float64(x0[j]) + mu[j] / N
+        mu_r[j] = mu[j]
+    for j in range(F):
+        for k in range(F):
+            sigma[j, k] = 0.0
+    c = np.empty((4, F))
+    n4 = N - N % 4
+    for n in range(0, N):
+        q = n % 4
+        r = x[n]
+        o = xc[n]
+        cq = c[q]
+        for j in range(F):
+            cq[j] = np.float64(r[j]) - mu[j]
+            o[j] = r[j] - mu_r[j]
+        if n < n4 and q < 3:
+            continue
+        if n < n4:
+            c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+            for j in range(F):
+                a0, a1, a2, a3 = c0[j], c1[j], c2[j], c3[j]
+                s = sigma[j][j:]
+                d0, d1, d2, d3 = c0[j:], c1[j:], c2[j:], c3[j:]
+                for k in range(F - j):
+                    s[k] += (a0 * d0[k] + a1 * d1[k]) + (a2 * d2[k] + a3 * d3[k])
+        else:
+            for j in range(F):
+                a = cq[j]
+                s = sigma[j][j:]
+                d = cq[j:]
+                for k in range(F - j):
+                    s[k] += a * d[k]
+    for j in range(F):
+        for k in range(j, F):
+            v = sigma[j, k] / N
+            sigma[j, k] = v
+            sigma[k, j] = v
+
+
+@njit(**_OPTS)
+def weight_grad(D, X, out):
+    """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
+    output gradients D ``(N, G)`` and inputs X ``(N, F)``)."""
+    gemm(D, 0, True, X, out, D.shape[1], X.shape[1], D.shape[0], False)

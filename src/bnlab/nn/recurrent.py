@@ -59,9 +59,9 @@ Speed (CPU float32/float64; the paths are tested against each other):
   when the input is wider than 1.5 times the gates, all differentiable torch ops, so the gradient
   is batch norm's own.
 * ``"horizontal"``, ``"per_timestep"``, ``"layer"``: one compiled call per layer and direction
-  runs the whole time loop (:mod:`bnlab.nn._recurrent_kernels`: the recurrent matmul through the
-  BLAS torch uses, the norms, the gates; backward through time hand-derived), inside one autograd
-  node. The input projection of all steps is one matmul before it (horizontal: folded as in
+  runs the whole time loop (:mod:`bnlab.nn._recurrent_kernels`: the recurrent matmul in a
+  register-blocked micro-kernel, the norms, the gates; backward through time hand-derived), inside
+  one autograd node. The input projection of all steps is one matmul before it (horizontal: folded as in
   vertical).
 * ``force_loop=True``, ``record_hidden``, forward-mode AD / ``torch.func``, other devices and dtypes:
   the reference time loop in torch ops (per-step :class:`bnlab.nn.SequenceBatchNorm` and
@@ -70,6 +70,7 @@ Speed (CPU float32/float64; the paths are tested against each other):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -80,6 +81,7 @@ from torch.nn import Module, Parameter
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import kernels as _kernels
+from .. import reference as _ref
 from . import _recurrent_kernels as _rk
 from .masked import SequenceBatchNorm, StatsUpdate, collect_stats, commit_stats
 
@@ -141,10 +143,15 @@ def _make_norms(mode: str, input_size: int, hidden_size: int, norm: str, gamma_i
     return out
 
 
-def _lstm_perm(hidden_size: int, device=None) -> Tensor:
-    """Row order (i, f, o, g) from torch's (i, f, g, o); its own inverse."""
+@functools.lru_cache(maxsize=64)
+def _perm_cached(hidden_size: int, device) -> Tensor:
     h = hidden_size
     return torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]).to(device)
+
+
+def _lstm_perm(hidden_size: int, device=None) -> Tensor:
+    """Row order (i, f, o, g) from torch's (i, f, g, o); its own inverse (cached: do not modify)."""
+    return _perm_cached(hidden_size, torch.device(device) if device is not None else torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,13 +260,19 @@ class _FoldFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eps, rows, *wgb):
         dt = rows.dtype
-        xd = rows.detach().to(torch.float64)
-        n = rows.shape[0]
-        mu = xd.mean(0)
-        xc64 = xd - mu
-        sigma = (xc64.t() @ xc64) / n
-        mu_r = mu.to(dt)
-        xc = rows.detach() - mu_r
+        n, F = rows.shape
+        if rows.is_cpu and dt in _FUSED_DTYPES:  # one compiled pass (float64 sums, upper triangle)
+            r = rows.detach().contiguous()
+            mu, sigma = torch.empty(F, dtype=torch.float64), torch.empty(F, F, dtype=torch.float64)
+            mu_r, xc = torch.empty(F, dtype=dt), torch.empty_like(r)
+            _rk.moments(r.numpy(), mu.numpy(), mu_r.numpy(), sigma.numpy(), xc.numpy())
+        else:
+            xd = rows.detach().to(torch.float64)
+            mu = xd.mean(0)
+            xc64 = xd - mu
+            sigma = (xc64.t() @ xc64) / n
+            mu_r = mu.to(dt)
+            xc = rows.detach() - mu_r
         delta = mu_r.to(torch.float64) - mu  # the rounding of the centring, folded into the shift
         outs, saved, stats = [xc], [xc, sigma], []
         for k in range(0, len(wgb), 3):
@@ -381,7 +394,7 @@ def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list
 
 
 def _vertical_bn(norm: SequenceBatchNorm, p: Tensor, shift: Tensor | None, perm: Tensor | None, updates: list,
-                 nonfinite: str, name: str) -> Tensor:
+                 name: str) -> Tensor:
     """``norm`` over every row of ``p`` ``(N, G)`` (batch and time) with bnlab's kernels, plus
     ``shift``; in training the batch statistics go to ``updates`` (through float64 scratch buffers
     the kernel's policy writes with momentum 1: no buffer of the layer moves before the commit)."""
@@ -401,11 +414,11 @@ def _vertical_bn(norm: SequenceBatchNorm, p: Tensor, shift: Tensor | None, perm:
     sm = torch.zeros(G, dtype=torch.float64)
     sv = torch.ones(G, dtype=torch.float64)
     sn = torch.zeros((), dtype=torch.long)
-    y = _kernels.batch_norm_train(p, gamma, shift, sm, sv, sn, 1.0, norm.eps, nonfinite, name)
+    y = _kernels.batch_norm_train(p, gamma, shift, sm, sv, sn, 1.0, norm.eps, "skip", name)
     if int(sn):  # written: mean and the unbiased variance of the batch
         mean, var = sm, sv * ((n - 1) / n)
-    else:  # skipped as non-finite: the commit skips the forward's updates too
-        mean = var = torch.full((G,), float("nan"), dtype=torch.float64)
+    else:  # refused as non-finite: the statistics for the commit's check and message
+        mean, var, _ = _ref.batch_stats(p.detach())
     if perm is not None:
         mean, var = mean[perm], var[perm]
     updates.append(StatsUpdate(norm, [0], mean[None], var[None], [n]))
@@ -467,7 +480,6 @@ class _FusedRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, bx, gh, gc, bc):
         dt = np.float32 if xp.dtype == torch.float32 else np.float64
-        gemm = _rk.blas()[0 if dt is np.float32 else 1]
         H, P, G, B = spec.H, spec.P, spec.G, spec.B
         T, N = len(spec.bs), int(spec.off[-1])
         lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
@@ -486,7 +498,7 @@ class _FusedRecurrence(torch.autograd.Function):
         cprev = np.empty((N, H), dt) if lstm else e
         ghn = np.empty((N, H), dt) if gru else e
         c0n = _np(c0, dt) if lstm else e
-        _rk.forward(spec.cell, int(spec.rev), gemm, H, P, spec.bs, spec.off, xp.detach().view(-1).numpy(), spec.xbase,
+        _rk.forward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off, xp.detach().view(-1).numpy(), spec.xbase,
                     spec.xstride, _np(h0, dt), c0n, w_hh.detach().t().contiguous().numpy(),
                     w_hr.detach().t().contiguous().numpy() if proj else e,
                     _np(b_hh, np.float64, G) if gru else np.zeros(G), sx, sh, sc,
@@ -512,7 +524,6 @@ class _FusedRecurrence(torch.autograd.Function):
         w_hh, w_hr, xp = ctx.saved_tensors
         sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn = ctx.arrays
         dt = np.float32 if xp.dtype == torch.float32 else np.float64
-        gemm = _rk.blas()[0 if dt is np.float32 else 1]
         H, P, G, B = spec.H, spec.P, spec.G, spec.B
         N = int(spec.off[-1])
         lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
@@ -524,7 +535,7 @@ class _FusedRecurrence(torch.autograd.Function):
         DHP = np.empty((N, P), dt) if proj else e
         acc = np.zeros((7, max(G, H)))
         dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
-        _rk.backward(spec.cell, int(spec.rev), gemm, H, P, spec.bs, spec.off,
+        _rk.backward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
                      dout.detach().contiguous().view(-1).numpy(), spec.obase, spec.ostride,
                      _np(dhn, dt), _np(dcn, dt) if lstm else e, w_hh.detach().contiguous().numpy(),
                      w_hr.detach().contiguous().numpy() if proj else e, sx, sh, sc, gates, cst, tcs, hprev, cprev, ghn,
@@ -538,8 +549,13 @@ class _FusedRecurrence(torch.autograd.Function):
         def vec(a, i):
             return torch.from_numpy(a.copy()).to(pdt) if need[i] else None
 
-        dw_hh = torch.from_numpy(DA).t() @ torch.from_numpy(hprev) if need[4] else None
-        dw_hr = torch.from_numpy(DHP).t() @ torch.from_numpy(mst) if proj and need[5] else None
+        dw_hh = dw_hr = None
+        if need[4]:  # dW_hh = DA^T hprev
+            dw_hh = torch.empty(G, P, dtype=xp.dtype)
+            _rk.weight_grad(DA, hprev, dw_hh.numpy())
+        if proj and need[5]:  # dW_hr = DHP^T m
+            dw_hr = torch.empty(P, H, dtype=xp.dtype)
+            _rk.weight_grad(DHP, mst, dw_hr.numpy())
         return (None, dxp if need[1] else None, dh0 if need[2] else None, dc0 if lstm and need[3] else None,
                 dw_hh, dw_hr, vec(dbh, 6) if gru else None, vec(dgx, 7), vec(dbx, 8), vec(dgh, 9),
                 vec(dgc, 10) if lstm else None, vec(dbc, 11) if lstm else None)
@@ -836,8 +852,7 @@ class _BNRNNBase(_RecurrentCore):
             return "torch"
         if self.norm == "vertical":
             return "fold"
-        if (data.is_cpu and data.dtype in _FUSED_DTYPES and not torch.compiler.is_compiling()
-                and _rk.blas() is not None):
+        if data.is_cpu and data.dtype in _FUSED_DTYPES and not torch.compiler.is_compiling():
             return "fused"
         return "loop"
 
@@ -955,7 +970,7 @@ class _BNRNNBase(_RecurrentCore):
                     bias = b_ih + b_hh if b_ih is not None else None
                 if vertical_in:
                     xp = torch.matmul(x, w_ih.t())
-                    xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates, self.nonfinite,
+                    xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates,
                                       f"{name} norm_ih_{self._sfx(l, d)}").view(xp.shape)
                     sx, gx, bx = _Site(np.zeros(T, np.int8)), None, None
                 else:
