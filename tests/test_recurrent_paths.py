@@ -207,12 +207,27 @@ def test_the_micro_kernel_matrix_product_equals_numpy(dtype):
         B = rng.standard_normal((k, n)).astype(dtype)
         want = A[2:2 + m, 1:1 + k].astype(np.float64) @ B
         C = np.full((m, n), 7.0, dtype)
-        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, m, n, k, False)  # a block of A, from row 2, column 1
+        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, 0, m, n, k, False)  # a block of A, from row 2, column 1
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(C, want, **tol)
-        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, m, n, k, True)  # accumulate
+        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, 0, m, n, k, True)  # accumulate
         np.testing.assert_allclose(C, 2 * want, **tol)
         At = np.ascontiguousarray(A[2:2 + m, 1:1 + k].T)  # (k, m): the transposed operand
         D = np.empty((m, n), dtype)
-        rk.gemm(At, 0, True, B, D, m, n, k, False)
+        rk.gemm(At, 0, True, B, D, 0, m, n, k, False)
         np.testing.assert_allclose(D, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_moments_are_the_float64_mean_and_covariance(dtype):
+    rng = np.random.default_rng(1)
+    for n, f in ((257, 9), (5, 1)):
+        x = (rng.standard_normal((n, f)) * 3 + 1e3).astype(dtype)  # a large common offset
+        mu, mu_r, sigma = np.empty(f), np.empty(f, dtype), np.empty((f, f))
+        xc = np.empty_like(x)
+        rk.moments(x, mu, mu_r, sigma, xc, np.empty((n, f)))
+        xd = x.astype(np.float64)
+        np.testing.assert_allclose(mu, xd.mean(0), rtol=1e-15)
+        c = xd - xd.mean(0)
+        np.testing.assert_allclose(sigma, c.T @ c / n, rtol=1e-12, atol=1e-12)
+        assert np.array_equal(xc, x - mu_r) and np.array_equal(mu_r, mu.astype(dtype))

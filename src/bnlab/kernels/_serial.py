@@ -29,7 +29,7 @@ import numpy as np
 from numba import uint64
 
 from ._jit import SERIAL, kernel_jit
-from ._llvm import GELU, INV_SQRT_2PI, NONE, RELU, SILU, SQRT1_2, LANES  # noqa: F401  (NONE: re-exported)
+from ._llvm import GELU, INV_SQRT_2PI, LANES, RELU, SILU, SQRT1_2
 from ._llvm import (_buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _nt_act_dx_line, _nt_act_line, _nt_affine_line,
                     _nt_dx_line, _nt_scale_line, _prefetch)
 

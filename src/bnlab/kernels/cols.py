@@ -16,9 +16,8 @@ import numpy as np
 from numba import prange, uint64
 
 from ._jit import PARALLEL, SERIAL, kernel_jit
-from ._llvm import _nt_buffer_line, _store_fence
-from ._serial import (AFFINE, DX, LINE, NONE, SCALE, _act, _act_dz, _aligned_head, _count_nonfinite, _dx_value,
-                      _finish_stats, _store_line, _stream_line, _z)
+from ._llvm import NONE, _nt_act_dx_line, _nt_act_line, _store_fence
+from ._serial import AFFINE, DX, SCALE, _act, _act_dz, _aligned_head, _count_nonfinite, _finish_stats, _stream_line, _z
 
 ACT = NONE  # the activation of the fused epilogue (replaced in the act variants, see :mod:`.rows`)
 
@@ -190,14 +189,13 @@ def _num_blocks(m, c, nt):
 
 # ----------------------------------------------------------------------------------------------
 # the fused epilogue: the plain helpers' loops (four streams, a row of each per step) with ``act(z)``
-# for ``z`` and ``dz`` for ``dy``; where streaming, each whole line is computed into ``buf`` by the
-# same scalar code and stored non-temporally (:func:`bnlab.kernels._llvm._nt_buffer_line`)
+# for ``z`` and ``dz`` for ``dy``; where streaming, whole lines through the vector lines of
+# :func:`bnlab.kernels._llvm._nt_act_line` and :func:`bnlab.kernels._llvm._nt_act_dx_line`
 
 
 @kernel_jit(**SERIAL)
-def _cols_act_affine(act, x, res, y, r0, r1, c, mean, scale, beta, stream, buf):
-    """``y = act((x - mean) * scale + beta (+ res))`` over rows ``[r0, r1)`` (:func:`_cols_affine`;
-    ``buf``: a line buffer for ``stream``)."""
+def _cols_act_affine(act, x, res, y, r0, r1, c, mean, scale, beta, stream):
+    """``y = act((x - mean) * scale + beta (+ res))`` over rows ``[r0, r1)`` (:func:`_cols_affine`)."""
     cu = uint64(c)
     qn = uint64((r1 - r0) // 4)
     if stream and _cols_lines(y, r0, c):
@@ -208,11 +206,7 @@ def _cols_act_affine(act, x, res, y, r0, r1, c, mean, scale, beta, stream, buf):
             i = r - uint64(r0)
             rr = uint64(r0) + (i // four + (i % four) * qn if i < four * qn else i)
             for ch in range(uint64(0), cu, w):
-                base = rr * cu + ch
-                for t in range(w):
-                    cc = ch + t
-                    buf[t] = _act(_z(x, res, base + t, mean[cc], scale[cc], beta[cc]), act)
-                _nt_buffer_line(buf, 0, y, base)
+                _nt_act_line(x, res, y, rr * cu + ch, mean, scale, beta, ch, act)
         _store_fence()
         return
     for i in range(qn):
@@ -273,16 +267,18 @@ def _cols_act_dx_row(act, train, x, dy, res, dx, dres, base, c, mean, k, beta, m
         j = base + ch
         mu = mean[ch]
         g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[ch], beta[ch]), act)
-        dx[j] = _dx_value(train, g, np.float64(x[j]), mu, k[ch], mdz[ch], kx[ch])
+        if train:
+            dx[j] = k[ch] * ((g - mdz[ch]) - (np.float64(x[j]) - mu) * kx[ch])
+        else:
+            dx[j] = g * k[ch]
         if dres is not None:
             dres[j] = g
 
 
 @kernel_jit(**SERIAL)
-def _cols_act_dx(act, train, x, dy, res, dx, dres, r0, r1, c, mean, k, beta, mdz, kx, stream, buf):
+def _cols_act_dx(act, train, x, dy, res, dx, dres, r0, r1, c, mean, k, beta, mdz, kx, stream):
     """The fused backward's ``dx`` over rows ``[r0, r1)`` (:func:`_cols_dx`, :func:`_cols_scale`;
-    ``k`` is also the scale of ``z``), ``dres = dz`` when ``dres`` is an array (``buf``: two line
-    buffers for ``stream``)."""
+    ``k`` is also the scale of ``z``), ``dres = dz`` when ``dres`` is an array (aligned as ``dx``)."""
     cu = uint64(c)
     qn = uint64((r1 - r0) // 4)
     if stream and _cols_lines(dx, r0, c):
@@ -293,17 +289,7 @@ def _cols_act_dx(act, train, x, dy, res, dx, dres, r0, r1, c, mean, k, beta, mdz
             i = r - uint64(r0)
             rr = uint64(r0) + (i // four + (i % four) * qn if i < four * qn else i)
             for ch in range(uint64(0), cu, w):
-                base = rr * cu + ch
-                for t in range(w):
-                    cc = ch + t
-                    j = base + t
-                    mu = mean[cc]
-                    g = _act_dz(np.float64(dy[j]), _z(x, res, j, mu, k[cc], beta[cc]), act)
-                    buf[t] = _dx_value(train, g, np.float64(x[j]), mu, k[cc], mdz[cc], kx[cc])
-                    buf[LINE + t] = g
-                _nt_buffer_line(buf, 0, dx, base)
-                if dres is not None:
-                    _store_line(buf, LINE, dres, base)
+                _nt_act_dx_line(x, dy, res, dx, dres, rr * cu + ch, mean, k, beta, mdz, kx, ch, act, train)
         _store_fence()
         return
     if train:
@@ -395,8 +381,7 @@ def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt, stream, r
         beta[ch] = np.float64(b[ch]) if has_b else 0.0
     for blk in prange(nb):
         if ACT != NONE or res is not None:
-            _cols_act_affine(ACT, x, res, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, stream,
-                             np.empty(LINE))
+            _cols_act_affine(ACT, x, res, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, stream)
         else:
             _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, stream)
     return _count_nonfinite(stats)
@@ -415,7 +400,7 @@ def cols_forward_eval(x, y, w, b, has_w, has_b, m, c, stats, nt, res):
         beta[ch] = np.float64(b[ch]) if has_b else 0.0
     for blk in prange(nb):
         if ACT != NONE or res is not None:
-            _cols_act_affine(ACT, x, res, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, False, mean)
+            _cols_act_affine(ACT, x, res, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, False)
         else:
             _cols_affine(x, y, blk * m // nb, (blk + 1) * m // nb, c, mean, scale, beta, False)
 
@@ -459,7 +444,7 @@ def cols_backward(x, dy, dx, w, b, has_w, has_b, m, c, stats, grads, train, nt, 
     for blk in prange(nb):
         if ACT != NONE:
             _cols_act_dx(ACT, train, x, dy, res, dx, dres, blk * m // nb, (blk + 1) * m // nb, c, mean, k, beta, mdy,
-                         kx, stream, np.empty(2 * LINE))
+                         kx, stream)
         elif train:
             _cols_dx(x, dy, dx, blk * m // nb, (blk + 1) * m // nb, c, mean, k, mdy, kx, stream)
         else:

@@ -91,7 +91,7 @@ from numba import get_num_threads, set_num_threads
 from numba.np.ufunc import parallel as _numba_parallel
 from torch import Tensor
 
-from . import _serial
+from . import _llvm
 from ._jit import PARALLEL as _JIT_PARALLEL
 from ._jit import SERIAL as _JIT_SERIAL
 from ._jit import variant as _variant
@@ -121,10 +121,10 @@ class Act(IntEnum):
     """The activation of the fused epilogue: ``y = act(BN(x) (+ residual))``. The entry points
     take a member, its value, or its name in lower case (``"relu"``)."""
 
-    NONE = _serial.NONE
-    RELU = _serial.RELU
-    SILU = _serial.SILU
-    GELU = _serial.GELU  # 0.5 * z * (1 + erf(z / sqrt(2))): torch's gelu(approximate="none")
+    NONE = _llvm.NONE
+    RELU = _llvm.RELU
+    SILU = _llvm.SILU
+    GELU = _llvm.GELU  # 0.5 * z * (1 + erf(z / sqrt(2))): torch's gelu(approximate="none")
 
 
 _ACTS = {**{a.name.lower(): a for a in Act}, **{a: a for a in Act}}  # ints hash as their members
@@ -494,6 +494,8 @@ def backward_act(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | No
         ra = dra = dres = None
     else:
         dres = torch.empty_like(xd)
+        if (dres.data_ptr() - dx.data_ptr()) % 64:
+            stream = False  # the streamed lines store dx and dres at one alignment (torch's allocations: 64 bytes)
         ra = _flat(_like(residual, xd), perm)
         dra = _flat(dres, perm)
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)

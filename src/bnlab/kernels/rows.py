@@ -21,10 +21,10 @@ import numpy as np
 from numba import prange, uint64
 
 from ._jit import PARALLEL, SERIAL, kernel_jit
-from ._llvm import LANES, _buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _store_fence
-from ._serial import (AFFINE, CHUNK, DX, LINE, NONE, SCALE, _act, _act_dx_span, _act_dz, _act_lane_grad_sums,
-                      _act_span_write, _count_nonfinite, _finish_stats, _lane_grad_sums, _lane_pair, _lane_sums,
-                      _lane_total, _prefetch_runs, _span_write, _z)
+from ._llvm import LANES, NONE, _buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _store_fence
+from ._serial import (AFFINE, CHUNK, DX, SCALE, _act, _act_dx_span, _act_dz, _act_lane_grad_sums, _act_span_write,
+                      _count_nonfinite, _finish_stats, _lane_grad_sums, _lane_pair, _lane_sums, _lane_total,
+                      _prefetch_runs, _span_write, _z)
 
 ACT = NONE  # the activation of the fused epilogue (replaced in the act variants, see the module doc)
 
@@ -163,9 +163,9 @@ def _group_act_grad_sums(act, x, dy, res, ch0, g, n, c, s, mean, scale, beta, ac
 
 
 @kernel_jit(**SERIAL)
-def _group_act_affine(act, x, res, y, ch0, g, n, c, s, mean, scale, beta, nch0, ng, stream, buf):
+def _group_act_affine(act, x, res, y, ch0, g, n, c, s, mean, scale, beta, nch0, ng, stream):
     """``y = act((x - mean[j]) * scale[j] + beta[j] (+ res))`` over a group of channels
-    (:func:`_group_affine`; ``buf``: a line buffer for ``stream``)."""
+    (:func:`_group_affine`)."""
     su = uint64(s)
     for i in range(uint64(n)):
         if ng > 0:
@@ -177,16 +177,16 @@ def _group_act_affine(act, x, res, y, ch0, g, n, c, s, mean, scale, beta, nch0, 
             sc = scale[j]
             be = beta[j]
             if stream:
-                _act_span_write(act, True, x, res, y, span, su, mu, sc, be, buf)
+                _act_span_write(act, True, x, res, y, span, su, mu, sc, be)
             else:  # inline, as in _group_affine
                 for q in range(span, span + su):
                     y[q] = _act(_z(x, res, q, mu, sc, be), act)
 
 
 @kernel_jit(**SERIAL)
-def _group_act_dx(act, x, dy, res, dx, dres, ch0, g, n, c, s, mean, k, beta, mdz, kx, train, stream, pf, buf):
+def _group_act_dx(act, x, dy, res, dx, dres, ch0, g, n, c, s, mean, k, beta, mdz, kx, train, stream, pf):
     """The fused backward's ``dx`` over a group (:func:`_group_dx`, ``dz`` for ``dy``); ``dres``, if
-    an array, receives ``dz`` (``buf``: two line buffers for ``stream``)."""
+    an array, receives ``dz``."""
     su = uint64(s)
     for i in range(uint64(n)):
         if pf and i + 1 < uint64(n):
@@ -201,7 +201,7 @@ def _group_act_dx(act, x, dy, res, dx, dres, ch0, g, n, c, s, mean, k, beta, mdz
             mu = mean[j]
             be = beta[j]
             if stream:
-                _act_dx_span(act, train, True, x, dy, res, dx, dres, span, su, mu, kj, be, kj, mdz[j], kx[j], buf)
+                _act_dx_span(act, train, True, x, dy, res, dx, dres, span, su, mu, kj, be, mdz[j], kx[j])
             elif train:  # inline, as in _group_dx
                 md = mdz[j]
                 kxj = kx[j]
@@ -243,9 +243,6 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf,
             mean = np.empty(g)
             scale = np.empty(g)
             beta = np.empty(g)
-            buf = kv  # the epilogue's line buffer (unused without one)
-            if ACT != NONE or res is not None:
-                buf = np.empty(LINE)
             for grp in range(lo, hi):
                 ch0 = grp * g
                 gg = min(g, c - ch0)
@@ -264,7 +261,7 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf,
                 nxt = ch0 + g
                 ng = min(g, c - nxt) if (pf and grp + 1 < hi) else 0
                 if ACT != NONE or res is not None:
-                    _group_act_affine(ACT, x, res, y, ch0, gg, n, c, s, mean, scale, beta, nxt, ng, stream, buf)
+                    _group_act_affine(ACT, x, res, y, ch0, gg, n, c, s, mean, scale, beta, nxt, ng, stream)
                 else:
                     _group_affine(x, y, ch0, gg, n, c, s, mean, scale, beta, nxt, ng, stream)
             if stream:
@@ -289,10 +286,7 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf,
             scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
             beta = np.float64(b[ch]) if has_b else 0.0
             if ACT != NONE or res is not None:
-                buf = part[0]  # a line buffer where streaming (unused otherwise)
-                if stream:
-                    buf = np.empty(LINE)
-                _act_span_write(ACT, stream, x, res, y, r * s, s, stats[0, ch], scale, beta, buf)
+                _act_span_write(ACT, stream, x, res, y, r * s, s, stats[0, ch], scale, beta)
             else:
                 _span_write(AFFINE, stream, x, x, y, r * s, s, stats[0, ch], scale, beta, 0.0)
             if stream:
@@ -309,7 +303,7 @@ def rows_forward_eval(x, y, w, b, has_w, has_b, n, c, s, stats, nt, res):
         scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
         beta = np.float64(b[ch]) if has_b else 0.0
         if ACT != NONE or res is not None:
-            _act_span_write(ACT, False, x, res, y, r * s, s, stats[0, ch], scale, beta, stats[0])
+            _act_span_write(ACT, False, x, res, y, r * s, s, stats[0, ch], scale, beta)
         else:
             _span_write(AFFINE, False, x, x, y, r * s, s, stats[0, ch], scale, beta, 0.0)
 
@@ -344,7 +338,7 @@ def rows_backward(x, dy, dx, w, b, has_w, has_b, n, c, s, stats, grads, train, n
             k = np.empty(g)
             mdy = np.empty(g)
             kx = np.empty(g)
-            beta = mean  # the epilogue's bias and scratch (unused without one)
+            beta = mean  # the epilogue's bias and dz buffer (unused without one)
             buf = mean
             if ACT != NONE:
                 beta = np.empty(g)
@@ -375,8 +369,7 @@ def rows_backward(x, dy, dx, w, b, has_w, has_b, n, c, s, stats, grads, train, n
                     mdy[j] = s1 / m
                     kx[j] = invstd * invstd * s2 / m
                 if ACT != NONE:
-                    _group_act_dx(ACT, x, dy, res, dx, dres, ch0, gg, n, c, s, mean, k, beta, mdy, kx, train, stream, pf,
-                                  buf)
+                    _group_act_dx(ACT, x, dy, res, dx, dres, ch0, gg, n, c, s, mean, k, beta, mdy, kx, train, stream, pf)
                 else:
                     _group_dx(x, dy, dx, ch0, gg, n, c, s, mean, k, mdy, kx, train, stream, pf)
             if stream:
@@ -414,10 +407,7 @@ def rows_backward(x, dy, dx, w, b, has_w, has_b, n, c, s, stats, grads, train, n
             kx = invstd * invstd * tot[1, ch] / m
             if ACT != NONE:
                 be = np.float64(b[ch]) if has_b else 0.0
-                buf = tot[0]  # two line buffers where streaming (unused otherwise)
-                if stream:
-                    buf = np.empty(2 * LINE)
-                _act_dx_span(ACT, train, stream, x, dy, res, dx, dres, r * s, s, stats[0, ch], k, be, k, mdy, kx, buf)
+                _act_dx_span(ACT, train, stream, x, dy, res, dx, dres, r * s, s, stats[0, ch], k, be, mdy, kx)
             elif train:
                 _span_write(DX, stream, x, dy, dx, r * s, s, stats[0, ch], k, mdy, kx)
             else:

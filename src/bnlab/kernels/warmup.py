@@ -8,14 +8,15 @@ ones (the thread pool) alike, and then the serial twins a forked child runs
 a DataLoader fork worker, loads compiled code from numba's on-disk cache (``cache=True``, next to
 the kernels' source) instead of compiling.
 
-Then the fused batch norm + activation kernels (:func:`bnlab.kernels.cpu.act_kernels`): relu,
-silu and gelu, with and without a residual, float32 and float64, both layouts, training and eval
+Then the fused batch norm + activation kernels (:func:`bnlab.kernels.cpu.act_kernels`) that
+``bnlab.nn.BatchNormAct*`` runs: relu (silu and gelu run torch's activation after the kernels' batch
+norm; their fused kernels compile on a first direct call), with and without a residual, float32 and float64, both layouts, training and eval
 (and a residual without an activation); of their serial twins only relu's in float32 (a forked
 child compiles the others on its first call of them, a few seconds each, once per cache).
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
 any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) takes
-about a minute for the plain kernels and several more for the fused ones on the 2-core machines
+about a minute for the plain kernels and about as much again for the fused ones on the 2-core machines
 here; ``--plain`` stops after the plain kernels.
 """
 
@@ -46,7 +47,7 @@ def warmup(fused: bool = True) -> float:
             cpu.use_serial_kernels(False)
     if fused:
         fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]  # a rows and a columns kernel
-        for act in ("relu", "silu", "gelu"):
+        for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: compiled on first direct use)
             for dtype in (torch.float32, torch.float64):
                 _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
         for dtype in (torch.float32, torch.float64):  # a residual without an activation: the forwards

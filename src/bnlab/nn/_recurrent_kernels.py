@@ -44,11 +44,15 @@ measured on it runs at about 2.4 times the float32 speed of the BLAS torch calls
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.extending import intrinsic, overload
 
 __all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "gemm", "forward", "backward",
            "weight_grad", "moments", "vector_math", "VECTOR_BYTES"]
@@ -160,17 +164,19 @@ _T44, _T14, _T41, _T11 = (_make_kernel(r, v, True) for r, v in ((4, 4), (1, 4), 
 
 
 @njit(**_OPTS)
-def gemm(A, a_off, trans_a, B, C, m, n, k, accumulate):
-    """``C[:m, :n] (+)= op(A) @ B[:k, :n]`` for 2-D C-contiguous arrays; op(A) is the ``m x k``
-    block of A starting at flat element ``a_off`` (row-major: element (i, kk) at
-    ``a_off + i * lda + kk``; ``trans_a``: at ``a_off + kk * lda + i``), ``lda = A.shape[1]``."""
+def gemm(A, a_off, trans_a, B, C, c_off, m, n, k, accumulate):
+    """``C (+)= op(A) @ B[:k, :n]`` for 2-D C-contiguous arrays: op(A) is the ``m x k`` block of A
+    starting at flat element ``a_off`` (row-major: element (i, kk) at ``a_off + i * lda + kk``;
+    ``trans_a``: at ``a_off + kk * lda + i``, ``lda = A.shape[1]``), and C's ``m x n`` block starts
+    at flat element ``c_off`` (a whole number of rows)."""
     lda = A.shape[1]
     ldb = B.shape[1]
     ldc = C.shape[1]
+    c_row = c_off // ldc
     if k == 0:
         if not accumulate:
             for i in range(m):
-                c = C[i]
+                c = C[c_row + i]
                 for j in range(n):
                     c[j] = 0.0
         return
@@ -188,27 +194,27 @@ def gemm(A, a_off, trans_a, B, C, m, n, k, accumulate):
         for j in range(0, n4, BN):
             for i in range(0, m4, 4):
                 if trans_a:
-                    _T44(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _T44(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
-                    _K44(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _K44(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
             for i in range(m4, m):
                 if trans_a:
-                    _T14(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _T14(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
-                    _K14(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _K14(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for j in range(n4, n1, VL):
             for i in range(0, m4, 4):
                 if trans_a:
-                    _T41(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _T41(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
-                    _K41(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _K41(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
             for i in range(m4, m):
                 if trans_a:
-                    _T11(A, ao + i, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _T11(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
-                    _K11(A, ao + i * lda, lda, B, bo + j, ldb, C, i * ldc + j, ldc, kc, acc)
+                    _K11(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for i in range(m):  # columns past the last whole vector
-            c = C[i]
+            c = C[c_row + i]
             for j in range(n1, n):
                 s = 0.0
                 for q in range(kc):
@@ -292,17 +298,108 @@ def _tanh(x):
     return -t if x < 0 else t
 
 
+@intrinsic
+def _i2f32(typingctx, i):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f2i32(typingctx, f):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+# float32 twins (for float32 data, as torch computes its gates): every constant a float32, so that
+# nothing promotes; degree-7 Taylor for expm1 on |r| <= ln(2)/2 (truncation < 6e-9); measured
+# against float64: exp <= 1 ulp, sigmoid and tanh <= 2.5 ulp of float32
+_F = np.float32
+_LN2_HI32, _LN2_LO32, _INV_LN2_32 = _F(0.693145751953125), _F(1.428606765330187045e-06), _F(1.44269504088896341)
+_ROUND32 = _F(12582912.0)  # 1.5 * 2**23
+_E2, _E3, _E4, _E5, _E6, _E7 = _F(1 / 2), _F(1 / 6), _F(1 / 24), _F(1 / 120), _F(1 / 720), _F(1 / 5040)
+_LO32, _HI32, _SMALL32 = _F(-87.0), _F(88.0), _F(_SMALL)
+_ONE32, _TWO32, _ZERO32 = _F(1.0), _F(2.0), _F(0.0)
+
+
+@njit(inline="always")
+def _expm1_poly32(r):
+    p = _E7
+    p = p * r + _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    return (p * r) * r + r
+
+
+@njit(inline="always")
+def _exp32(x):
+    x = _LO32 if x < _LO32 else x
+    x = _HI32 if x > _HI32 else x
+    t = x * _INV_LN2_32 + _ROUND32
+    k = t - _ROUND32
+    r = (x - k * _LN2_HI32) - k * _LN2_LO32
+    s = _i2f32((_f2i32(t) - _f2i32(_ROUND32) + np.int32(127)) << np.int32(23))
+    return s + s * _expm1_poly32(r)
+
+
+@njit(inline="always")
+def _sigmoid32(x):
+    return _ONE32 / (_ONE32 + _exp32(-x))
+
+
+@njit(inline="always")
+def _tanh32(x):
+    a = abs(x)
+    u = -_TWO32 * a
+    e_small = _expm1_poly32(u)
+    e_large = _exp32(u) - _ONE32
+    em = e_small if a < _SMALL32 else e_large
+    t = -em / (em + _TWO32)
+    return -t if x < _ZERO32 else t
+
+
+def _sig(x):  # typed by its argument: float32 math for float32, float64 for float64
+    raise NotImplementedError
+
+
+def _th(x):
+    raise NotImplementedError
+
+
+@overload(_sig, inline="always")
+def _sig_impl(x):
+    if x == types.float32:
+        return lambda x: _sigmoid32(x)
+    return lambda x: _sigmoid(x)
+
+
+@overload(_th, inline="always")
+def _th_impl(x):
+    if x == types.float32:
+        return lambda x: _tanh32(x)
+    return lambda x: _tanh(x)
+
+
 @njit(**_OPTS)
-def vector_math(x, which):
-    """``exp`` (0), ``sigmoid`` (1) or ``tanh`` (2) of a float64 array (for tests)."""
+def _vector_math(x, which):
+    """``exp`` (0), ``sigmoid`` (1) or ``tanh`` (2) of a float32 or float64 array (for tests)."""
     y = np.empty_like(x)
     for i in range(x.size):
         if which == 0:
-            y[i] = _exp(x[i])
+            y[i] = _exp32(x[i]) if x.itemsize == 4 else _exp(x[i])
         elif which == 1:
-            y[i] = _sigmoid(x[i])
+            y[i] = _sig(x[i])
         else:
-            y[i] = _tanh(x[i])
+            y[i] = _th(x[i])
     return y
 
 
@@ -379,19 +476,24 @@ def _dots(dy, g, xh, n):
 # one normalization site, one step
 #
 # site = (kinds (T,) int8, gamma (C,) f64, beta (C,) f64, fixed_mean (T|0, C) f64, fixed_invstd
-#         (T|0, C) f64, eps, xraw (N|0, C) dtype, invstd (T|0, C) f64, row_invstd (N|0,) f64,
+#         (T|0, C) f64, eps, hraw (N|0, C) dtype, invstd (T|0, C) f64, row_invstd (N|0,) f64,
 #         mean (T|0, C) f64, var (T|0, C) f64, row_mean (N|0,) f64)
-# The forward saves the site's input (xraw) and its statistics; the backward recomputes
-# xhat = (x - mean) * invstd from them in float64, as the batch-norm kernels do.
+#
+# A site reads its input rows where they already live (the input projection xp, the recurrent
+# matmul's output written into ``hraw``, the cell state) and the backward reads them there again,
+# recomputing xhat = (x - mean) * invstd in float64 from the saved statistics, as the batch-norm
+# kernels do. Rows are addressed as ``X[x0 + i * xs]`` (row i of the step's b rows).
 
 @njit(**_OPTS)
-def _site_forward(V, b, C, t, o0, site, Y, accumulate):
-    """``Y[:b, :C]`` (float64) = (or += with ``accumulate``) the site's output for the rows ``V[:b]``."""
-    kinds, gamma, beta, fmean, finv, eps, xraw, inv, rinv, mean, var, rmean = site
+def _site_forward(V, v0, vs, b, C, t, o0, site, Y, accumulate):
+    """``Y[:b, :C]`` = (or += with ``accumulate``) the site's output for the rows ``V[v0 + i * vs]``.
+    Batch statistics: float64 sums of ``x - x_first`` and of its square (the shifted one-pass form
+    of bnlab's kernels) over the step's rows, then the normalizing pass."""
+    kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
     if kind == NONE:
         for i in range(b):
-            vr = V[i]
+            vr = V[v0 + i * vs]
             yr = Y[i]
             if accumulate:
                 for j in range(C):
@@ -402,75 +504,66 @@ def _site_forward(V, b, C, t, o0, site, Y, accumulate):
         return
     if kind == ROW:
         for i in range(b):
-            vr = V[i]
+            vr = V[v0 + i * vs]
             yr = Y[i]
-            xr = xraw[o0 + i]
-            v0 = np.float64(vr[0])
-            s1, _ = _sum_dev(vr, C, v0)
-            mu = v0 + s1 / C
-            _, sq = _sum_dev(vr, C, mu)
-            r = 1.0 / np.sqrt(sq / C + eps)
+            first = np.float64(vr[0])
+            s1, sq = _sum_dev(vr, C, first)
+            d = s1 / C
+            mu = first + d
+            r = 1.0 / np.sqrt(max(sq / C - d * d, 0.0) + eps)
             rinv[o0 + i] = r
             rmean[o0 + i] = mu
-            for j in range(C):
-                xh = (np.float64(vr[j]) - mu) * r
-                xr[j] = vr[j]
-                if accumulate:
-                    yr[j] += xh * gamma[j] + beta[j]
-                else:
-                    yr[j] = xh * gamma[j] + beta[j]
+            if accumulate:
+                for j in range(C):
+                    yr[j] += (np.float64(vr[j]) - mu) * r * gamma[j] + beta[j]
+            else:
+                for j in range(C):
+                    yr[j] = (np.float64(vr[j]) - mu) * r * gamma[j] + beta[j]
         return
     if kind == BATCH:
         m = mean[t]
         s2 = var[t]
         iv = inv[t]
-        v0 = V[0]
+        first = V[v0]
         for j in range(C):
             m[j] = 0.0
             s2[j] = 0.0
         for i in range(b):
-            vr = V[i]
+            vr = V[v0 + i * vs]
             for j in range(C):
-                m[j] += np.float64(vr[j]) - np.float64(v0[j])
-        for j in range(C):
-            m[j] = np.float64(v0[j]) + m[j] / b
-        for i in range(b):
-            vr = V[i]
-            for j in range(C):
-                d = np.float64(vr[j]) - m[j]
+                d = np.float64(vr[j]) - np.float64(first[j])
+                m[j] += d
                 s2[j] += d * d
         for j in range(C):
-            s2[j] = s2[j] / b
+            d = m[j] / b
+            m[j] = np.float64(first[j]) + d
+            s2[j] = max(s2[j] / b - d * d, 0.0)
             iv[j] = 1.0 / np.sqrt(s2[j] + eps)
     else:
         m = fmean[t]
         iv = finv[t]
     for i in range(b):
-        vr = V[i]
+        vr = V[v0 + i * vs]
         yr = Y[i]
-        xr = xraw[o0 + i]
         if accumulate:
             for j in range(C):
-                xh = (np.float64(vr[j]) - m[j]) * iv[j]
-                xr[j] = vr[j]
-                yr[j] += xh * gamma[j] + beta[j]
+                yr[j] += (np.float64(vr[j]) - m[j]) * iv[j] * gamma[j] + beta[j]
         else:
             for j in range(C):
-                xh = (np.float64(vr[j]) - m[j]) * iv[j]
-                xr[j] = vr[j]
-                yr[j] = xh * gamma[j] + beta[j]
+                yr[j] = (np.float64(vr[j]) - m[j]) * iv[j] * gamma[j] + beta[j]
 
 
 @njit(**_OPTS)
-def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
-    """The site's backward for rows ``DY[:b]`` (float64 gradients of its output): ``DX[:b, :C]``
-    (float64) the input gradients; ``dgamma``, ``dbeta`` accumulated (float64)."""
-    kinds, gamma, beta, fmean, finv, eps, xraw, inv, rinv, mean, var, rmean = site
+def _site_backward(DY, b, C, t, o0, site, X, x0, xs, DX, d0, ds, dgamma, dbeta, csum):
+    """The site's backward for rows ``DY[:b]`` (float64 gradients of its output), its input rows at
+    ``X[x0 + i * xs]``: writes the input gradients to ``DX[d0 + i * ds]`` and accumulates
+    ``dgamma``, ``dbeta`` (float64)."""
+    kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
     if kind == NONE:
         for i in range(b):
             dy = DY[i]
-            dx = DX[i]
+            dx = DX[d0 + i * ds]
             for j in range(C):
                 dx[j] = dy[j]
                 dbeta[j] += dy[j]
@@ -479,8 +572,7 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
         xh = csum[2]
         for i in range(b):
             dy = DY[i]
-            dx = DX[i]
-            xr = xraw[o0 + i]
+            xr = X[x0 + i * xs]
             r = rinv[o0 + i]
             mu = rmean[o0 + i]
             for j in range(C):
@@ -488,6 +580,7 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
             s1, s2 = _dots(dy, gamma, xh, C)
             s1 /= C
             s2 /= C
+            dx = DX[d0 + i * ds]
             for j in range(C):
                 dgamma[j] += dy[j] * xh[j]
                 dbeta[j] += dy[j]
@@ -498,8 +591,8 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
         iv = finv[t]
         for i in range(b):
             dy = DY[i]
-            dx = DX[i]
-            xr = xraw[o0 + i]
+            xr = X[x0 + i * xs]
+            dx = DX[d0 + i * ds]
             for j in range(C):
                 dx[j] = dy[j] * gamma[j] * iv[j]
                 dgamma[j] += dy[j] * ((np.float64(xr[j]) - m[j]) * iv[j])
@@ -514,7 +607,7 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
         s2[j] = 0.0
     for i in range(b):
         dy = DY[i]
-        xr = xraw[o0 + i]
+        xr = X[x0 + i * xs]
         for j in range(C):
             s1[j] += dy[j]
             s2[j] += dy[j] * ((np.float64(xr[j]) - m[j]) * iv[j])
@@ -525,8 +618,8 @@ def _site_backward(DY, b, C, t, o0, site, DX, dgamma, dbeta, csum):
         s2[j] = s2[j] * gamma[j] / b
     for i in range(b):
         dy = DY[i]
-        dx = DX[i]
-        xr = xraw[o0 + i]
+        xr = X[x0 + i * xs]
+        dx = DX[d0 + i * ds]
         for j in range(C):
             dx[j] = iv[j] * (dy[j] * gamma[j] - s1[j] - ((np.float64(xr[j]) - m[j]) * iv[j]) * s2[j])
 
@@ -544,17 +637,19 @@ def _copy_rows(src, dst, lo, hi, n):
 # the time loop, forward
 
 @njit(**_OPTS)
-def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, sx, sh, sc,
-            out, obase, ostride, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn,
-            A, Xs, Hs, Cs, Ms, Yx, Yh):
+def _forward(cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
+             out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn,
+             A, Hs, Cs, Ms, Yx, Yh):
     """Run the recurrence over all steps; see the module docstring.
 
-    ``xp``/``out``: flat external arrays (``base[t] + i * stride + j``); ``h0``/``hn`` ``(B, P)``,
-    ``c0``/``cn`` ``(B, H)``; ``wt`` = W_hh^T ``(P, G)``, ``wrt`` = W_hr^T ``(H, P)`` (LSTM with
-    ``P != H``), ``bhh`` ``(G,)`` float64 (GRU). Saved for the backward (internal rows): ``gates``
-    (activations), ``cst`` c_t, ``tcs`` tanh(N_c(c_t)), ``mst`` the unprojected h, ``hprev``/``cprev``
-    the states each step started from, ``ghn`` the GRU's N_h(..)_n + b_hn, and each site's xhat,
-    invstd and batch statistics. The rest is scratch.
+    ``xp`` ``(R, G)``: the input projections, step t's row i at ``xr0[t] + i * xrs``; ``out``
+    ``(R', P)`` likewise with ``or0``/``ors``. ``h0``/``hn`` ``(B, P)``, ``c0``/``cn`` ``(B, H)``;
+    ``wt`` = W_hh^T ``(P, G)``, ``wrt`` = W_hr^T ``(H, P)`` (LSTM with ``P != H``), ``bhh`` ``(G,)``
+    (GRU), in the data dtype; ``Yx``/``Yh``: the sites' outputs, in the data dtype (the gates are
+    computed in it, as torch does; the statistics in float64). Saved for the backward (internal
+    rows): ``gates`` (activations), ``cst`` c_t, ``tcs`` tanh(N_c(c_t)), ``mst`` the unprojected h,
+    ``hprev``/``cprev`` the states each step started from, ``ghn`` the GRU's N_h(..)_n + b_hn,
+    the recurrent site's input (``sh``'s hraw) and every site's statistics. The rest is scratch.
     """
     T = bs.shape[0]
     B = h0.shape[0]
@@ -593,17 +688,14 @@ def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, 
                 cp = cprev[o0 + i]
                 for j in range(H):
                     cp[j] = cs[j]
-        gemm(Hs, 0, False, wt, A, b, G, P, False)  # A[:b] = h_{t-1} W_hh^T
-        xb = xbase[t]
-        for i in range(b):
-            r0 = xb + i * xstride
-            src = xp[r0:r0 + G]
-            xs = Xs[i]
-            for j in range(G):
-                xs[j] = src[j]
-        _site_forward(Xs, b, G, t, o0, sx, Yx, False)
+        if sh[0][t] != NONE:  # the recurrent matmul straight into the storage the backward reads
+            Ah, a0 = sh[6], o0
+        else:
+            Ah, a0 = A, 0
+        gemm(Hs, 0, False, wt, Ah, a0 * G, b, G, P, False)  # rows a0.. of Ah = h_{t-1} W_hh^T
+        _site_forward(xp, xr0[t], xrs, b, G, t, o0, sx, Yx, False)
         if cell == GRU:
-            _site_forward(A, b, G, t, o0, sh, Yh, False)
+            _site_forward(Ah, a0, 1, b, G, t, o0, sh, Yh, False)
             for i in range(b):
                 yx = Yx[i]
                 yh = Yh[i]
@@ -614,18 +706,18 @@ def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, 
                 gh = ghn[o0 + i]
                 hs = Hs[i]
                 for j in range(H):
-                    r = _sigmoid(x0[j] + h_0[j] + b0[j])
-                    z = _sigmoid(x1[j] + h_1[j] + b1[j])
+                    r = _sig(x0[j] + h_0[j] + b0[j])
+                    z = _sig(x1[j] + h_1[j] + b1[j])
                     gn = h_2[j] + b2[j]
-                    n = _tanh(x2[j] + r * gn)
-                    hp = np.float64(hs[j])
+                    n = _th(x2[j] + r * gn)
+                    hp = hs[j]
                     g0[j] = r
                     g1[j] = z
                     g2[j] = n
                     gh[j] = gn
                     hs[j] = n + z * (hp - n)
         elif lstm:
-            _site_forward(A, b, G, t, o0, sh, Yx, True)
+            _site_forward(Ah, a0, 1, b, G, t, o0, sh, Yx, True)
             for i in range(b):
                 yx = Yx[i]
                 y0, y1, y2, y3 = yx[:H], yx[H:2 * H], yx[2 * H:3 * H], yx[3 * H:]
@@ -634,42 +726,42 @@ def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, 
                 cs = Cs[i]
                 cr = cst[o0 + i]
                 for j in range(H):
-                    ig = _sigmoid(y0[j])
-                    fg = _sigmoid(y1[j])
-                    gg = _tanh(y2[j])
-                    og = _sigmoid(y3[j])
+                    ig = _sig(y0[j])
+                    fg = _sig(y1[j])
+                    gg = _th(y2[j])
+                    og = _sig(y3[j])
                     g0[j] = ig
                     g1[j] = fg
                     g2[j] = gg
                     g3[j] = og
-                    c = fg * np.float64(cs[j]) + ig * gg
+                    c = fg * cs[j] + ig * gg
                     cs[j] = c
-                    cr[j] = cs[j]
-            _site_forward(Cs, b, H, t, o0, sc, Yh, False)
+                    cr[j] = c
+            _site_forward(cst, o0, 1, b, H, t, o0, sc, Yh, False)
             for i in range(b):
                 yh = Yh[i]
                 g3 = gates[o0 + i][3 * H:]
                 tr = tcs[o0 + i]
                 dst = Ms[i] if proj else Hs[i]
                 for j in range(H):
-                    tc = _tanh(yh[j])
+                    tc = _th(yh[j])
                     tr[j] = tc
-                    dst[j] = np.float64(g3[j]) * tc
+                    dst[j] = g3[j] * tc
                 if proj:
                     mr = mst[o0 + i]
                     for j in range(H):
                         mr[j] = dst[j]
             if proj:
-                gemm(Ms, 0, False, wrt, Hs, b, P, H, False)  # h = m W_hr^T
+                gemm(Ms, 0, False, wrt, Hs, 0, b, P, H, False)  # h = m W_hr^T
         else:
-            _site_forward(A, b, G, t, o0, sh, Yx, True)
+            _site_forward(Ah, a0, 1, b, G, t, o0, sh, Yx, True)
             for i in range(b):
                 yx = Yx[i]
                 g = gates[o0 + i]
                 hs = Hs[i]
                 if cell == RNN_TANH:
                     for j in range(H):
-                        v = _tanh(yx[j])
+                        v = _th(yx[j])
                         g[j] = v
                         hs[j] = v
                 else:
@@ -678,10 +770,9 @@ def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, 
                         v = 0.0 if v < 0.0 else v  # nan stays nan
                         g[j] = v
                         hs[j] = v
-        ob = obase[t]
+        q0 = or0[t]
         for i in range(b):
-            r0 = ob + i * ostride
-            dst = out[r0:r0 + P]
+            dst = out[q0 + i * ors]
             hs = Hs[i]
             for j in range(P):
                 dst[j] = hs[j]
@@ -694,17 +785,18 @@ def forward(cell, rev, H, P, bs, off, xp, xbase, xstride, h0, c0, wt, wrt, bhh, 
 # the time loop, backward
 
 @njit(**_OPTS)
-def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx, sh, sc,
-             gates, cst, tcs, hprev, cprev, ghn,
-             dxp, xbase, xstride, dh0, dc0, DA, DHP, dgx, dbx, dgh, dbh, dgc, dbc,
-             DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
-    """Backpropagation through time of :func:`forward`.
+def _backward(cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
+              xp, gates, cst, tcs, hprev, cprev, ghn,
+              dxp, xr0, xrs, dh0, dc0, DA, DHP, dgx, dbx, dgh, dbh, dgc, dbc,
+              DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
+    """Backpropagation through time of :func:`_forward`.
 
-    ``dout`` flat, in the output's layout; ``dhn``/``dcn`` the gradients of the final states.
-    ``w`` = W_hh ``(G, P)``, ``wr`` = W_hr ``(P, H)``. Writes ``dxp`` (flat, the input's layout),
-    ``dh0``/``dc0``, ``DA`` (internal rows: the gradient of W_hh h_{t-1}, for dW_hh = DA^T hprev),
-    ``DHP`` (LSTM with a projection: the gradient of each h_t, for dW_hr = DHP^T m), and
-    accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh`` (float64).
+    ``dout`` in the output's layout; ``dhn``/``dcn`` the gradients of the final states; ``xp``
+    the forward's input projections. ``w`` = W_hh ``(G, P)``, ``wr`` = W_hr ``(P, H)``. Writes
+    ``dxp`` (the input's layout), ``dh0``/``dc0``, ``DA`` (internal rows: the gradient of
+    W_hh h_{t-1}, for dW_hh = DA^T hprev), ``DHP`` (LSTM with a projection: the gradient of each h_t,
+    for dW_hr = DHP^T m), and accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh``
+    (float64).
     """
     T = bs.shape[0]
     B = dhn.shape[0]
@@ -730,10 +822,9 @@ def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx
             if lstm:
                 _copy_rows(DCs, dc0, b, cur, H)
             cur = b
-        ob = obase[t]
+        q0 = or0[t]
         for i in range(b):
-            r0 = ob + i * ostride
-            src = dout[r0:r0 + P]
+            src = dout[q0 + i * ors]
             dh = DHs[i]
             for j in range(P):
                 dh[j] += src[j]
@@ -746,7 +837,7 @@ def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx
                     for j in range(P):
                         dd[j] = dh[j]
                         dp[j] = dh[j]
-                gemm(Dd, 0, False, wr, DMd, b, H, P, False)  # dm = dh W_hr
+                gemm(Dd, 0, False, wr, DMd, 0, b, H, P, False)  # dm = dh W_hr
                 _copy_rows(DMd, DC, 0, b, H)
             else:
                 _copy_rows(DHs, DC, 0, b, H)
@@ -762,7 +853,7 @@ def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx
                     dm = dc[j]
                     dp3[j] = dm * tc * og * (1.0 - og)
                     dc[j] = dm * og * (1.0 - tc * tc)
-            _site_backward(DC, b, H, t, o0, sc, DX, dgc, dbc, csum)
+            _site_backward(DC, b, H, t, o0, sc, cst, o0, 1, DX, 0, 1, dgc, dbc, csum)
             for i in range(b):
                 g = gates[o0 + i]
                 g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:3 * H]
@@ -823,23 +914,10 @@ def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx
                     for j in range(H):
                         dp[j] = dhs[j] if g[j] > 0.0 else 0.0
             hsrc = DP
-        # input site -> dxp
-        _site_backward(DP, b, G, t, o0, sx, DX, dgx, dbx, csum)
-        xb = xbase[t]
-        for i in range(b):
-            r0 = xb + i * xstride
-            dst = dxp[r0:r0 + G]
-            dx = DX[i]
-            for j in range(G):
-                dst[j] = dx[j]
-        # recurrent site -> DA, then dh_{t-1} = DA W_hh (+ the GRU's direct path)
-        _site_backward(hsrc, b, G, t, o0, sh, DX, dgh, csum[3], csum)  # no shift of its own: dbeta to scratch
-        for i in range(b):
-            dx = DX[i]
-            da = DA[o0 + i]
-            for j in range(G):
-                da[j] = dx[j]
-        gemm(DA, o0 * G, False, w, Dd, b, P, G, False)
+        # the input site: its gradients straight into dxp; the recurrent site's into DA
+        _site_backward(DP, b, G, t, o0, sx, xp, xr0[t], xrs, dxp, xr0[t], xrs, dgx, dbx, csum)
+        _site_backward(hsrc, b, G, t, o0, sh, sh[6], o0, 1, DA, o0, 1, dgh, csum[3], csum)  # no shift: dbeta to scratch
+        gemm(DA, o0 * G, False, w, Dd, 0, b, P, G, False)  # dh_{t-1} = DA W_hh
         for i in range(b):
             dd = Dd[i]
             dhs = DHs[i]
@@ -858,11 +936,11 @@ def backward(cell, rev, H, P, bs, off, dout, obase, ostride, dhn, dcn, w, wr, sx
 # moments of a layer's input rows (the folded vertical norm)
 
 @njit(**_OPTS)
-def moments(x, mu, mu_r, sigma, xc):
+def moments(x, mu, mu_r, sigma, xc, xd):
     """Float64 mean ``mu`` (shifted by the first row) and biased covariance ``sigma`` of the rows of
     ``x`` ``(N, F)``, the mean rounded to x's dtype in ``mu_r``, and ``xc = x - mu_r`` (in x's
-    dtype, the rows the folded layer reads). The covariance sums ``(x - mu)`` products in float64,
-    four rows at a time, upper triangle, then mirrored."""
+    dtype, the rows the folded layer reads). ``xd`` ``(N, F)`` float64 scratch receives
+    ``x - mu``; the covariance is ``xd^T xd / N`` in float64 through :func:`gemm`."""
     N, F = x.shape
     x0 = x[0]
     for j in range(F):
@@ -874,45 +952,41 @@ def moments(x, mu, mu_r, sigma, xc):
     for j in range(F):
         mu[j] = np.float64(x0[j]) + mu[j] / N
         mu_r[j] = mu[j]
-    for j in range(F):
-        for k in range(F):
-            sigma[j, k] = 0.0
-    c = np.empty((4, F))
-    n4 = N - N % 4
-    for n in range(0, N):
-        q = n % 4
+    for n in range(N):
         r = x[n]
         o = xc[n]
-        cq = c[q]
+        d = xd[n]
         for j in range(F):
-            cq[j] = np.float64(r[j]) - mu[j]
+            d[j] = np.float64(r[j]) - mu[j]
             o[j] = r[j] - mu_r[j]
-        if n < n4 and q < 3:
-            continue
-        if n < n4:
-            c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
-            for j in range(F):
-                a0, a1, a2, a3 = c0[j], c1[j], c2[j], c3[j]
-                s = sigma[j][j:]
-                d0, d1, d2, d3 = c0[j:], c1[j:], c2[j:], c3[j:]
-                for k in range(F - j):
-                    s[k] += (a0 * d0[k] + a1 * d1[k]) + (a2 * d2[k] + a3 * d3[k])
-        else:
-            for j in range(F):
-                a = cq[j]
-                s = sigma[j][j:]
-                d = cq[j:]
-                for k in range(F - j):
-                    s[k] += a * d[k]
+    gemm(xd, 0, True, xd, sigma, 0, F, F, N, False)
     for j in range(F):
-        for k in range(j, F):
-            v = sigma[j, k] / N
-            sigma[j, k] = v
-            sigma[k, j] = v
+        s = sigma[j]
+        for k in range(F):
+            s[k] = s[k] / N
 
 
 @njit(**_OPTS)
 def weight_grad(D, X, out):
     """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
     output gradients D ``(N, G)`` and inputs X ``(N, F)``)."""
-    gemm(D, 0, True, X, out, D.shape[1], X.shape[1], D.shape[0], False)
+    gemm(D, 0, True, X, out, 0, D.shape[1], X.shape[1], D.shape[0], False)
+
+
+def _quiet(kernel):
+    """``kernel`` called with numba's NumbaIRAssumptionWarning silenced: a pedantic internal check that
+    fires while it compiles the always-inlined float32/float64 math (the compiled code is right)."""
+
+    @functools.wraps(kernel.py_func)
+    def call(*args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+            return kernel(*args)
+
+    call.kernel = kernel
+    return call
+
+
+forward = _quiet(_forward)
+backward = _quiet(_backward)
+vector_math = _quiet(_vector_math)

@@ -265,7 +265,7 @@ class _FoldFn(torch.autograd.Function):
             r = rows.detach().contiguous()
             mu, sigma = torch.empty(F, dtype=torch.float64), torch.empty(F, F, dtype=torch.float64)
             mu_r, xc = torch.empty(F, dtype=dt), torch.empty_like(r)
-            _rk.moments(r.numpy(), mu.numpy(), mu_r.numpy(), sigma.numpy(), xc.numpy())
+            _rk.moments(r.numpy(), mu.numpy(), mu_r.numpy(), sigma.numpy(), xc.numpy(), np.empty((n, F)))
         else:
             xd = rows.detach().to(torch.float64)
             mu = xd.mean(0)
@@ -441,7 +441,7 @@ class _Site:
 class _FusedSpec:
     """Everything about one fused call that is not a differentiable input."""
 
-    __slots__ = ("cell", "rev", "H", "P", "G", "B", "bs", "off", "xbase", "xstride", "obase", "ostride",
+    __slots__ = ("cell", "rev", "H", "P", "G", "B", "bs", "off", "xrow0", "xrows", "orow0", "orows",
                  "out_shape", "sites", "stats", "name")
 
 
@@ -454,7 +454,10 @@ def _np(t: Tensor | None, dtype=np.float64, n: int = 0) -> np.ndarray:
     return t.detach().to("cpu", torch.float64 if dtype is np.float64 else t.dtype).contiguous().numpy()
 
 
-def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int, T: int, C: int, dt):
+def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int, T: int, C: int, dt,
+                 raw: bool = False):
+    """The kernel's tuple for one site; ``raw``: the site's input needs storage of its own (the
+    recurrent matmul's output; the input projection and the cell state are kept anyway)."""
     k = site.kinds
     has = {kind: bool((k == kind).any()) for kind in (_rk.BATCH, _rk.FIXED, _rk.ROW)}
     gamma = np.ones(C) if gamma is None else _np(gamma)
@@ -464,13 +467,13 @@ def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int,
     else:
         fm = fi = np.empty((0, C))
     normed = has[_rk.BATCH] or has[_rk.FIXED] or has[_rk.ROW]
-    xraw = np.empty((N if normed else 0, C), dt)
+    hraw = np.empty((N if normed and raw else 0, C), dt)
     inv = np.empty((T if has[_rk.BATCH] else 0, C))
     rinv = np.empty(N if has[_rk.ROW] else 0)
     mean = np.empty((T if has[_rk.BATCH] else 0, C))
     var = np.empty_like(mean)
     rmean = np.empty_like(rinv)
-    return (k, gamma, beta, fm, fi, float(site.eps), xraw, inv, rinv, mean, var, rmean)
+    return (k, gamma, beta, fm, fi, float(site.eps), hraw, inv, rinv, mean, var, rmean)
 
 
 class _FusedRecurrence(torch.autograd.Function):
@@ -484,7 +487,7 @@ class _FusedRecurrence(torch.autograd.Function):
         T, N = len(spec.bs), int(spec.off[-1])
         lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
         sx = _site_arrays(spec.sites[0], gx, bx, N, T, G, dt)
-        sh = _site_arrays(spec.sites[1], gh, None, N, T, G, dt)
+        sh = _site_arrays(spec.sites[1], gh, None, N, T, G, dt, raw=True)
         sc = _site_arrays(spec.sites[2], gc, bc, N if lstm else 0, T, H, dt)
         out = torch.empty(spec.out_shape, dtype=xp.dtype)
         hn = torch.empty(B, P, dtype=xp.dtype)
@@ -498,14 +501,14 @@ class _FusedRecurrence(torch.autograd.Function):
         cprev = np.empty((N, H), dt) if lstm else e
         ghn = np.empty((N, H), dt) if gru else e
         c0n = _np(c0, dt) if lstm else e
-        _rk.forward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off, xp.detach().view(-1).numpy(), spec.xbase,
-                    spec.xstride, _np(h0, dt), c0n, w_hh.detach().t().contiguous().numpy(),
+        _rk.forward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off, xp.detach().view(-1, G).numpy(), spec.xrow0,
+                    spec.xrows, _np(h0, dt), c0n, w_hh.detach().t().contiguous().numpy(),
                     w_hr.detach().t().contiguous().numpy() if proj else e,
-                    _np(b_hh, np.float64, G) if gru else np.zeros(G), sx, sh, sc,
-                    out.view(-1).numpy(), spec.obase, spec.ostride, hn.numpy(), cn.numpy(), gates, cst, tcs, mst,
+                    (_np(b_hh, dt) if b_hh is not None else np.zeros(G, dt)) if gru else np.zeros(G, dt), sx, sh, sc,
+                    out.view(-1, P).numpy(), spec.orow0, spec.orows, hn.numpy(), cn.numpy(), gates, cst, tcs, mst,
                     hprev, cprev, ghn,
-                    np.empty((B, G), dt), np.empty((B, G), dt), np.empty((B, P), dt), np.empty((B, H), dt),
-                    np.empty((B, H), dt), np.empty((B, G)), np.empty((B, G)))
+                    np.empty((B, G), dt), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, H), dt),
+                    np.empty((B, G), dt), np.empty((B, G), dt))
         spec.stats = (sx, sh, sc)
         ctx.spec = spec
         ctx.arrays = (sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn)
@@ -536,10 +539,11 @@ class _FusedRecurrence(torch.autograd.Function):
         acc = np.zeros((7, max(G, H)))
         dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
         _rk.backward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
-                     dout.detach().contiguous().view(-1).numpy(), spec.obase, spec.ostride,
+                     dout.detach().contiguous().view(-1, P).numpy(), spec.orow0, spec.orows,
                      _np(dhn, dt), _np(dcn, dt) if lstm else e, w_hh.detach().contiguous().numpy(),
-                     w_hr.detach().contiguous().numpy() if proj else e, sx, sh, sc, gates, cst, tcs, hprev, cprev, ghn,
-                     dxp.view(-1).numpy(), spec.xbase, spec.xstride, dh0.numpy(), dc0.numpy(), DA, DHP,
+                     w_hr.detach().contiguous().numpy() if proj else e, sx, sh, sc, xp.detach().view(-1, G).numpy(),
+                     gates, cst, tcs, hprev, cprev, ghn,
+                     dxp.view(-1, G).numpy(), spec.xrow0, spec.xrows, dh0.numpy(), dc0.numpy(), DA, DHP,
                      dgx, dbx, dgh, dbh, dgc, dbc,
                      np.empty((B, P)), np.empty((B, H)), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, G)),
                      np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((4, G)))
@@ -561,14 +565,14 @@ class _FusedRecurrence(torch.autograd.Function):
                 vec(dgc, 10) if lstm else None, vec(dbc, 11) if lstm else None)
 
 
-def _layout(kind: str, B: int, T: int, bs: np.ndarray, off: np.ndarray, width: int):
-    """``(base (T,), stride)`` in elements of a flat buffer with ``width`` features per row:
-    ``"batch"`` (B, T, w), ``"time"`` (T, B, w) or ``"packed"`` (rows of step t at off[t])."""
+def _layout(kind: str, B: int, T: int, off: np.ndarray):
+    """``(row0 (T,), row_stride)``: step t's row i is row ``row0[t] + i * row_stride`` of the
+    ``(rows, features)`` view of ``"batch"`` (B, T, *), ``"time"`` (T, B, *) or ``"packed"`` data."""
     if kind == "batch":
-        return np.arange(T, dtype=np.int64) * width, T * width
+        return np.arange(T, dtype=np.int64), T
     if kind == "time":
-        return np.arange(T, dtype=np.int64) * (B * width), width
-    return off[:-1] * width, width
+        return np.arange(T, dtype=np.int64) * B, 1
+    return off[:-1].copy(), 1
 
 
 class _RecurrentCore(Module):
@@ -850,9 +854,11 @@ class _BNRNNBase(_RecurrentCore):
             return "loop"
         if self.norm == "none":
             return "torch"
+        if torch.compiler.is_compiling():  # torch ops all the way (compiled code cannot call numba)
+            return "loop"
         if self.norm == "vertical":
             return "fold"
-        if data.is_cpu and data.dtype in _FUSED_DTYPES and not torch.compiler.is_compiling():
+        if data.is_cpu and data.dtype in _FUSED_DTYPES:
             return "fused"
         return "loop"
 
@@ -952,8 +958,7 @@ class _BNRNNBase(_RecurrentCore):
             bs = batch_sizes.numpy().astype(np.int64)
         off = np.zeros(T + 1, np.int64)
         np.cumsum(bs, out=off[1:])
-        xbase, xstride = _layout(layout, B, T, bs, off, G)
-        obase, ostride = _layout(layout, B, T, bs, off, P)
+        row0, rows = _layout(layout, B, T, off)
         gperm = _lstm_perm(H, data.device) if mode == "LSTM" else None
         x = data
         hns, cns = [], []
@@ -990,8 +995,7 @@ class _BNRNNBase(_RecurrentCore):
                 bc = None if nc is None else nc.bias
                 spec = _FusedSpec()
                 spec.cell, spec.rev, spec.H, spec.P, spec.G, spec.B = _CELL[mode], bool(d), H, P, G, B
-                spec.bs, spec.off, spec.xbase, spec.xstride, spec.obase, spec.ostride = (bs, off, xbase, xstride,
-                                                                                         obase, ostride)
+                spec.bs, spec.off, spec.xrow0, spec.xrows, spec.orow0, spec.orows = bs, off, row0, rows, row0, rows
                 spec.out_shape = tuple(xp.shape[:-1]) + (P,)
                 spec.sites, spec.name = (sx, sh, sc), name
                 h, c = self._initial(h0, c0, l, d, B, data)
