@@ -197,6 +197,14 @@ def test_vector_math_is_accurate_to_float64_rounding():
     assert np.isnan(t[0]) and list(t[1:]) == [1.0, -1.0, 1.0, -1.0]
     s = rk.vector_math(special, 1)
     assert np.isnan(s[0]) and s[1] == 1.0 and s[2] < 1e-300 and s[3] == 1.0 and s[4] < 1e-300
+    x32 = x.astype(np.float32)  # float32 data: float32 math, within 3 units in the last place
+    xd = x32.astype(np.float64)
+    for which, want in ((1, 1 / (1 + np.exp(-xd))), (2, np.tanh(xd))):
+        got = rk.vector_math(x32, which).astype(np.float64)
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        assert np.max(np.abs(got - want) / ulp) <= 3.0, which
+    t32 = rk.vector_math(special.astype(np.float32), 2)
+    assert np.isnan(t32[0]) and list(t32[1:]) == [1.0, -1.0, 1.0, -1.0]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -231,3 +239,27 @@ def test_input_moments_are_the_float64_mean_and_covariance(dtype):
         c = xd - xd.mean(0)
         np.testing.assert_allclose(sigma, c.T @ c / n, rtol=1e-12, atol=1e-12)
         assert np.array_equal(xc, x - mu_r) and np.array_equal(mu_r, mu.astype(dtype))
+
+
+def test_the_fold_of_the_vertical_norm_passes_gradcheck_and_both_implementations_agree():
+    from bnlab.nn.recurrent import _FoldCpuFn, _FoldFn
+
+    torch.manual_seed(5)
+    rows = (torch.randn(11, 3, dtype=DT) + 3).requires_grad_()
+    w0 = torch.randn(8, 3, dtype=DT, requires_grad=True)
+    g0 = (torch.rand(8, dtype=DT) + 0.5).requires_grad_()
+    b0 = torch.randn(8, dtype=DT, requires_grad=True)
+    w1 = torch.randn(8, 3, dtype=DT, requires_grad=True)
+
+    def f(fn):  # two directions sharing the rows, the second without gamma and beta
+        def g(r, w0, g0, b0, w1):
+            res = fn.apply(1e-5, r, w0, g0, b0, w1, None, None)
+            return res[0], res[1], res[2], res[5], res[6]
+        return g
+
+    for fn in (_FoldFn, _FoldCpuFn):  # torch ops (other devices), compiled (CPU)
+        assert torch.autograd.gradcheck(f(fn), (rows, w0, g0, b0, w1))
+    a = _FoldCpuFn.apply(1e-5, rows, w0, g0, b0, w1, None, None)
+    b = _FoldFn.apply(1e-5, rows, w0, g0, b0, w1, None, None)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)

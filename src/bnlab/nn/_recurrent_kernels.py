@@ -990,3 +990,91 @@ def _quiet(kernel):
 forward = _quiet(_forward)
 backward = _quiet(_backward)
 vector_math = _quiet(_vector_math)
+
+
+# ------------------------------------------------------------------------------------------------
+# the folded vertical norm, one direction (see recurrent._FoldCpuFn)
+
+@njit(**_OPTS)
+def fold_direction(W, gamma, beta, eps, sigma, mu, mu_r, wd, ws, Wf, shift, mean, var, inv, s):
+    """For ``W`` ``(G, F)``: ``wd`` = W in float64, ``ws = wd sigma``, per row j the mean
+    ``w_j . mu`` and variance ``w_j . ws_j`` of W x, ``inv = 1 / sqrt(var + eps)``,
+    ``s = gamma * inv``, the folded weights ``Wf = s W`` and ``shift = s w_j . (mu_r - mu) + beta``
+    (the rounding of the centred input, folded back)."""
+    G, F = W.shape
+    for j in range(G):
+        src = W[j]
+        dst = wd[j]
+        for k in range(F):
+            dst[k] = src[k]
+    gemm(wd, 0, False, sigma, ws, 0, G, F, F, False)
+    for j in range(G):
+        w = wd[j]
+        q = ws[j]
+        v = 0.0
+        m = 0.0
+        dl = 0.0
+        for k in range(F):
+            v += q[k] * w[k]
+            m += w[k] * mu[k]
+            dl += w[k] * (np.float64(mu_r[k]) - mu[k])
+        v = max(v, 0.0)
+        iv = 1.0 / np.sqrt(v + eps)
+        sc = iv * gamma[j]
+        mean[j] = m
+        var[j] = v
+        inv[j] = iv
+        s[j] = sc
+        shift[j] = sc * dl + beta[j]
+        wf = Wf[j]
+        for k in range(F):
+            wf[k] = sc * w[k]
+
+
+@njit(**_OPTS)
+def fold_direction_backward(dWf, wd, ws, inv, s, gamma, dW, dscale, dvw, M):
+    """The backward of :func:`fold_direction` for ``dWf`` ``(G, F)``: ``dscale`` (the gradient of
+    s), ``dW = s dWf + 2 dv ws`` with ``dv = -dscale gamma inv^3 / 2``, and ``M += wd^T diag(dv) wd``
+    (``dvw`` ``(G, F)`` float64 scratch)."""
+    G, F = wd.shape
+    for j in range(G):
+        w = wd[j]
+        g = dWf[j]
+        ds = 0.0
+        for k in range(F):
+            ds += np.float64(g[k]) * w[k]
+        dscale[j] = ds
+        dv = -0.5 * ds * gamma[j] * inv[j] * inv[j] * inv[j]
+        q = ws[j]
+        out = dW[j]
+        e = dvw[j]
+        sj = s[j]
+        for k in range(F):
+            out[k] = sj * np.float64(g[k]) + 2.0 * dv * q[k]
+            e[k] = dv * w[k]
+    gemm(dvw, 0, True, wd, M, 0, F, F, G, True)
+
+
+@njit(**_OPTS)
+def fold_rows_backward(dxc, xc, M, Md, drows):
+    """``drows = dxc - mean_rows(dxc) + xc (2 M / N)``: the rows' gradient through the centring and
+    the covariance (``Md`` ``(F, F)`` scratch in the rows' dtype)."""
+    N, F = xc.shape
+    for a in range(F):
+        src = M[a]
+        dst = Md[a]
+        for k in range(F):
+            dst[k] = 2.0 * src[k] / N
+    gemm(xc, 0, False, Md, drows, 0, N, F, F, False)
+    cm = np.zeros(F)
+    for n in range(N):
+        r = dxc[n]
+        for k in range(F):
+            cm[k] += r[k]
+    for k in range(F):
+        cm[k] /= N
+    for n in range(N):
+        r = dxc[n]
+        o = drows[n]
+        for k in range(F):
+            o[k] += np.float64(r[k]) - cm[k]

@@ -53,16 +53,18 @@ Speed (CPU float32/float64; the paths are tested against each other):
 
 * ``"none"``: torch's fused kernel (``torch.lstm``/``gru``/``rnn_*``).
 * ``"vertical"``: the normalized input projection is affine in x: with s = gamma / sqrt(var + eps),
-  BN(W x) + b = (s W) x + (b + beta - s mean). The layer runs torch's fused kernel with the
-  folded weights ``s W`` and bias, one layer at a time; the statistics of W x come from the
-  input's float64 mean and covariance (mean = W mu, var = diag(W Sigma W^T)), or from W x itself
-  when the input is wider than 1.5 times the gates, all differentiable torch ops, so the gradient
-  is batch norm's own.
+  BN(W x)_j = s_j w_j . (x - mu) + beta_j. The layer runs torch's fused kernel (oneDNN's LSTM on
+  CPU) on the centred input with the folded weights ``s W``, one layer at a time; the statistics
+  of W x come from the input's float64 mean mu and covariance Sigma (mean = W mu, var =
+  diag(W Sigma W^T); from W x itself when the input is wider than 1.5 times the gates), and the
+  fold has a hand-derived backward (:class:`_FoldFn`; compiled on CPU), so the gradient is batch
+  norm's own. Its float32 gradient is as accurate as torch's batch norm (the projections of
+  batch norm's backward are applied after torch's float32 matmul, not before).
 * ``"horizontal"``, ``"per_timestep"``, ``"layer"``: one compiled call per layer and direction
   runs the whole time loop (:mod:`bnlab.nn._recurrent_kernels`: the recurrent matmul in a
   register-blocked micro-kernel, the norms, the gates; backward through time hand-derived), inside
-  one autograd node. The input projection of all steps is one matmul before it (horizontal: folded as in
-  vertical).
+  one autograd node. The input projection of all steps is one matmul before it (horizontal: its
+  batch norm over every row of every step one call of bnlab's kernels).
 * ``force_loop=True``, ``record_hidden``, forward-mode AD / ``torch.func``, other devices and dtypes:
   the reference time loop in torch ops (per-step :class:`bnlab.nn.SequenceBatchNorm` and
   LayerNorm modules), which autograd differentiates in every mode.
@@ -335,6 +337,70 @@ class _FoldFn(torch.autograd.Function):
         return (None, drows, *result)
 
 
+class _FoldCpuFn(torch.autograd.Function):
+    """:class:`_FoldFn` on CPU float32/float64, its forward and backward in compiled code
+    (:func:`bnlab.nn._recurrent_kernels.fold_direction` and friends): the same formulas, a few
+    kernel calls instead of some forty small torch ops per layer."""
+
+    @staticmethod
+    def forward(ctx, eps, rows, *wgb):
+        dt = rows.dtype
+        n, F = rows.shape
+        r = rows.detach().contiguous()
+        mu, sigma = np.empty(F), np.empty((F, F))
+        mu_r, xc = torch.empty(F, dtype=dt), torch.empty_like(r)
+        _rk.moments(r.numpy(), mu, mu_r.numpy(), sigma, xc.numpy(), np.empty((n, F)))
+        outs, saved = [xc], []
+        for k in range(0, len(wgb), 3):
+            w, gamma, beta = wgb[k:k + 3]
+            G = w.shape[0]
+            g64 = np.ones(G) if gamma is None else _np(gamma)
+            b64 = np.zeros(G) if beta is None else _np(beta)
+            wd, ws = np.empty((G, F)), np.empty((G, F))
+            wf, shift = torch.empty(G, F, dtype=w.dtype), torch.empty(G, dtype=w.dtype)
+            mean, var, inv, s = (torch.empty(G, dtype=torch.float64) for _ in range(4))
+            _rk.fold_direction(w.detach().contiguous().numpy(), g64, b64, eps, sigma, mu, mu_r.numpy(), wd, ws,
+                               wf.numpy(), shift.numpy(), mean.numpy(), var.numpy(), inv.numpy(), s.numpy())
+            outs += [wf, shift, mean, var]
+            saved.append((wd, ws, inv.numpy(), s.numpy(), g64, w.dtype, gamma is not None, beta is not None))
+        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs[1:]) if i % 4 >= 2])
+        ctx.saved = saved
+        ctx.save_for_backward(xc)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, dxc, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "vertical batch norm (folded into the recurrent kernel's input weights) has a first-order backward "
+                "only (create_graph=True asks for a graph of it). Build the layer with force_loop=True, whose "
+                "torch-ops time loop autograd differentiates to any order."
+            )
+        (xc,) = ctx.saved_tensors
+        n, F = xc.shape
+        M = np.zeros((F, F))
+        result = []
+        for d, (wd, ws, inv, s, g64, wdt, has_g, has_b) in enumerate(ctx.saved):
+            dwf, dshift = grads[4 * d], grads[4 * d + 1]
+            G = wd.shape[0]
+            dw = torch.zeros(G, F, dtype=wdt)
+            dscale = np.zeros(G)
+            if dwf is not None:
+                _rk.fold_direction_backward(dwf.detach().contiguous().numpy(), wd, ws, inv, s, g64, dw.numpy(),
+                                            dscale, np.empty((G, F)), M)
+            dgamma = torch.from_numpy(dscale * inv).to(wdt) if has_g else None
+            dbeta = dshift.to(wdt) if has_b and dshift is not None else None
+            result += [dw, dgamma, dbeta]
+        dxc = torch.zeros_like(xc) if dxc is None else dxc.detach().contiguous()
+        drows = torch.empty_like(xc)
+        _rk.fold_rows_backward(dxc.numpy(), xc.numpy(), M, np.empty((F, F), dtype=_np_dtype(xc.dtype)), drows.numpy())
+        return (None, drows, *result)
+
+
+def _np_dtype(dt: torch.dtype):
+    return np.float32 if dt == torch.float32 else np.float64
+
+
 def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list):
     """The vertical input norm of every direction of one layer, ``BN(X W_d^T)`` (one batch norm
     over every row: batch and time), as ``X' (s_d W_d)^T + shift_d``: returns ``(X', [(s_d W_d,
@@ -363,7 +429,8 @@ def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list
         args = []
         for norm, w in zip(norms, weights):
             args += [w, *affine(norm)]
-        res = _FoldFn.apply(norms[0].eps, rows, *args)
+        cpu = rows.is_cpu and rows.dtype in _FUSED_DTYPES and all(w.is_cpu and w.dtype == rows.dtype for w in weights)
+        res = (_FoldCpuFn if cpu else _FoldFn).apply(norms[0].eps, rows, *args)
         for d, norm in enumerate(norms):
             wf, shift, mean, var = res[1 + 4 * d:5 + 4 * d]
             record(norm, mean, var)
