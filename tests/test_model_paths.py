@@ -89,10 +89,40 @@ def test_compiled_nonfinite_policy_raise_and_skip():
     assert all(torch.equal(a, b) for a, b in zip(before, net.bn.buffers()))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compiled_update_follows_the_policy_like_eager(momentum):
+    """The compiled running update (torch ops, a select on the policy's flag) against eager, step by
+    step: an overflowing float32 batch (finite input, variance beyond float32's range) raises under
+    "raise" and is skipped under "skip" without counting, and the cumulative factor of later
+    batches counts only the batches that entered the buffers."""
+    g = torch.Generator().manual_seed(0)
+    good = [torch.randn(4, 6, 5, 5, generator=g) for _ in range(3)]
+    over = torch.randn(4, 6, 5, 5, generator=g)
+    over[0, 1] = 3e38
+    over[1, 1] = -3e38
+    eager, net, compiled = _compiled_pair(conv=False, momentum=momentum, nonfinite="skip")
+    for x in (good[0], over, good[1], over, good[2]):
+        eager(x)
+        compiled(x)
+        for name, be in eager.bn.named_buffers():
+            bc = dict(net.bn.named_buffers())[name]
+            torch.testing.assert_close(bc, be, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(net.bn.num_batches_tracked) == 3
+    _, net, compiled = _compiled_pair(conv=False, momentum=momentum)
+    compiled(good[0])
+    before = [b.clone() for b in net.bn.buffers()]
+    # (the compiled statistics are float32 sums, where this batch reads as inf; eager's float64 sums
+    # see a finite mean and an overflowing variance)
+    with pytest.raises(NonFiniteBatchError, match=r"(inf|overflow).*channel\(s\) \[1\]"):
+        compiled(over)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.bn.buffers()))
+
+
 def test_compiled_batch_norm_is_torch_ops_that_inductor_can_fuse():
     """No opaque bnlab op in the traced forward: batch norm appears as torch ops (so inductor fuses
-    it with the convolution, the residual add and the ReLU); only the C-sized running-statistics
-    update is bnlab's op."""
+    it with the convolution, the residual add and the ReLU); the running-statistics update is torch
+    ops too (a select on the policy's flag, written into the buffers), and the only bnlab op is the
+    non-finite check of that flag, on C-sized data."""
     from torch._dynamo.testing import AotEagerAndRecordGraphs
 
     torch._dynamo.reset()
@@ -102,7 +132,9 @@ def test_compiled_batch_norm_is_torch_ops_that_inductor_can_fuse():
     code = "\n".join(g.code for g in backend.fw_graphs)
     assert "bnlab.batch_norm_train" not in code and "bnlab::batch_norm_train" not in code
     assert "var_mean" in code
-    assert "update_running_stats" in code
+    assert "update_running_stats" not in code
+    assert "bnlab.check_batch" in code and "torch.ops.aten.where" in code
+    assert "copy_" in code  # the buffers written in the graph
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])

@@ -12,6 +12,9 @@ which carry a fake (meta) function for tracing and an autograd formula:
 ``bnlab::batch_norm_backward(dy, x, weight, stats, train) -> (dx, dweight, dbias)``
     The hand-derived backward (:func:`bnlab.kernels.cpu.rows_backward`); ``train=False`` treats
     the statistics as constants.
+``bnlab::check_batch(ok, mean, var, count, limit, name) -> ok``
+    The non-finite check of the compiled running update: raises :class:`bnlab.policy.NonFiniteBatchError`
+    for a bad batch, else returns the flag.
 ``bnlab::update_running_stats(running_mean!, running_var!, num_batches_tracked!, stats, count,
 momentum, cumulative, nonfinite, name) -> ()``
     The running-statistics update (mutating the buffers), with the non-finite policy applied
@@ -29,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..policy import update_buffers
+from ..policy import bad_channels, raise_bad_batch, update_buffers
 from . import cpu
 
 
@@ -122,3 +125,20 @@ def update_running_stats(
 @update_running_stats.register_fake
 def _(running_mean, running_var, num_batches_tracked, stats, count, momentum, cumulative, nonfinite, name):
     return None
+
+
+@torch.library.custom_op("bnlab::check_batch", mutates_args=())
+def check_batch(ok: Tensor, mean: Tensor, var: Tensor, count: int, limit: float, name: str) -> Tensor:
+    """``ok`` (a 0-d bool: the batch's statistics may enter the buffers) passed through, or
+    :class:`bnlab.policy.NonFiniteBatchError` naming the bad channels (the compiled update,
+    :func:`bnlab.kernels._compiled_update`, selects the old buffer values on the returned flag, so
+    the op stays in the graph and runs before any buffer is written)."""
+    if not bool(ok):
+        bad, kinds = bad_channels(mean, var, count, limit)
+        raise_bad_batch(name, bad, kinds, limit)
+    return ok.clone()
+
+
+@check_batch.register_fake
+def _(ok, mean, var, count, limit, name):
+    return torch.empty_like(ok)
