@@ -189,6 +189,25 @@ def test_convert_fuse_act_fuses_exact_patterns_and_keeps_the_numbers():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_convert_fuse_act_traces_into_nested_blocks_and_bnlab_defined_models():
+    """Submodules holding the patterns are traced into, also when their class is defined inside
+    bnlab (the model benchmark's ResNet): only bnlab.nn's layers stay whole. 13 of the ResNet's 15
+    batch norms are fused (the stem's and each block's two: BN -> ReLU and BN -> add -> ReLU); the
+    two projection shortcuts' feed the fused layer's residual."""
+    from bnlab.bench_models import resnet
+
+    torch.manual_seed(0)
+    ref = resnet()
+    fused = bnlab.convert(copy.deepcopy(ref), to="bnlab", fuse_act=True)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("BatchNormAct2d") == 13 and kinds.count("BatchNorm2d") == 2
+    x = torch.randn(4, 3, 16, 16)
+    for training in (True, False):
+        ref.train(training)
+        fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 def test_fold_keeps_a_norm_act_layers_activation_and_residual():
     torch.manual_seed(0)
     fused = bnlab.convert(_Block(), to="bnlab", fuse_act=True)

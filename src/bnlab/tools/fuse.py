@@ -67,10 +67,12 @@ def _residual_of(add: fx.Node, bn: fx.Node) -> fx.Node | None:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer with bnlab's layers (and every batch norm) kept as calls, not traced into."""
+    """torch.fx's tracer with bnlab's layers (and every batch norm) kept as calls, not traced into.
+    bnlab's layers are the classes of :mod:`bnlab.nn`; a model defined elsewhere in bnlab (the
+    benchmark's, the audit's) is traced into like any user's."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, nn.modules.batchnorm._NormBase) or type(m).__module__.startswith("bnlab.")
+        return (isinstance(m, nn.modules.batchnorm._NormBase) or type(m).__module__.startswith("bnlab.nn.")
                 or super().is_leaf_module(m, qualname))
 
 
