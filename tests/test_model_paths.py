@@ -182,9 +182,17 @@ def test_model_suite_runs_every_model_and_configuration_quickly():
         r = rows[key]
         assert r["torch_ms"] > 0 and r["bnlab_ms"] > 0
         assert r["ratio"] == pytest.approx(r["torch_ms"] / r["bnlab_ms"])
+        lo, hi = r["ratio_iqr"]
+        assert 0 < lo <= hi
     assert "torch time / bnlab time" in res["ratio"]
     table = bm.format_rows(res)
     assert len(table) == len(res["rows"])
+    assert all(len(row) == 8 for row in table)
+
+
+def test_quartiles_of_the_per_round_ratios():
+    assert bm._quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    assert bm._quartiles([0.9]) == (0.9, 0.9)
 
 
 def test_model_suite_pairs_start_from_the_same_weights():

@@ -446,8 +446,8 @@ def _print_report(console, result: dict) -> None:
 
         t = Table(title=f"models: one training step (forward, loss, backward, SGD step) or one inference call, "
                         f"{models['threads']} threads, median of {models['repeats']} interleaved rounds "
-                        "(ratio = torch / bnlab)")
-        for col in ("model", "configuration", "torch ms", "bnlab ms", "ratio", "bar", "note"):
+                        "(ratio = torch / bnlab; noise band: quartiles of the per-round ratios)")
+        for col in ("model", "configuration", "torch ms", "bnlab ms", "ratio", "noise band", "bar", "note"):
             t.add_column(col, justify="left" if col in ("model", "configuration", "bar", "note") else "right")
         for row in format_rows(models):
             t.add_row(*row)

@@ -179,7 +179,18 @@ class _Contender:
         self.opt.step()
 
 
-def _median_pair(a: _Contender, b: _Contender, repeats: int, warmup: int) -> tuple[float, float]:
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles (``statistics.quantiles``, inclusive method)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def _median_pair(a: _Contender, b: _Contender, repeats: int, warmup: int) -> tuple[float, float, tuple]:
+    """Median seconds of ``a`` and ``b``, and the quartiles of the per-round ratios ``a / b``: the
+    two steps of a round run back to back on the same machine state, so the spread of their ratio
+    is the noise band of the figure (what another process on the cores did to both)."""
     for c in (a, b):
         if c.config == "compile":
             t0 = time.perf_counter()
@@ -202,7 +213,7 @@ def _median_pair(a: _Contender, b: _Contender, repeats: int, warmup: int) -> tup
     finally:
         if gc_was:
             gc.enable()
-    return statistics.median(ta), statistics.median(tb)
+    return statistics.median(ta), statistics.median(tb), _quartiles([x / y for x, y in zip(ta, tb)])
 
 
 def _applies(model: str, config: str) -> str | None:
@@ -240,11 +251,11 @@ def run_models_suite(args, progress=None) -> dict:
             ref, ours = _pair(model, fused)
             x, target = _inputs(model)
             a, b = _Contender(ref, config, x, target), _Contender(ours, config, x.clone(), target)
-            sec_t, sec_b = _median_pair(a, b, repeats, warmup)
+            sec_t, sec_b, band = _median_pair(a, b, repeats, warmup)
             bar = FUSED_BAR if fused else BARS.get(model)
             speed = sec_t / sec_b
             rows.append({"model": label, "config": config, "torch_ms": sec_t * 1e3, "bnlab_ms": sec_b * 1e3,
-                         "ratio": speed, "compile_s": None if config != "compile" else
+                         "ratio": speed, "ratio_iqr": list(band), "compile_s": None if config != "compile" else
                          {"torch": a.compile_s, "bnlab": b.compile_s},
                          "bar": bar, "ok": None if bar is None or quick else speed >= bar})
             del a, b, ref, ours
@@ -257,16 +268,19 @@ def run_models_suite(args, progress=None) -> dict:
 
 
 def format_rows(result: dict) -> list[tuple]:
-    """Table rows: model, configuration, torch ms, bnlab ms, ratio, bar, compile seconds."""
+    """Table rows: model, configuration, torch ms, bnlab ms, ratio, the per-round ratios' quartiles,
+    bar, compile seconds."""
     out = []
     for r in result["rows"]:
         if "skipped" in r:
-            out.append((r["model"], r["config"], "-", "-", "-", "", f"not measured: {r['skipped']}"))
+            out.append((r["model"], r["config"], "-", "-", "-", "-", "", f"not measured: {r['skipped']}"))
             continue
+        band = r.get("ratio_iqr")
+        band = "-" if not band else f"{band[0]:.2f}-{band[1]:.2f}"
         bar = "" if r["bar"] is None else (f">= {r['bar']:.2f} " + ("" if r["ok"] is None else
                                                                    ("ok" if r["ok"] else "MISSED")))
         comp = r.get("compile_s")
         note = "" if not comp else f"compile {comp['torch']:.1f} s / {comp['bnlab']:.1f} s"
         out.append((r["model"], r["config"], f"{r['torch_ms']:.2f}", f"{r['bnlab_ms']:.2f}", f"{r['ratio']:.2f}",
-                    bar, note))
+                    band, bar, note))
     return out
