@@ -25,13 +25,14 @@ Reported per shape, layout, path (functional and module) and pass:
   ones, and reports whether bnlab's kernel served them and whether numba loaded them from its
   on-disk cache (filled by ``python -m bnlab.kernels.warmup``).
 
-The bar of issue 2 is checked on forward+backward, both paths: >= 1.4x native NCHW and >= 1.2x
-native channels_last on the 4-D shapes of >= 8 MB, >= 0.95x on every shape, first call < 0.3 s
-extra.
+The targets ("bar") are checked on forward+backward, both paths: >= 1.4x native NCHW and >= 1.2x
+native channels_last on the 4-D shapes of >= 8 MB, >= 1.0x on every other shape but the two small
+2-D ones, where the Python around a call is a large share (>= 0.9x on 256x512 and 64x128), and the
+first call < 0.3 s extra.
 
 Shapes: 64x64x32x32, 256x32x16x16, 32x256x8x8, 8x128x64x64 (BatchNorm2d; NCHW and channels_last,
-each against torch on the same layout), 1024x512 (BatchNorm1d). ``--quick`` runs two small
-shapes with a few rounds (a smoke test, not a measurement).
+each against torch on the same layout), 1024x512, 256x512 and 64x128 (BatchNorm1d). ``--quick``
+runs two small shapes with a few rounds (a smoke test, not a measurement).
 
 Batch renormalization: on every 4-D shape and layout, :class:`bnlab.nn.BatchRenorm2d` (defaults:
 r_max 3, d_max 5) is timed against bnlab's BatchNorm2d and torch's, the three interleaved in the
@@ -59,16 +60,19 @@ from numba import njit, prange
 import bnlab
 import bnlab.functional as BF
 
-FULL_SHAPES = [(64, 64, 32, 32), (256, 32, 16, 16), (32, 256, 8, 8), (8, 128, 64, 64), (1024, 512)]
+FULL_SHAPES = [(64, 64, 32, 32), (256, 32, 16, 16), (32, 256, 8, 8), (8, 128, 64, 64), (1024, 512), (256, 512),
+               (64, 128)]
 QUICK_SHAPES = [(32, 256, 8, 8), (1024, 512)]
 FWD_SIZES = 3  # tensor sizes moved by a forward: read x twice, write y
 STEP_SIZES = 8  # forward + backward: + read x and dy twice, write dx
 
-# the bar of issue 2, forward+backward, both paths
+# the targets, forward+backward, both paths
 BAR_LARGE_MB = 8.0
 BAR_NCHW = 1.4
 BAR_CHANNELS_LAST = 1.2
-BAR_EVERY = 0.95
+BAR_EVERY = 1.0
+BAR_SMALL_2D = 0.9  # 256x512 and 64x128: the Python around a call is a large share of it
+SMALL_2D = ((256, 512), (64, 128))
 BAR_FIRST_CALL_S = 0.3
 
 
@@ -344,7 +348,7 @@ def check_bar(rows: list[dict], first: dict | None) -> list[dict]:
     for r in rows:
         if r["pass"] != "fwd+bwd" or r.get("layer", "BatchNorm") != "BatchNorm":
             continue
-        need = BAR_EVERY
+        need = BAR_SMALL_2D if tuple(r["shape"]) in SMALL_2D else BAR_EVERY
         if r["dims"] == 4 and r["mb"] >= BAR_LARGE_MB:
             need = BAR_CHANNELS_LAST if r["layout"] == "channels_last" else BAR_NCHW
         checks.append({"what": f"{r['label']} {r['path']} fwd+bwd vs torch {r['layout']}", "ratio": r["ratio"],
