@@ -78,10 +78,25 @@ def test_the_kernels_use_torchs_thread_count_up_to_numbas_pool(recorded, torch_t
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
-def test_small_inputs_stay_on_the_calling_thread(recorded, torch_threads):
+def test_small_inputs_run_the_serial_twins_on_the_calling_thread(recorded, torch_threads, monkeypatch):
+    """Below ``serial_below`` elements the calls go to the serial twins (no thread-pool launch at
+    all), on the caller's thread; the parallel kernels are not launched."""
+    seen = []
+    twins = cpu.serial_kernels()
+
+    def wrap(name, kern):
+        def launch(*args):
+            seen.append((name, threading.get_ident()))
+            return kern(*args)
+        return launch
+
+    monkeypatch.setattr(cpu, "serial_kernels", lambda: cpu._Kernels(*(wrap(n, k) for n, k in
+                                                                      zip(cpu._Kernels._fields, twins))))
     torch_threads(2)
     _step((4, 3, 5, 5))
-    assert recorded and all(r[1] == 1 and r[2] == 1 for r in recorded), recorded
+    assert not recorded, recorded
+    assert {s[0] for s in seen} == {"rows_forward_train", "rows_backward", "rows_forward_eval"}
+    assert all(s[1] == threading.get_ident() for s in seen)
 
 
 def test_a_thread_with_its_own_torch_setting(recorded, torch_threads):

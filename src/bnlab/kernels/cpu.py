@@ -266,6 +266,16 @@ def use_serial_kernels(on: bool = True) -> None:
     _kernels = serial_kernels() if _serial_only else _PARALLEL_KERNELS
 
 
+def _kernels_for(act, serial: bool) -> _Kernels:
+    """The kernels a call runs: the serial twins for a tensor planned serial (below
+    ``Thresholds.serial_below`` elements: a parallel kernel launches numba's thread pool even on
+    one thread, about 2.5 us a call, more than a small tensor's work) and wherever only they may
+    run (:func:`use_serial_kernels`, a forked child), else the parallel kernels; with ``act`` fused."""
+    if serial or _serial_only:
+        return serial_kernels() if act == Act.NONE else act_kernels(act, True)
+    return _kernels if act == Act.NONE else act_kernels(act, False)
+
+
 def threads() -> int:
     """Threads a kernel call from this thread uses on a large input: ``torch.get_num_threads()``,
     at most numba's pool size; 1 where only the serial twins may run."""
@@ -338,8 +348,8 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
     stats = np.empty((3, c))
-    k = _kernels if act is _NONE else act_kernels(act, _serial_only)
-    prev = _enter(nt)
+    k = _kernels_for(act, serial)
+    prev = 0 if serial else _enter(nt)
     try:
         if lay == ROWS:
             nbad = k.rows_forward_train(xa, ya, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf, stream, ra)
@@ -376,8 +386,8 @@ def forward_eval(x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: n
     ra = None if residual is None else _flat(_like(residual, xd), perm)
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
-    k = _kernels if act is _NONE else act_kernels(act, _serial_only)
-    prev = _enter(nt)
+    k = _kernels_for(act, serial)
+    prev = 0 if serial else _enter(nt)
     try:
         if lay == ROWS:
             k.rows_forward_eval(xa, ya, w, b, has_w, has_b, n, c, s, stats, nt, ra)
@@ -436,8 +446,8 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     b = _DUMMY[x.dtype]  # the bias only enters the fused activation's backward
     grads = np.empty((2, c), gdtype)
-    k = _kernels
-    prev = _enter(nt)
+    k = _kernels_for(_NONE, serial)
+    prev = 0 if serial else _enter(nt)
     try:
         if lay == ROWS:
             k.rows_backward(xa, ga, da, w, b, has_w, False, n, c, s, stats, grads, train, nt, g, pf, stream, None, None)
@@ -501,8 +511,8 @@ def backward_act(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | No
     w, has_w = (_DUMMY[x.dtype], False) if weight is None else (weight.numpy(force=True), True)
     b, has_b = (_DUMMY[x.dtype], False) if bias is None else (bias.numpy(force=True), True)
     grads = np.empty((2, c), gdtype)
-    k = act_kernels(act, _serial_only)
-    prev = _enter(nt)
+    k = _kernels_for(act, serial)
+    prev = 0 if serial else _enter(nt)
     try:
         if lay == ROWS:
             k.rows_backward(xa, ga, da, w, b, has_w, has_b, n, c, s, stats, grads, train, nt, g, pf, stream, ra, dra)
