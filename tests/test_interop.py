@@ -6,7 +6,6 @@ differ, as documented, on the variance (unbiased in torch, biased in Keras and F
 from __future__ import annotations
 
 import doctest
-import os
 
 import numpy as np
 import pytest
@@ -108,24 +107,13 @@ def test_docstring_examples_run():
 
 
 # ---------------------------------------------------------------- Keras 3
-@pytest.fixture(scope="module")
-def keras():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    k = pytest.importorskip("keras")
-    if k.backend.backend() != "torch":
-        pytest.skip(f"keras runs on the {k.backend.backend()} backend here (set KERAS_BACKEND=torch before import)")
-    return k
-
-
 @pytest.mark.parametrize("kw", [{}, {"bias": False}, {"affine": False}])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_keras_layer_computes_the_same_eval_output(keras, kw, channels_last):
+def test_keras_layer_computes_the_same_eval_output(keras_layer, kw, channels_last):
     bn = _trained(eps=1e-3, momentum=0.01, **kw)
-    layer = keras.layers.BatchNormalization(**interop.keras_config(bn, channels_last=channels_last))
     x = torch.randn(5, 4, 6, 6) * 2 + 0.5
     xk = x.permute(0, 2, 3, 1).contiguous() if channels_last else x
-    layer.build(tuple([None] + list(xk.shape[1:])))
-    interop.keras_set_weights(layer, interop.to_keras(bn))
+    layer = keras_layer(bn, [None] + list(xk.shape[1:]), channels_last=channels_last)
     yk = layer(xk, training=False).detach()
     if channels_last:
         yk = yk.permute(0, 3, 1, 2)
@@ -137,13 +125,11 @@ def test_keras_layer_computes_the_same_eval_output(keras, kw, channels_last):
     assert cfg["eps"] == bn.eps and cfg["momentum"] == bn.momentum and cfg["affine"] == bn.affine
 
 
-def test_keras_training_step_momentum_convention(keras):
+def test_keras_training_step_momentum_convention(keras_layer):
     """momentum 0.99 in Keras moves moving_mean exactly as momentum 0.01 moves running_mean; the
     variance differs by the Bessel factor (Keras: biased batch variance)."""
     bn = _trained(eps=1e-3, momentum=0.01).train()
-    layer = keras.layers.BatchNormalization(**interop.keras_config(bn))
-    layer.build((None, 4, 3, 3))
-    interop.keras_set_weights(layer, interop.to_keras(bn))
+    layer = keras_layer(bn, (None, 4, 3, 3))
     v0 = bn.running_var.clone()
     x = torch.randn(6, 4, 3, 3)
     yb = bn(x)

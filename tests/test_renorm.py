@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import doctest
 import math
-import os
 import warnings
 
 import pytest
@@ -414,17 +413,8 @@ def test_docstring_examples_run():
 
 
 # ---------------------------------------------------------------- Keras 3
-@pytest.fixture(scope="module")
-def keras():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    k = pytest.importorskip("keras")
-    if k.backend.backend() != "torch":
-        pytest.skip(f"keras runs on the {k.backend.backend()} backend here (set KERAS_BACKEND=torch before import)")
-    return k
-
-
 @pytest.mark.parametrize("r_max,d_max", [(1.5, 0.5), (3.0, 5.0)])
-def test_keras_renorm_computes_the_same_training_step(keras, r_max, d_max):
+def test_keras_renorm_computes_the_same_training_step(keras_layer, r_max, d_max):
     """Keras' BatchNormalization(renorm=True) on the torch backend, its renorm and moving
     variables filled from the same state (bnlab.tools.interop.to_keras): the training output,
     the gradients of x, gamma and beta, and the moving mean after the step agree. What differs
@@ -440,9 +430,7 @@ def test_keras_renorm_computes_the_same_training_step(keras, r_max, d_max):
         m.bias.uniform_(-0.5, 0.5)
         m.running_mean.copy_(torch.tensor([0.8, -0.3, 0.0]))
         m.running_var.copy_(torch.tensor([0.3, 4.0, 1.0]))
-    layer = keras.layers.BatchNormalization(**interop.keras_config(m))
-    layer.build((None, c, 5, 5))
-    interop.keras_set_weights(layer, interop.to_keras(m))
+    layer = keras_layer(m, (None, c, 5, 5))
     x = torch.randn(6, c, 5, 5) * 1.5 + 0.2
     dy = torch.randn_like(x)
     ym, dxm, dwm, dbm = _step(m, x, dy)

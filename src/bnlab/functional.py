@@ -154,6 +154,22 @@ def batch_norm(
         >>> torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
         True
     """
+    x, weight, bias = _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                  num_batches_tracked, nonfinite, name)
+    y = _batch_norm_checked(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                            nonfinite, name)
+    return y if x is input else y.reshape(input.shape)
+
+
+def _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                nonfinite, name):
+    """Everything :func:`batch_norm` checks before it dispatches (:func:`check_batch_norm_input`,
+    ``nonfinite``, ``momentum=None`` with ``num_batches_tracked``, running statistics in eval), for
+    it and for the functional forms built on it (:func:`bnlab.nn.renorm.batch_renorm`). Returns
+    ``(x, weight, bias)``: ``x`` the input with at most 5 dims (more than 3 spatial dims flattened
+    into one: the same batch norm on ``(N, C, prod(spatial))``; the caller reshapes the output
+    back when ``x is not input``), ``weight`` and ``bias`` 1-D (torch takes any shape with C
+    elements)."""
     check_batch_norm_input(input, running_mean, running_var, weight, bias, training, name, eps)
     check_nonfinite_option(nonfinite, name)
     if momentum is None and num_batches_tracked is None:
@@ -164,16 +180,11 @@ def batch_norm(
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{name}: eval mode (training=False) needs running_mean and running_var (got None)")
     if weight is not None and weight.dim() != 1:
-        weight = weight.reshape(-1)  # torch takes any shape with C elements
+        weight = weight.reshape(-1)
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
-    if input.dim() > 5:  # (N, C, *) with more than 3 spatial dims: the same batch norm on (N, C, prod(spatial))
-        x = input.reshape(input.shape[0], input.shape[1], -1)
-        y = _batch_norm_checked(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                                num_batches_tracked, nonfinite, name)
-        return y.reshape(input.shape)
-    return _batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                               num_batches_tracked, nonfinite, name)
+    x = input if input.dim() <= 5 else input.reshape(input.shape[0], input.shape[1], -1)
+    return x, weight, bias
 
 
 def _batch_norm_checked(

@@ -37,7 +37,7 @@ SERIAL = dict(cache=True, fastmath=False, nogil=True)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # every file of this package that holds compiled code or the options it is compiled with
-SOURCES = ("_jit.py", "_llvm.py", "_serial.py", "rows.py", "cols.py")
+SOURCES = ("_jit.py", "_llvm.py", "_serial.py", "rows.py", "cols.py", "stats.py")
 
 
 @functools.lru_cache(maxsize=None)

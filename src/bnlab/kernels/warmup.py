@@ -2,8 +2,9 @@
 
 Compiles every kernel for every layout, dtype and parameter combination the library reaches
 (rows and columns layouts, float32 and float64, with and without an affine weight, training and
-eval, forward and backward, the running-statistics update), small inputs (one thread) and large
-ones (the thread pool) alike, and then the serial twins a forked child runs
+eval, forward and backward, the running-statistics update; batch renormalization's forward and the
+statistics-only kernel of :mod:`bnlab.kernels.stats`), small inputs (one thread) and large ones
+(the thread pool) alike, and then the serial twins a forked child runs
 (:func:`bnlab.kernels.cpu.serial_kernels`), so that the first batch norm in a fresh process, or in
 a DataLoader fork worker, loads compiled code from numba's on-disk cache (``cache=True``, next to
 the kernels' source) instead of compiling.
@@ -61,6 +62,9 @@ def warmup(fused: bool = True) -> float:
 
 
 def _pass(BF, shapes) -> None:
+    from bnlab.kernels.stats import batch_stats
+    from bnlab.nn.renorm import batch_renorm
+
     for dtype in (torch.float32, torch.float64):
         for shape, fmt in shapes:
             for affine in (True, False):
@@ -76,6 +80,11 @@ def _pass(BF, shapes) -> None:
                 y.backward(torch.ones_like(y))
                 ye = BF.batch_norm(x, rm, rv, w, b, training=False)
                 ye.backward(torch.ones_like(ye))
+                # batch renormalization's forward kernel (its backward is batch norm's) and the
+                # statistics-only kernel (bnlab.kernels.stats)
+                yr = batch_renorm(x, rm, rv, w, b, training=True, num_batches_tracked=nbt, r_max=2.0, d_max=1.0)
+                yr.backward(torch.ones_like(yr))
+                batch_stats(x.detach(), 1e-5)
 
 
 def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:

@@ -48,14 +48,15 @@ Decisions, written down here:
 
 Fast path (CPU float32/float64, eager): the layer is batch norm with the per-channel affine
 ``weight' = gamma * r``, ``bias' = gamma * d + beta`` (``r``, ``d`` detached), whose batch
-statistics are needed before the affine. One call of bnlab's fused training kernel
-(:func:`bnlab.kernels.cpu.forward_train`) gives the statistics; ``r`` and ``d`` come from them and
-the buffers (C-sized work); one call of the normalize kernel (:func:`bnlab.kernels.cpu.forward_eval`
-with the batch statistics) writes ``y``, formed in float64 and rounded once as batch norm's. The
-backward is one call of bnlab's batch-norm backward kernel with ``weight'`` (exactly batch norm's
-backward), with ``dgamma = dweight' * r + dbias' * d`` and ``dbeta = dbias'``. Against batch norm
-this costs one more pass over ``x`` and ``y`` in the forward (measured by ``bnlab bench --suite
-bn``); with ``r_max = 1, d_max = 0`` (the start of a warm-up) it is one fused call, as batch norm. Every other case (CUDA, float16 /
+statistics are needed before the affine. One kernel call
+(:func:`bnlab.kernels.stats.renorm_forward`) computes the statistics, ``r`` and ``d`` from them
+and the running statistics where batch norm's kernel finishes a channel's statistics, and writes
+``y`` with ``weight'`` and ``bias'`` (formed in float64 and rounded once, as batch norm's), in the
+passes of batch norm's training forward: the same memory traffic, ``y`` bit for bit batch norm's
+when ``r = 1`` and ``d = 0``. Then the buffers' update (C-sized work). The backward is one call of
+bnlab's batch-norm backward kernel with ``weight'`` (exactly batch norm's backward), with
+``dgamma = dweight' * r + dbias' * d`` and ``dbeta = dbias'``. With ``r_max = 1, d_max = 0`` (the
+start of a warm-up) the forward is batch norm's own kernel call. Every other case (CUDA, float16 /
 bfloat16, ``torch.compile``, ``torch.func`` transforms, forward-mode AD) computes the batch
 statistics in torch ops (:func:`bnlab.reference.batch_stats`) and calls bnlab's batch norm
 (:func:`bnlab.kernels.batch_norm_train`) with ``weight'`` and ``bias'``, whose autograd gives the
@@ -82,7 +83,8 @@ from .. import functional as BF
 from .. import kernels
 from .. import reference as ref
 from ..kernels import cpu
-from ..policy import check_nonfinite_option, update_buffers
+from ..kernels import stats as kstats
+from ..policy import update_buffers
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "batch_renorm", "renorm_correction"]
@@ -133,38 +135,32 @@ def _as_f64(t: Tensor) -> np.ndarray:
 # the fast path: bnlab's CPU kernels
 
 
-_FUSE_IDENTITY = True  # r_max = 1, d_max = 0 through batch norm's fused call (tests turn it off)
+_FUSE_IDENTITY = True  # r_max = 1, d_max = 0 through batch norm's own kernel (tests turn it off)
+_IDENTITY: dict = {}  # C -> rd of r = 1, d = 0
+
+
+def _identity(c: int) -> np.ndarray:
+    rd = _IDENTITY.get(c)
+    if rd is None:
+        rd = _IDENTITY[c] = np.array([np.ones(c), np.zeros(c)])
+    return rd
 
 
 def _forward(x, weight, bias, track, eps, r_max, d_max):
-    """Batch statistics (one kernel call), r and d, the buffers' update, then ``y`` from one call of
-    the normalize kernel with the batch statistics and ``weight' = gamma r``, ``bias' = gamma d +
-    beta`` (formed in float64 and rounded once, as batch norm's). Returns ``(y, stats, r, d,
-    weight')``; ``r``, ``d`` float64 ndarrays, ``weight'`` a tensor of x's dtype (or None)."""
+    """One kernel call (:func:`bnlab.kernels.stats.renorm_forward`: the batch statistics, ``r`` and
+    ``d`` from them and the running statistics, ``y`` with ``weight' = gamma r`` and ``bias' =
+    gamma d + beta``), then the buffers' update. Returns ``(y, stats, rd, weight')``: ``rd`` the
+    float64 ``(2, C)`` ndarray of ``r`` and ``d``, ``weight'`` a tensor of x's dtype (or None)."""
     running_mean, running_var, num_batches_tracked, momentum, nonfinite, name = track
     count = x.numel() // x.shape[1] if x.shape[1] else 0
-    if r_max == 1.0 and d_max == 0.0 and _FUSE_IDENTITY:  # r = 1, d = 0 (a warm-up's start): batch norm, one call
+    if r_max == 1.0 and d_max == 0.0 and _FUSE_IDENTITY:  # r = 1, d = 0 (a warm-up's start): batch norm
         y, stats, nbad = cpu.forward_train(x, weight, bias, eps)
-        update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum,
-                       nonfinite, name, nbad)
-        c = stats.shape[1]
-        return y, stats, np.ones(c), np.zeros(c), weight
-    xhat, stats, nbad = cpu.forward_train(x, None, None, eps)  # the statistics; its x_hat is not used
-    del xhat  # freed before y is allocated: the allocator can hand its memory to y
-    r, d = renorm_correction(stats[0], stats[1], running_mean, running_var, eps, r_max, d_max)  # before the update
-    update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum, nonfinite,
-                   name, nbad)
-    npdt = np.float32 if x.dtype == torch.float32 else np.float64
-    if weight is not None:
-        g = _as_f64(weight)
-        w2, b2 = g * r, g * d
+        rd, w2 = _identity(stats.shape[1]), weight
     else:
-        w2, b2 = r, d.copy()
-    if bias is not None:
-        b2 += _as_f64(bias)
-    w2t = torch.from_numpy(w2.astype(npdt))
-    y = cpu.forward_eval(x, w2t, torch.from_numpy(b2.astype(npdt)), stats)
-    return y, stats, r, d, w2t
+        y, stats, rd, w2, nbad = kstats.renorm_forward(x, weight, bias, running_mean, running_var, eps, r_max, d_max)
+    update_buffers(running_mean, running_var, num_batches_tracked, stats[0], stats[1], count, momentum, nonfinite,
+                   name, nbad)  # after r and d were taken from the buffers
+    return y, stats, rd, w2
 
 
 class _RenormFn(torch.autograd.Function):
@@ -175,8 +171,8 @@ class _RenormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, r_max, d_max, track):
-        y, stats, r, d, w2 = _forward(x, weight, bias, track, eps, r_max, d_max)
-        ctx.stats, ctx.r, ctx.d, ctx.eps = stats, r, d, eps
+        y, stats, rd, w2 = _forward(x, weight, bias, track, eps, r_max, d_max)
+        ctx.stats, ctx.rd, ctx.eps = stats, rd, eps
         ctx.save_for_backward(x, weight, w2)
         return y
 
@@ -192,15 +188,14 @@ class _RenormFn(torch.autograd.Function):
             else:
                 dw = db = None
                 if weight is not None and need[1]:
-                    dg = grads[1].astype(np.float64) * ctx.r + grads[0].astype(np.float64) * ctx.d
-                    dw = torch.from_numpy(dg).to(weight.dtype)
+                    dw = torch.from_numpy(kstats.renorm_weight_grad(grads, ctx.rd))  # grads: weight's dtype
                 if need[2]:
                     db = torch.from_numpy(grads[0]).to(x.dtype)
                 return dx if need[0] else None, dw, db, None, None, None, None
         # create_graph=True, or a batched dy: the hand-derived formula in torch ops, differentiable
         # again (weight' rebuilt from the weight so that its dependence on gamma is in the graph)
-        r = torch.from_numpy(ctx.r).to(x.dtype)
-        d = torch.from_numpy(ctx.d).to(x.dtype)
+        r = torch.from_numpy(ctx.rd[0]).to(x.dtype)
+        d = torch.from_numpy(ctx.rd[1]).to(x.dtype)
         w2g = weight * r if weight is not None else r
         mean, var, _ = ref.batch_stats(x)
         dx, dw2, db2 = ref.batch_norm_backward(dy, x, mean, ref.invstd_from_var(var, ctx.eps), w2g)
@@ -265,37 +260,33 @@ def batch_renorm(
         >>> torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
         True
     """
-    BF.check_batch_norm_input(input, running_mean, running_var, weight, bias, training, name, eps)
-    check_nonfinite_option(nonfinite, name)
+    x, weight, bias = BF._check_call(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                     num_batches_tracked, nonfinite, name)
     _check_limits(name, r_max, d_max)
     if not training:
-        return BF.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, name=name)
-    if running_mean is None or running_var is None:
+        y = BF._batch_norm_checked(x, running_mean, running_var, weight, bias, False, momentum, eps, None, nonfinite,
+                                   name)
+    elif running_mean is None or running_var is None:
         raise ValueError(f"{name}: batch renormalization in training needs running_mean and running_var (got None): "
                          "r and d correct the batch statistics towards them")
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError(
-            f"{name}: momentum=None (a cumulative average) needs num_batches_tracked to count the batches "
-            "(got num_batches_tracked=None); pass num_batches_tracked=<a long scalar tensor> or a float momentum"
-        )
-    if weight is not None and weight.dim() != 1:
-        weight = weight.reshape(-1)  # any shape with C elements, as torch takes
-    if bias is not None and bias.dim() != 1:
-        bias = bias.reshape(-1)
-    x = input
-    if x.dim() > 5:  # (N, C, *) with more than 3 spatial dims: the same math on (N, C, prod(spatial))
-        x = x.reshape(x.shape[0], x.shape[1], -1)
+    else:
+        y = _train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, r_max, d_max,
+                   nonfinite, name)
+    return y if x is input else y.reshape(input.shape)
+
+
+def _train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, r_max, d_max, nonfinite,
+           name):
+    """The training forward after validation (the functional form's and the modules'): bnlab's
+    kernels where they serve, else torch ops (:func:`_generic`)."""
     if _fast_ok(x, running_mean, running_var):
         track = (running_mean, running_var, num_batches_tracked, momentum, nonfinite, name)
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                         or (bias is not None and bias.requires_grad)):
-            y = _RenormFn.apply(x, weight, bias, float(eps), float(r_max), float(d_max), track)
-        else:
-            y = _forward(x, weight, bias, track, float(eps), float(r_max), float(d_max))[0]
-    else:
-        y = _generic(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, r_max, d_max,
-                     nonfinite, name)
-    return y if x is input else y.reshape(input.shape)
+            return _RenormFn.apply(x, weight, bias, float(eps), float(r_max), float(d_max), track)
+        return _forward(x, weight, bias, track, float(eps), float(r_max), float(d_max))[0]
+    return _generic(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, r_max, d_max,
+                    nonfinite, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,11 +424,11 @@ class _BatchRenorm(_BatchNorm):
         self._plain = False
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
         running_mean, running_var = self.running_mean, self.running_var
         if (not self.training or running_mean is None or running_var is None or not self.track_running_stats
                 or self._plain):
             return super().forward(input)  # eval, or batch norm (nothing to correct towards / precise BN)
+        self._check_input_dim(input)
         name = type(self).__name__
         weight, bias = self.weight, self.bias
         BF.check_batch_norm_input(input, running_mean, running_var, weight, bias, True, name, self.eps)
@@ -445,16 +436,8 @@ class _BatchRenorm(_BatchNorm):
             r_max, d_max = self._limits_traced()  # tensors: no data-dependent Python for torch.compile
         else:
             r_max, d_max = self.limits()
-        x = input
-        if _fast_ok(x, running_mean, running_var):
-            track = (running_mean, running_var, self.num_batches_tracked, self.momentum,
-                     getattr(self, "nonfinite", "raise"), name)
-            if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                            or (bias is not None and bias.requires_grad)):
-                return _RenormFn.apply(x, weight, bias, float(self.eps), r_max, d_max, track)
-            return _forward(x, weight, bias, track, float(self.eps), r_max, d_max)[0]
-        return _generic(x, weight, bias, running_mean, running_var, self.num_batches_tracked, self.momentum, self.eps,
-                        r_max, d_max, getattr(self, "nonfinite", "raise"), name)
+        return _train(input, weight, bias, running_mean, running_var, self.num_batches_tracked, self.momentum, self.eps,
+                      r_max, d_max, getattr(self, "nonfinite", "raise"), name)
 
 
 class BatchRenorm1d(_BatchRenorm):
