@@ -54,14 +54,15 @@ def test_export_eval_records_torchs_batch_norm_and_gives_the_eager_output(strict
 
 def test_export_train_with_a_dynamic_batch_records_torch_ops_and_updates_the_buffers_like_eager():
     """In training, the exported graph is batch norm in torch ops (shifted var_mean and the affine,
-    as under torch.compile) plus bnlab's running-statistics op, which applies the policy."""
+    as under torch.compile), the running-statistics update in torch ops (the policy as a select),
+    and bnlab's non-finite check of the batch."""
     torch.manual_seed(0)
     m = ConvBN().train()
     eager = copy.deepcopy(m)
     x = torch.randn(4, 3, 8, 8)
     ep = torch.export.export(m, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=2)}})
     targets = _targets(ep)
-    assert "bnlab.update_running_stats.default" in targets
+    assert "bnlab.check_batch.default" in targets and "bnlab.update_running_stats.default" not in targets
     assert "bnlab.batch_norm_train.default" not in targets
     assert any("var_mean" in t for t in targets)
     em = ep.module()

@@ -358,7 +358,7 @@ def _compiled_update(running_mean, running_var, num_batches_tracked, mean, var, 
             num_batches_tracked.add_(1)
         return
     limit = _policy_limit(running_mean, running_var)
-    corr = float(count) / (count - 1.0) if count > 1 else 1.0
+    corr = count / (count - 1) if count > 1 else 1.0  # (no float(): a dynamic batch size stays symbolic)
     mean = mean.to(torch.float64)
     var = var.to(torch.float64)
     ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
