@@ -25,13 +25,11 @@ the finding out, and one that names it stops with an error).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
-import traceback
 from types import ModuleType
 
-_NAME = re.compile(r"^f(\d+)_\w+$")
+from ..registry import discover
+
 REQUIRED = ("ID", "TITLE", "QUESTION", "SOURCES", "PROFILES", "DATASETS", "plan", "decide", "plots")
 
 FINDINGS: dict[str, ModuleType] = {}
@@ -39,22 +37,9 @@ BROKEN: dict[str, str] = {}  # module name -> the error that kept it out
 
 
 def _discover() -> None:
-    found = []
-    for info in pkgutil.iter_modules(__path__):
-        m = _NAME.match(info.name)
-        if m:
-            found.append((int(m.group(1)), info.name))
-    for _, name in sorted(found):
-        try:
-            mod = importlib.import_module(f"{__name__}.{name}")
-        except Exception:
-            BROKEN[name] = traceback.format_exc(limit=3)
-            continue
-        lacking = [a for a in REQUIRED if not hasattr(mod, a)]
-        if lacking:
-            BROKEN[name] = f"{name} lacks {', '.join(lacking)}"
-            continue
-        FINDINGS[mod.ID.upper()] = mod
+    found, broken = discover(__name__, __path__, "f", REQUIRED)
+    FINDINGS.update(found)
+    BROKEN.update(broken)
 
 
 def get(finding_id: str) -> ModuleType:
