@@ -8,6 +8,10 @@ quarter per step), which more than doubles what a core reads per second.
 
 Fused epilogue: as in :mod:`.rows` (the module constant :data:`ACT`, ``res``, ``dres``). Its loops
 take the four streams a row at a time.
+
+The statistics helpers (:func:`_cols_scratch`, :func:`_cols_sums`, :func:`_cols_finish`) are the
+one copy of the statistics math, called by :func:`cols_forward_train` and by the kernels of
+:mod:`.stats`; the thin ones are inlined by numba (``inline="always"``), as in :mod:`.rows`.
 """
 
 from __future__ import annotations
@@ -385,39 +389,75 @@ def _block_sums(nb, c):
     return np.zeros((nb, 2, c + 8))
 
 
+@kernel_jit(**SERIAL)
+def _cols_blocks(m, c, nt):
+    """How a columns-layout kernel splits ``(M, C)``: ``g`` rows to a wide row (:func:`_row_group`),
+    ``mg`` wide rows of ``cg = g * C`` values, ``nb`` blocks of wide rows (:func:`_num_blocks`)."""
+    g = _row_group(m, c)
+    mg = m // g
+    cg = c * g
+    return g, mg, cg, _num_blocks(mg, cg, nt)
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _cols_scratch(x, c, g, nb):
+    """The scratch of the columns layout's statistics: zeroed per-block sums of wide rows
+    (:func:`_block_sums`, ``nb`` blocks of ``g * C`` values), and the shifts of the sums, each
+    channel's first sample, ``(C,)`` and tiled for a wide row (:func:`_tile`)."""
+    shift = np.empty(c)
+    for ch in range(c):
+        shift[ch] = np.float64(x[ch])
+    return _block_sums(nb, c * g), shift, _tile(shift, g)
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _fold_blocks(part, nb, g, c, ch):
+    """Channel ``ch``'s totals of per-block sums of wide rows ``part`` ``(nb, 2, g * C + 8)``, the
+    blocks in order: (nb, g, C) -> (C,) (the statistics' sums, and the backward's)."""
+    s1 = 0.0
+    s2 = 0.0
+    for blk in range(nb):
+        for j in range(g):
+            s1 += part[blk, 0, j * c + ch]
+            s2 += part[blk, 1, j * c + ch]
+    return s1, s2
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _cols_finish(part, nb, g, m, c, eps, shift, stats):
+    """Per-block sums of ``x - shift`` (:func:`_cols_sums` over the blocks, :func:`_cols_scratch`)
+    -> the statistics of each channel."""
+    for ch in range(c):
+        s1, s2 = _fold_blocks(part, nb, g, c, ch)
+        _finish_stats(stats, ch, s1, s2, m, eps, shift[ch])
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _cols_operands(stats, w, b, has_w, has_b, g):
+    """The forward's per-channel operands, tiled for a wide row (:func:`_tile`): ``mean``,
+    ``scale = invstd * weight`` (or ``invstd``) and ``beta = bias`` (or 0)."""
+    c = stats.shape[1]
+    mean = np.empty(c)
+    scale = np.empty(c)
+    beta = np.empty(c)
+    for ch in range(c):
+        mean[ch] = stats[0, ch]
+        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
+        beta[ch] = np.float64(b[ch]) if has_b else 0.0
+    return _tile(mean, g), _tile(scale, g), _tile(beta, g)
+
+
 @kernel_jit(**PARALLEL)
 def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt, stream, res):
     """Training forward, columns layout. Fills ``stats``, writes ``y``; returns the number of
     channels whose mean or variance is non-finite. ``res``: a residual added before the activation
     :data:`ACT`, or None."""
-    g = _row_group(m, c)
-    mg = m // g  # wide rows of cg values (:func:`_row_group`)
-    cg = c * g
-    nb = _num_blocks(mg, cg, nt)
-    part = _block_sums(nb, cg)
-    shift = np.empty(c)
-    for ch in range(c):
-        shift[ch] = np.float64(x[ch])  # shift: the channel's first sample
-    shift_g = _tile(shift, g)
+    g, mg, cg, nb = _cols_blocks(m, c, nt)  # mg wide rows of cg values (:func:`_row_group`)
+    part, shift, shift_g = _cols_scratch(x, c, g, nb)
     for blk in prange(nb):
         _cols_sums(x, blk * mg // nb, (blk + 1) * mg // nb, cg, shift_g, part[blk, 0], part[blk, 1])
-    mean = np.empty(c)
-    scale = np.empty(c)
-    beta = np.empty(c)
-    for ch in range(c):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(nb):  # (nb, g, C) -> (C,)
-            for j in range(g):
-                s1 += part[blk, 0, j * c + ch]
-                s2 += part[blk, 1, j * c + ch]
-        _finish_stats(stats, ch, s1, s2, m, eps, shift[ch])
-        mean[ch] = stats[0, ch]
-        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
-        beta[ch] = np.float64(b[ch]) if has_b else 0.0
-    mean = _tile(mean, g)
-    scale = _tile(scale, g)
-    beta = _tile(beta, g)
+    _cols_finish(part, nb, g, m, c, eps, shift, stats)
+    mean, scale, beta = _cols_operands(stats, w, b, has_w, has_b, g)
     for blk in prange(nb):
         if ACT != NONE or res is not None:
             _cols_act_affine(ACT, x, res, y, blk * mg // nb, (blk + 1) * mg // nb, cg, mean, scale, beta, stream)
@@ -429,20 +469,8 @@ def cols_forward_train(x, y, w, b, has_w, has_b, m, c, eps, stats, nt, stream, r
 @kernel_jit(**PARALLEL)
 def cols_forward_eval(x, y, w, b, has_w, has_b, m, c, stats, nt, res):
     """Eval forward, columns layout; ``res`` and :data:`ACT` as in :func:`cols_forward_train`."""
-    g = _row_group(m, c)
-    mg = m // g  # wide rows of cg values (:func:`_row_group`)
-    cg = c * g
-    nb = _num_blocks(mg, cg, nt)
-    mean = np.empty(c)
-    scale = np.empty(c)
-    beta = np.empty(c)
-    for ch in range(c):
-        mean[ch] = stats[0, ch]
-        scale[ch] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
-        beta[ch] = np.float64(b[ch]) if has_b else 0.0
-    mean = _tile(mean, g)
-    scale = _tile(scale, g)
-    beta = _tile(beta, g)
+    g, mg, cg, nb = _cols_blocks(m, c, nt)  # mg wide rows of cg values (:func:`_row_group`)
+    mean, scale, beta = _cols_operands(stats, w, b, has_w, has_b, g)
     for blk in prange(nb):
         if ACT != NONE or res is not None:
             _cols_act_affine(ACT, x, res, y, blk * mg // nb, (blk + 1) * mg // nb, cg, mean, scale, beta, False)
@@ -454,10 +482,7 @@ def cols_forward_eval(x, y, w, b, has_w, has_b, m, c, stats, nt, res):
 def cols_backward(x, dy, dx, w, b, has_w, has_b, m, c, stats, grads, train, nt, stream, res, dres):
     """Backward, columns layout; the formulas of :func:`bnlab.kernels.rows.rows_backward`, with the
     activation :data:`ACT` as there (``dz`` for ``dy``; ``dres``, if an array, receives ``dz``)."""
-    g = _row_group(m, c)
-    mg = m // g  # wide rows of cg values (:func:`_row_group`)
-    cg = c * g
-    nb = _num_blocks(mg, cg, nt)
+    g, mg, cg, nb = _cols_blocks(m, c, nt)  # mg wide rows of cg values (:func:`_row_group`)
     part = _block_sums(nb, cg)
     mean = np.empty(c)
     for ch in range(c):
@@ -482,12 +507,7 @@ def cols_backward(x, dy, dx, w, b, has_w, has_b, m, c, stats, grads, train, nt, 
     mdy = np.empty(c)
     kx = np.empty(c)
     for ch in range(c):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(nb):  # (nb, g, C) -> (C,)
-            for j in range(g):
-                s1 += part[blk, 0, j * c + ch]
-                s2 += part[blk, 1, j * c + ch]
+        s1, s2 = _fold_blocks(part, nb, g, c, ch)
         invstd = stats[2, ch]
         grads[0, ch] = s1
         grads[1, ch] = s2 * invstd

@@ -13,6 +13,11 @@ compiles replace it. ``res`` (a residual added before the activation) is an arra
 forwards apply the epilogue where they store ``y``; the backward recomputes ``z`` where it reads
 ``dy`` and uses ``dz = dy * act'(z)`` in its place (both passes), writing ``dres = dz`` when
 ``dres`` is an array. Without an epilogue the code below is the plain batch norm.
+
+The statistics helpers (:func:`_group_stats`, :func:`_row_sums`, :func:`_rows_finish`) are the
+one copy of the statistics math, called by :func:`rows_forward_train` and by the kernels of
+:mod:`.stats`. The thin ones are inlined into their callers by numba (``inline="always"``): as
+calls (one per row) they cost small tensors a few percent.
 """
 
 from __future__ import annotations
@@ -52,6 +57,62 @@ def _group_sums(x, ch0, g, n, c, s, k, acc, tail, pf):
                 d = np.float64(x[q]) - kj
                 tail[j, 0] += d
                 tail[j, 1] += d * d
+
+
+@kernel_jit(**SERIAL)
+def _group_scratch(g):
+    """A thread's scratch for the statistics of groups of ``g`` channels (:func:`_group_stats`):
+    ``acc`` (g, 2, LANES + 8), ``tail`` (g, 2), the shifts ``kv`` (g,)."""
+    return np.zeros((g, 2, LANES + 8)), np.zeros((g, 2)), np.empty(g)  # + 8: no 4K aliasing between the lane rows
+
+
+@kernel_jit(**SERIAL)
+def _group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf):
+    """The statistics of channel group ``grp`` (channels ``grp * g ...``, at most ``g``) into
+    ``stats``: each channel shifted by its first sample, the group's sums (:func:`_group_sums`)
+    and their finish. ``acc``, ``tail``, ``kv``: :func:`_group_scratch`. Returns the group's first
+    channel and size."""
+    ch0 = grp * g
+    gg = min(g, c - ch0)
+    acc[:] = 0.0
+    tail[:] = 0.0
+    for j in range(gg):
+        kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
+    _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, pf)
+    for j in range(gg):
+        _finish_stats(stats, ch0 + j, tail[j, 0] + _lane_total(acc[j, 0, :LANES]),
+                      tail[j, 1] + _lane_total(acc[j, 1, :LANES]), n * s, eps, kv[j])
+    return ch0, gg
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _row_sums(x, r, c, s, part):
+    """Shifted sums of row ``r`` (its channel's first sample the shift) into ``part[:, r]`` (the
+    tasks of single rows, ``g == 0``)."""
+    a1, a2 = _lane_pair()
+    t1, t2 = _lane_sums(x, r * s, s, np.float64(x[(r % c) * s]), a1, a2)
+    part[0, r] = t1 + _lane_total(a1)
+    part[1, r] = t2 + _lane_total(a2)
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _fold_rows(part, n, c, ch):
+    """Channel ``ch``'s totals of per-row sums ``part`` ``(2, N * C)``, the samples in order:
+    (N*C,) -> (C,) for the tasks of single rows (the statistics' sums, and the backward's)."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        s1 += part[0, i * c + ch]
+        s2 += part[1, i * c + ch]
+    return s1, s2
+
+
+@kernel_jit(**SERIAL, inline="always")
+def _rows_finish(x, part, n, c, s, eps, stats):
+    """Per-row sums ``part`` ``(2, N * C)`` (:func:`_row_sums`) -> the statistics of each channel."""
+    for ch in range(c):
+        s1, s2 = _fold_rows(part, n, c, ch)
+        _finish_stats(stats, ch, s1, s2, n * s, eps, np.float64(x[ch * s]))
 
 
 @kernel_jit(**SERIAL)
@@ -228,7 +289,6 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf,
     channels whose mean or variance is non-finite. ``g > 0``: tasks of ``g`` channels;
     ``g == 0``: tasks of single rows (few channels). ``res``: a residual added before the
     activation :data:`ACT`, or None."""
-    m = n * s
     if g > 0:
         # split over groups of channels, a contiguous block of groups per thread: a thread sums
         # a group, then normalizes it from its own cache while prefetching its next group; a
@@ -237,24 +297,14 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf,
         for t in prange(nt):
             lo = t * ngrp // nt
             hi = (t + 1) * ngrp // nt
-            acc = np.zeros((g, 2, LANES + 8))  # + 8: no 4K aliasing between the two lane rows
-            tail = np.zeros((g, 2))
-            kv = np.empty(g)
+            acc, tail, kv = _group_scratch(g)
             mean = np.empty(g)
             scale = np.empty(g)
             beta = np.empty(g)
             for grp in range(lo, hi):
-                ch0 = grp * g
-                gg = min(g, c - ch0)
-                acc[:] = 0.0
-                tail[:] = 0.0
-                for j in range(gg):
-                    kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
-                _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, pf)
+                ch0, gg = _group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf)
                 for j in range(gg):
                     ch = ch0 + j
-                    _finish_stats(stats, ch, tail[j, 0] + _lane_total(acc[j, 0, :LANES]),
-                                  tail[j, 1] + _lane_total(acc[j, 1, :LANES]), m, eps, kv[j])
                     mean[j] = stats[0, ch]
                     scale[j] = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
                     beta[j] = np.float64(b[ch]) if has_b else 0.0
@@ -270,17 +320,8 @@ def rows_forward_train(x, y, w, b, has_w, has_b, n, c, s, eps, stats, nt, g, pf,
         # split over rows: each (n, c) row writes its own partial sums, (N*C,) -> (C,) after
         part = np.empty((2, n * c))
         for r in prange(n * c):
-            a1, a2 = _lane_pair()
-            t1, t2 = _lane_sums(x, r * s, s, np.float64(x[(r % c) * s]), a1, a2)
-            part[0, r] = t1 + _lane_total(a1)
-            part[1, r] = t2 + _lane_total(a2)
-        for ch in range(c):
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(n):
-                s1 += part[0, i * c + ch]
-                s2 += part[1, i * c + ch]
-            _finish_stats(stats, ch, s1, s2, m, eps, np.float64(x[ch * s]))
+            _row_sums(x, r, c, s, part)
+        _rows_finish(x, part, n, c, s, eps, stats)
         for r in prange(n * c):
             ch = r % c
             scale = stats[2, ch] * (np.float64(w[ch]) if has_w else 1.0)
@@ -390,11 +431,7 @@ def rows_backward(x, dy, dx, w, b, has_w, has_b, n, c, s, stats, grads, train, n
             part[1, r] = t2 + _lane_total(a2)
         tot = np.empty((2, c))  # (N*C,) -> (C,), float64 whatever the dtype of grads
         for ch in range(c):
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(n):
-                s1 += part[0, i * c + ch]
-                s2 += part[1, i * c + ch]
+            s1, s2 = _fold_rows(part, n, c, ch)
             tot[0, ch] = s1
             tot[1, ch] = s2
             grads[0, ch] = s1

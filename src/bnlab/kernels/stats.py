@@ -4,9 +4,11 @@ forward of batch renormalization.
 * :func:`batch_stats`: the per-channel mean, biased variance and invstd of a CPU float32/float64
   tensor in one parallel pass over it, without writing an output. The numbers are those of
   :func:`bnlab.kernels.cpu.forward_train` bit for bit: the same plan (:func:`.plan.plan`: layout,
-  channel groups, threads), the same shift (each channel's first sample), the same float64 sums in
-  the same order (the serial helpers of :mod:`.rows` and :mod:`.cols` themselves), the same
-  finishing math (:func:`._serial._finish_stats`).
+  channel groups, threads) and the same statistics helpers as the training forwards call
+  (:func:`.rows._group_stats`, :func:`.rows._row_sums` and :func:`.rows._rows_finish`;
+  :func:`.cols._cols_scratch`, :func:`.cols._cols_sums` and :func:`.cols._cols_finish`): the same
+  shift (each channel's first sample), the same float64 sums in the same order, the same finishing
+  math (:func:`._serial._finish_stats`).
 * :func:`renorm_forward`: the training forward of batch renormalization
   (:mod:`bnlab.nn.renorm`) in the passes of batch norm's training forward. The per-channel
   correction ``r = clip(sigma_B / sigma, 1 / r_max, r_max)``, ``d = clip((mean_B - running_mean)
@@ -42,72 +44,20 @@ from torch import Tensor
 
 from . import cpu
 from ._jit import PARALLEL, SERIAL, kernel_jit
-from ._llvm import LANES, _store_fence
-from ._serial import AFFINE, _count_nonfinite, _finish_stats, _lane_pair, _lane_sums, _lane_total, _span_write
-from .cols import _block_sums, _cols_affine, _cols_sums, _num_blocks, _row_group, _tile
+from ._llvm import _store_fence
+from ._serial import AFFINE, _count_nonfinite, _span_write
+from .cols import _cols_affine, _cols_blocks, _cols_finish, _cols_scratch, _cols_sums, _tile
 from .plan import DEFAULT_THRESHOLDS, ROWS, Thresholds, plan
-from .rows import _group_affine, _group_sums
+from .rows import _group_affine, _group_scratch, _group_stats, _row_sums, _rows_finish
 
 __all__ = ["batch_stats", "renorm_forward", "renorm_weight_grad", "rows_batch_stats", "cols_batch_stats",
            "rows_renorm_forward", "cols_renorm_forward", "serial_kernels"]
 
 
 # ----------------------------------------------------------------------------------------------
-# compiled helpers: the statistics of both layouts (the loops of rows_forward_train and
-# cols_forward_train up to the finished statistics), and the renorm correction
-
-
-@kernel_jit(**SERIAL)
-def _rows_group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf):
-    """Statistics of channels ``grp * g ...`` (at most ``g``) into ``stats``: the channel group's
-    sums (:func:`bnlab.kernels.rows._group_sums`) and their finish, as
-    :func:`bnlab.kernels.rows.rows_forward_train` does. Returns the group's first channel and size."""
-    ch0 = grp * g
-    gg = min(g, c - ch0)
-    acc[:] = 0.0
-    tail[:] = 0.0
-    for j in range(gg):
-        kv[j] = np.float64(x[(ch0 + j) * s])  # shift: the channel's first sample
-    _group_sums(x, ch0, gg, n, c, s, kv, acc, tail, pf)
-    for j in range(gg):
-        _finish_stats(stats, ch0 + j, tail[j, 0] + _lane_total(acc[j, 0, :LANES]),
-                      tail[j, 1] + _lane_total(acc[j, 1, :LANES]), n * s, eps, kv[j])
-    return ch0, gg
-
-
-@kernel_jit(**SERIAL)
-def _rows_combine(x, part, n, c, s, eps, stats):
-    """Per-row partial sums ``part`` ``(2, N * C)`` -> the statistics of each channel (the rows
-    layout's tasks of single rows)."""
-    for ch in range(c):
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(n):
-            s1 += part[0, i * c + ch]
-            s2 += part[1, i * c + ch]
-        _finish_stats(stats, ch, s1, s2, n * s, eps, np.float64(x[ch * s]))
-
-
-@kernel_jit(**SERIAL)
-def _cols_shift(x, c):
-    shift = np.empty(c)
-    for ch in range(c):
-        shift[ch] = np.float64(x[ch])  # shift: the channel's first sample
-    return shift
-
-
-@kernel_jit(**SERIAL)
-def _cols_combine(part, nb, g, m, c, eps, shift, stats):
-    """Per-block partial sums of wide rows ``(nb, 2, g * C + 8)`` (:func:`bnlab.kernels.cols._row_group`)
-    -> the statistics of each channel."""
-    for ch in range(c):
-        s1 = 0.0
-        s2 = 0.0
-        for blk in range(nb):  # (nb, g, C) -> (C,)
-            for j in range(g):
-                s1 += part[blk, 0, j * c + ch]
-                s2 += part[blk, 1, j * c + ch]
-        _finish_stats(stats, ch, s1, s2, m, eps, shift[ch])
+# compiled helpers: the renorm correction (the statistics are those of the layouts' helpers,
+# :func:`bnlab.kernels.rows._group_stats`, :func:`bnlab.kernels.rows._rows_finish`,
+# :func:`bnlab.kernels.cols._cols_finish`, which the training forwards call too)
 
 
 @kernel_jit(**SERIAL)
@@ -163,19 +113,14 @@ def rows_batch_stats(x, n, c, s, eps, stats, nt, g, pf):
         for t in prange(nt):
             lo = t * ngrp // nt
             hi = (t + 1) * ngrp // nt
-            acc = np.zeros((g, 2, LANES + 8))  # + 8: no 4K aliasing between the two lane rows
-            tail = np.zeros((g, 2))
-            kv = np.empty(g)
+            acc, tail, kv = _group_scratch(g)
             for grp in range(lo, hi):
-                _rows_group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf)
+                _group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf)
     else:
         part = np.empty((2, n * c))
         for r in prange(n * c):
-            a1, a2 = _lane_pair()
-            t1, t2 = _lane_sums(x, r * s, s, np.float64(x[(r % c) * s]), a1, a2)
-            part[0, r] = t1 + _lane_total(a1)
-            part[1, r] = t2 + _lane_total(a2)
-        _rows_combine(x, part, n, c, s, eps, stats)
+            _row_sums(x, r, c, s, part)
+        _rows_finish(x, part, n, c, s, eps, stats)
     return _count_nonfinite(stats)
 
 
@@ -184,16 +129,11 @@ def cols_batch_stats(x, m, c, eps, stats, nt):
     """Statistics only, columns layout (the blocks and wide rows of
     :func:`bnlab.kernels.cols.cols_forward_train`).
     Fills ``stats``; returns the number of channels whose mean or variance is non-finite."""
-    g = _row_group(m, c)
-    mg = m // g  # wide rows of cg values
-    cg = c * g
-    nb = _num_blocks(mg, cg, nt)
-    part = _block_sums(nb, cg)
-    shift = _cols_shift(x, c)
-    shift_g = _tile(shift, g)
+    g, mg, cg, nb = _cols_blocks(m, c, nt)
+    part, shift, shift_g = _cols_scratch(x, c, g, nb)
     for blk in prange(nb):
         _cols_sums(x, blk * mg // nb, (blk + 1) * mg // nb, cg, shift_g, part[blk, 0], part[blk, 1])
-    _cols_combine(part, nb, g, m, c, eps, shift, stats)
+    _cols_finish(part, nb, g, m, c, eps, shift, stats)
     return _count_nonfinite(stats)
 
 
@@ -211,14 +151,12 @@ def rows_renorm_forward(x, y, w, b, has_w, has_b, rm, rv, n, c, s, eps, r_max, d
         for t in prange(nt):
             lo = t * ngrp // nt
             hi = (t + 1) * ngrp // nt
-            acc = np.zeros((g, 2, LANES + 8))
-            tail = np.zeros((g, 2))
-            kv = np.empty(g)
+            acc, tail, kv = _group_scratch(g)
             mean = np.empty(g)
             scale = np.empty(g)
             beta = np.empty(g)
             for grp in range(lo, hi):
-                ch0, gg = _rows_group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf)
+                ch0, gg = _group_stats(x, grp, g, n, c, s, eps, stats, acc, tail, kv, pf)
                 _renorm_affines(stats, ch0, gg, w, b, has_w, has_b, rm, rv, eps, r_max, d_max, rd, w2, mean, scale,
                                 beta)
                 nxt = ch0 + g
@@ -229,11 +167,8 @@ def rows_renorm_forward(x, y, w, b, has_w, has_b, rm, rv, n, c, s, eps, r_max, d
     else:
         part = np.empty((2, n * c))
         for r in prange(n * c):
-            a1, a2 = _lane_pair()
-            t1, t2 = _lane_sums(x, r * s, s, np.float64(x[(r % c) * s]), a1, a2)
-            part[0, r] = t1 + _lane_total(a1)
-            part[1, r] = t2 + _lane_total(a2)
-        _rows_combine(x, part, n, c, s, eps, stats)
+            _row_sums(x, r, c, s, part)
+        _rows_finish(x, part, n, c, s, eps, stats)
         mean = np.empty(c)
         scale = np.empty(c)
         beta = np.empty(c)
@@ -250,16 +185,11 @@ def rows_renorm_forward(x, y, w, b, has_w, has_b, rm, rv, n, c, s, eps, r_max, d
 def cols_renorm_forward(x, y, w, b, has_w, has_b, rm, rv, m, c, eps, r_max, d_max, stats, rd, w2, nt, stream):
     """Batch renormalization's training forward, columns layout (:func:`rows_renorm_forward`;
     blocks as :func:`bnlab.kernels.cols.cols_forward_train`)."""
-    g = _row_group(m, c)
-    mg = m // g  # wide rows of cg values
-    cg = c * g
-    nb = _num_blocks(mg, cg, nt)
-    part = _block_sums(nb, cg)
-    shift = _cols_shift(x, c)
-    shift_g = _tile(shift, g)
+    g, mg, cg, nb = _cols_blocks(m, c, nt)
+    part, shift, shift_g = _cols_scratch(x, c, g, nb)
     for blk in prange(nb):
         _cols_sums(x, blk * mg // nb, (blk + 1) * mg // nb, cg, shift_g, part[blk, 0], part[blk, 1])
-    _cols_combine(part, nb, g, m, c, eps, shift, stats)
+    _cols_finish(part, nb, g, m, c, eps, shift, stats)
     mean = np.empty(c)
     scale = np.empty(c)
     beta = np.empty(c)
