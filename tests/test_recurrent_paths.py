@@ -210,20 +210,41 @@ def test_vector_math_is_accurate_to_float64_rounding():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_micro_kernel_matrix_product_equals_numpy(dtype):
     rng = np.random.default_rng(0)
-    for m, n, k in ((64, 256, 128), (7, 5, 3), (63, 70, 130), (9, 100, 600), (4, 64, 1), (5, 33, 0)):
+    for m, n, k in ((64, 256, 128), (7, 5, 3), (63, 70, 130), (9, 100, 600), (4, 64, 1), (5, 33, 0), (6, 40, 9)):
         A = rng.standard_normal((m + 3, k + 2)).astype(dtype)
-        B = rng.standard_normal((k, n)).astype(dtype)
-        want = A[2:2 + m, 1:1 + k].astype(np.float64) @ B
+        B = rng.standard_normal((k, n + 3)).astype(dtype)
+        want = A[2:2 + m, 1:1 + k].astype(np.float64) @ B[:, 3:]
         C = np.full((m, n), 7.0, dtype)
-        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, 0, m, n, k, False)  # a block of A, from row 2, column 1
+        rk.gemm(A, 2 * A.shape[1] + 1, False, B, 3, C, 0, m, n, k, False)  # a block of A (row 2, column 1), of B
         tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(C, want, **tol)
-        rk.gemm(A, 2 * A.shape[1] + 1, False, B, C, 0, m, n, k, True)  # accumulate
+        rk.gemm(A, 2 * A.shape[1] + 1, False, B, 3, C, 0, m, n, k, True)  # accumulate
         np.testing.assert_allclose(C, 2 * want, **tol)
         At = np.ascontiguousarray(A[2:2 + m, 1:1 + k].T)  # (k, m): the transposed operand
         D = np.empty((m, n), dtype)
-        rk.gemm(At, 0, True, B, D, 0, m, n, k, False)
+        rk.gemm(At, 0, True, B, 3, D, 0, m, n, k, False)
         np.testing.assert_allclose(D, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_column_block_of_the_matrix_product_has_the_bits_of_the_whole(dtype):
+    """The fused kernels split a step's matmul by columns over threads: a block that starts a whole
+    number of vectors into the product gets exactly the bits the whole product gives it."""
+    rng = np.random.default_rng(2)
+    vl = rk.VECTOR_BYTES // np.dtype(dtype).itemsize
+    m, k = 13, 300  # past one k panel
+    n = 7 * vl + 5  # whole blocks of 4, 2 and 1 vectors, and a scalar tail
+    A = rng.standard_normal((m, k)).astype(dtype)
+    B = rng.standard_normal((k, n)).astype(dtype)
+    whole = np.empty((m, n), dtype)
+    rk.gemm(A, 0, False, B, 0, whole, 0, m, n, k, False)
+    for j0, j1 in ((0, vl), (vl, 3 * vl), (3 * vl, n), (2 * vl, 7 * vl)):
+        part = np.zeros((m, n), dtype)
+        rk.gemm(A, 0, False, B, j0, part, j0, m, j1 - j0, k, False)
+        assert np.array_equal(part[:, j0:j1], whole[:, j0:j1]), (j0, j1)
+        rows = np.zeros((m, n), dtype)
+        rk.gemm(A, 4 * k, False, B, j0, rows, 4 * n + j0, 5, j1 - j0, k, False)  # rows 4..8 alone
+        assert np.array_equal(rows[4:9, j0:j1], whole[4:9, j0:j1]), (j0, j1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -45,14 +45,17 @@ measured on it runs at about 2.4 times the float32 speed of the BLAS torch calls
 from __future__ import annotations
 
 import functools
+import types as types_mod
 import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
+
+from ..kernels import cpu as _cpu
 
 __all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "gemm", "forward", "backward",
            "weight_grad", "moments", "vector_math", "VECTOR_BYTES"]
@@ -159,38 +162,46 @@ def _make_kernel(R: int, NV: int, trans_a: bool):
     return kernel
 
 
-_K44, _K14, _K41, _K11 = (_make_kernel(r, v, False) for r, v in ((4, 4), (1, 4), (4, 1), (1, 1)))
-_T44, _T14, _T41, _T11 = (_make_kernel(r, v, True) for r, v in ((4, 4), (1, 4), (4, 1), (1, 1)))
+_K44, _K14, _K42, _K12, _K41, _K11 = (_make_kernel(r, v, False) for r, v in ((4, 4), (1, 4), (4, 2), (1, 2), (4, 1),
+                                                                             (1, 1)))
+_T44, _T14, _T42, _T12, _T41, _T11 = (_make_kernel(r, v, True) for r, v in ((4, 4), (1, 4), (4, 2), (1, 2), (4, 1),
+                                                                            (1, 1)))
 
 
 @njit(**_OPTS)
-def gemm(A, a_off, trans_a, B, C, c_off, m, n, k, accumulate):
-    """``C (+)= op(A) @ B[:k, :n]`` for 2-D C-contiguous arrays: op(A) is the ``m x k`` block of A
-    starting at flat element ``a_off`` (row-major: element (i, kk) at ``a_off + i * lda + kk``;
-    ``trans_a``: at ``a_off + kk * lda + i``, ``lda = A.shape[1]``), and C's ``m x n`` block starts
-    at flat element ``c_off`` (a whole number of rows)."""
+def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
+    """``C (+)= op(A) @ B[:k, b_off:b_off + n]`` for 2-D C-contiguous arrays: op(A) is the ``m x k``
+    block of A starting at flat element ``a_off`` (row-major: element (i, kk) at ``a_off + i * lda + kk``;
+    ``trans_a``: at ``a_off + kk * lda + i``, ``lda = A.shape[1]``), B's block starts at column
+    ``b_off`` of row 0, and C's ``m x n`` block at flat element ``c_off``.
+
+    Every element is one ``llvm.fma`` chain over k in order (columns past the last whole vector: a
+    float64 sum), whatever the block sizes: a column block computed alone gives the bits it gets in
+    a wider product, as long as its start lies a whole number of vectors from the wider one's."""
     lda = A.shape[1]
     ldb = B.shape[1]
     ldc = C.shape[1]
-    c_row = c_off // ldc
     if k == 0:
+        Cf0 = C.reshape(-1)
         if not accumulate:
             for i in range(m):
-                c = C[c_row + i]
                 for j in range(n):
-                    c[j] = 0.0
+                    Cf0[c_off + i * ldc + j] = 0.0
         return
     VL = VECTOR_BYTES // C.itemsize
     BN = 4 * VL
     n4 = n - n % BN
+    n2 = n4 + (n - n4) // (2 * VL) * (2 * VL)
     n1 = n - n % VL
     m4 = m - m % 4
     Af = A.reshape(-1)
+    Bf = B.reshape(-1)
+    Cf = C.reshape(-1)
     for k0 in range(0, k, _KC):
         kc = min(_KC, k - k0)
         acc = accumulate or k0 > 0
         ao = a_off + (k0 * lda if trans_a else k0)
-        bo = k0 * ldb
+        bo = b_off + k0 * ldb
         for j in range(0, n4, BN):
             for i in range(0, m4, 4):
                 if trans_a:
@@ -202,7 +213,18 @@ def gemm(A, a_off, trans_a, B, C, c_off, m, n, k, accumulate):
                     _T14(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
                     _K14(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
-        for j in range(n4, n1, VL):
+        for j in range(n4, n2, 2 * VL):
+            for i in range(0, m4, 4):
+                if trans_a:
+                    _T42(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                else:
+                    _K42(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+            for i in range(m4, m):
+                if trans_a:
+                    _T12(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                else:
+                    _K12(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+        for j in range(n2, n1, VL):
             for i in range(0, m4, 4):
                 if trans_a:
                     _T41(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
@@ -214,13 +236,13 @@ def gemm(A, a_off, trans_a, B, C, c_off, m, n, k, accumulate):
                 else:
                     _K11(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for i in range(m):  # columns past the last whole vector
-            c = C[c_row + i]
             for j in range(n1, n):
                 s = 0.0
                 for q in range(kc):
                     e = ao + (q * lda + i if trans_a else i * lda + q)
-                    s += Af[e] * B[k0 + q, j]
-                c[j] = c[j] + s if acc else s
+                    s += Af[e] * Bf[bo + q * ldb + j]
+                ce = c_off + i * ldc + j
+                Cf[ce] = Cf[ce] + s if acc else s
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,7 +495,44 @@ def _dots(dy, g, xh, n):
 
 
 # ------------------------------------------------------------------------------------------------
-# one normalization site, one step
+# indexing, and the threads' parts
+#
+# Hot loops index 2-D arrays with unsigned indices (``X[r, k]``, r and k ``uint64``): no views are
+# made per row or segment (numba counts the references of every view with atomic operations, which
+# dominated these loops), and numba's negative-index wraparound, which keeps LLVM from vectorizing,
+# does not apply to unsigned indices. ``_u`` converts; uint64 arithmetic stays uint64.
+
+@njit(inline="always")
+def _u(i):
+    return np.uint64(i)
+
+
+@njit(inline="always")
+def _copy_part(src, s0, dst, d0, lo, hi, c0, c1, rth, rnt, RB):
+    """Rows ``lo <= i < hi`` of the thread's row blocks, columns ``c0 <= j < c1``:
+    ``dst[d0 + i, j] = src[s0 + i, j]``."""
+    n = _u(c1 - c0)
+    cu = _u(c0)
+    for blk in range(lo // RB, (hi + RB - 1) // RB):
+        if blk % rnt != rth:
+            continue
+        for i in range(max(lo, blk * RB), min(hi, blk * RB + RB)):
+            si = _u(s0 + i)
+            di = _u(d0 + i)
+            for j in range(n):
+                k = cu + j
+                dst[di, k] = src[si, k]
+
+
+@njit(inline="always")
+def _part(th, nt, n, VL):
+    """Thread ``th``'s columns ``[c0, c1)`` of ``n``: whole vectors of ``VL`` split as evenly as they go."""
+    ch = (n + VL - 1) // VL
+    return min(th * ch // nt * VL, n), min((th + 1) * ch // nt * VL, n)
+
+
+# ------------------------------------------------------------------------------------------------
+# the normalization sites
 #
 # site = (kinds (T,) int8, gamma (C,) f64, beta (C,) f64, fixed_mean (T|0, C) f64, fixed_invstd
 #         (T|0, C) f64, eps, hraw (N|0, C) dtype, invstd (T|0, C) f64, row_invstd (N|0,) f64,
@@ -483,164 +542,283 @@ def _dots(dy, g, xh, n):
 # matmul's output written into ``hraw``, the cell state) and the backward reads them there again,
 # recomputing xhat = (x - mean) * invstd in float64 from the saved statistics, as the batch-norm
 # kernels do. Rows are addressed as ``X[x0 + i * xs]`` (row i of the step's b rows).
+#
+# A thread's part of a step: the channels ``q * Hc + u`` for ``u0 <= u < u1`` of each of the ``nq``
+# gate blocks (``Hc`` wide), of the rows in blocks ``rth, rth + rnt, ...`` of ``RB`` rows. Batch
+# statistics need every row of a channel (split by channels: rnt = 1), layer norm every channel of a
+# row (split by rows: u0 = 0, u1 = Hc).
+
+def _rnd(v, z):  # v (float64) rounded to the type of the scalar z (a scalar: no array enters a hot loop's call)
+    raise NotImplementedError
+
+
+@overload(_rnd, inline="always")
+def _rnd_impl(v, z):
+    if z == types.float32:
+        return lambda v, z: np.float32(v)
+    return lambda v, z: v
+
 
 @njit(**_OPTS)
-def _site_forward(V, v0, vs, b, C, t, o0, site, Y, accumulate):
-    """``Y[:b, :C]`` = (or += with ``accumulate``) the site's output for the rows ``V[v0 + i * vs]``.
-    Batch statistics: float64 sums of ``x - x_first`` and of its square (the shifted one-pass form
-    of bnlab's kernels) over the step's rows, then the normalizing pass."""
+def _prep_channels(V, v0, vs, b, nq, Hc, u0, u1, t, site, M, S):
+    """The site's normalization at step t as ``y = (x - M[ch]) * S[ch] + beta[ch]`` for the thread's
+    channels (``S = invstd * gamma``): batch statistics over the step's rows (float64 sums of
+    ``x - x_first`` and of its square, the shifted one-pass form of bnlab's kernels), the given
+    statistics, or the identity (``M = 0``, ``S = gamma = 1``). A ``ROW`` step is left to
+    :func:`_prep_row`, row by row."""
     kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
-    if kind == NONE:
-        for i in range(b):
-            vr = V[v0 + i * vs]
-            yr = Y[i]
-            if accumulate:
-                for j in range(C):
-                    yr[j] += np.float64(vr[j]) + beta[j]
-            else:
-                for j in range(C):
-                    yr[j] = np.float64(vr[j]) + beta[j]
-        return
+    n = _u(u1 - u0)
     if kind == ROW:
-        for i in range(b):
-            vr = V[v0 + i * vs]
-            yr = Y[i]
-            first = np.float64(vr[0])
-            s1, sq = _sum_dev(vr, C, first)
-            d = s1 / C
-            mu = first + d
-            r = 1.0 / np.sqrt(max(sq / C - d * d, 0.0) + eps)
-            rinv[o0 + i] = r
-            rmean[o0 + i] = mu
-            if accumulate:
-                for j in range(C):
-                    yr[j] += (np.float64(vr[j]) - mu) * r * gamma[j] + beta[j]
-            else:
-                for j in range(C):
-                    yr[j] = (np.float64(vr[j]) - mu) * r * gamma[j] + beta[j]
         return
+    if kind == NONE:
+        for q in range(nq):
+            c = _u(q * Hc + u0)
+            for j in range(n):
+                k = c + j
+                M[k] = 0.0
+                S[k] = gamma[k]
+        return
+    tt = _u(t)
     if kind == BATCH:
-        m = mean[t]
-        s2 = var[t]
-        iv = inv[t]
-        first = V[v0]
-        for j in range(C):
-            m[j] = 0.0
-            s2[j] = 0.0
+        f = _u(v0)
+        for q in range(nq):
+            c = _u(q * Hc + u0)
+            for j in range(n):
+                k = c + j
+                mean[tt, k] = 0.0
+                var[tt, k] = 0.0
         for i in range(b):
-            vr = V[v0 + i * vs]
-            for j in range(C):
-                d = np.float64(vr[j]) - np.float64(first[j])
-                m[j] += d
-                s2[j] += d * d
-        for j in range(C):
-            d = m[j] / b
-            m[j] = np.float64(first[j]) + d
-            s2[j] = max(s2[j] / b - d * d, 0.0)
-            iv[j] = 1.0 / np.sqrt(s2[j] + eps)
-    else:
-        m = fmean[t]
-        iv = finv[t]
-    for i in range(b):
-        vr = V[v0 + i * vs]
-        yr = Y[i]
-        if accumulate:
-            for j in range(C):
-                yr[j] += (np.float64(vr[j]) - m[j]) * iv[j] * gamma[j] + beta[j]
-        else:
-            for j in range(C):
-                yr[j] = (np.float64(vr[j]) - m[j]) * iv[j] * gamma[j] + beta[j]
-
-
-@njit(**_OPTS)
-def _site_backward(DY, b, C, t, o0, site, X, x0, xs, DX, d0, ds, dgamma, dbeta, csum):
-    """The site's backward for rows ``DY[:b]`` (float64 gradients of its output), its input rows at
-    ``X[x0 + i * xs]``: writes the input gradients to ``DX[d0 + i * ds]`` and accumulates
-    ``dgamma``, ``dbeta`` (float64)."""
-    kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
-    kind = kinds[t]
-    if kind == NONE:
-        for i in range(b):
-            dy = DY[i]
-            dx = DX[d0 + i * ds]
-            for j in range(C):
-                dx[j] = dy[j]
-                dbeta[j] += dy[j]
+            r = _u(v0 + i * vs)
+            for q in range(nq):
+                c = _u(q * Hc + u0)
+                for j in range(n):
+                    k = c + j
+                    d = np.float64(V[r, k]) - np.float64(V[f, k])
+                    mean[tt, k] += d
+                    var[tt, k] += d * d
+        for q in range(nq):
+            c = _u(q * Hc + u0)
+            for j in range(n):
+                k = c + j
+                d = mean[tt, k] / b
+                m = np.float64(V[f, k]) + d
+                v = max(var[tt, k] / b - d * d, 0.0)
+                iv = 1.0 / np.sqrt(v + eps)
+                mean[tt, k] = m
+                var[tt, k] = v
+                inv[tt, k] = iv
+                M[k] = m
+                S[k] = iv * gamma[k]
         return
-    if kind == ROW:
-        xh = csum[2]
-        for i in range(b):
-            dy = DY[i]
-            xr = X[x0 + i * xs]
-            r = rinv[o0 + i]
-            mu = rmean[o0 + i]
-            for j in range(C):
-                xh[j] = (np.float64(xr[j]) - mu) * r
-            s1, s2 = _dots(dy, gamma, xh, C)
-            s1 /= C
-            s2 /= C
-            dx = DX[d0 + i * ds]
-            for j in range(C):
-                dgamma[j] += dy[j] * xh[j]
-                dbeta[j] += dy[j]
-                dx[j] = r * (dy[j] * gamma[j] - s1 - xh[j] * s2)
-        return
-    if kind == FIXED:
-        m = fmean[t]
-        iv = finv[t]
-        for i in range(b):
-            dy = DY[i]
-            xr = X[x0 + i * xs]
-            dx = DX[d0 + i * ds]
-            for j in range(C):
-                dx[j] = dy[j] * gamma[j] * iv[j]
-                dgamma[j] += dy[j] * ((np.float64(xr[j]) - m[j]) * iv[j])
-                dbeta[j] += dy[j]
-        return
-    m = mean[t]
-    iv = inv[t]
-    s1 = csum[0]
-    s2 = csum[1]
-    for j in range(C):
-        s1[j] = 0.0
-        s2[j] = 0.0
-    for i in range(b):
-        dy = DY[i]
-        xr = X[x0 + i * xs]
-        for j in range(C):
-            s1[j] += dy[j]
-            s2[j] += dy[j] * ((np.float64(xr[j]) - m[j]) * iv[j])
-    for j in range(C):
-        dgamma[j] += s2[j]
-        dbeta[j] += s1[j]
-        s1[j] = s1[j] * gamma[j] / b
-        s2[j] = s2[j] * gamma[j] / b
-    for i in range(b):
-        dy = DY[i]
-        xr = X[x0 + i * xs]
-        dx = DX[d0 + i * ds]
-        for j in range(C):
-            dx[j] = iv[j] * (dy[j] * gamma[j] - s1[j] - ((np.float64(xr[j]) - m[j]) * iv[j]) * s2[j])
+    for q in range(nq):
+        c = _u(q * Hc + u0)
+        for j in range(n):
+            k = c + j
+            M[k] = fmean[tt, k]
+            S[k] = finv[tt, k] * gamma[k]
 
 
 @njit(inline="always")
-def _copy_rows(src, dst, lo, hi, n):
-    for i in range(lo, hi):
-        s = src[i]
-        d = dst[i]
-        for j in range(n):
-            d[j] = s[j]
+def _prep_row(V, r, C, site, r_idx, M, S):
+    """Layer norm of row ``r`` of V (``C`` channels): its float64 mean and ``1 / sqrt(var + eps)``
+    (saved at ``r_idx`` for the backward), and ``M``, ``S`` as :func:`_prep_channels` has them."""
+    gamma = site[1]
+    first = np.float64(V[r, 0])
+    s1, sq = _sum_dev(V[r], C, first)
+    d = s1 / C
+    mu = first + d
+    rv = 1.0 / np.sqrt(max(sq / C - d * d, 0.0) + site[5])
+    site[8][r_idx] = rv
+    site[11][r_idx] = mu
+    for j in range(_u(C)):
+        M[j] = mu
+        S[j] = rv * gamma[j]
 
 
 # ------------------------------------------------------------------------------------------------
-# the time loop, forward
+# the time loop, forward: one step of one thread's part
 
 @njit(**_OPTS)
-def _forward(cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
-             out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn,
-             A, Hs, Cs, Ms, Yx, Yh):
-    """Run the recurrence over all steps; see the module docstring.
+def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1, p0, p1,
+              xp, xr0, xrs, h0, c0, wt, bhh, sx, sh, sc, hn, cn, Hin, Hout, Cs, Ms,
+              out, or0, ors, gates, cst, tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS):
+    """Step ``t`` (``b`` rows at internal offset ``o0``; ``prev_b`` rows ran the step before) for
+    the thread's rows and units ``[u0, u1)`` (columns ``[p0, p1)`` of the state): reads h_{t-1} from
+    ``Hin`` (every column: the recurrent matmul), writes h_t to ``Hout`` (with a projection, the
+    unprojected m_t to ``Ms``; :func:`_fwd_proj` finishes the step). ``MS`` ``(6, G)``: the thread's
+    float64 scratch (each site's M and S, see :func:`_prep_channels`). A row's normalizations and
+    gates run one after the other (its values stay in cache); the sites' batch statistics, which
+    need every row, before."""
+    G = wt.shape[1]
+    nq = G // H
+    lstm = cell == LSTM
+    proj = P != H
+    n = u1 - u0
+    if not rev and b < prev_b:  # sequences that ended at the previous step: their final state
+        _copy_part(Hin, 0, hn, 0, b, prev_b, p0, p1, rth, rnt, RB)
+        if lstm:
+            _copy_part(Cs, 0, cn, 0, b, prev_b, u0, u1, rth, rnt, RB)
+    elif rev and b > prev_b and rowsplit:  # sequences whose last step this is: they start from h0 (split by
+        _copy_part(h0, 0, Hin, 0, prev_b, b, 0, P, rth, rnt, RB)  # units, _forward_loop copies them: every
+        if lstm:  # thread reads every column of h_{t-1})
+            _copy_part(c0, 0, Cs, 0, prev_b, b, 0, H, rth, rnt, RB)
+    nb = (b + RB - 1) // RB
+    hasraw = sh[0][t] != NONE
+    if hasraw:  # the recurrent matmul straight into the storage the backward reads
+        Ah, a0 = sh[6], o0
+    else:
+        Ah, a0 = A, 0
+    for blk in range(rth, nb, rnt):
+        i0 = blk * RB
+        i1 = min(i0 + RB, b)
+        _copy_part(Hin, 0, hprev, o0, i0, i1, p0, p1, 0, 1, RB)
+        if lstm:
+            _copy_part(Cs, 0, cprev, o0, i0, i1, u0, u1, 0, 1, RB)
+        if rowsplit:  # rows a0 + i of Ah = h_{t-1} W_hh^T
+            gemm(Hin, i0 * P, False, wt, 0, Ah, (a0 + i0) * G, i1 - i0, G, P, False)
+        else:
+            for q in range(nq):
+                gemm(Hin, i0 * P, False, wt, q * H + u0, Ah, (a0 + i0) * G + q * H + u0, i1 - i0, n, P, False)
+    Mx, Sx, Mh, Sh = MS[0], MS[1], MS[2], MS[3]
+    _prep_channels(xp, xr0[t], xrs, b, nq, H, u0, u1, t, sx, Mx, Sx)
+    _prep_channels(Ah, a0, 1, b, nq, H, u0, u1, t, sh, Mh, Sh)
+    rowx = sx[0][t] == ROW
+    rowh = sh[0][t] == ROW
+    bx = sx[2]
+    bh = sh[2]
+    x0t = xr0[t]
+    nu, uu0, Hu = _u(n), _u(u0), _u(H)
+    H2, H3 = Hu + Hu, Hu + Hu + Hu
+    z = Yx[0, 0] - Yx[0, 0]  # a scalar of the data dtype (for _rnd)
+    for blk in range(rth, nb, rnt):
+        for i in range(blk * RB, min(blk * RB + RB, b)):
+            iu = _u(i)
+            oi = _u(o0 + i)
+            xr = _u(x0t + i * xrs)
+            ar = _u(a0 + i)
+            if rowx:
+                _prep_row(xp, xr, G, sx, o0 + i, Mx, Sx)
+            if rowh:
+                _prep_row(Ah, ar, G, sh, o0 + i, Mh, Sh)
+            if cell == GRU:  # x and h stay apart: r, z = sig(x + h), n = tanh(x_n + r h_n)
+                for q in range(nq):
+                    c = _u(q * H + u0)
+                    for j in range(nu):
+                        k = c + j
+                        Yx[iu, k] = (np.float64(xp[xr, k]) - Mx[k]) * Sx[k] + bx[k]
+                        Yh[iu, k] = (np.float64(Ah[ar, k]) - Mh[k]) * Sh[k] + bh[k]
+                g = gates[oi]  # one view per output block (LLVM vectorizes no loop that writes one array at
+                g0, g1, g2 = g[u0:u1], g[H + u0:H + u1], g[2 * H + u0:2 * H + u1]  # offsets it only knows at run time)
+                for j in range(nu):
+                    k = uu0 + j
+                    r = _sig(Yx[iu, k] + Yh[iu, k] + bhh[k])
+                    z = _sig(Yx[iu, Hu + k] + Yh[iu, Hu + k] + bhh[Hu + k])
+                    gn = Yh[iu, H2 + k] + bhh[H2 + k]
+                    nn = _th(Yx[iu, H2 + k] + r * gn)
+                    hp = Hin[iu, k]
+                    g0[j] = r
+                    g1[j] = z
+                    g2[j] = nn
+                    ghn[oi, k] = gn
+                    Hout[iu, k] = nn + z * (hp - nn)
+                continue
+            # the pre-activation N_x(x) + N_h(h): each normalized tensor rounded to the data dtype, then their sum
+            for q in range(nq):
+                c = _u(q * H + u0)
+                for j in range(nu):
+                    k = c + j
+                    Yx[iu, k] = _rnd((np.float64(xp[xr, k]) - Mx[k]) * Sx[k] + bx[k], z) + \
+                        ((np.float64(Ah[ar, k]) - Mh[k]) * Sh[k] + bh[k])
+            if lstm:
+                g = gates[oi]  # one view per output block (see the GRU's)
+                g0, g1, g2, g3 = g[u0:u1], g[H + u0:H + u1], g[2 * H + u0:2 * H + u1], g[3 * H + u0:3 * H + u1]
+                for j in range(nu):
+                    k = uu0 + j
+                    ig = _sig(Yx[iu, k])
+                    fg = _sig(Yx[iu, Hu + k])
+                    gg = _th(Yx[iu, H2 + k])
+                    og = _sig(Yx[iu, H3 + k])
+                    g0[j] = ig
+                    g1[j] = fg
+                    g2[j] = gg
+                    g3[j] = og
+                    cc = fg * Cs[iu, k] + ig * gg
+                    Cs[iu, k] = cc
+                    cst[oi, k] = cc
+            elif cell == RNN_TANH:
+                for j in range(nu):
+                    k = uu0 + j
+                    v = _th(Yx[iu, k])
+                    gates[oi, k] = v
+                    Hout[iu, k] = v
+            else:
+                for j in range(nu):
+                    k = uu0 + j
+                    v = Yx[iu, k]
+                    v = 0.0 if v < 0.0 else v  # nan stays nan
+                    gates[oi, k] = v
+                    Hout[iu, k] = v
+    if lstm:  # the cell's norm: its batch statistics need every row's c_t
+        Mc, Sc = MS[4], MS[5]
+        _prep_channels(cst, o0, 1, b, 1, H, u0, u1, t, sc, Mc, Sc)
+        rowc = sc[0][t] == ROW
+        bc = sc[2]
+        for blk in range(rth, nb, rnt):
+            for i in range(blk * RB, min(blk * RB + RB, b)):
+                iu = _u(i)
+                oi = _u(o0 + i)
+                if rowc:
+                    _prep_row(cst, oi, H, sc, o0 + i, Mc, Sc)
+                if proj:
+                    for j in range(nu):
+                        k = uu0 + j
+                        tc = _th(_rnd((np.float64(cst[oi, k]) - Mc[k]) * Sc[k] + bc[k], z))
+                        tcs[oi, k] = tc
+                        v = gates[oi, H3 + k] * tc
+                        Ms[iu, k] = v
+                        mst[oi, k] = v
+                else:
+                    for j in range(nu):
+                        k = uu0 + j
+                        tc = _th(_rnd((np.float64(cst[oi, k]) - Mc[k]) * Sc[k] + bc[k], z))
+                        tcs[oi, k] = tc
+                        Hout[iu, k] = gates[oi, H3 + k] * tc
+    if not proj:
+        q0 = or0[t]
+        for blk in range(rth, nb, rnt):
+            i0 = blk * RB
+            _copy_strided(Hout, i0, out, q0, ors, min(i0 + RB, b), p0, p1)
+
+
+@njit(inline="always")
+def _copy_strided(src, i0, dst, q0, qs, i1, c0, c1):
+    """``dst[q0 + i * qs, j] = src[i, j]`` for ``i0 <= i < i1``, ``c0 <= j < c1``."""
+    n = _u(c1 - c0)
+    cu = _u(c0)
+    for i in range(i0, i1):
+        si = _u(i)
+        di = _u(q0 + i * qs)
+        for j in range(n):
+            k = cu + j
+            dst[di, k] = src[si, k]
+
+
+@njit(**_OPTS)
+def _fwd_proj(H, P, t, b, rth, rnt, RB, p0, p1, wrt, Ms, Hout, out, or0, ors):
+    """The projection of step t, the thread's rows and state columns ``[p0, p1)``: h = m W_hr^T."""
+    nb = (b + RB - 1) // RB
+    q0 = or0[t]
+    for blk in range(rth, nb, rnt):
+        i0 = blk * RB
+        i1 = min(i0 + RB, b)
+        gemm(Ms, i0 * H, False, wrt, p0, Hout, i0 * P + p0, i1 - i0, p1 - p0, H, False)
+        _copy_strided(Hout, i0, out, q0, ors, i1, p0, p1)
+
+
+def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
+                  out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn, A, Hbuf, Cs, Ms, Yx, Yh, MS):
+    """Run the recurrence over all steps on ``nt`` threads; see the module docstring.
 
     ``xp`` ``(R, G)``: the input projections, step t's row i at ``xr0[t] + i * xrs``; ``out``
     ``(R', P)`` likewise with ``or0``/``ors``. ``h0``/``hn`` ``(B, P)``, ``c0``/``cn`` ``(B, H)``;
@@ -649,287 +827,518 @@ def _forward(cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, s
     computed in it, as torch does; the statistics in float64). Saved for the backward (internal
     rows): ``gates`` (activations), ``cst`` c_t, ``tcs`` tanh(N_c(c_t)), ``mst`` the unprojected h,
     ``hprev``/``cprev`` the states each step started from, ``ghn`` the GRU's N_h(..)_n + b_hn,
-    the recurrent site's input (``sh``'s hraw) and every site's statistics. The rest is scratch.
+    the recurrent site's input (``sh``'s hraw) and every site's statistics. The rest is scratch
+    (``Hbuf`` ``(2, B, P)``: h_{t-1} and h_t; ``MS`` ``(nt, 6, G)`` float64, per thread).
+
+    ``rowsplit``: each thread runs the whole loop on its blocks of ``RB`` rows (no site has batch
+    statistics); else every step is split by units (each thread: every row, its units' gates).
     """
     T = bs.shape[0]
     B = h0.shape[0]
-    G = wt.shape[1]
     proj = P != H
     lstm = cell == LSTM
-    b0 = bhh[:H]
-    b1 = bhh[H:2 * H]
-    b2 = bhh[2 * H:]
-    cur = 0 if rev else B
+    VL = VECTOR_BYTES // xp.itemsize
     if not rev:
-        _copy_rows(h0, Hs, 0, B, P)
+        _copy_part(h0, 0, Hbuf[0], 0, 0, B, 0, P, 0, 1, B)
         if lstm:
-            _copy_rows(c0, Cs, 0, B, H)
-    for k in range(T):
-        t = T - 1 - k if rev else k
-        b = bs[t]
-        o0 = off[t]
-        if not rev and b < cur:  # sequences that ended at the previous step: their final state
-            _copy_rows(Hs, hn, b, cur, P)
-            if lstm:
-                _copy_rows(Cs, cn, b, cur, H)
-            cur = b
-        elif rev and b > cur:  # sequences whose last step this is: they start from h0
-            _copy_rows(h0, Hs, cur, b, P)
-            if lstm:
-                _copy_rows(c0, Cs, cur, b, H)
-            cur = b
-        for i in range(b):
-            hs = Hs[i]
-            hp = hprev[o0 + i]
-            for j in range(P):
-                hp[j] = hs[j]
-            if lstm:
-                cs = Cs[i]
-                cp = cprev[o0 + i]
-                for j in range(H):
-                    cp[j] = cs[j]
-        if sh[0][t] != NONE:  # the recurrent matmul straight into the storage the backward reads
-            Ah, a0 = sh[6], o0
-        else:
-            Ah, a0 = A, 0
-        gemm(Hs, 0, False, wt, Ah, a0 * G, b, G, P, False)  # rows a0.. of Ah = h_{t-1} W_hh^T
-        _site_forward(xp, xr0[t], xrs, b, G, t, o0, sx, Yx, False)
-        if cell == GRU:
-            _site_forward(Ah, a0, 1, b, G, t, o0, sh, Yh, False)
-            for i in range(b):
-                yx = Yx[i]
-                yh = Yh[i]
-                x0, x1, x2 = yx[:H], yx[H:2 * H], yx[2 * H:]
-                h_0, h_1, h_2 = yh[:H], yh[H:2 * H], yh[2 * H:]
-                g = gates[o0 + i]
-                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:]
-                gh = ghn[o0 + i]
-                hs = Hs[i]
-                for j in range(H):
-                    r = _sig(x0[j] + h_0[j] + b0[j])
-                    z = _sig(x1[j] + h_1[j] + b1[j])
-                    gn = h_2[j] + b2[j]
-                    n = _th(x2[j] + r * gn)
-                    hp = hs[j]
-                    g0[j] = r
-                    g1[j] = z
-                    g2[j] = n
-                    gh[j] = gn
-                    hs[j] = n + z * (hp - n)
-        elif lstm:
-            _site_forward(Ah, a0, 1, b, G, t, o0, sh, Yx, True)
-            for i in range(b):
-                yx = Yx[i]
-                y0, y1, y2, y3 = yx[:H], yx[H:2 * H], yx[2 * H:3 * H], yx[3 * H:]
-                g = gates[o0 + i]
-                g0, g1, g2, g3 = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
-                cs = Cs[i]
-                cr = cst[o0 + i]
-                for j in range(H):
-                    ig = _sig(y0[j])
-                    fg = _sig(y1[j])
-                    gg = _th(y2[j])
-                    og = _sig(y3[j])
-                    g0[j] = ig
-                    g1[j] = fg
-                    g2[j] = gg
-                    g3[j] = og
-                    c = fg * cs[j] + ig * gg
-                    cs[j] = c
-                    cr[j] = c
-            _site_forward(cst, o0, 1, b, H, t, o0, sc, Yh, False)
-            for i in range(b):
-                yh = Yh[i]
-                g3 = gates[o0 + i][3 * H:]
-                tr = tcs[o0 + i]
-                dst = Ms[i] if proj else Hs[i]
-                for j in range(H):
-                    tc = _th(yh[j])
-                    tr[j] = tc
-                    dst[j] = g3[j] * tc
+            _copy_part(c0, 0, Cs, 0, 0, B, 0, H, 0, 1, B)
+    if rowsplit:
+        for th in prange(nt):
+            cur = 0 if rev else B
+            for k in range(T):
+                t = T - 1 - k if rev else k
+                b = bs[t]
+                _fwd_step(cell, rev, H, P, t, b, off[t], cur, True, th, nt, RB, 0, H, 0, P, xp, xr0, xrs, h0, c0, wt,
+                          bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
+                          tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th])
                 if proj:
-                    mr = mst[o0 + i]
-                    for j in range(H):
-                        mr[j] = dst[j]
+                    _fwd_proj(H, P, t, b, th, nt, RB, 0, P, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
+                cur = b
+    else:
+        cur = 0 if rev else B
+        for k in range(T):
+            t = T - 1 - k if rev else k
+            b = bs[t]
+            o0 = off[t]
+            hin = Hbuf[k % 2]
+            hout = Hbuf[(k + 1) % 2]
+            if rev and b > cur:  # sequences whose last step this is: they start from h0
+                _copy_part(h0, 0, hin, 0, cur, b, 0, P, 0, 1, B)
+                if lstm:
+                    _copy_part(c0, 0, Cs, 0, cur, b, 0, H, 0, 1, B)
+            for th in prange(nt):
+                u0, u1 = _part(th, nt, H, VL)
+                p0, p1 = _part(th, nt, P, VL)
+                _fwd_step(cell, rev, H, P, t, b, o0, cur, False, 0, 1, B, u0, u1, p0, p1, xp, xr0, xrs, h0, c0, wt,
+                          bhh, sx, sh, sc, hn, cn, hin, hout, Cs, Ms, out, or0, ors, gates, cst, tcs, mst, hprev, cprev,
+                          ghn, A, Yx, Yh, MS[th])
             if proj:
-                gemm(Ms, 0, False, wrt, Hs, 0, b, P, H, False)  # h = m W_hr^T
-        else:
-            _site_forward(Ah, a0, 1, b, G, t, o0, sh, Yx, True)
-            for i in range(b):
-                yx = Yx[i]
-                g = gates[o0 + i]
-                hs = Hs[i]
-                if cell == RNN_TANH:
-                    for j in range(H):
-                        v = _th(yx[j])
-                        g[j] = v
-                        hs[j] = v
-                else:
-                    for j in range(H):
-                        v = yx[j]
-                        v = 0.0 if v < 0.0 else v  # nan stays nan
-                        g[j] = v
-                        hs[j] = v
-        q0 = or0[t]
-        for i in range(b):
-            dst = out[q0 + i * ors]
-            hs = Hs[i]
-            for j in range(P):
-                dst[j] = hs[j]
-    _copy_rows(Hs, hn, 0, cur, P)
+                for th in prange(nt):
+                    p0, p1 = _part(th, nt, P, VL)
+                    _fwd_proj(H, P, t, b, 0, 1, B, p0, p1, wrt, Ms, hout, out, or0, ors)
+            cur = b
+    cur = B if rev else bs[T - 1]
+    _copy_part(Hbuf[T % 2], 0, hn, 0, 0, cur, 0, P, 0, 1, B)
     if lstm:
-        _copy_rows(Cs, cn, 0, cur, H)
+        _copy_part(Cs, 0, cn, 0, 0, cur, 0, H, 0, 1, B)
 
 
 # ------------------------------------------------------------------------------------------------
-# the time loop, backward
+# the time loop, backward: one step of one thread's part, in two halves
 
 @njit(**_OPTS)
-def _backward(cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
-              xp, gates, cst, tcs, hprev, cprev, ghn,
-              dxp, xr0, xrs, dh0, dc0, DA, DHP, dgx, dbx, dgh, dbh, dgc, dbc,
-              DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
-    """Backpropagation through time of :func:`_forward`.
-
-    ``dout`` in the output's layout; ``dhn``/``dcn`` the gradients of the final states; ``xp``
-    the forward's input projections. ``w`` = W_hh ``(G, P)``, ``wr`` = W_hr ``(P, H)``. Writes
-    ``dxp`` (the input's layout), ``dh0``/``dc0``, ``DA`` (internal rows: the gradient of
-    W_hh h_{t-1}, for dW_hh = DA^T hprev), ``DHP`` (LSTM with a projection: the gradient of each h_t,
-    for dW_hr = DHP^T m), and accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh``
-    (float64).
-    """
-    T = bs.shape[0]
-    B = dhn.shape[0]
+def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, u0, u1, p0, p1, th,
+              dout, or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd):
+    """The state columns ``[p0, p1)`` of the thread's rows at step t (backward order): finish the
+    step before (``pending``: its ``bp`` rows at offset ``op`` get ``dh_{t} += DA W_hh``), take in the
+    final-state gradients of sequences whose last step is t (the reverse direction: hand the
+    gradient of h0 to sequences that started at the step before), add the output gradient, and
+    accumulate ``||dL/dh_t||^2`` into ``gn[th, t]``. ``final``: the last call, after every step
+    (hands ``dh0``/``dc0`` their rows)."""
     G = w.shape[0]
-    proj = P != H
+    n = p1 - p0
+    nu, pu0 = _u(n), _u(p0)
     lstm = cell == LSTM
-    cur = B if rev else 0
-    if rev:
-        _copy_rows(dhn, DHs, 0, B, P)
+    if pending:
+        nbp = (bp + RB - 1) // RB
+        for blk in range(rth, nbp, rnt):
+            i0 = blk * RB
+            i1 = min(i0 + RB, bp)
+            gemm(DA, (op + i0) * G, False, w, p0, Dd, i0 * P + p0, i1 - i0, n, G, False)  # dh_{t} = DA W_hh
+            for i in range(i0, i1):
+                iu = _u(i)
+                if cell == GRU:
+                    for j in range(nu):
+                        k = pu0 + j
+                        DHs[iu, k] += Dd[iu, k]
+                else:
+                    for j in range(nu):
+                        k = pu0 + j
+                        DHs[iu, k] = Dd[iu, k]
+    if final:
+        _copy_part(DHs, 0, dh0, 0, 0, bp, p0, p1, rth, rnt, RB)
         if lstm:
-            _copy_rows(dcn, DCs, 0, B, H)
-    for k in range(T):
-        t = k if rev else T - 1 - k
-        b = bs[t]
-        o0 = off[t]
-        if not rev and b > cur:  # the final states of sequences whose last step this is
-            _copy_rows(dhn, DHs, cur, b, P)
-            if lstm:
-                _copy_rows(dcn, DCs, cur, b, H)
-            cur = b
-        elif rev and b < cur:  # sequences that started (from h0) at the step before
-            _copy_rows(DHs, dh0, b, cur, P)
-            if lstm:
-                _copy_rows(DCs, dc0, b, cur, H)
-            cur = b
-        q0 = or0[t]
-        for i in range(b):
-            src = dout[q0 + i * ors]
-            dh = DHs[i]
-            for j in range(P):
-                dh[j] += src[j]
+            _copy_part(DCs, 0, dc0, 0, 0, bp, u0, u1, rth, rnt, RB)
+        return
+    if not rev and b > bp:  # the final states of sequences whose last step this is
+        _copy_part(dhn, 0, DHs, 0, bp, b, p0, p1, rth, rnt, RB)
         if lstm:
+            _copy_part(dcn, 0, DCs, 0, bp, b, u0, u1, rth, rnt, RB)
+    elif rev and b < bp:  # sequences that started (from h0) at the step before
+        _copy_part(DHs, 0, dh0, 0, b, bp, p0, p1, rth, rnt, RB)
+        if lstm:
+            _copy_part(DCs, 0, dc0, 0, b, bp, u0, u1, rth, rnt, RB)
+    proj = P != H
+    q0 = or0[t]
+    nb = (b + RB - 1) // RB
+    ss = 0.0
+    for blk in range(rth, nb, rnt):
+        for i in range(blk * RB, min(blk * RB + RB, b)):
+            iu = _u(i)
+            qi = _u(q0 + i * ors)
+            for j in range(nu):
+                k = pu0 + j
+                v = DHs[iu, k] + dout[qi, k]
+                DHs[iu, k] = v
+                ss += v * v
             if proj:
-                for i in range(b):
-                    dh = DHs[i]
-                    dd = Dd[i]
-                    dp = DHP[o0 + i]
-                    for j in range(P):
-                        dd[j] = dh[j]
-                        dp[j] = dh[j]
-                gemm(Dd, 0, False, wr, DMd, 0, b, H, P, False)  # dm = dh W_hr
-                _copy_rows(DMd, DC, 0, b, H)
-            else:
-                _copy_rows(DHs, DC, 0, b, H)
-            # DC holds dm; through h = o tanh(N_c(c)): do into DP's o block, d N_c(c) into DC
-            for i in range(b):
-                g3 = gates[o0 + i][3 * H:]
-                tr = tcs[o0 + i]
-                dp3 = DP[i][3 * H:]
-                dc = DC[i]
-                for j in range(H):
-                    og = np.float64(g3[j])
-                    tc = np.float64(tr[j])
-                    dm = dc[j]
-                    dp3[j] = dm * tc * og * (1.0 - og)
-                    dc[j] = dm * og * (1.0 - tc * tc)
-            _site_backward(DC, b, H, t, o0, sc, cst, o0, 1, DX, 0, 1, dgc, dbc, csum)
-            for i in range(b):
-                g = gates[o0 + i]
-                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:3 * H]
-                dp = DP[i]
-                dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:3 * H]
-                dcs = DCs[i]
-                dx = DX[i]
-                cp = cprev[o0 + i]
-                for j in range(H):
-                    ig = np.float64(g0[j])
-                    fg = np.float64(g1[j])
-                    gg = np.float64(g2[j])
-                    dc = dcs[j] + dx[j]
-                    dp0[j] = dc * gg * ig * (1.0 - ig)
-                    dp1[j] = dc * np.float64(cp[j]) * fg * (1.0 - fg)
-                    dp2[j] = dc * ig * (1.0 - gg * gg)
-                    dcs[j] = dc * fg
-            hsrc = DP
-        elif cell == GRU:
-            for i in range(b):
-                g = gates[o0 + i]
-                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:]
-                gh = ghn[o0 + i]
-                hp = hprev[o0 + i]
-                dp = DP[i]
-                dph = DPh[i]
-                dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:]
-                dq0, dq1, dq2 = dph[:H], dph[H:2 * H], dph[2 * H:]
-                dhs = DHs[i]
-                for j in range(H):
-                    r = np.float64(g0[j])
-                    z = np.float64(g1[j])
-                    n = np.float64(g2[j])
-                    dh = dhs[j]
-                    dnp = dh * (1.0 - z) * (1.0 - n * n)
-                    drp = dnp * np.float64(gh[j]) * r * (1.0 - r)
-                    dzp = dh * (np.float64(hp[j]) - n) * z * (1.0 - z)
+                oi = _u(o0 + i)
+                for j in range(nu):
+                    k = pu0 + j
+                    Dd[iu, k] = DHs[iu, k]
+                    DHP[oi, k] = DHs[iu, k]
+    gn[th, t] += ss
+
+
+@njit(inline="always")
+def _bwd_fin(s1, s2, ga, dg, db, b, c, n):
+    """Batch statistics, after every row's sums: dgamma, dbeta, and the coefficients of dx."""
+    for j in range(n):
+        k = c + j
+        dg[k] += s2[k]
+        db[k] += s1[k]
+        s1[k] = s1[k] * ga[k] / b
+        s2[k] = s2[k] * ga[k] / b
+
+
+@njit(inline="always")
+def _bwd_row(DY, dr, X, xr, r, mu, gamma, dgamma, dbeta, DX, xo, xh, C):
+    """Layer norm's backward of one row (all ``C`` channels): row ``xo`` of DX, dgamma / dbeta
+    accumulated (``xh``: scratch)."""
+    for j in range(_u(C)):
+        xh[j] = (np.float64(X[xr, j]) - mu) * r
+    s1, s2 = _dots(DY[dr], gamma, xh, C)
+    s1 /= C
+    s2 /= C
+    for j in range(_u(C)):
+        dy = DY[dr, j]
+        dgamma[j] += dy * xh[j]
+        dbeta[j] += dy
+        DX[xo, j] = r * (dy * gamma[j] - s1 - xh[j] * s2)
+
+
+@njit(inline="always")
+def _site_t(site, t):
+    """``(kind, mean, invstd)`` of the site at step t (the per-channel statistics its backward reads;
+    for ROW and NONE steps, unused rows)."""
+    kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
+    kind = kinds[t]
+    if kind == BATCH:
+        return kind, mean[t], inv[t]
+    if kind == FIXED:
+        return kind, fmean[t], finv[t]
+    return kind, gamma, gamma
+
+
+@njit(**_OPTS)
+def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev, ghn,
+              dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
+    """Units ``[u0, u1)`` of the thread's rows at step t: from ``dL/dh_t`` (``DHs``) through the
+    gates and the sites to the input projection's gradient (``dxp``) and to the recurrent matmul's
+    (``DA``, rows at ``o0``); accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh`` in
+    the thread's ``acc`` (float64). ``csum`` ``(8, G)``: the thread's scratch.
+
+    Three passes over the rows (a row's values stay in cache within a pass): (1) the LSTM's output
+    gate and ``d N_c(c)``, and the cell norm's sums; (2) the cell norm's dx, the gates, the input
+    and recurrent norms' sums; (3) their dx. A layer-norm site does a row's whole backward at once.
+    (The per-kind loops are written out: an array handed to an inlined helper inside a row loop
+    costs numba two atomic reference-count updates per call.)
+    """
+    G = gates.shape[1]
+    nq = G // H
+    n = u1 - u0
+    nu, uu0, Hu = _u(n), _u(u0), _u(H)
+    H2, H3 = Hu + Hu, Hu + Hu + Hu
+    lstm = cell == LSTM
+    proj = P != H
+    dgx, dbx, dgh, dbh, dgc, dbc, dscr = acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6]
+    s1x, s2x, s1h, s2h, xh, s1c, s2c = csum[0], csum[1], csum[2], csum[3], csum[4], csum[5], csum[6]
+    kx, mx, ix = _site_t(sx, t)
+    kh, mh, ih = _site_t(sh, t)
+    kc, mc, ic = _site_t(sc, t)
+    gx, gh, gc = sx[1], sh[1], sc[1]
+    Ah = sh[6] if kh != NONE else DA  # (no recurrent norm: no input rows stored, none read)
+    DYh = DPh if cell == GRU else DP  # the recurrent site's output gradient
+    x0t = xr0[t]
+    nb = (b + RB - 1) // RB
+    for q in range(nq):
+        c = _u(q * H + u0)
+        for j in range(nu):
+            k = c + j
+            s1x[k] = 0.0
+            s2x[k] = 0.0
+            s1h[k] = 0.0
+            s2h[k] = 0.0
+    if lstm:
+        for j in range(nu):
+            k = uu0 + j
+            s1c[k] = 0.0
+            s2c[k] = 0.0
+        # (1) dm -> the output gate (DP's o block) and d N_c(c) (DC); the cell norm's sums
+        for blk in range(rth, nb, rnt):
+            i0 = blk * RB
+            i1 = min(i0 + RB, b)
+            if proj:
+                gemm(Dd, i0 * P, False, wr, u0, DMd, i0 * H + u0, i1 - i0, n, P, False)  # dm = dh W_hr
+            for i in range(i0, i1):
+                iu = _u(i)
+                oi = _u(o0 + i)
+                if proj:
+                    for j in range(nu):
+                        k = uu0 + j
+                        og = np.float64(gates[oi, H3 + k])
+                        tc = np.float64(tcs[oi, k])
+                        dm = np.float64(DMd[iu, k])
+                        DP[iu, H3 + k] = dm * tc * og * (1.0 - og)
+                        DC[iu, k] = dm * og * (1.0 - tc * tc)
+                else:
+                    for j in range(nu):
+                        k = uu0 + j
+                        og = np.float64(gates[oi, H3 + k])
+                        tc = np.float64(tcs[oi, k])
+                        dm = DHs[iu, k]
+                        DP[iu, H3 + k] = dm * tc * og * (1.0 - og)
+                        DC[iu, k] = dm * og * (1.0 - tc * tc)
+                if kc == ROW:
+                    _bwd_row(DC, iu, cst, oi, sc[8][o0 + i], sc[11][o0 + i], gc, dgc, dbc, DX, iu, xh, H)
+                elif kc == BATCH:
+                    for j in range(nu):
+                        k = uu0 + j
+                        dy = DC[iu, k]
+                        s1c[k] += dy
+                        s2c[k] += dy * ((np.float64(cst[oi, k]) - mc[k]) * ic[k])
+                elif kc == FIXED:
+                    for j in range(nu):
+                        k = uu0 + j
+                        dy = DC[iu, k]
+                        dgc[k] += dy * ((np.float64(cst[oi, k]) - mc[k]) * ic[k])
+                        dbc[k] += dy
+                else:
+                    for j in range(nu):
+                        k = uu0 + j
+                        dbc[k] += DC[iu, k]
+        if kc == BATCH:
+            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, uu0, nu)
+    # (2) the cell norm's dx, the gates (DP; DPh for the GRU's recurrent site), the two gate sites' sums
+    for blk in range(rth, nb, rnt):
+        for i in range(blk * RB, min(blk * RB + RB, b)):
+            iu = _u(i)
+            oi = _u(o0 + i)
+            if lstm:
+                if kc == BATCH:
+                    for j in range(nu):
+                        k = uu0 + j
+                        DX[iu, k] = ic[k] * (DC[iu, k] * gc[k] - s1c[k] -
+                                             ((np.float64(cst[oi, k]) - mc[k]) * ic[k]) * s2c[k])
+                elif kc == FIXED:
+                    for j in range(nu):
+                        k = uu0 + j
+                        DX[iu, k] = DC[iu, k] * gc[k] * ic[k]
+                elif kc == NONE:
+                    for j in range(nu):
+                        k = uu0 + j
+                        DX[iu, k] = DC[iu, k]
+                dp = DP[iu]  # one view per output block (LLVM vectorizes no loop that writes one array at
+                dp0, dp1, dp2 = dp[u0:u1], dp[H + u0:H + u1], dp[2 * H + u0:2 * H + u1]  # offsets known at run time)
+                for j in range(nu):
+                    k = uu0 + j
+                    ig = np.float64(gates[oi, k])
+                    fg = np.float64(gates[oi, Hu + k])
+                    gg = np.float64(gates[oi, H2 + k])
+                    dcc = DCs[iu, k] + DX[iu, k]
+                    dp0[j] = dcc * gg * ig * (1.0 - ig)
+                    dp1[j] = dcc * np.float64(cprev[oi, k]) * fg * (1.0 - fg)
+                    dp2[j] = dcc * ig * (1.0 - gg * gg)
+                    DCs[iu, k] = dcc * fg
+            elif cell == GRU:
+                dp = DP[iu]  # one view per output block (see the LSTM's)
+                dph = DPh[iu]
+                dp0, dp1, dp2 = dp[u0:u1], dp[H + u0:H + u1], dp[2 * H + u0:2 * H + u1]
+                dq0, dq1, dq2 = dph[u0:u1], dph[H + u0:H + u1], dph[2 * H + u0:2 * H + u1]
+                for j in range(nu):
+                    k = uu0 + j
+                    r = np.float64(gates[oi, k])
+                    z = np.float64(gates[oi, Hu + k])
+                    nn = np.float64(gates[oi, H2 + k])
+                    dh = DHs[iu, k]
+                    dnp = dh * (1.0 - z) * (1.0 - nn * nn)
+                    drp = dnp * np.float64(ghn[oi, k]) * r * (1.0 - r)
+                    dzp = dh * (np.float64(hprev[oi, k]) - nn) * z * (1.0 - z)
                     dp0[j] = drp
                     dp1[j] = dzp
                     dp2[j] = dnp
                     dq0[j] = drp
                     dq1[j] = dzp
                     dq2[j] = dnp * r
-                    dhs[j] = dh * z  # the direct path h_{t-1} -> h_t
-                for j in range(G):
-                    dbh[j] += dph[j]
-            hsrc = DPh
-        else:
-            for i in range(b):
-                g = gates[o0 + i]
-                dhs = DHs[i]
-                dp = DP[i]
-                if cell == RNN_TANH:
-                    for j in range(H):
-                        y = np.float64(g[j])
-                        dp[j] = dhs[j] * (1.0 - y * y)
-                else:
-                    for j in range(H):
-                        dp[j] = dhs[j] if g[j] > 0.0 else 0.0
-            hsrc = DP
-        # the input site: its gradients straight into dxp; the recurrent site's into DA
-        _site_backward(DP, b, G, t, o0, sx, xp, xr0[t], xrs, dxp, xr0[t], xrs, dgx, dbx, csum)
-        _site_backward(hsrc, b, G, t, o0, sh, sh[6], o0, 1, DA, o0, 1, dgh, csum[3], csum)  # no shift: dbeta to scratch
-        gemm(DA, o0 * G, False, w, Dd, 0, b, P, G, False)  # dh_{t-1} = DA W_hh
-        for i in range(b):
-            dd = Dd[i]
-            dhs = DHs[i]
-            if cell == GRU:
-                for j in range(P):
-                    dhs[j] += dd[j]
+                    DHs[iu, k] = dh * z  # the direct path h_{t-1} -> h_t
+                for q in range(nq):
+                    c = _u(q * H + u0)
+                    for j in range(nu):
+                        k = c + j
+                        dbh[k] += DPh[iu, k]
+            elif cell == RNN_TANH:
+                for j in range(nu):
+                    k = uu0 + j
+                    y = np.float64(gates[oi, k])
+                    DP[iu, k] = DHs[iu, k] * (1.0 - y * y)
             else:
-                for j in range(P):
-                    dhs[j] = dd[j]
-    _copy_rows(DHs, dh0, 0, cur, P)
-    if lstm:
-        _copy_rows(DCs, dc0, 0, cur, H)
+                for j in range(nu):
+                    k = uu0 + j
+                    DP[iu, k] = DHs[iu, k] if gates[oi, k] > 0.0 else 0.0
+            xr = _u(x0t + i * xrs)
+            if kx == ROW:
+                _bwd_row(DP, iu, xp, xr, sx[8][o0 + i], sx[11][o0 + i], gx, dgx, dbx, dxp, xr, xh, G)
+            if kh == ROW:
+                _bwd_row(DYh, iu, Ah, oi, sh[8][o0 + i], sh[11][o0 + i], gh, dgh, dscr, DA, oi, xh, G)
+            for q in range(nq):
+                c = _u(q * H + u0)
+                if kx == BATCH:
+                    for j in range(nu):
+                        k = c + j
+                        dy = DP[iu, k]
+                        s1x[k] += dy
+                        s2x[k] += dy * ((np.float64(xp[xr, k]) - mx[k]) * ix[k])
+                elif kx == FIXED:
+                    for j in range(nu):
+                        k = c + j
+                        dy = DP[iu, k]
+                        dgx[k] += dy * ((np.float64(xp[xr, k]) - mx[k]) * ix[k])
+                        dbx[k] += dy
+                elif kx == NONE:
+                    for j in range(nu):
+                        k = c + j
+                        dbx[k] += DP[iu, k]
+                if kh == BATCH:
+                    for j in range(nu):
+                        k = c + j
+                        dy = DYh[iu, k]
+                        s1h[k] += dy
+                        s2h[k] += dy * ((np.float64(Ah[oi, k]) - mh[k]) * ih[k])
+                elif kh == FIXED:
+                    for j in range(nu):
+                        k = c + j
+                        dy = DYh[iu, k]
+                        dgh[k] += dy * ((np.float64(Ah[oi, k]) - mh[k]) * ih[k])
+                        dscr[k] += dy
+    # (3) the gate sites' dx: into dxp (the input's layout) and DA (internal rows)
+    if kx == ROW and kh == ROW:
+        return
+    for q in range(nq):
+        c = _u(q * H + u0)
+        if kx == BATCH:
+            _bwd_fin(s1x, s2x, gx, dgx, dbx, b, c, nu)
+        if kh == BATCH:
+            _bwd_fin(s1h, s2h, gh, dgh, dscr, b, c, nu)
+    for blk in range(rth, nb, rnt):
+        for i in range(blk * RB, min(blk * RB + RB, b)):
+            iu = _u(i)
+            oi = _u(o0 + i)
+            xr = _u(x0t + i * xrs)
+            for q in range(nq):
+                c = _u(q * H + u0)
+                if kx == BATCH:
+                    for j in range(nu):
+                        k = c + j
+                        dxp[xr, k] = ix[k] * (DP[iu, k] * gx[k] - s1x[k] -
+                                              ((np.float64(xp[xr, k]) - mx[k]) * ix[k]) * s2x[k])
+                elif kx == FIXED:
+                    for j in range(nu):
+                        k = c + j
+                        dxp[xr, k] = DP[iu, k] * gx[k] * ix[k]
+                elif kx == NONE:
+                    for j in range(nu):
+                        k = c + j
+                        dxp[xr, k] = DP[iu, k]
+                if kh == BATCH:
+                    for j in range(nu):
+                        k = c + j
+                        DA[oi, k] = ih[k] * (DYh[iu, k] * gh[k] - s1h[k] -
+                                             ((np.float64(Ah[oi, k]) - mh[k]) * ih[k]) * s2h[k])
+                elif kh == FIXED:
+                    for j in range(nu):
+                        k = c + j
+                        DA[oi, k] = DYh[iu, k] * gh[k] * ih[k]
+                elif kh == NONE:
+                    for j in range(nu):
+                        k = c + j
+                        DA[oi, k] = DYh[iu, k]
+
+
+def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
+                   xp, gates, cst, tcs, hprev, cprev, ghn,
+                   dxp, xr0, xrs, dh0, dc0, DA, DHP, acc, gn,
+                   DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
+    """Backpropagation through time of :func:`_forward_loop` on ``nt`` threads (the same split).
+
+    ``dout`` in the output's layout; ``dhn``/``dcn`` the gradients of the final states; ``xp``
+    the forward's input projections. ``w`` = W_hh ``(G, P)``, ``wr`` = W_hr ``(P, H)``. Writes
+    ``dxp`` (the input's layout), ``dh0``/``dc0``, ``DA`` (internal rows: the gradient of
+    W_hh h_{t-1}, for dW_hh = DA^T hprev), ``DHP`` (LSTM with a projection: the gradient of each h_t,
+    for dW_hr = DHP^T m); accumulates per thread (``acc[th]`` ``(7, max(G, H))``, float64) the sites'
+    ``dgamma``/``dbeta`` (rows 0-5: x, h (row 3: the GRU's ``dbh``), c) and ``gn[th, t]``, the
+    squared norm of dL/dh_t. ``csum`` ``(nt, 8, G)``: per-thread scratch.
+
+    Each step is the thread's ``_bwd_head`` (state columns: the previous step's ``DA W_hh``, the
+    output gradient) then its ``_bwd_body`` (units); split by units, a step's matmul ``DA W_hh``
+    needs every unit's DA, so it is finished at the start of the next step.
+    """
+    T = bs.shape[0]
+    B = dhn.shape[0]
+    proj = P != H
+    lstm = cell == LSTM
+    VL = VECTOR_BYTES // DA.itemsize
+    if rev:
+        _copy_part(dhn, 0, DHs, 0, 0, B, 0, P, 0, 1, B)
+        if lstm:
+            _copy_part(dcn, 0, DCs, 0, 0, B, 0, H, 0, 1, B)
+    if rowsplit:
+        for th in prange(nt):
+            bp = B if rev else 0
+            op = 0
+            for k in range(T):
+                t = k if rev else T - 1 - k
+                b = bs[t]
+                o0 = off[t]
+                _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, 0, H, 0, P, th, dout, or0,
+                          ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+                _bwd_body(cell, H, P, t, b, o0, th, nt, RB, 0, H, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
+                          ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th])
+                bp = b
+                op = o0
+            _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, 0, H, 0, P, th, dout, or0, ors,
+                      dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+    else:
+        bp = B if rev else 0
+        op = 0
+        for k in range(T):
+            t = k if rev else T - 1 - k
+            b = bs[t]
+            o0 = off[t]
+            if proj:
+                for th in prange(nt):
+                    p0, p1 = _part(th, nt, P, VL)
+                    u0, u1 = _part(th, nt, H, VL)
+                    _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, 0, 1, B, u0, u1, p0, p1, th, dout,
+                              or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+                for th in prange(nt):
+                    u0, u1 = _part(th, nt, H, VL)
+                    _bwd_body(cell, H, P, t, b, o0, 0, 1, B, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev,
+                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th])
+            else:
+                for th in prange(nt):
+                    u0, u1 = _part(th, nt, H, VL)
+                    _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, 0, 1, B, u0, u1, u0, u1, th, dout,
+                              or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+                    _bwd_body(cell, H, P, t, b, o0, 0, 1, B, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev,
+                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th])
+            bp = b
+            op = o0
+        for th in prange(nt):
+            u0, u1 = _part(th, nt, H, VL)
+            p0, p1 = _part(th, nt, P, VL)
+            _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, 0, 1, B, u0, u1, p0, p1, th, dout, or0, ors,
+                      dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+
+
+def _weight_grad_loop(nt, D, X, out):
+    """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
+    output gradients D ``(N, G)`` and inputs X ``(N, F)``), the rows of ``out`` split over ``nt``
+    threads (the bits do not depend on the split)."""
+    G = D.shape[1]
+    F = X.shape[1]
+    N = D.shape[0]
+    for th in prange(nt):
+        g0 = (G * th // nt) // 4 * 4
+        g1 = G if th == nt - 1 else (G * (th + 1) // nt) // 4 * 4
+        if g1 > g0:
+            gemm(D, g0, True, X, 0, out, g0 * F, g1 - g0, F, N, False)
+
+
+def _twins(f):
+    """``f`` compiled twice: on numba's thread pool (``prange`` parallel) and serial (``prange`` is
+    ``range``: for one thread, and for a child forked from a process whose OpenMP pool started),
+    under two names (numba's on-disk cache keys a function by name and bytecode, not by its flags)."""
+    out = []
+    for suffix, par in (("", True), ("_serial", False)):
+        g = types_mod.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+        g.__qualname__ = f.__qualname__ + suffix
+        g.__module__ = f.__module__
+        g.__doc__ = f.__doc__
+        out.append(njit(parallel=_PRANGE_ONLY() if par else False, **_OPTS)(g))
+    return tuple(out)
+
+
+def _PRANGE_ONLY() -> dict:
+    """numba's parallel options with only ``prange`` on: no loop fusion (two ``prange`` loops in a row
+    are two launches, the end of the first a barrier the second relies on), no implicit parallel
+    array expressions."""
+    return dict(prange=True, fusion=False, comprehension=False, reduction=False, inplace_binop=False, setitem=False,
+                numpy=False, stencil=False)
+
+
+_forward_par, _forward_serial = _twins(_forward_loop)
+_backward_par, _backward_serial = _twins(_backward_loop)
+_weight_grad_par, _weight_grad_serial = _twins(_weight_grad_loop)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -959,18 +1368,11 @@ def moments(x, mu, mu_r, sigma, xc, xd):
         for j in range(F):
             d[j] = np.float64(r[j]) - mu[j]
             o[j] = r[j] - mu_r[j]
-    gemm(xd, 0, True, xd, sigma, 0, F, F, N, False)
+    gemm(xd, 0, True, xd, 0, sigma, 0, F, F, N, False)
     for j in range(F):
         s = sigma[j]
         for k in range(F):
             s[k] = s[k] / N
-
-
-@njit(**_OPTS)
-def weight_grad(D, X, out):
-    """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
-    output gradients D ``(N, G)`` and inputs X ``(N, F)``)."""
-    gemm(D, 0, True, X, out, 0, D.shape[1], X.shape[1], D.shape[0], False)
 
 
 def _quiet(kernel):
@@ -987,9 +1389,39 @@ def _quiet(kernel):
     return call
 
 
-forward = _quiet(_forward)
-backward = _quiet(_backward)
 vector_math = _quiet(_vector_math)
+
+
+def _launch(par, serial, nt, args):
+    """``par(nt, *args)`` on ``nt`` threads of numba's pool (its thread count set for this launch
+    only, as :mod:`bnlab.kernels.cpu` does), or ``serial(1, *args)`` on the calling thread when
+    ``nt`` is 1 (never touching the pool: the path of a child forked from an OpenMP process, where
+    :func:`bnlab.kernels.cpu.threads` is 1)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+        if nt <= 1:
+            return serial(1, *args)
+        prev = _cpu._enter(nt)
+        try:
+            return par(nt, *args)
+        finally:
+            if prev:
+                _cpu._set_threads(prev)
+
+
+def forward(nt, rowsplit, RB, *args):
+    """:func:`_forward_loop` on ``nt`` threads (1: the serial twin)."""
+    _launch(_forward_par, _forward_serial, nt, (rowsplit, RB) + args)
+
+
+def backward(nt, rowsplit, RB, *args):
+    """:func:`_backward_loop` on ``nt`` threads (1: the serial twin)."""
+    _launch(_backward_par, _backward_serial, nt, (rowsplit, RB) + args)
+
+
+def weight_grad(D, X, out, nt=1):
+    """``out = D^T X`` (:func:`_weight_grad_loop`) on ``nt`` threads."""
+    _launch(_weight_grad_par, _weight_grad_serial, nt, (D, X, out))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1007,7 +1439,7 @@ def fold_direction(W, gamma, beta, eps, sigma, mu, mu_r, wd, ws, Wf, shift, mean
         dst = wd[j]
         for k in range(F):
             dst[k] = src[k]
-    gemm(wd, 0, False, sigma, ws, 0, G, F, F, False)
+    gemm(wd, 0, False, sigma, 0, ws, 0, G, F, F, False)
     for j in range(G):
         w = wd[j]
         q = ws[j]
@@ -1052,7 +1484,7 @@ def fold_direction_backward(dWf, wd, ws, inv, s, gamma, dW, dscale, dvw, M):
         for k in range(F):
             out[k] = sj * np.float64(g[k]) + 2.0 * dv * q[k]
             e[k] = dv * w[k]
-    gemm(dvw, 0, True, wd, M, 0, F, F, G, True)
+    gemm(dvw, 0, True, wd, 0, M, 0, F, F, G, True)
 
 
 @njit(**_OPTS)
@@ -1065,7 +1497,7 @@ def fold_rows_backward(dxc, xc, M, Md, drows):
         dst = Md[a]
         for k in range(F):
             dst[k] = 2.0 * src[k] / N
-    gemm(xc, 0, False, Md, drows, 0, N, F, F, False)
+    gemm(xc, 0, False, Md, 0, drows, 0, N, F, F, False)
     cm = np.zeros(F)
     for n in range(N):
         r = dxc[n]

@@ -83,6 +83,7 @@ from torch.nn import Module, Parameter
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import kernels as _kernels
+from ..kernels import cpu as _cpu
 from .. import reference as _ref
 from . import _recurrent_kernels as _rk
 from .masked import SequenceBatchNorm, StatsUpdate, collect_stats, commit_stats
@@ -509,7 +510,7 @@ class _FusedSpec:
     """Everything about one fused call that is not a differentiable input."""
 
     __slots__ = ("cell", "rev", "H", "P", "G", "B", "bs", "off", "xrow0", "xrows", "orow0", "orows",
-                 "out_shape", "sites", "stats", "name")
+                 "out_shape", "sites", "stats", "name", "grad_norms")
 
 
 _EMPTY2 = {dt: np.empty((0, 0), dt) for dt in (np.float32, np.float64)}
@@ -543,6 +544,40 @@ def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int,
     return (k, gamma, beta, fm, fi, float(site.eps), hraw, inv, rinv, mean, var, rmean)
 
 
+def _VERTICAL_FUSED(mode: str, packed: bool) -> bool:
+    """Whether norm="vertical" runs the fused time loop (the input norm one batch norm before it)
+    rather than torch's kernel with the norm folded into the input weights: measured faster for
+    the GRU and the Elman RNN (torch's CPU kernels for them are plain ATen loops) and for variable
+    lengths (torch's packed LSTM is too); torch's LSTM on equal lengths is oneDNN's."""
+    return mode != "LSTM" or packed
+
+
+#: the recurrent matmul's multiply-adds per step (B * G * P) from which a fused call is split over threads
+_PARALLEL_FROM = 1 << 18
+
+
+def _split(spec, dt) -> tuple[int, bool, int]:
+    """``(threads, rowsplit, RB)`` of one fused call (:func:`bnlab.nn._recurrent_kernels.forward`): the
+    threads :func:`bnlab.kernels.cpu.threads` allows (1 below :data:`_PARALLEL_FROM`); split by units
+    when a site has batch statistics (a channel's statistics need every row), else by blocks of
+    ``RB`` rows (no step needs another thread's rows: the threads run the whole loop at once)."""
+    batch = row = False
+    for site in spec.sites:
+        batch = batch or bool((site.kinds == _rk.BATCH).any())
+        row = row or bool((site.kinds == _rk.ROW).any())
+    B, H, P, G = spec.B, spec.H, spec.P, spec.G
+    nt = _cpu.threads()
+    if nt > 1 and (B * G * P < _PARALLEL_FROM or (batch and row)):
+        nt = 1
+    if batch:
+        vl = _rk.VECTOR_BYTES // np.dtype(dt).itemsize
+        return max(1, min(nt, -(-H // vl))), False, B
+    nt = min(nt, -(-B // 4))
+    if nt == 1:
+        return 1, True, B
+    return nt, True, max(4, -(-B // (8 * nt)) * 4)  # about two blocks of rows per thread
+
+
 class _FusedRecurrence(torch.autograd.Function):
     """One layer and direction over all steps: :func:`bnlab.nn._recurrent_kernels.forward` and its
     hand-derived backward through time."""
@@ -568,14 +603,16 @@ class _FusedRecurrence(torch.autograd.Function):
         cprev = np.empty((N, H), dt) if lstm else e
         ghn = np.empty((N, H), dt) if gru else e
         c0n = _np(c0, dt) if lstm else e
-        _rk.forward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off, xp.detach().view(-1, G).numpy(), spec.xrow0,
-                    spec.xrows, _np(h0, dt), c0n, w_hh.detach().t().contiguous().numpy(),
-                    w_hr.detach().t().contiguous().numpy() if proj else e,
+        nt, rowsplit, RB = _split(spec, dt)
+        _rk.forward(nt, rowsplit, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
+                    xp.detach().view(-1, G).numpy(), spec.xrow0, spec.xrows, _np(h0, dt), c0n,
+                    w_hh.detach().t().contiguous().numpy(), w_hr.detach().t().contiguous().numpy() if proj else e,
                     (_np(b_hh, dt) if b_hh is not None else np.zeros(G, dt)) if gru else np.zeros(G, dt), sx, sh, sc,
                     out.view(-1, P).numpy(), spec.orow0, spec.orows, hn.numpy(), cn.numpy(), gates, cst, tcs, mst,
                     hprev, cprev, ghn,
-                    np.empty((B, G), dt), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, H), dt),
-                    np.empty((B, G), dt), np.empty((B, G), dt))
+                    np.empty((B, G), dt), np.empty((2, B, P), dt), np.empty((B, H), dt), np.empty((B, H), dt),
+                    np.empty((B, G), dt), np.empty((B, G), dt), np.empty((nt, 6, G)))
+        ctx.split = (nt, rowsplit, RB)
         spec.stats = (sx, sh, sc)
         ctx.spec = spec
         ctx.arrays = (sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn)
@@ -603,17 +640,21 @@ class _FusedRecurrence(torch.autograd.Function):
         dc0 = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
         DA = np.empty((N, G), dt)
         DHP = np.empty((N, P), dt) if proj else e
-        acc = np.zeros((7, max(G, H)))
-        dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
-        _rk.backward(spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
+        nt, rowsplit, RB = ctx.split
+        T = len(spec.bs)
+        accs = np.zeros((nt, 7, max(G, H)))
+        gn = np.zeros((nt, T))
+        _rk.backward(nt, rowsplit, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
                      dout.detach().contiguous().view(-1, P).numpy(), spec.orow0, spec.orows,
                      _np(dhn, dt), _np(dcn, dt) if lstm else e, w_hh.detach().contiguous().numpy(),
                      w_hr.detach().contiguous().numpy() if proj else e, sx, sh, sc, xp.detach().view(-1, G).numpy(),
                      gates, cst, tcs, hprev, cprev, ghn,
-                     dxp.view(-1, G).numpy(), spec.xrow0, spec.xrows, dh0.numpy(), dc0.numpy(), DA, DHP,
-                     dgx, dbx, dgh, dbh, dgc, dbc,
+                     dxp.view(-1, G).numpy(), spec.xrow0, spec.xrows, dh0.numpy(), dc0.numpy(), DA, DHP, accs, gn,
                      np.empty((B, P)), np.empty((B, H)), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, G)),
-                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((4, G)))
+                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((nt, 8, G)))
+        acc = accs[0] if nt == 1 else accs.sum(0)
+        dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
+        spec.grad_norms = np.sqrt(gn.sum(0))
         need = ctx.needs_input_grad
         pdt = w_hh.dtype
 
@@ -623,13 +664,29 @@ class _FusedRecurrence(torch.autograd.Function):
         dw_hh = dw_hr = None
         if need[4]:  # dW_hh = DA^T hprev
             dw_hh = torch.empty(G, P, dtype=xp.dtype)
-            _rk.weight_grad(DA, hprev, dw_hh.numpy())
+            _rk.weight_grad(DA, hprev, dw_hh.numpy(), nt)
         if proj and need[5]:  # dW_hr = DHP^T m
             dw_hr = torch.empty(P, H, dtype=xp.dtype)
-            _rk.weight_grad(DHP, mst, dw_hr.numpy())
+            _rk.weight_grad(DHP, mst, dw_hr.numpy(), nt)
         return (None, dxp if need[1] else None, dh0 if need[2] else None, dc0 if lstm and need[3] else None,
                 dw_hh, dw_hr, vec(dbh, 6) if gru else None, vec(dgx, 7), vec(dbx, 8), vec(dgh, 9),
                 vec(dgc, 10) if lstm else None, vec(dbc, 11) if lstm else None)
+
+
+def _norm_hooks(outs: list) -> list:
+    """A list that receives, per step, the squared norm of the gradient of ``outs[t]`` (float64)
+    from a hook on that tensor (the total gradient: every use of it summed), None until then."""
+    vals: list = [None] * len(outs)
+
+    def hook(t):
+        def record(g):
+            vals[t] = float(g.detach().to(torch.float64).pow(2).sum())
+        return record
+
+    for t, h in enumerate(outs):
+        if h.requires_grad:
+            h.register_hook(hook(t))
+    return vals
 
 
 def _layout(kind: str, B: int, T: int, off: np.ndarray):
@@ -739,6 +796,8 @@ class _BNRNNBase(_RecurrentCore):
         self.force_loop = force_loop
         self.record_hidden = False
         self.hidden_states: list[list[Tensor]] = []
+        self.record_grad_norms = False
+        self._grad_norm_sources: list = []
         g = _GATES[mode] * hidden_size
         out = proj_size or hidden_size
         for l in range(num_layers):
@@ -885,7 +944,8 @@ class _BNRNNBase(_RecurrentCore):
             c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
 
         batch_sizes = bs_t if variable else None
-        path = self._path(data)
+        path = self._path(data, variable)
+        self._grad_norm_sources = []
         if path == "torch":
             out, hn, cn = self._torch_forward(data, batch_sizes, h0, c0, B)
         else:
@@ -915,19 +975,38 @@ class _BNRNNBase(_RecurrentCore):
             cn = cn.squeeze(1) if cn is not None else None
         return (output, (hn, cn)) if self.mode == "LSTM" else (output, hn)
 
-    def _path(self, data: Tensor) -> str:
-        """Which implementation serves this call: "torch", "fold", "fused" or "loop"."""
+    def _path(self, data: Tensor, packed: bool = False) -> str:
+        """Which implementation serves this call: "torch", "fold", "fused" or "loop" (``packed``:
+        variable lengths)."""
         if self.force_loop or self.record_hidden or _kernels.needs_reference():
             return "loop"
-        if self.norm == "none":
+        if self.norm == "none" and not self.record_grad_norms:
             return "torch"
         if torch.compiler.is_compiling():  # torch ops all the way (compiled code cannot call numba)
             return "loop"
-        if self.norm == "vertical":
+        fused = data.is_cpu and data.dtype in _FUSED_DTYPES
+        if self.record_grad_norms:  # torch's kernels cannot give the gradient of each step's state
+            return "fused" if fused else "loop"
+        if self.norm == "vertical" and not (fused and _VERTICAL_FUSED(self.mode, packed)):
             return "fold"
-        if data.is_cpu and data.dtype in _FUSED_DTYPES:
-            return "fused"
-        return "loop"
+        return "fused" if fused else "loop"
+
+    @property
+    def hidden_grad_norms(self) -> list[Tensor | None]:
+        """With ``record_grad_norms = True``: for each layer and direction (index ``layer * D +
+        direction``) of the last forward, the float64 ``(T,)`` norms ``||dL/dh_t||`` (over the batch:
+        the rows running at step t) of the loss gradient with respect to the layer's output h_t, the
+        total gradient (through the layers above and through the steps after t), once a backward
+        through that forward ran; None before (or for a direction the backward did not reach)."""
+        out = []
+        for src in self._grad_norm_sources:
+            if isinstance(src, _FusedSpec):
+                g = getattr(src, "grad_norms", None)
+                out.append(None if g is None else torch.from_numpy(g))
+            else:  # the reference loop's hooks: squared norms per step, None where no gradient came
+                out.append(None if all(v is None for v in src) else
+                           torch.tensor([0.0 if v is None else v for v in src], dtype=torch.float64).sqrt())
+        return out
 
     def _initial(self, h0, c0, l: int, d: int, B: int, like: Tensor):
         k = l * self.num_directions + d
@@ -1030,7 +1109,8 @@ class _BNRNNBase(_RecurrentCore):
         x = data
         hns, cns = [], []
         name = type(self).__name__
-        vertical_in = self.norm == "horizontal"  # one batch norm over every row, before the loop
+        # one batch norm over every row, before the loop (norm="vertical" comes here with record_grad_norms)
+        vertical_in = self.norm in ("horizontal", "vertical")
         for l in range(self.num_layers):
             outs = []
             for d in range(self.num_directions):
@@ -1066,6 +1146,9 @@ class _BNRNNBase(_RecurrentCore):
                 spec.out_shape = tuple(xp.shape[:-1]) + (P,)
                 spec.sites, spec.name = (sx, sh, sc), name
                 h, c = self._initial(h0, c0, l, d, B, data)
+                spec.grad_norms = None
+                if self.record_grad_norms:
+                    self._grad_norm_sources.append(spec)
                 out, hn, cn = _FusedRecurrence.apply(spec, xp.contiguous(), h, c, w_hh, w_hr,
                                                      b_hh if mode == "GRU" else None, gx, bx, gh, gc, bc)
                 self._collect_fused(spec, d, T, bs, updates)
@@ -1117,6 +1200,8 @@ class _BNRNNBase(_RecurrentCore):
                                                self._norms(l, d), w_hr=w_hr, rev=bool(d))
                 if self.record_hidden:
                     self.hidden_states.append(outs)
+                if self.record_grad_norms:
+                    self._grad_norm_sources.append(_norm_hooks(outs))
                 outs_d.append(torch.stack(outs, 1) if uniform else torch.cat(outs))  # (B, T, H) or (rows, H)
                 hns.append(hn)
                 cns.append(cn)

@@ -1,0 +1,223 @@
+"""The fused recurrent kernels on several threads: the same numbers as on one thread, the thread
+count following ``torch.set_num_threads``, a forked child on the serial twins; and the per-step
+gradient norms the layers record (``record_grad_norms``) on the fused path and on the loop."""
+
+import copy
+import multiprocessing as mp
+import os
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import bnlab.nn.recurrent as R
+from bnlab.kernels import cpu
+from bnlab.nn import BNGRU, BNLSTM, BNRNN
+from bnlab.nn import _recurrent_kernels as rk
+
+LENGTHS = torch.tensor([7, 2, 5, 7, 1, 4, 6, 7, 3])
+TWO = min(2, cpu._MAX_THREADS)
+needs_two = pytest.mark.skipif(TWO < 2 or cpu._serial_only, reason="numba's pool has one thread")
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Split every fused call over the threads, however small, and record each launch's split."""
+    monkeypatch.setattr(R, "_PARALLEL_FROM", 0)
+    seen = []
+    real = R._split
+
+    def spy(spec, dt):
+        s = real(spec, dt)
+        seen.append(s)
+        return s
+
+    monkeypatch.setattr(R, "_split", spy)
+    return seen
+
+
+@pytest.fixture
+def torch_threads():
+    numba.get_num_threads()  # numba's pool started first (starting it resets OpenMP's thread count)
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+def _run(m, x, lengths=None):
+    for p in m.parameters():
+        p.grad = None
+    xx = x.clone().requires_grad_(True)
+    out, st = m(xx, lengths=lengths)
+    states = st if isinstance(st, tuple) else (st,)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * w).sum() + sum((s * s).sum() * (k + 1) for k, s in enumerate(states))).backward()
+    res = {"out": out.detach(), "dx": xx.grad}
+    res.update({f"state{k}": s.detach() for k, s in enumerate(states)})
+    res.update({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    res.update({k: v.clone() for k, v in m.state_dict().items()})
+    return res
+
+
+_LAYERS = [(BNLSTM, {}), (BNLSTM, {"bidirectional": True}), (BNLSTM, {"proj_size": 9}), (BNGRU, {}),
+           (BNGRU, {"bidirectional": True}), (BNRNN, {}), (BNRNN, {"bidirectional": True})]
+_IDS = [c.__name__[2:] + ("-" + "-".join(kw) if kw else "") for c, kw in _LAYERS]
+
+
+@needs_two
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("norm", ["horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls,kw", _LAYERS, ids=_IDS)
+def test_two_threads_give_the_one_thread_numbers(cls, kw, norm, dtype, split_everything, torch_threads):
+    torch.manual_seed(0)
+    H = 40 if dtype == torch.float32 else 20  # three vectors of units: thread parts of 1 and 2 (uneven)
+    m = cls(9, H, 2, batch_first=True, norm=norm, dtype=dtype, momentum=0.3, **kw)
+    x = torch.randn(9, 7, 9, dtype=dtype)
+    for lengths in (None, LENGTHS):
+        for mode in ("train", "eval"):
+            res = {}
+            for nt in (1, TWO):
+                torch_threads(nt)
+                mm = copy.deepcopy(m)
+                getattr(mm, mode)()
+                del split_everything[:]
+                res[nt] = _run(mm, x, lengths)
+                assert {s[0] for s in split_everything} == {nt}, split_everything
+                rowsplit = split_everything[0][1]
+            one, two = res[1], res[TWO]
+            assert one.keys() == two.keys()
+            for k in one:
+                if rowsplit and _row_summed(k):
+                    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(two[k], one[k], **tol, msg=f"{k} ({mode}, lengths {lengths is not None})")
+                else:  # everything else: the same bits
+                    torch.testing.assert_close(two[k], one[k], rtol=0, atol=0,
+                                               msg=f"{k} ({mode}, lengths {lengths is not None})")
+
+
+def _row_summed(name: str) -> bool:
+    """Gradients summed over the rows of every step (the gates' biases, the norms' gamma and beta):
+    split by rows, each thread sums its own rows and the partial sums are added."""
+    return name.startswith("bias_") or (name.startswith("norm_") and name.endswith((".weight", ".bias")))
+
+
+@needs_two
+def test_the_split_follows_the_norms(split_everything, torch_threads):
+    """Batch statistics split a step by units (a channel's statistics need every row); layer norm
+    and eval by rows; torch.set_num_threads(1) runs the serial twins."""
+    torch_threads(TWO)
+    x = torch.randn(16, 5, 9, dtype=torch.float64)
+    for norm, rowsplit in (("per_timestep", False), ("horizontal", False), ("layer", True)):
+        m = BNLSTM(9, 24, batch_first=True, norm=norm, dtype=torch.float64)
+        del split_everything[:]
+        m(x)
+        assert split_everything[0][:2] == (TWO, rowsplit), (norm, split_everything)
+        m.eval()
+        del split_everything[:]
+        m(x)
+        assert split_everything[0][:2] == (TWO, True)
+    torch_threads(1)
+    del split_everything[:]
+    BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(x)
+    assert split_everything[0][0] == 1
+
+
+def test_small_layers_stay_on_one_thread(torch_threads):
+    torch_threads(TWO)
+    spec = R._FusedSpec()
+    spec.B, spec.H, spec.P, spec.G = 6, 5, 5, 20
+    spec.sites = (R._Site(np.full(3, rk.BATCH, np.int8)), R._Site(np.zeros(3, np.int8)), R._Site(np.zeros(3, np.int8)))
+    assert R._split(spec, np.float64)[0] == 1  # far below _PARALLEL_FROM
+    spec.B, spec.H, spec.P, spec.G = 64, 128, 128, 512
+    assert R._split(spec, np.float32)[0] == TWO
+
+
+@needs_two
+def test_the_launch_runs_on_the_requested_threads_and_puts_numba_back(monkeypatch, torch_threads):
+    seen = []
+    par = rk._forward_par
+
+    class Spy:
+        def __call__(self, nt, *args):
+            seen.append((nt, numba.get_num_threads()))
+            return par(nt, *args)
+
+    monkeypatch.setattr(rk, "_forward_par", Spy())
+    monkeypatch.setattr(R, "_PARALLEL_FROM", 0)
+    torch_threads(TWO)
+    before = numba.get_num_threads()
+    BNLSTM(9, 24, batch_first=True, norm="per_timestep")(torch.randn(8, 4, 9))
+    assert seen and all(s == (TWO, TWO) for s in seen)
+    assert numba.get_num_threads() == before
+
+
+def _fused_in_child(threads):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = BNLSTM(9, 20, 2, batch_first=True, norm="per_timestep", dtype=torch.float64)
+    out = _run(m, torch.randn(9, 7, 9, dtype=torch.float64), LENGTHS)
+    return {k: v.numpy().copy() for k, v in out.items()}, cpu._serial_only, os.getpid()
+
+
+@needs_two
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_forked_child_runs_the_fused_layers_on_the_serial_twins(monkeypatch, torch_threads):
+    monkeypatch.setattr(R, "_PARALLEL_FROM", 0)  # inherited by the fork
+    want, serial, _ = _fused_in_child(TWO)  # the parent, on numba's pool (started)
+    assert not serial and numba.np.ufunc.parallel._is_initialized
+    with mp.get_context("fork").Pool(1) as pool:
+        got, serial, pid = pool.apply_async(_fused_in_child, (1,)).get(240)
+    assert pid != os.getpid()
+    if numba.threading_layer() == "omp":
+        assert serial
+    for k in want:  # split by units: the one-thread bits
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+# --- per-step gradient norms ----------------------------------------------------------------------
+
+def _reference_norms(m, x, lengths=None):
+    """||dL/dh_t|| from the reference loop's recorded states (autograd.grad on each of them)."""
+    ref = copy.deepcopy(m)
+    ref.record_hidden = True
+    out = ref(x, lengths=lengths)[0]
+    loss = (out ** 2).sum() + out.sum()
+    hs = [h for layer in ref.hidden_states for h in layer]
+    grads = torch.autograd.grad(loss, hs)
+    T = len(ref.hidden_states[0])
+    return torch.stack([g.to(torch.float64).norm() for g in grads]).view(-1, T)
+
+
+@pytest.mark.parametrize("norm", ["none", "vertical", "horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls,kw", [(BNLSTM, {}), (BNLSTM, {"bidirectional": True}), (BNLSTM, {"proj_size": 3}),
+                                    (BNGRU, {"bidirectional": True})], ids=["LSTM", "LSTM-bi", "LSTM-proj", "GRU-bi"])
+def test_recorded_gradient_norms_equal_the_norms_of_the_states_gradients(cls, kw, norm):
+    torch.manual_seed(0)
+    m = cls(9, 6, 2, batch_first=True, norm=norm, dtype=torch.float64, **kw)
+    x = torch.randn(5, 6, 9, dtype=torch.float64)
+    for lengths in (None, torch.tensor([6, 2, 5, 6, 3])):
+        want = _reference_norms(m, x, lengths)
+        for force_loop in (False, True):  # the fused kernel's, and the loop's hooks
+            mm = copy.deepcopy(m)
+            mm.record_grad_norms, mm.force_loop = True, force_loop
+            assert mm._path(x) == ("loop" if force_loop else "fused")
+            out = mm(x, lengths=lengths)[0]
+            assert len(mm.hidden_grad_norms) == want.shape[0] and all(g is None for g in mm.hidden_grad_norms)
+            ((out ** 2).sum() + out.sum()).backward()
+            got = torch.stack(mm.hidden_grad_norms)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_recording_gradient_norms_leaves_the_numbers_alone():
+    torch.manual_seed(0)
+    for norm in ("none", "vertical", "per_timestep"):
+        m = BNLSTM(3, 8, 2, batch_first=True, norm=norm, dtype=torch.float64)
+        x = torch.randn(4, 5, 3, dtype=torch.float64)
+        a = _run(copy.deepcopy(m), x)
+        r = copy.deepcopy(m)
+        r.record_grad_norms = True
+        b = _run(r, x)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-12, msg=k)
+        assert all(g is not None and g.shape == (5,) for g in r.hidden_grad_norms)
