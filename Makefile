@@ -24,7 +24,7 @@ audit: $(STAMP)
 test: $(STAMP)
 	@echo $(WARMUP_MSG)
 	$(PY) -m bnlab.kernels.warmup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 bench: $(STAMP)
 	$(VENV)/bin/bnlab bench

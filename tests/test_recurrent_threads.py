@@ -55,8 +55,9 @@ def _run(m, x, lengths=None):
     ((out * w).sum() + sum((s * s).sum() * (k + 1) for k, s in enumerate(states))).backward()
     res = {"out": out.detach(), "dx": xx.grad}
     res.update({f"state{k}": s.detach() for k, s in enumerate(states)})
-    res.update({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-    res.update({k: v.clone() for k, v in m.state_dict().items()})
+    res.update({"grad " + n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    res.update({"buffer " + k: v.clone() for k, v in m.state_dict().items() if k not in dict(m.named_parameters())})
+    assert any(k.startswith("grad ") for k in res)
     return res
 
 
@@ -83,7 +84,9 @@ def test_two_threads_give_the_one_thread_numbers(cls, kw, norm, dtype, split_eve
                 getattr(mm, mode)()
                 del split_everything[:]
                 res[nt] = _run(mm, x, lengths)
-                assert {s[0] for s in split_everything} == {nt}, split_everything
+                # an LSTM with a projection and batch statistics runs on one thread (recurrent._split)
+                want = 1 if "proj_size" in kw and mode == "train" and norm != "layer" else nt
+                assert {s[0] for s in split_everything} == {want}, split_everything
                 rowsplit = split_everything[0][1]
             one, two = res[1], res[TWO]
             assert one.keys() == two.keys()
@@ -99,6 +102,7 @@ def test_two_threads_give_the_one_thread_numbers(cls, kw, norm, dtype, split_eve
 def _row_summed(name: str) -> bool:
     """Gradients summed over the rows of every step (the gates' biases, the norms' gamma and beta):
     split by rows, each thread sums its own rows and the partial sums are added."""
+    name = name.removeprefix("grad ")
     return name.startswith("bias_") or (name.startswith("norm_") and name.endswith((".weight", ".bias")))
 
 

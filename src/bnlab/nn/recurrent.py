@@ -560,7 +560,9 @@ def _split(spec, dt) -> tuple[int, bool, int]:
     """``(threads, rowsplit, RB)`` of one fused call (:func:`bnlab.nn._recurrent_kernels.forward`): the
     threads :func:`bnlab.kernels.cpu.threads` allows (1 below :data:`_PARALLEL_FROM`); split by units
     when a site has batch statistics (a channel's statistics need every row), else by blocks of
-    ``RB`` rows (no step needs another thread's rows: the threads run the whole loop at once)."""
+    ``RB`` rows (no step needs another thread's rows: the threads run the whole loop at once).
+    An LSTM with ``proj_size`` and batch statistics runs on one thread: its backward split by units
+    races on several (gradients wrong by orders of magnitude, found by the thread tests)."""
     batch = row = False
     for site in spec.sites:
         batch = batch or bool((site.kinds == _rk.BATCH).any())
@@ -570,6 +572,8 @@ def _split(spec, dt) -> tuple[int, bool, int]:
     if nt > 1 and (B * G * P < _PARALLEL_FROM or (batch and row)):
         nt = 1
     if batch:
+        if P != H:  # a projection's backward split by units gives wrong gradients on several threads: one thread
+            return 1, False, B
         vl = _rk.VECTOR_BYTES // np.dtype(dt).itemsize
         return max(1, min(nt, -(-H // vl))), False, B
     nt = min(nt, -(-B // 4))
