@@ -15,6 +15,10 @@ norm; their fused kernels compile on a first direct call), with and without a re
 (and a residual without an activation); of their serial twins only relu's in float32 (a forked
 child compiles the others on its first call of them, a few seconds each, once per cache).
 
+Then, unless ``--plain``: the other activations' fused kernels (silu, gelu) and the recurrent
+layers' whole-sequence kernels (:func:`warm_recurrent`), the latter in a second process at the same
+time (``--jobs``, default 2: numba compiles on one core).
+
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
 any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) takes
 about a minute for the plain kernels and about as much again for the fused ones on the 2-core machines
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -104,11 +109,94 @@ def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:
                     cpu.backward_act(torch.ones_like(y), x, w, b, stats, train, act, res)
 
 
+def warm_activations() -> float:
+    """The fused kernels of the activations ``bnlab.nn.BatchNormAct*`` does not fuse by default (silu,
+    gelu: a first direct call of :func:`bnlab.kernels.cpu.forward_train` with them), both dtypes,
+    with and without a residual, on the pool and as serial twins."""
+    from bnlab.kernels import cpu
+
+    t0 = time.perf_counter()
+    fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]
+    for serial in (False, True):
+        cpu.use_serial_kernels(serial)
+        try:
+            for act in ("silu", "gelu"):
+                for dtype in (torch.float32, torch.float64):
+                    _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
+        finally:
+            cpu.use_serial_kernels(False)
+    return time.perf_counter() - t0
+
+
+def warm_recurrent() -> float:
+    """The recurrent layers' whole-sequence kernels (:mod:`bnlab.nn._recurrent_kernels`): forward,
+    backward and weight gradient on numba's pool and as serial twins, float32 and float64, and the
+    folded vertical norm's kernels; by running small BNLSTM / BNGRU / BNRNN layers (training and
+    eval, equal and variable lengths) once on each thread count."""
+    import bnlab.nn.recurrent as R
+    from bnlab.kernels import cpu
+    from bnlab.nn import BNGRU, BNLSTM, BNRNN
+
+    t0 = time.perf_counter()
+    old_from, old_threads = R._PARALLEL_FROM, torch.get_num_threads()
+    R._PARALLEL_FROM = 0  # split every call, however small
+    lengths = torch.tensor([3, 1, 3, 2])
+    try:
+        for nt in sorted({1, min(2, cpu._MAX_THREADS)}):
+            torch.set_num_threads(nt)
+            for dtype in (torch.float32, torch.float64):
+                for cls, kw in ((BNLSTM, {}), (BNLSTM, {"proj_size": 3}), (BNGRU, {}), (BNRNN, {})):
+                    for norm in ("vertical", "per_timestep", "layer"):
+                        m = cls(3, 8, 1, batch_first=True, norm=norm, dtype=dtype, **kw)
+                        for train in (True, False):
+                            m.train(train)
+                            for lens in (None, lengths):
+                                x = torch.randn(4, 3, 3, dtype=dtype, requires_grad=True)
+                                with warnings.catch_warnings():  # torch: "LSTM with projections ... oneDNN"
+                                    warnings.simplefilter("ignore", UserWarning)
+                                    m(x, lengths=lens)[0].sum().backward()
+    finally:
+        R._PARALLEL_FROM = old_from
+        torch.set_num_threads(old_threads)
+    return time.perf_counter() - t0
+
+
+GROUPS = ("plain", "fused", "activations", "recurrent")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bnlab.kernels.warmup", description=__doc__.splitlines()[0])
-    p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels, not the fused ones")
+    p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels")
+    p.add_argument("--only", choices=("kernels",) + GROUPS[2:], default=None,
+                   help="one group: the batch-norm kernels (plain and relu-fused), the other activations' "
+                        "fused kernels, or the recurrent layers' kernels")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="processes compiling at once (numba compiles on one core; default: %(default)s)")
     a = p.parse_args(argv)
-    print(f"bnlab kernels warm ({warmup(fused=not a.plain):.1f} s)", flush=True)
+    if a.plain:
+        print(f"bnlab kernels warm ({warmup(fused=False):.1f} s)", flush=True)
+        return
+    if a.only is not None:
+        run = {"kernels": warmup, "activations": warm_activations, "recurrent": warm_recurrent}[a.only]
+        print(f"bnlab {a.only} kernels warm ({run():.1f} s)", flush=True)
+        return
+    t0 = time.perf_counter()
+    if a.jobs > 1:  # the recurrent kernels (the longest group) in a second process, at the same time
+        import subprocess
+        import sys
+
+        child = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "recurrent"])
+        try:
+            warmup()
+            warm_activations()
+        finally:
+            if child.wait() != 0:
+                raise SystemExit(f"bnlab.kernels.warmup: the recurrent kernels' process failed (exit {child.returncode})")
+    else:
+        warmup()
+        warm_activations()
+        warm_recurrent()
+    print(f"bnlab kernels warm, every group ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":
