@@ -95,6 +95,8 @@ def _pass(BF, shapes) -> None:
 def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:
     """Every kernel of one activation and dtype: the compiled signature depends on the dtype and on
     whether a residual is given, not on the shape within a layout or on the affine parameters."""
+    # the small shapes plan serial: the pool's kernels are reached by planning every size parallel
+    plans = (cpu.DEFAULT_THRESHOLDS,) if cpu._serial_only else (cpu.DEFAULT_THRESHOLDS, cpu.Thresholds(serial_below=0))
     for shape, fmt in shapes:
         x = torch.randn(shape, dtype=dtype)
         if fmt is not None:
@@ -102,11 +104,12 @@ def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:
         w, b = torch.ones(3, dtype=dtype), torch.zeros(3, dtype=dtype)
         for with_res in residuals:
             res = torch.randn_like(x) if with_res else None
-            y, stats, _ = cpu.forward_train(x, w, b, 1e-5, act=act, residual=res)
-            cpu.forward_eval(x, w, b, stats, act=act, residual=res)
-            if act != "none":
-                for train in (True, False):
-                    cpu.backward_act(torch.ones_like(y), x, w, b, stats, train, act, res)
+            for th in plans:
+                y, stats, _ = cpu.forward_train(x, w, b, 1e-5, act=act, residual=res, thresholds=th)
+                cpu.forward_eval(x, w, b, stats, act=act, residual=res, thresholds=th)
+                if act != "none":
+                    for train in (True, False):
+                        cpu.backward_act(torch.ones_like(y), x, w, b, stats, train, act, res, thresholds=th)
 
 
 def warm_activations() -> float:
@@ -146,7 +149,7 @@ def warm_recurrent() -> float:
             torch.set_num_threads(nt)
             for dtype in (torch.float32, torch.float64):
                 for cls, kw in ((BNLSTM, {}), (BNLSTM, {"proj_size": 3}), (BNGRU, {}), (BNRNN, {})):
-                    for norm in ("vertical", "per_timestep", "layer"):
+                    for norm in ("vertical", "horizontal", "per_timestep", "layer"):  # their sites' array types differ
                         m = cls(3, 8, 1, batch_first=True, norm=norm, dtype=dtype, **kw)
                         for train in (True, False):
                             m.train(train)
