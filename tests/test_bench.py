@@ -48,3 +48,15 @@ def test_bench_quick_models_suite_prints_one_direction_and_writes_json(tmp_path,
     for r in rows:
         assert r["torch_ms"] > 0 and r["bnlab_ms"] > 0
         assert abs(r["ratio"] - r["torch_ms"] / r["bnlab_ms"]) < 1e-9 * r["ratio"]
+
+
+def test_bench_rnn_suite_prints_its_table_as_plain_text(tmp_path, capsys, monkeypatch):
+    import bnlab.bench_rnn as BR
+
+    monkeypatch.setattr(BR, "SHAPES", ({"batch": 8, "steps": 4, "input": 3, "hidden": 8, "layers": 1},))
+    out = tmp_path / "rnn.json"
+    assert cli.main(["bench", "--quick", "--suite", "rnn", "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "[quartiles of the per-round ratios: the noise band]" in printed  # not eaten as rich markup
+    rows = json.loads(out.read_text())["rnn"]["rows"]
+    assert sum(line.count("BNLSTM") for line in printed.splitlines()) == sum(r["norm"] != "torch" for r in rows)

@@ -461,7 +461,7 @@ def _print_report(console, result: dict) -> None:
         try:
             from .bench_rnn import format_table
 
-            console.print(format_table(rnn))
+            console.print(format_table(rnn), markup=False, highlight=False, soft_wrap=True)  # plain text: "[...]" is not markup
         except ImportError:
             pass
     elif isinstance(rnn, dict) and "skipped" in rnn:
