@@ -96,7 +96,9 @@ def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:
     """Every kernel of one activation and dtype: the compiled signature depends on the dtype and on
     whether a residual is given, not on the shape within a layout or on the affine parameters."""
     # the small shapes plan serial: the pool's kernels are reached by planning every size parallel
-    plans = (cpu.DEFAULT_THRESHOLDS,) if cpu._serial_only else (cpu.DEFAULT_THRESHOLDS, cpu.Thresholds(serial_below=0))
+    # (float32 only: a parallel fused kernel takes long to compile, and float64 ones are rare)
+    pool = not cpu._serial_only and dtype == torch.float32
+    plans = (cpu.DEFAULT_THRESHOLDS, cpu.Thresholds(serial_below=0)) if pool else (cpu.DEFAULT_THRESHOLDS,)
     for shape, fmt in shapes:
         x = torch.randn(shape, dtype=dtype)
         if fmt is not None:
@@ -143,34 +145,37 @@ def warm_recurrent() -> float:
     t0 = time.perf_counter()
     old_from, old_threads = R._PARALLEL_FROM, torch.get_num_threads()
     R._PARALLEL_FROM = 0  # split every call, however small
-    lengths = torch.tensor([3, 1, 3, 2])
+    # 9 rows and 40 units: enough for two threads in both splits (by rows: 4 or more rows a thread; by
+    # units: whole vectors of units, 16 float32 or 8 float64 at the widest); fewer run the serial twins
+    lengths = torch.tensor([3, 1, 3, 2, 3, 3, 2, 1, 3])
     try:
         for nt in sorted({1, min(2, cpu._MAX_THREADS)}):
             torch.set_num_threads(nt)
             for dtype in (torch.float32, torch.float64):
                 for cls, kw in ((BNLSTM, {}), (BNLSTM, {"proj_size": 3}), (BNGRU, {}), (BNRNN, {})):
                     for norm in ("vertical", "horizontal", "per_timestep", "layer"):  # their sites' array types differ
-                        m = cls(3, 8, 1, batch_first=True, norm=norm, dtype=dtype, **kw)
+                        m = cls(3, 40, 1, batch_first=True, norm=norm, dtype=dtype, **kw)
                         for train in (True, False):
                             m.train(train)
                             for lens in (None, lengths):
-                                x = torch.randn(4, 3, 3, dtype=dtype, requires_grad=True)
-                                with warnings.catch_warnings():  # torch: "LSTM with projections ... oneDNN"
-                                    warnings.simplefilter("ignore", UserWarning)
-                                    m(x, lengths=lens)[0].sum().backward()
+                                for with_states in (False, True):  # the final states' gradients: given or not
+                                    x = torch.randn(9, 3, 3, dtype=dtype, requires_grad=True)
+                                    with warnings.catch_warnings():  # torch: "LSTM with projections ... oneDNN"
+                                        warnings.simplefilter("ignore", UserWarning)
+                                        out, st = m(x, lengths=lens)
+                                        st = st if isinstance(st, tuple) else (st,)
+                                        loss = out.sum() + (sum(s.sum() for s in st) if with_states else 0)
+                                        loss.backward()
     finally:
         R._PARALLEL_FROM = old_from
         torch.set_num_threads(old_threads)
     return time.perf_counter() - t0
 
 
-GROUPS = ("plain", "fused", "activations", "recurrent")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bnlab.kernels.warmup", description=__doc__.splitlines()[0])
     p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels")
-    p.add_argument("--only", choices=("kernels",) + GROUPS[2:], default=None,
+    p.add_argument("--only", choices=("kernels", "activations", "recurrent"), default=None,
                    help="one group: the batch-norm kernels (plain and relu-fused), the other activations' "
                         "fused kernels, or the recurrent layers' kernels")
     p.add_argument("--jobs", type=int, default=2,
