@@ -28,6 +28,7 @@ here; ``--plain`` stops after the plain kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import warnings
 
@@ -46,11 +47,8 @@ def warmup(fused: bool = True) -> float:
     ]
     assert 8 * 3 * 48 * 48 > cpu.SERIAL_BELOW
     for serial in (False, True):
-        cpu.use_serial_kernels(serial)
-        try:
+        with _serial_kernels(cpu, serial):
             _pass(BF, shapes)
-        finally:
-            cpu.use_serial_kernels(False)
     if fused:
         fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]  # a rows and a columns kernel
         for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: compiled on first direct use)
@@ -58,12 +56,19 @@ def warmup(fused: bool = True) -> float:
                 _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
         for dtype in (torch.float32, torch.float64):  # a residual without an activation: the forwards
             _fused_pass(cpu, fused_shapes, "none", dtype, (True,))
-        cpu.use_serial_kernels(True)
-        try:
+        with _serial_kernels(cpu, True):
             _fused_pass(cpu, fused_shapes, "relu", torch.float32, (False, True))
-        finally:
-            cpu.use_serial_kernels(False)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _serial_kernels(cpu, on: bool):
+    """Every kernel call on the serial twins (``on``) or as planned, back to as planned after."""
+    cpu.use_serial_kernels(on)
+    try:
+        yield
+    finally:
+        cpu.use_serial_kernels(False)
 
 
 def _pass(BF, shapes) -> None:
@@ -123,13 +128,10 @@ def warm_activations() -> float:
     t0 = time.perf_counter()
     fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]
     for serial in (False, True):
-        cpu.use_serial_kernels(serial)
-        try:
+        with _serial_kernels(cpu, serial):
             for act in ("silu", "gelu"):
                 for dtype in (torch.float32, torch.float64):
                     _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
-        finally:
-            cpu.use_serial_kernels(False)
     return time.perf_counter() - t0
 
 
@@ -157,15 +159,11 @@ def warm_recurrent() -> float:
                         m = cls(3, 40, 1, batch_first=True, norm=norm, dtype=dtype, **kw)
                         for train in (True, False):
                             m.train(train)
-                            for lens in (None, lengths):
-                                for with_states in (False, True):  # the final states' gradients: given or not
-                                    x = torch.randn(9, 3, 3, dtype=dtype, requires_grad=True)
-                                    with warnings.catch_warnings():  # torch: "LSTM with projections ... oneDNN"
-                                        warnings.simplefilter("ignore", UserWarning)
-                                        out, st = m(x, lengths=lens)
-                                        st = st if isinstance(st, tuple) else (st,)
-                                        loss = out.sum() + (sum(s.sum() for s in st) if with_states else 0)
-                                        loss.backward()
+                            for lens in (None, lengths):  # (unused final states get zero gradients: one signature)
+                                x = torch.randn(9, 3, 3, dtype=dtype, requires_grad=True)
+                                with warnings.catch_warnings():  # torch: "LSTM with projections ... oneDNN"
+                                    warnings.simplefilter("ignore", UserWarning)
+                                    m(x, lengths=lens)[0].sum().backward()
     finally:
         R._PARALLEL_FROM = old_from
         torch.set_num_threads(old_threads)
