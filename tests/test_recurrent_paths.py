@@ -77,6 +77,34 @@ def test_fast_path_equals_the_reference_loop_in_training_and_eval(cls, norm, lay
         _same(_run(m, x, lengths), _run(ref, x, lengths))
 
 
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
+def test_vertical_with_an_input_that_needs_no_gradient_equals_the_reference_loop(cls, batch_first):
+    # the first layer's centred rows are then a constant (no rows gradient); the layers above read
+    # the layer below in torch's time-major memory: same numbers as the loop, same output layout
+    m, ref = _build(cls, "vertical", True, batch_first=batch_first, layers=3)
+    x = _input(m)
+    for mode in ("train", "eval"):
+        getattr(m, mode)(), getattr(ref, mode)()
+        res = []
+        for mod in (m, ref):
+            for p in mod.parameters():
+                p.grad = None
+            out, st = mod(x)
+            h = st[0] if isinstance(st, tuple) else st
+            (out.pow(2).sum() + h.sum()).backward()
+            res.append((out.detach(), h.detach(), {n: p.grad for n, p in mod.named_parameters()},
+                        {k: v.clone() for k, v in mod.state_dict().items()}))
+        (out_a, h_a, g_a, sd_a), (out_b, h_b, g_b, sd_b) = res
+        assert out_a.shape == out_b.shape == x.shape[:2] + (2 * 5,)
+        torch.testing.assert_close(out_a, out_b)
+        torch.testing.assert_close(h_a, h_b)
+        for n in g_b:
+            torch.testing.assert_close(g_a[n], g_b[n], msg=f"gradient of {n}")
+        for k in sd_b:
+            torch.testing.assert_close(sd_a[k], sd_b[k], msg=f"buffer {k}")
+
+
 @pytest.mark.parametrize("norm", ["vertical", "horizontal", "per_timestep", "layer"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_fast_path_with_a_projection_equals_the_reference_loop(norm, bidirectional):

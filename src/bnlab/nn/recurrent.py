@@ -292,7 +292,7 @@ class _FoldFn(torch.autograd.Function):
             outs += [(s[:, None] * wd).to(w.dtype), shift.to(w.dtype), mean, var]
             saved += [wd, ws, inv, s]
             stats += [mean, var]
-        ctx.mark_non_differentiable(*stats)
+        ctx.mark_non_differentiable(*stats, *([] if ctx.needs_input_grad[1] else [xc]))
         ctx.dirs = len(wgb) // 3
         ctx.has = [(wgb[k + 1] is not None, wgb[k + 2] is not None) for k in range(0, len(wgb), 3)]
         ctx.dtypes = [wgb[k].dtype for k in range(0, len(wgb), 3)]
@@ -332,6 +332,8 @@ class _FoldFn(torch.autograd.Function):
             if has_b and dshift is not None:
                 db = dshift.to(dt)
             result += [dw.to(dt), (dscale * inv).to(dt) if has_g else None, db]
+        if not ctx.needs_input_grad[1]:
+            return (None, None, *result)
         dt = xc.dtype
         dxc = torch.zeros_like(xc) if dxc is None else dxc
         drows = torch.addmm(dxc - dxc.mean(0), xc, ((2.0 / n) * ds_total).to(dt))
@@ -364,7 +366,10 @@ class _FoldCpuFn(torch.autograd.Function):
                                wf.numpy(), shift.numpy(), mean.numpy(), var.numpy(), inv.numpy(), s.numpy())
             outs += [wf, shift, mean, var]
             saved.append((wd, ws, inv.numpy(), s.numpy(), g64, w.dtype, gamma is not None, beta is not None))
-        ctx.mark_non_differentiable(*[o for i, o in enumerate(outs[1:]) if i % 4 >= 2])
+        stats = [o for i, o in enumerate(outs[1:]) if i % 4 >= 2]
+        # rows that need no gradient (a first layer's input): the centred rows are a constant too, so
+        # the recurrent kernel's backward and this one skip their gradient
+        ctx.mark_non_differentiable(*stats, *([] if ctx.needs_input_grad[1] else [xc]))
         ctx.saved = saved
         ctx.save_for_backward(xc)
         return tuple(outs)
@@ -392,6 +397,8 @@ class _FoldCpuFn(torch.autograd.Function):
             dgamma = torch.from_numpy(dscale * inv).to(wdt) if has_g else None
             dbeta = dshift.to(wdt) if has_b and dshift is not None else None
             result += [dw, dgamma, dbeta]
+        if not ctx.needs_input_grad[1]:
+            return (None, None, *result)
         dxc = torch.zeros_like(xc) if dxc is None else dxc.detach().contiguous()
         drows = torch.empty_like(xc)
         _rk.fold_rows_backward(dxc.numpy(), xc.numpy(), M, np.empty((F, F), dtype=_np_dtype(xc.dtype)), drows.numpy())
@@ -1045,9 +1052,14 @@ class _BNRNNBase(_RecurrentCore):
         G = _GATES[self.mode] * self.hidden_size
         perm = _lstm_perm(self.hidden_size, data.device) if self.mode == "LSTM" else None
         x = data
+        bf = self.batch_first
         hns, cns = [], []
         D = self.num_directions
         for l in range(self.num_layers):
+            if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+                # a layer's output in torch's time-major memory, seen batch-first: its rows in that
+                # memory order (the statistics do not depend on the rows' order), no copy
+                x, bf = x.transpose(0, 1), not bf
             rows = x.reshape(-1, x.shape[-1])  # every valid row of every step (uniform or packed)
             rows, folded = _fold_layer([self._norms(l, d)[0] for d in range(D)],
                                        [self._weights(l, d)[0] for d in range(D)], rows, perm, updates)
@@ -1067,13 +1079,15 @@ class _BNRNNBase(_RecurrentCore):
                 hx = [hx, torch.stack(cs)]
             bi = self.bidirectional
             if batch_sizes is None:
-                res = fn(x, hx, params, True, 1, 0.0, self.training, bi, self.batch_first)
+                res = fn(x, hx, params, True, 1, 0.0, self.training, bi, bf)
             else:
                 res = fn(x, batch_sizes, hx, params, True, 1, 0.0, self.training, bi)
             x = self._between_layers(res[0], l)
             hns.append(res[1])
             if self.mode == "LSTM":
                 cns.append(res[2])
+        if x.dim() == 3 and bf != self.batch_first:
+            x = x.transpose(0, 1)
         return x, torch.cat(hns), (torch.cat(cns) if self.mode == "LSTM" else None)
 
     def _site(self, norm, T: int, sizes: np.ndarray, gates: bool) -> _Site:
