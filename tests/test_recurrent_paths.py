@@ -300,15 +300,27 @@ def test_the_fold_of_the_vertical_norm_passes_gradcheck_and_both_implementations
     b0 = torch.randn(8, dtype=DT, requires_grad=True)
     w1 = torch.randn(8, 3, dtype=DT, requires_grad=True)
 
-    def f(fn):  # two directions sharing the rows, the second without gamma and beta
-        def g(r, w0, g0, b0, w1):
-            res = fn.apply(1e-5, r, w0, g0, b0, w1, None, None)
-            return res[0], res[1], res[2], res[5], res[6]
-        return g
+    perm = np.array([0, 1, 2, 3, 6, 7, 4, 5])  # an LSTM's gate order against its norm's (hidden size 2)
+    tperm = torch.from_numpy(perm)
 
-    for fn in (_FoldFn, _FoldCpuFn):  # torch ops (other devices), compiled (CPU)
-        assert torch.autograd.gradcheck(f(fn), (rows, w0, g0, b0, w1))
-    a = _FoldCpuFn.apply(1e-5, rows, w0, g0, b0, w1, None, None)
-    b = _FoldFn.apply(1e-5, rows, w0, g0, b0, w1, None, None)
-    for u, v in zip(a, b):
-        torch.testing.assert_close(u, v)
+    def folds(r, w0, g0, b0, w1, cpu, p=None):
+        """(xc, W'_0, shift_0, W'_1, shift_1) and the statistics; two directions sharing the rows, the
+        second without gamma and beta."""
+        if cpu:
+            sink = []
+            res = _FoldCpuFn.apply(1e-5, p, sink, r, w0, g0, b0, w1, None, None)
+            return res, [torch.from_numpy(a) for st in sink for a in st]
+        gp, bp = (g0, b0) if p is None else (g0[tperm], b0[tperm])
+        res = _FoldFn.apply(1e-5, r, w0, gp, bp, w1, None, None)
+        stats = [res[3], res[4], res[7], res[8]]
+        if p is not None:  # the statistics in the norm's order (perm is its own inverse)
+            stats = [s[tperm] for s in stats]
+        return (res[0], res[1], res[2], res[5], res[6]), stats
+
+    for cpu in (False, True):  # torch ops (other devices), compiled (CPU)
+        for p in (None, perm):
+            assert torch.autograd.gradcheck(lambda *a: folds(*a, cpu=cpu, p=p)[0], (rows, w0, g0, b0, w1))
+    for p in (None, perm):
+        (a, sa), (b, sb) = folds(rows, w0, g0, b0, w1, True, p), folds(rows, w0, g0, b0, w1, False, p)
+        for u, v in zip(list(a) + sa, list(b) + sb):
+            torch.testing.assert_close(u, v)

@@ -343,33 +343,43 @@ class _FoldFn(torch.autograd.Function):
 class _FoldCpuFn(torch.autograd.Function):
     """:class:`_FoldFn` on CPU float32/float64, its forward and backward in compiled code
     (:func:`bnlab.nn._recurrent_kernels.fold_direction` and friends): the same formulas, a few
-    kernel calls instead of some forty small torch ops per layer."""
+    kernel calls instead of some forty small torch ops per layer.
+
+    ``apply(eps, perm, sink, rows, w_0, gamma_0, beta_0, ...)``: gamma and beta in the norm's own
+    channel order, ``perm`` (an int ndarray or None) the rows of W in that order (the LSTM's gate
+    order differs from the norm's), applied here rather than as autograd index ops. Returns ``(xc,
+    W'_0, shift_0, ...)``; the statistics of W x (float64 ndarrays, the norm's order) go to the list
+    ``sink`` as ``(mean, var)`` per direction: not outputs, so they cost no autograd bookkeeping."""
 
     @staticmethod
-    def forward(ctx, eps, rows, *wgb):
+    def forward(ctx, eps, perm, sink, rows, *wgb):
         dt = rows.dtype
         n, F = rows.shape
         r = rows.detach().contiguous()
-        mu, sigma = np.empty(F), np.empty((F, F))
-        mu_r, xc = torch.empty(F, dtype=dt), torch.empty_like(r)
-        _rk.moments(r.numpy(), mu, mu_r.numpy(), sigma, xc.numpy(), np.empty((n, F)))
+        mu, sigma, mu_r = np.empty(F), np.empty((F, F)), np.empty(F, _np_dtype(dt))
+        xc = torch.empty_like(r)
+        _rk.moments(r.numpy(), mu, mu_r, sigma, xc.numpy(), np.empty((n, F)))
         outs, saved = [xc], []
         for k in range(0, len(wgb), 3):
             w, gamma, beta = wgb[k:k + 3]
             G = w.shape[0]
             g64 = np.ones(G) if gamma is None else _np(gamma)
             b64 = np.zeros(G) if beta is None else _np(beta)
+            if perm is not None:
+                g64, b64 = g64[perm], b64[perm]
             wd, ws = np.empty((G, F)), np.empty((G, F))
             wf, shift = torch.empty(G, F, dtype=w.dtype), torch.empty(G, dtype=w.dtype)
-            mean, var, inv, s = (torch.empty(G, dtype=torch.float64) for _ in range(4))
-            _rk.fold_direction(w.detach().contiguous().numpy(), g64, b64, eps, sigma, mu, mu_r.numpy(), wd, ws,
-                               wf.numpy(), shift.numpy(), mean.numpy(), var.numpy(), inv.numpy(), s.numpy())
-            outs += [wf, shift, mean, var]
-            saved.append((wd, ws, inv.numpy(), s.numpy(), g64, w.dtype, gamma is not None, beta is not None))
-        stats = [o for i, o in enumerate(outs[1:]) if i % 4 >= 2]
-        # rows that need no gradient (a first layer's input): the centred rows are a constant too, so
-        # the recurrent kernel's backward and this one skip their gradient
-        ctx.mark_non_differentiable(*stats, *([] if ctx.needs_input_grad[1] else [xc]))
+            st = np.empty((4, G))  # mean, var, invstd and scale of W x, in W's row order
+            _rk.fold_direction(w.detach().contiguous().numpy(), g64, b64, eps, sigma, mu, mu_r, wd, ws,
+                               wf.numpy(), shift.numpy(), st[0], st[1], st[2], st[3])
+            outs += [wf, shift]
+            sink.append((st[0], st[1]) if perm is None else (_unpermute(st[0], perm), _unpermute(st[1], perm)))
+            saved.append((wd, ws, st[2], st[3], g64, w.dtype, gamma is not None, beta is not None))
+        if not ctx.needs_input_grad[3]:
+            # rows that need no gradient (a first layer's input): the centred rows are a constant
+            # too, so the recurrent kernel's backward and this one skip their gradient
+            ctx.mark_non_differentiable(xc)
+        ctx.perm = perm
         ctx.saved = saved
         ctx.save_for_backward(xc)
         return tuple(outs)
@@ -384,25 +394,40 @@ class _FoldCpuFn(torch.autograd.Function):
             )
         (xc,) = ctx.saved_tensors
         n, F = xc.shape
+        need_rows = ctx.needs_input_grad[3]
+        perm = ctx.perm
         M = np.zeros((F, F))
         result = []
         for d, (wd, ws, inv, s, g64, wdt, has_g, has_b) in enumerate(ctx.saved):
-            dwf, dshift = grads[4 * d], grads[4 * d + 1]
+            dwf, dshift = grads[2 * d], grads[2 * d + 1]
             G = wd.shape[0]
             dw = torch.zeros(G, F, dtype=wdt)
             dscale = np.zeros(G)
             if dwf is not None:
                 _rk.fold_direction_backward(dwf.detach().contiguous().numpy(), wd, ws, inv, s, g64, dw.numpy(),
                                             dscale, np.empty((G, F)), M)
-            dgamma = torch.from_numpy(dscale * inv).to(wdt) if has_g else None
-            dbeta = dshift.to(wdt) if has_b and dshift is not None else None
+            dgamma = dbeta = None
+            if has_g:
+                dgamma = torch.from_numpy(_unpermute(dscale * inv, perm)).to(wdt)
+            if has_b and dshift is not None:
+                dbeta = dshift.detach().to(wdt) if perm is None else \
+                    torch.from_numpy(_unpermute(dshift.detach().numpy(), perm)).to(wdt)
             result += [dw, dgamma, dbeta]
-        if not ctx.needs_input_grad[1]:
-            return (None, None, *result)
+        if not need_rows:
+            return (None, None, None, None, *result)
         dxc = torch.zeros_like(xc) if dxc is None else dxc.detach().contiguous()
         drows = torch.empty_like(xc)
         _rk.fold_rows_backward(dxc.numpy(), xc.numpy(), M, np.empty((F, F), dtype=_np_dtype(xc.dtype)), drows.numpy())
-        return (None, drows, *result)
+        return (None, None, None, drows, *result)
+
+
+def _unpermute(a: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+    """``a`` in W's row order back in the norm's channel order (``out[perm] = a``)."""
+    if perm is None:
+        return a
+    out = np.empty_like(a)
+    out[perm] = a
+    return out
 
 
 def _np_dtype(dt: torch.dtype):
@@ -434,11 +459,21 @@ def _fold_layer(norms, weights, rows: Tensor, perm: Tensor | None, updates: list
     out = []
     training = norms[0].training and n >= 2
     if training and F <= 1.5 * G:  # statistics from the input's covariance
+        cpu = rows.is_cpu and rows.dtype in _FUSED_DTYPES and all(w.is_cpu and w.dtype == rows.dtype for w in weights)
+        if cpu:
+            args, sink = [], []
+            for norm, w in zip(norms, weights):
+                args += [w, norm.weight, norm.bias]
+            res = _FoldCpuFn.apply(norms[0].eps, None if perm is None else perm.numpy(), sink, rows, *args)
+            for d, norm in enumerate(norms):
+                mean, var = sink[d]
+                updates.append(StatsUpdate(norm, [0], torch.from_numpy(mean)[None], torch.from_numpy(var)[None], [n]))
+                out.append((res[1 + 2 * d], res[2 + 2 * d]))
+            return res[0], out
         args = []
         for norm, w in zip(norms, weights):
             args += [w, *affine(norm)]
-        cpu = rows.is_cpu and rows.dtype in _FUSED_DTYPES and all(w.is_cpu and w.dtype == rows.dtype for w in weights)
-        res = (_FoldCpuFn if cpu else _FoldFn).apply(norms[0].eps, rows, *args)
+        res = _FoldFn.apply(norms[0].eps, rows, *args)
         for d, norm in enumerate(norms):
             wf, shift, mean, var = res[1 + 4 * d:5 + 4 * d]
             record(norm, mean, var)
@@ -961,13 +996,14 @@ class _BNRNNBase(_RecurrentCore):
             out, hn, cn = self._torch_forward(data, batch_sizes, h0, c0, B)
         else:
             updates: list = []
-            with collect_stats(self, updates):
-                if path == "fold":
-                    out, hn, cn = self._fold_forward(data, batch_sizes, h0, c0, B, updates)
-                elif path == "fused":
-                    out, hn, cn = self._fused_forward(data, batch_sizes, h0, c0, B, T, updates)
-                else:
-                    out, hn, cn = self._loop_forward(data, batch_sizes, h0, c0, B, T)
+            if path == "fold":  # the fold records its statistics itself: no norm module runs a forward
+                out, hn, cn = self._fold_forward(data, batch_sizes, h0, c0, B, updates)
+            else:
+                with collect_stats(self, updates):
+                    if path == "fused":
+                        out, hn, cn = self._fused_forward(data, batch_sizes, h0, c0, B, T, updates)
+                    else:
+                        out, hn, cn = self._loop_forward(data, batch_sizes, h0, c0, B, T)
             commit_stats(updates, self.nonfinite, name, self._labels() if updates else None)
 
         if sorted_idx is not None:
