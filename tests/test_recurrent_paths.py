@@ -324,3 +324,23 @@ def test_the_fold_of_the_vertical_norm_passes_gradcheck_and_both_implementations
         (a, sa), (b, sb) = folds(rows, w0, g0, b0, w1, True, p), folds(rows, w0, g0, b0, w1, False, p)
         for u, v in zip(list(a) + sa, list(b) + sb):
             torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("norm", ["none", "vertical", "horizontal"])
+def test_a_parametrized_weight_is_read_through_its_parametrization(norm):
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    m, _ = _build(BNLSTM, norm, layers=1)
+    x = _input(m)
+    ref = m(x)[0].detach()
+    parametrize.register_parametrization(m, "weight_hh_l0", Double())
+    with torch.no_grad():
+        m.parametrizations.weight_hh_l0.original.mul_(0.5)  # 2 * (w / 2): the same weight
+    out = m(x)[0]
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert m.parametrizations.weight_hh_l0.original.grad is not None

@@ -152,6 +152,16 @@ def _perm_cached(hidden_size: int, device) -> Tensor:
     return torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]).to(device)
 
 
+@functools.lru_cache(maxsize=256)
+def _member_names(kind: str, l: int, d: int) -> tuple[str, ...]:
+    """The attribute names of layer l, direction d: its weights (w_ih, w_hh, b_ih, b_hh, w_hr) or its
+    norms (ih, hh, c)."""
+    s = f"l{l}" + ("_reverse" if d else "")
+    if kind == "weight":
+        return (f"weight_ih_{s}", f"weight_hh_{s}", f"bias_ih_{s}", f"bias_hh_{s}", f"weight_hr_{s}")
+    return (f"norm_ih_{s}", f"norm_hh_{s}", f"norm_c_{s}")
+
+
 def _lstm_perm(hidden_size: int, device=None) -> Tensor:
     """Row order (i, f, o, g) from torch's (i, f, g, o); its own inverse (cached: do not modify)."""
     return _perm_cached(hidden_size, torch.device(device) if device is not None else torch.device("cpu"))
@@ -894,13 +904,20 @@ class _BNRNNBase(_RecurrentCore):
 
     def _weights(self, l: int, d: int = 0):
         """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of layer l, direction d (None where absent)."""
-        s = self._sfx(l, d)
-        return (getattr(self, f"weight_ih_{s}"), getattr(self, f"weight_hh_{s}"), getattr(self, f"bias_ih_{s}", None),
-                getattr(self, f"bias_hh_{s}", None), getattr(self, f"weight_hr_{s}", None))
+        return tuple(self._member(n) for n in _member_names("weight", l, d))
 
     def _norms(self, l: int, d: int = 0):
-        s = self._sfx(l, d)
-        return tuple(getattr(self, f"norm_{k}_{s}", None) for k in ("ih", "hh", "c"))
+        return tuple(self._member(n) for n in _member_names("norm", l, d))
+
+    def _member(self, name: str):
+        """A parameter or submodule by name, None where the layer has none (a dict lookup in the common
+        case: ``getattr`` on a Module name it lacks raises and catches an AttributeError inside)."""
+        v = self._parameters.get(name)
+        if v is None:
+            v = self._modules.get(name)
+        if v is None and (name in self.__dict__ or hasattr(type(self), name)):  # a parametrization's property
+            v = getattr(self, name)
+        return v
 
     def _flat_weights(self) -> list[Tensor]:
         """torch's flat weight order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
