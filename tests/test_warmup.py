@@ -3,14 +3,15 @@ process's settings as they were."""
 
 import torch
 
+import bnlab.nn._projection as PR
 import bnlab.nn.recurrent as R
 from bnlab.kernels import cpu, warmup
 
 
-def test_recurrent_group_restores_the_thread_count_and_the_split_threshold():
-    before = (R._PARALLEL_FROM, torch.get_num_threads())
+def test_recurrent_group_restores_the_thread_count_and_the_split_thresholds():
+    before = (R._PARALLEL_FROM, PR._PARALLEL_FROM, torch.get_num_threads())
     assert warmup.warm_recurrent() >= 0
-    assert (R._PARALLEL_FROM, torch.get_num_threads()) == before
+    assert (R._PARALLEL_FROM, PR._PARALLEL_FROM, torch.get_num_threads()) == before
 
 
 def test_activations_group_leaves_the_serial_switch_off():

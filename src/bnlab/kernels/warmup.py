@@ -140,13 +140,14 @@ def warm_recurrent() -> float:
     backward and weight gradient on numba's pool and as serial twins, float32 and float64, and the
     folded vertical norm's kernels; by running small BNLSTM / BNGRU / BNRNN layers (training and
     eval, equal and variable lengths) once on each thread count."""
+    import bnlab.nn._projection as PR
     import bnlab.nn.recurrent as R
     from bnlab.kernels import cpu
     from bnlab.nn import BNGRU, BNLSTM, BNRNN
 
     t0 = time.perf_counter()
-    old_from, old_threads = R._PARALLEL_FROM, torch.get_num_threads()
-    R._PARALLEL_FROM = 0  # split every call, however small
+    old_from, old_proj, old_threads = R._PARALLEL_FROM, PR._PARALLEL_FROM, torch.get_num_threads()
+    R._PARALLEL_FROM = PR._PARALLEL_FROM = 0  # split every call (and the input projection), however small
     # 9 rows and 40 units: enough for two threads in both splits (by rows: 4 or more rows a thread; by
     # units: whole vectors of units, 16 float32 or 8 float64 at the widest); fewer run the serial twins
     lengths = torch.tensor([3, 1, 3, 2, 3, 3, 2, 1, 3])
@@ -165,7 +166,7 @@ def warm_recurrent() -> float:
                                     warnings.simplefilter("ignore", UserWarning)
                                     m(x, lengths=lens)[0].sum().backward()
     finally:
-        R._PARALLEL_FROM = old_from
+        R._PARALLEL_FROM, PR._PARALLEL_FROM = old_from, old_proj
         torch.set_num_threads(old_threads)
     return time.perf_counter() - t0
 

@@ -86,6 +86,7 @@ from .. import kernels as _kernels
 from ..kernels import cpu as _cpu
 from .. import reference as _ref
 from . import _recurrent_kernels as _rk
+from ._projection import project as _project
 from .masked import SequenceBatchNorm, StatsUpdate, collect_stats, commit_stats
 
 __all__ = ["BNLSTM", "BNGRU", "BNRNN", "BNLSTMCell", "BNGRUCell", "BNRNNCell", "NORM_MODES"]
@@ -1192,12 +1193,12 @@ class _BNRNNBase(_RecurrentCore):
                 else:
                     bias = b_ih + b_hh if b_ih is not None else None
                 if vertical_in:
-                    xp = torch.matmul(x, w_ih.t())
+                    xp = _project(x, w_ih)
                     xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates,
                                       f"{name} norm_ih_{self._sfx(l, d)}").view(xp.shape)
                     sx, gx, bx = _Site(np.zeros(T, np.int8)), None, None
                 else:
-                    xp = torch.matmul(x, w_ih.t())
+                    xp = _project(x, w_ih)
                     sx = self._site(nih, T, bs, True)
                     gx = None if nih is None or nih.weight is None else (nih.weight[gperm] if gperm is not None
                                                                         else nih.weight)

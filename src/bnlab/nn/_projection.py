@@ -1,0 +1,113 @@
+"""The input projection of the fused recurrent layers, ``X W^T`` over the rows of every step, on
+the recurrent kernels' matrix product (:func:`bnlab.nn._recurrent_kernels.gemm`).
+
+The fused layers (``norm`` horizontal, per_timestep, layer; vertical for the GRU, the Elman RNN and
+variable lengths) project the input of all steps in one product before the time loop. In torch
+ops that is ``torch.matmul`` forward and two more products backward (the input's and the
+weight's gradients), all BLAS; on the AMD machines this project is measured on, torch's BLAS runs
+them on its AVX2 path, at less than half the speed of the micro-kernel the time loop uses (see
+:mod:`bnlab.nn._recurrent_kernels`). Here the three products run on that micro-kernel, the rows
+(or the weight's rows) split over the kernels' threads (:func:`bnlab.kernels.cpu.threads`);
+every element is one fused multiply-add chain over k in order, so the bits do not depend on the
+split. Kept in a module of its own: numba's cache of the recurrent kernels is keyed by their file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import prange
+from torch import Tensor
+
+from ..kernels import cpu as _cpu
+from . import _recurrent_kernels as _rk
+
+#: multiply-adds of a product from which it is split over threads (below: the calling thread)
+_PARALLEL_FROM = 1 << 20
+
+
+def _rows_product_loop(nt, A, B, C):
+    """``C = A @ B`` (``(M, K) x (K, N)``, C-contiguous), the rows of C split over ``nt`` threads."""
+    M, K = A.shape
+    N = B.shape[1]
+    for th in prange(nt):
+        r0 = M * th // nt
+        r1 = M * (th + 1) // nt
+        if r1 > r0:
+            _rk.gemm(A, r0 * K, False, B, 0, C, r0 * N, r1 - r0, N, K, False)
+
+
+_rows_product_par, _rows_product_serial = _rk._twins(_rows_product_loop)
+
+
+def _threads(m: int, n: int, k: int) -> int:
+    return _cpu.threads() if m * n * k >= _PARALLEL_FROM else 1
+
+
+def rows_product(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> None:
+    """``C = A @ B`` on the micro-kernel (2-D C-contiguous arrays of one dtype)."""
+    M, K = A.shape
+    N = B.shape[1]
+    _rk._launch(_rows_product_par, _rows_product_serial, min(_threads(M, N, K), max(1, M // 4)), (A, B, C))
+
+
+def weight_product(D: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
+    """``out = D^T X`` (the weight gradient of ``Y = X W^T`` from ``D = dY``)."""
+    N, G = D.shape
+    F = X.shape[1]
+    _rk.weight_grad(D, X, out, min(_threads(N, G, F), max(1, G // 4)))
+
+
+def supported(x: Tensor, w: Tensor) -> bool:
+    """Whether :class:`Projection` serves ``x @ w.T``: CPU float32/float64, one dtype, rows of
+    at least one feature."""
+    return (x.is_cpu and w.is_cpu and x.dtype in (torch.float32, torch.float64) and w.dtype == x.dtype
+            and x.shape[-1] > 0 and w.shape[0] > 0)
+
+
+class Projection(torch.autograd.Function):
+    """``x @ w.T`` for ``x`` ``(..., F)`` and ``w`` ``(G, F)``, forward and backward on the
+    micro-kernel: ``dx = dy w``, ``dw = dy^T x``; a backward that is itself to be differentiated
+    (``create_graph=True``) runs in torch ops."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        F = x.shape[-1]
+        G = w.shape[0]
+        rows = x.detach().reshape(-1, F).contiguous()
+        out = torch.empty(rows.shape[0], G, dtype=x.dtype)
+        if rows.shape[0]:
+            rows_product(rows.numpy(), w.detach().t().contiguous().numpy(), out.numpy())
+        ctx.save_for_backward(x, w)
+        ctx.rows = rows
+        return out.view(*x.shape[:-1], G)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w = ctx.saved_tensors
+        G, F = w.shape
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # a graph of the backward: differentiable torch ops
+            d = dy.reshape(-1, G)
+            return ((d @ w).view(x.shape) if need_x else None,
+                    (d.t() @ x.reshape(-1, F)) if need_w else None)
+        rows = ctx.rows
+        d = dy.detach().reshape(-1, G).contiguous()
+        dx = dw = None
+        if need_x:
+            dx = torch.empty(rows.shape[0], F, dtype=rows.dtype)
+            if rows.shape[0]:
+                rows_product(d.numpy(), w.detach().contiguous().numpy(), dx.numpy())
+            dx = dx.view(x.shape)
+        if need_w:
+            dw = torch.zeros(G, F, dtype=w.dtype)
+            if rows.shape[0]:
+                weight_product(d.numpy(), rows.numpy(), dw.numpy())
+        return dx, dw
+
+
+def project(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T``: :class:`Projection` on CPU float32/float64, else ``torch.matmul``."""
+    if supported(x, w):
+        return Projection.apply(x, w)
+    return torch.matmul(x, w.t())
