@@ -1118,19 +1118,17 @@ class _BNRNNBase(_RecurrentCore):
             rows, folded = _fold_layer([self._norms(l, d)[0] for d in range(D)],
                                        [self._weights(l, d)[0] for d in range(D)], rows, perm, updates)
             x = rows.view(x.shape)  # the centred rows in training
-            params, hs, cs = [], [], []
+            params = []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
                 w_f, shift = folded[d]
                 b_f = shift if b_ih is None else b_ih + shift
                 b_hh = torch.zeros_like(b_f) if b_hh is None else b_hh
                 params += [w_f, w_hh, b_f, b_hh] + ([w_hr] if w_hr is not None else [])
-                h, c = self._initial(h0, c0, l, d, B, data)
-                hs.append(h)
-                cs.append(c)
-            hx = torch.stack(hs)
+            # the layer's initial states, both directions: (D, B, *) slices of h0 / c0, or zeros
+            hx = h0[l * D:(l + 1) * D] if h0 is not None else data.new_zeros(D, B, self.proj_size or self.hidden_size)
             if self.mode == "LSTM":
-                hx = [hx, torch.stack(cs)]
+                hx = [hx, c0[l * D:(l + 1) * D] if c0 is not None else data.new_zeros(D, B, self.hidden_size)]
             bi = self.bidirectional
             if batch_sizes is None:
                 res = fn(x, hx, params, True, 1, 0.0, self.training, bi, bf)
