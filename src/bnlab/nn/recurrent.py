@@ -59,12 +59,15 @@ Speed (CPU float32/float64; the paths are tested against each other):
   diag(W Sigma W^T); from W x itself when the input is wider than 1.5 times the gates), and the
   fold has a hand-derived backward (:class:`_FoldFn`; compiled on CPU), so the gradient is batch
   norm's own. Its float32 gradient is as accurate as torch's batch norm (the projections of
-  batch norm's backward are applied after torch's float32 matmul, not before).
+  batch norm's backward are applied after torch's float32 matmul, not before). A layer above the
+  first reads the output below in torch's time-major memory (the statistics do not depend on the
+  rows' order: no copy), and a first layer whose input needs no gradient skips the rows' gradient.
 * ``"horizontal"``, ``"per_timestep"``, ``"layer"``: one compiled call per layer and direction
   runs the whole time loop (:mod:`bnlab.nn._recurrent_kernels`: the recurrent matmul in a
   register-blocked micro-kernel, the norms, the gates; backward through time hand-derived), inside
-  one autograd node. The input projection of all steps is one matmul before it (horizontal: its
-  batch norm over every row of every step one call of bnlab's kernels).
+  one autograd node. The input projection of all steps is one product before it, on the same
+  micro-kernel (:mod:`bnlab.nn._projection`; horizontal: its batch norm over every row of every
+  step one call of bnlab's kernels).
 * ``force_loop=True``, ``record_hidden``, forward-mode AD / ``torch.func``, other devices and dtypes:
   the reference time loop in torch ops (per-step :class:`bnlab.nn.SequenceBatchNorm` and
   LayerNorm modules), which autograd differentiates in every mode.
