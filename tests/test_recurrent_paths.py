@@ -344,3 +344,21 @@ def test_a_parametrized_weight_is_read_through_its_parametrization(norm):
     torch.testing.assert_close(out, ref)
     out.sum().backward()
     assert m.parametrizations.weight_hh_l0.original.grad is not None
+
+
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
+def test_the_fused_layers_fold_a_narrow_inputs_norm_and_normalize_a_wide_ones_projection(cls, monkeypatch):
+    # horizontal: layer 0 (3 inputs, 4 * 3 < G) folds its input norm into W_ih; layer 1 (5 inputs, bidirectional:
+    # 10, 4 * 10 >= G) normalizes the projection; both equal the loop in training and eval
+    import bnlab.nn.recurrent as R
+
+    calls = []
+    fold = R._fold_layer
+    monkeypatch.setattr(R, "_fold_layer", lambda *a: calls.append(a[2].shape[-1]) or fold(*a))
+    m, ref = _build(cls, "horizontal", True)
+    x = _input(m)
+    for mode in ("train", "eval"):
+        getattr(m, mode)(), getattr(ref, mode)()
+        calls.clear()
+        _same(_run(m, x), _run(ref, x))
+        assert calls == [3]

@@ -66,8 +66,10 @@ Speed (CPU float32/float64; the paths are tested against each other):
   runs the whole time loop (:mod:`bnlab.nn._recurrent_kernels`: the recurrent matmul in a
   register-blocked micro-kernel, the norms, the gates; backward through time hand-derived), inside
   one autograd node. The input projection of all steps is one product before it, on the same
-  micro-kernel (:mod:`bnlab.nn._projection`; horizontal: its batch norm over every row of every
-  step one call of bnlab's kernels).
+  micro-kernel (:mod:`bnlab.nn._projection`). Horizontal's input norm (and vertical's on this
+  path) is folded into W_ih as vertical's is (:class:`_FoldCpuFn`) when the input is narrow
+  (features < gates / 4: its covariance costs less than passes over the projection), else it is
+  one call of bnlab's batch-norm kernels over every row of every step of the projection.
 * ``force_loop=True``, ``record_hidden``, forward-mode AD / ``torch.func``, other devices and dtypes:
   the reference time loop in torch ops (per-step :class:`bnlab.nn.SequenceBatchNorm` and
   LayerNorm modules), which autograd differentiates in every mode.
@@ -1184,16 +1186,30 @@ class _BNRNNBase(_RecurrentCore):
         name = type(self).__name__
         # one batch norm over every row, before the loop (norm="vertical" comes here with record_grad_norms)
         vertical_in = self.norm in ("horizontal", "vertical")
+        D = self.num_directions
         for l in range(self.num_layers):
             outs = []
-            for d in range(self.num_directions):
+            folded = None
+            if vertical_in and x.shape[-1] * 4 < G:
+                # a narrow input: the input norm folded into W_ih (its statistics from the input's
+                # covariance, as norm="vertical" does for torch's kernel), so no pass over the
+                # projection's N x G values forward or backward
+                xc, folded = _fold_layer([self._norms(l, d)[0] for d in range(D)],
+                                         [self._weights(l, d)[0] for d in range(D)],
+                                         x.reshape(-1, x.shape[-1]), gperm, updates)
+                xin = xc.view(x.shape)
+            for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
                 nih, nhh, nc = self._norms(l, d)
                 if mode == "GRU":
                     bias = b_ih
                 else:
                     bias = b_ih + b_hh if b_ih is not None else None
-                if vertical_in:
+                if folded is not None:
+                    w_f, shift = folded[d]
+                    xp = _project(xin, w_f) + (shift if bias is None else shift + bias)
+                    sx, gx, bx = _Site(np.zeros(T, np.int8)), None, None
+                elif vertical_in:
                     xp = _project(x, w_ih)
                     xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates,
                                       f"{name} norm_ih_{self._sfx(l, d)}").view(xp.shape)
