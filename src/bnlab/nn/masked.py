@@ -31,8 +31,7 @@ from torch.nn import Module, Parameter
 
 from .. import kernels
 from .. import reference as ref
-from ..policy import (_LIMIT, NonFiniteBatchError, _write_running, bad_channels, bessel, check_nonfinite_option, ema_factor,
-                      raise_bad_batch, update_buffers)
+from ..policy import _LIMIT, NonFiniteBatchError, bad_channels, bessel, check_nonfinite_option, raise_bad_batch, update_buffers
 from .batchnorm import _NormBase
 
 __all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "StatsUpdate", "commit_stats", "collect_stats"]
@@ -319,12 +318,9 @@ def commit_stats(updates: list[StatsUpdate], nonfinite: str, name: str, labels: 
             "update."
         )
     for u in updates:
-        if not u.norm._write_checked(u):
+        if not u.norm._write_checked(u, nonfinite, name):
             u.norm.write_stats(u, nonfinite, name)
     return True
-
-
-_FAST = (torch.float32, torch.float64)
 
 
 class collect_stats:
@@ -549,24 +545,17 @@ class SequenceBatchNorm(Module):
                                         w, b, self.eps)
         return y.view(B, T, C)
 
-    def _write_checked(self, update: StatsUpdate) -> bool:
-        """:meth:`write_stats` for the common case, statistics already checked finite
-        (:func:`commit_stats`): one batch into shared CPU float buffers, written by the compiled update
-        (:func:`bnlab.policy.update_buffers`'s arithmetic). Returns False, having written nothing, where
-        the case is another (or a channel would overflow the buffers): :meth:`write_stats` then does it."""
-        rm, rv, nbt = self.running_mean, self.running_var, self.num_batches_tracked
-        if (self._population is not None or self.per_step or len(update.counts) != 1 or update.counts[0] < 1
-                or not (rm.is_cpu and rv.is_cpu and rm.dtype in _FAST and rv.dtype == rm.dtype)
-                or not update.mean.is_cpu):
+    def _write_checked(self, update: StatsUpdate, nonfinite: str, name: str) -> bool:
+        """:meth:`write_stats` for the common case, one batch into shared CPU buffers, its statistics
+        already checked finite by :func:`commit_stats` (so :func:`bnlab.policy.update_buffers` skips
+        that scan), without the grad-mode switch and the device moves. False where the case is
+        another: :meth:`write_stats` then does it."""
+        rm = self.running_mean
+        if self._population is not None or self.per_step or len(update.counts) != 1 or not (
+                rm.is_cpu and update.mean.is_cpu):
             return False
-        mean, var = update.mean.numpy()[0], update.var.numpy()[0]
-        count = update.counts[0]
-        nb = nbt.numpy()  # (1,) int64, shared by every step
-        factor = ema_factor(self.momentum, None if self.momentum is not None else int(nb[0]) + 1)
-        rm0, rv0 = rm.numpy()[0], rv.numpy()[0]
-        if _write_running(rm0, rv0, True, True, mean, var, float(count), factor, _LIMIT[rm.dtype]):
-            return False  # an overflowing channel: write_stats raises or skips as the policy says
-        nb[0] += 1
+        update_buffers(rm[0], self.running_var[0], self.num_batches_tracked[0], update.mean[0], update.var[0],
+                       update.counts[0], self.momentum, nonfinite, name, 0)
         return True
 
     @torch.no_grad()
