@@ -15,6 +15,10 @@ norm; their fused kernels compile on a first direct call), with and without a re
 (and a residual without an activation); of their serial twins only relu's in float32 (a forked
 child compiles the others on its first call of them, a few seconds each, once per cache).
 
+Then the small-call path's C++ extension (:mod:`bnlab.kernels.fast`, about 30 s of one core with a
+C++ compiler, in a process of its own beside the others): built once per source, torch and Python
+version; without a compiler it is skipped with a note and the numba kernels serve every call.
+
 Then, unless ``--plain``: the other activations' fused kernels (silu, gelu) and the recurrent
 layers' whole-sequence kernels (:func:`warm_recurrent`), the latter in a second process at the same
 time (``--jobs``, default 2: numba compiles on one core).
@@ -171,20 +175,42 @@ def warm_recurrent() -> float:
     return time.perf_counter() - t0
 
 
+def warm_fast() -> float:
+    """Build (or load) the C++ extension of the small-call path; a failed build is reported and
+    leaves the numba kernels serving every call."""
+    import os
+
+    from bnlab.kernels import fast
+
+    t0 = time.perf_counter()
+    if os.environ.get("BNLAB_FAST", "1") == "0":
+        print("bnlab: BNLAB_FAST=0, the small-call extension is not built", flush=True)
+        return 0.0
+    try:
+        fast.build()
+    except Exception as e:  # no compiler, no headers: the library runs without the extension
+        lines = str(e).strip().splitlines()
+        print(f"bnlab: the small-call C++ extension did not build ({type(e).__name__}: "
+              f"{lines[-1] if lines else ''}); every batch norm runs on the numba kernels", flush=True)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bnlab.kernels.warmup", description=__doc__.splitlines()[0])
     p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels")
-    p.add_argument("--only", choices=("kernels", "activations", "recurrent"), default=None,
+    p.add_argument("--only", choices=("kernels", "activations", "recurrent", "fast"), default=None,
                    help="one group: the batch-norm kernels (plain and relu-fused), the other activations' "
-                        "fused kernels, or the recurrent layers' kernels")
+                        "fused kernels, the recurrent layers' kernels, or the small-call C++ extension")
     p.add_argument("--jobs", type=int, default=2,
                    help="processes compiling at once (numba compiles on one core; default: %(default)s)")
     a = p.parse_args(argv)
     if a.plain:
+        warm_fast()
         print(f"bnlab kernels warm ({warmup(fused=False):.1f} s)", flush=True)
         return
     if a.only is not None:
-        run = {"kernels": warmup, "activations": warm_activations, "recurrent": warm_recurrent}[a.only]
+        run = {"kernels": warmup, "activations": warm_activations, "recurrent": warm_recurrent,
+               "fast": warm_fast}[a.only]
         print(f"bnlab {a.only} kernels warm ({run():.1f} s)", flush=True)
         return
     t0 = time.perf_counter()
@@ -193,13 +219,16 @@ def main(argv=None) -> None:
         import sys
 
         child = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "recurrent"])
+        ext = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "fast"])
         try:
             warmup()
             warm_activations()
         finally:
+            ext.wait()  # a failed build has said so and is not fatal
             if child.wait() != 0:
                 raise SystemExit(f"bnlab.kernels.warmup: the recurrent kernels' process failed (exit {child.returncode})")
     else:
+        warm_fast()
         warmup()
         warm_activations()
         warm_recurrent()

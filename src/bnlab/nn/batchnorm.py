@@ -30,6 +30,7 @@ from torch.nn.modules import batchnorm as _tbn
 
 from .. import functional as BF
 from .. import kernels
+from ..kernels import fast as _fast
 from .. import reference as ref
 from ..policy import (
     NonFiniteBatchError,
@@ -47,6 +48,12 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
 ]
+
+# the small-call path serves inputs up to this many elements; larger ones go to the numba kernels,
+# which stream memory faster (bnlab.kernels.fast)
+_FAST_MAX = 1 << 17
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
 
 # torch's base of every batch/instance norm: parameters, buffers, reset, state-dict versioning
 _NormBase = _tbn._NormBase
@@ -229,7 +236,48 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         return s
 
     def forward(self, input: Tensor) -> Tensor:
+        fx = _fast.ext
+        if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
+                and input.numel() <= _FAST_MAX):
+            y = self._fast_forward(fx, input)
+            if y is not None:
+                return y
         return self._forward(input, "none", None)
+
+    def _fast_forward(self, fx, input: Tensor) -> Tensor | None:
+        """The small-call path (:mod:`bnlab.kernels.fast`): the whole layer as one C++ call, or None
+        for a call it does not serve (then :meth:`_forward` serves it, and raises any error)."""
+        if kernels.needs_reference():
+            return None
+        self._check_input_dim(input)
+        if self.training:
+            if self.accumulate != 1 or self._pending is not None:
+                return None
+            if self.track_running_stats:
+                running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
+                momentum = self.momentum
+                r = fx.train(input, self.weight, self.bias, running_mean, running_var, nbt,
+                             -1.0 if momentum is None else momentum, self.eps)
+            else:
+                r = fx.train(input, self.weight, self.bias, None, None, None, 0.0, self.eps)
+            if r is None:
+                return None
+            y, stats, status = r
+            if status:  # a non-finite batch (or one that would overflow the buffers): nothing was written
+                kernels.commit_running_stats(running_mean, running_var, nbt, stats, input.shape[0], self.momentum,
+                                             self.nonfinite, type(self).__name__)
+            return y
+        running_mean, running_var = self.running_mean, self.running_var
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            return None
+        if running_mean is None:
+            if running_var is not None:
+                return None
+            r = fx.train(input, weight, bias, None, None, None, 0.0, self.eps)  # no buffers: batch statistics
+            return None if r is None else r[0]
+        return fx.eval(input, weight, bias, running_mean, running_var, self.eps)
 
     def _forward(self, input: Tensor, act: str, residual: Tensor | None) -> Tensor:
         """The forward, followed by ``+ residual`` and ``act`` (fused by the kernels:

@@ -1,0 +1,461 @@
+// bnlab's small-call path: batch norm on CPU float32/float64 as one C++ call and a C++ autograd
+// node (bnlab.kernels.fast). Same math as the numba kernels (bnlab.kernels.cols / rows): the
+// statistics from float64 sums of ``x - shift`` (shift: each channel's first value), the output
+// and the gradients formed in float64 and rounded once, the running update in float64 with the
+// non-finite policy's check before any buffer is written.
+//
+// Every entry point returns None for a call it does not serve (a layout, dtype, shape or buffer it
+// does not take); the Python caller then takes the general path, which also raises the errors.
+//
+// Training forward, per channel c over the M = N * S values x_i:
+//   shift = x_0, d_i = x_i - shift, s1 = sum d_i, s2 = sum d_i^2           (float64)
+//   mean = shift + s1 / M, var = max(s2 / M - (s1 / M)^2, 0), invstd = 1 / sqrt(var + eps)
+//   y_i = (x_i - mean) * (invstd * w) + b
+// Backward (training), with xhat_i = (x_i - mean) * invstd:
+//   db = sum dy_i, dw = invstd * sum dy_i (x_i - mean)
+//   dx_i = k ((dy_i - db / M) - (x_i - mean) kx),  k = invstd * w,  kx = invstd^2 sum dy_i (x_i - mean) / M
+// (the derivative of y through mean and var: the term in db / M from d mean, the term in kx from
+// d var). When a graph of the backward is asked for (create_graph=True) the backward runs the same
+// formula in differentiable ATen ops with the statistics recomputed from x.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this one thread (a parallel region costs more)
+
+template <typename T>
+double limit_of() {
+  return static_cast<double>(std::numeric_limits<T>::max());
+}
+
+bool is_vec(const Tensor& t, int64_t c, at::ScalarType dt) {
+  return !t.defined() || (t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.numel() == c &&
+                          t.is_contiguous() && !t.requires_grad());
+}
+
+bool is_param(const Tensor& t, int64_t c, at::ScalarType dt) {
+  return !t.defined() || (t.device().is_cpu() && t.scalar_type() == dt && t.dim() == 1 && t.numel() == c &&
+                          t.is_contiguous());
+}
+
+// (M, C) sums of x - shift and its square, float64, channels [c0, c1)
+template <typename T>
+__attribute__((noinline)) void cols_sums(const T* __restrict__ x, int64_t m, int64_t c, int64_t c0, int64_t c1,
+                                         const double* __restrict__ shift, double* __restrict__ s1,
+                                         double* __restrict__ s2) {
+  // four rows a step (one accumulator update per four values)
+  for (int64_t j = c0; j < c1; ++j) {
+    s1[j] = 0.0;
+    s2[j] = 0.0;
+  }
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const T* r0 = x + i * c;
+    const T* r1 = r0 + c;
+    const T* r2 = r1 + c;
+    const T* r3 = r2 + c;
+    for (int64_t j = c0; j < c1; ++j) {
+      const double k = shift[j];
+      double d0 = static_cast<double>(r0[j]) - k, d1 = static_cast<double>(r1[j]) - k;
+      double d2 = static_cast<double>(r2[j]) - k, d3 = static_cast<double>(r3[j]) - k;
+      s1[j] += (d0 + d1) + (d2 + d3);
+      s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; i < m; ++i) {
+    const T* row = x + i * c;
+    for (int64_t j = c0; j < c1; ++j) {
+      double d = static_cast<double>(row[j]) - shift[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  }
+}
+
+template <typename T>
+__attribute__((noinline)) void cols_affine(const T* __restrict__ x, T* __restrict__ y, int64_t m, int64_t c, int64_t c0, int64_t c1, const double* __restrict__ mean,
+                 const double* __restrict__ scale, const double* __restrict__ beta) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* row = x + i * c;
+    T* out = y + i * c;
+    for (int64_t j = c0; j < c1; ++j) {
+      out[j] = static_cast<T>((static_cast<double>(row[j]) - mean[j]) * scale[j] + beta[j]);
+    }
+  }
+}
+
+// per-(n, c) runs of S values (the NC* layout, contiguous)
+template <typename T>
+__attribute__((noinline)) void rows_affine(const T* __restrict__ x, T* __restrict__ y, int64_t n, int64_t c, int64_t s, int64_t r0, int64_t r1, const double* __restrict__ mean,
+                 const double* __restrict__ scale, const double* __restrict__ beta) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t j = r % c;
+    const double mu = mean[j], sc = scale[j], be = beta[j];
+    const T* in = x + r * s;
+    T* out = y + r * s;
+    #pragma GCC ivdep
+    for (int64_t q = 0; q < s; ++q) out[q] = static_cast<T>((static_cast<double>(in[q]) - mu) * sc + be);
+  }
+}
+
+template <typename T>
+__attribute__((noinline)) void cols_grad_sums(const T* __restrict__ x, const T* __restrict__ dy, int64_t m, int64_t c,
+                                              int64_t c0, int64_t c1, const double* __restrict__ mean,
+                                              double* __restrict__ s1, double* __restrict__ s2) {
+  for (int64_t j = c0; j < c1; ++j) {
+    s1[j] = 0.0;
+    s2[j] = 0.0;
+  }
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const T* x0 = x + i * c;
+    const T* g0 = dy + i * c;
+    for (int64_t j = c0; j < c1; ++j) {
+      const double mu = mean[j];
+      double g_0 = static_cast<double>(g0[j]), g_1 = static_cast<double>(g0[c + j]);
+      double g_2 = static_cast<double>(g0[2 * c + j]), g_3 = static_cast<double>(g0[3 * c + j]);
+      s1[j] += (g_0 + g_1) + (g_2 + g_3);
+      s2[j] += (g_0 * (static_cast<double>(x0[j]) - mu) + g_1 * (static_cast<double>(x0[c + j]) - mu)) +
+               (g_2 * (static_cast<double>(x0[2 * c + j]) - mu) + g_3 * (static_cast<double>(x0[3 * c + j]) - mu));
+    }
+  }
+  for (; i < m; ++i) {
+    const T* row = x + i * c;
+    const T* g = dy + i * c;
+    for (int64_t j = c0; j < c1; ++j) {
+      double gv = static_cast<double>(g[j]);
+      s1[j] += gv;
+      s2[j] += gv * (static_cast<double>(row[j]) - mean[j]);
+    }
+  }
+}
+
+template <typename T>
+__attribute__((noinline)) void cols_dx(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t m, int64_t c, int64_t c0, int64_t c1, const double* __restrict__ mean,
+             const double* __restrict__ k, const double* __restrict__ mdy, const double* __restrict__ kx) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* row = x + i * c;
+    const T* g = dy + i * c;
+    T* out = dx + i * c;
+    for (int64_t j = c0; j < c1; ++j) {
+      out[j] = static_cast<T>(k[j] * ((static_cast<double>(g[j]) - mdy[j]) -
+                                      (static_cast<double>(row[j]) - mean[j]) * kx[j]));
+    }
+  }
+}
+
+// the row blocks of an (M, C) tensor: one per thread (one when the tensor is small), so that a
+// thread reads one contiguous range of memory; per-block sums are added in block order
+int64_t row_blocks(int64_t m, int64_t c) {
+  if (m * c < kSerialBelow) return 1;
+  int64_t nt = at::get_num_threads();
+  int64_t most = m / 16;  // at least 16 rows a block
+  return std::max<int64_t>(1, std::min(nt, most));
+}
+
+// run f(blk, r0, r1) over nb row blocks
+template <typename F>
+void over_rows(int64_t m, int64_t nb, F f) {
+  if (nb == 1) {
+    f(0, 0, m);
+    return;
+  }
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) f(blk, blk * m / nb, (blk + 1) * m / nb);
+  });
+}
+
+// channel totals of per-block sums part (nb, 2, C), the blocks in order
+void fold_blocks(const std::vector<double>& part, int64_t nb, int64_t c, double* s1, double* s2) {
+  for (int64_t j = 0; j < c; ++j) {
+    double a = 0.0, b = 0.0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      a += part[(blk * 2) * c + j];
+      b += part[(blk * 2 + 1) * c + j];
+    }
+    s1[j] = a;
+    s2[j] = b;
+  }
+}
+
+struct Stats {
+  Tensor t;  // float64 (3, C): mean, biased variance, invstd
+  int64_t nbad = 0;
+};
+
+template <typename T>
+Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
+  const int64_t m = x.size(0), c = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  Stats st;
+  st.t = torch::empty({3, c}, torch::dtype(torch::kFloat64));
+  double* mean = st.t.mutable_data_ptr<double>();
+  double* var = mean + c;
+  double* invstd = var + c;
+  std::vector<double> buf(5 * c);
+  double *shift = buf.data(), *s1 = shift + c, *s2 = s1 + c, *scale = s2 + c, *beta = scale + c;
+  for (int64_t j = 0; j < c; ++j) shift[j] = static_cast<double>(xp[j]);
+  const int64_t nb = row_blocks(m, c);
+  std::vector<double> part(nb * 2 * c);
+  over_rows(m, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
+    cols_sums<T>(xp + r0 * c, r1 - r0, c, 0, c, shift, part.data() + blk * 2 * c, part.data() + (blk * 2 + 1) * c);
+  });
+  fold_blocks(part, nb, c, s1, s2);
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  const double md = static_cast<double>(m);
+  for (int64_t j = 0; j < c; ++j) {
+    double d = s1[j] / md;
+    double v = s2[j] / md - d * d;
+    if (v < 0.0) v = 0.0;
+    mean[j] = shift[j] + d;
+    var[j] = v;
+    invstd[j] = 1.0 / std::sqrt(v + eps);
+    if (!(std::isfinite(mean[j]) && std::isfinite(v))) ++st.nbad;
+    scale[j] = invstd[j] * (wp ? static_cast<double>(wp[j]) : 1.0);
+    beta[j] = bp ? static_cast<double>(bp[j]) : 0.0;
+  }
+  over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
+    cols_affine<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
+  });
+  return st;
+}
+
+// the running update of bnlab.policy.update_buffers for a clean batch (float64, rounded once);
+// returns false (nothing written) when a channel is non-finite or would overflow the buffers
+template <typename T>
+bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tensor& rv, const Tensor& nbt,
+                   double momentum) {
+  if (st.nbad) return false;
+  const int64_t c = st.t.size(1);
+  const double* mean = st.t.const_data_ptr<double>();
+  const double* var = mean + c;
+  const double corr = count > 1 ? static_cast<double>(count) / (static_cast<double>(count) - 1.0) : 1.0;
+  const double limit = limit_of<T>();
+  for (int64_t j = 0; j < c; ++j) {
+    if (!(var[j] * corr <= limit) || !(std::abs(mean[j]) <= limit)) return false;
+  }
+  double factor = momentum;
+  if (momentum < 0.0) {  // momentum=None: the cumulative average, 1 / batches counting this one
+    factor = 1.0 / static_cast<double>(nbt.item<int64_t>() + 1);
+  }
+  T* rmp = rm.mutable_data_ptr<T>();
+  T* rvp = rv.mutable_data_ptr<T>();
+  for (int64_t j = 0; j < c; ++j) {
+    rmp[j] = static_cast<T>((1.0 - factor) * static_cast<double>(rmp[j]) + factor * mean[j]);
+    rvp[j] = static_cast<T>((1.0 - factor) * static_cast<double>(rvp[j]) + factor * (var[j] * corr));
+  }
+  if (nbt.defined()) nbt.add_(1);
+  return true;
+}
+
+Stats train_stats_and_output(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
+  if (x.scalar_type() == at::kFloat) return forward_train_cols<float>(x, w, b, eps, y);
+  return forward_train_cols<double>(x, w, b, eps, y);
+}
+
+template <typename T>
+void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, bool need_dx,
+                   Tensor& dx, Tensor& dw, Tensor& db) {
+  const int64_t m = x.size(0), c = x.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = dy.const_data_ptr<T>();
+  const double* mean = stats.const_data_ptr<double>();
+  const double* invstd = mean + 2 * c;
+  std::vector<double> buf(5 * c);
+  double *s1 = buf.data(), *s2 = s1 + c, *k = s2 + c, *mdy = k + c, *kx = mdy + c;
+  const int64_t nb = row_blocks(m, c);
+  std::vector<double> part(nb * 2 * c);
+  over_rows(m, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
+    cols_grad_sums<T>(xp + r0 * c, gp + r0 * c, r1 - r0, c, 0, c, mean, part.data() + blk * 2 * c,
+                      part.data() + (blk * 2 + 1) * c);
+  });
+  fold_blocks(part, nb, c, s1, s2);
+  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+  T* dwp = dw.defined() ? dw.mutable_data_ptr<T>() : nullptr;
+  T* dbp = db.defined() ? db.mutable_data_ptr<T>() : nullptr;
+  const double md = static_cast<double>(m);
+  for (int64_t j = 0; j < c; ++j) {
+    if (dbp) dbp[j] = static_cast<T>(s1[j]);
+    if (dwp) dwp[j] = static_cast<T>(s2[j] * invstd[j]);
+    k[j] = invstd[j] * (wp ? static_cast<double>(wp[j]) : 1.0);
+    mdy[j] = s1[j] / md;
+    kx[j] = invstd[j] * invstd[j] * s2[j] / md;
+  }
+  if (!need_dx) return;
+  T* dxp = dx.mutable_data_ptr<T>();
+  over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
+    cols_dx<T>(xp + r0 * c, gp + r0 * c, dxp + r0 * c, r1 - r0, c, 0, c, mean, k, mdy, kx);
+  });
+}
+
+// the training backward in differentiable ATen ops (create_graph=True): statistics from x
+variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, double eps) {
+  auto xd = x.to(at::kDouble);
+  auto mean = xd.mean(0, true);
+  auto var = (xd - mean).pow(2).mean(0, true);
+  auto invstd = (var + eps).rsqrt();
+  auto xhat = (xd - mean) * invstd;
+  auto g = dy.to(at::kDouble);
+  auto db = g.sum(0);
+  auto dw = (g * xhat).sum(0);
+  auto k = w.defined() ? invstd * w.to(at::kDouble) : invstd;
+  auto dx = k * (g - g.mean(0, true) - xhat * (g * xhat).mean(0, true));
+  return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(x.scalar_type())};
+}
+
+struct TrainFn : public torch::autograd::Function<TrainFn> {
+  // returns (y, stats, status): status 0 = buffers written (or none given), 1 = not written (the
+  // batch is non-finite or would overflow them: the caller applies the policy with ``stats``)
+  // (absent tensors come as empty placeholders: autograd's apply reads the device of every tensor)
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor b, Tensor rm, Tensor rv,
+                               Tensor nbt, double momentum, double eps) {
+    if (!w.numel()) w = Tensor();
+    if (!b.numel()) b = Tensor();
+    if (!rm.numel()) rm = rv = Tensor();
+    if (nbt.dim() != 0) nbt = Tensor();
+    Tensor y = torch::empty_like(x);
+    Stats st = train_stats_and_output(x, w, b, eps, y);
+    bool ok = true;
+    if (rm.defined()) {
+      ok = x.scalar_type() == at::kFloat ? write_running<float>(st, x.size(0), rm, rv, nbt, momentum)
+                                         : write_running<double>(st, x.size(0), rm, rv, nbt, momentum);
+    }
+    ctx->save_for_backward({x, w, st.t});
+    ctx->saved_data["eps"] = eps;
+    Tensor status = torch::full({}, ok ? 0 : 1, torch::dtype(torch::kInt64));
+    ctx->mark_non_differentiable({st.t, status});
+    return {y, st.t, status};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    Tensor x = saved[0], w = saved[1], stats = saved[2];
+    Tensor dy = grads[0];
+    const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = ctx->needs_input_grad(2);
+    variable_list out(8);
+    if (!dy.defined()) return out;
+    if (at::GradMode::is_enabled()) {
+      auto g = graph_backward(dy, x, w, ctx->saved_data["eps"].toDouble());
+      if (nx) out[0] = g[0];
+      if (nw) out[1] = g[1];
+      if (nb) out[2] = g[2];
+      return out;
+    }
+    dy = dy.contiguous();
+    Tensor dx = nx ? torch::empty_like(x) : Tensor();
+    Tensor dw = (nw && w.defined()) ? torch::empty_like(w) : Tensor();
+    Tensor db = nb ? torch::empty({x.size(1)}, x.options()) : Tensor();
+    if (x.scalar_type() == at::kFloat)
+      backward_cols<float>(dy, x, w, stats, nx, dx, dw, db);
+    else
+      backward_cols<double>(dy, x, w, stats, nx, dx, dw, db);
+    out[0] = dx;
+    out[1] = dw;
+    out[2] = db;
+    return out;
+  }
+};
+
+bool servable_2d(const Tensor& x) {
+  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+         x.dim() == 2 && x.is_contiguous() && x.size(0) >= 2 && x.size(1) >= 1 && !x.is_neg() && !x.is_conj() &&
+         x.layout() == at::kStrided;
+}
+
+// training batch norm of a contiguous (M, C) tensor. momentum < 0: the cumulative average
+// (needs num_batches_tracked). Returns (y, stats, status: an int) or None
+py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
+                 const c10::optional<Tensor>& rm_, const c10::optional<Tensor>& rv_,
+                 const c10::optional<Tensor>& nbt_, double momentum, double eps) {
+  if (!servable_2d(x) || !(eps > 0.0)) return py::none();
+  const int64_t c = x.size(1);
+  const auto dt = x.scalar_type();
+  Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
+  Tensor rm = rm_.value_or(Tensor()), rv = rv_.value_or(Tensor()), nbt = nbt_.value_or(Tensor());
+  if (!is_param(w, c, dt) || !is_param(b, c, dt) || !is_vec(rm, c, dt) || !is_vec(rv, c, dt)) return py::none();
+  if (rm.defined() != rv.defined()) return py::none();
+  if (nbt.defined() && !(rm.defined() && nbt.device().is_cpu() && nbt.scalar_type() == at::kLong && nbt.dim() == 0))
+    return py::none();
+  if (momentum < 0.0 && rm.defined() && !nbt.defined()) return py::none();
+  if (rm.defined() && (rm.is_same(rv) || x.is_same(rm))) return py::none();
+  variable_list r;
+  {
+    py::gil_scoped_release nogil;
+    Tensor none = at::empty({0}, x.options());
+    Tensor no_count = at::empty({0}, torch::dtype(torch::kLong));
+    r = TrainFn::apply(x, w.defined() ? w : none, b.defined() ? b : none, rm.defined() ? rm : none,
+                       rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, eps);
+  }
+  return py::make_tuple(r[0], r[1], r[2].item<int64_t>());
+}
+
+// eval forward with the running statistics, no autograd (a caller with grad takes the general
+// path): (M, C) or contiguous (N, C, *) tensors. Returns y or None
+py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
+                const Tensor& rm, const Tensor& rv, double eps) {
+  if (!(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() >= 2 &&
+        x.dim() <= 5 && x.is_contiguous() && x.layout() == at::kStrided && !x.is_neg() && !x.is_conj()) ||
+      !(eps >= 0.0) || x.numel() == 0)
+    return py::none();
+  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
+  const auto dt = x.scalar_type();
+  Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
+  if (!is_param(w, c, dt) || !is_param(b, c, dt) || !rm.defined() || !rv.defined() || !is_vec(rm, c, dt) ||
+      !is_vec(rv, c, dt))
+    return py::none();
+  Tensor y = torch::empty_like(x);
+  {
+    py::gil_scoped_release nogil;
+    std::vector<double> buf(3 * c);
+    double *mean = buf.data(), *scale = mean + c, *beta = scale + c;
+    AT_DISPATCH_FLOATING_TYPES(dt, "bnlab_eval", [&] {
+      const scalar_t* rmp = rm.const_data_ptr<scalar_t>();
+      const scalar_t* rvp = rv.const_data_ptr<scalar_t>();
+      const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+      for (int64_t j = 0; j < c; ++j) {
+        mean[j] = static_cast<double>(rmp[j]);
+        scale[j] = (1.0 / std::sqrt(static_cast<double>(rvp[j]) + eps)) * (wp ? static_cast<double>(wp[j]) : 1.0);
+        beta[j] = bp ? static_cast<double>(bp[j]) : 0.0;
+      }
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      if (s == 1) {
+        over_rows(n, row_blocks(n, c), [&](int64_t, int64_t r0, int64_t r1) {
+          cols_affine<scalar_t>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
+        });
+      } else if (n * c * s < kSerialBelow) {
+        rows_affine<scalar_t>(xp, yp, n, c, s, 0, n * c, mean, scale, beta);
+      } else {
+        int64_t grain = std::max<int64_t>(1, 4096 / s);
+        at::parallel_for(0, n * c, grain, [&](int64_t r0, int64_t r1) {
+          rows_affine<scalar_t>(xp, yp, n, c, s, r0, r1, mean, scale, beta);
+        });
+      }
+    });
+  }
+  return py::cast(y);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bnlab's small-call batch norm (see bnlab.kernels.fast)";
+  m.def("train", &train, "training batch norm of a contiguous (M, C) CPU tensor, or None", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("eps"));
+  m.def("eval", &eval, "eval batch norm of a contiguous CPU tensor without autograd, or None", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"));
+}

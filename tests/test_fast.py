@@ -1,0 +1,203 @@
+"""The small-call path (bnlab.kernels.fast): the C++ extension against the reference math, torch
+and bnlab's numba path, through the modules as users reach it."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import bnlab
+import bnlab.nn.batchnorm as NB
+from bnlab import reference as ref
+from bnlab.functional import NonFiniteBatchError
+from bnlab.kernels import fast
+
+needs_ext = pytest.mark.skipif(fast.ext is None, reason="the small-call extension is not built (no C++ compiler)")
+
+
+def test_the_extension_is_built_where_a_compiler_is():
+    if os.environ.get("BNLAB_FAST", "1") == "0" or shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here (or BNLAB_FAST=0): the numba kernels serve every call")
+    assert fast.ext is not None, "python -m bnlab.kernels.warmup builds it (make setup / make test)"
+
+
+class _Counting:
+    """Stands in for the extension module and counts the calls it serves."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, {"train": 0, "eval": 0}
+
+    def train(self, *a):
+        r = self.ext.train(*a)
+        self.calls["train"] += r is not None
+        return r
+
+    def eval(self, *a):
+        r = self.ext.eval(*a)
+        self.calls["eval"] += r is not None
+        return r
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    c = _Counting(fast.ext)
+    monkeypatch.setattr(fast, "ext", c)
+    return c
+
+
+def _pair(cls, c, dtype, **kw):
+    torch.manual_seed(0)
+    a = cls(c, dtype=dtype, **kw)
+    if a.weight is not None:
+        with torch.no_grad():
+            a.weight.uniform_(0.5, 1.5)
+            a.bias.normal_()
+    b = cls(c, dtype=dtype, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _run(m, x, g, steps=3):
+    outs = []
+    for i in range(steps):
+        xi = (x + i).clone().requires_grad_()
+        y = m(xi)
+        y.backward(g)
+        outs.append((y.detach(), xi.grad))
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    return outs, grads, {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+                         ids=["default", "cumulative", "no-affine", "untracked"])
+@pytest.mark.parametrize("shape", [(64, 24), (5, 3), (300, 130)])
+def test_training_steps_equal_the_numba_path_and_torch(counting, monkeypatch, dtype, kw, shape):
+    x = torch.randn(shape, dtype=dtype) * 3 + 7  # a mean far from 0: the shifted sums matter
+    g = torch.randn(shape, dtype=dtype)
+    fast_m, slow_m = _pair(bnlab.nn.BatchNorm1d, shape[1], dtype, **kw)
+    got = _run(fast_m, x, g)
+    assert counting.calls["train"] == 3
+    monkeypatch.setattr(fast, "ext", None)
+    want = _run(slow_m, x, g)
+    tm = torch.nn.BatchNorm1d(shape[1], dtype=dtype, **kw)
+    tm.load_state_dict(_pair(bnlab.nn.BatchNorm1d, shape[1], dtype, **kw)[0].state_dict())  # the start of both
+    torch_res = _run(tm, x, g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    # torch sums the parameter gradients in float32 (bnlab in float64): up to ~1e-4 apart here
+    torch_tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else tol
+    for other, ptol in ((want, tol), (torch_res, torch_tol)):
+        for (y, dx), (y2, dx2) in zip(got[0], other[0]):
+            torch.testing.assert_close(y, y2, **tol)
+            torch.testing.assert_close(dx, dx2, **tol)
+        for n in got[1]:
+            torch.testing.assert_close(got[1][n], other[1][n], **ptol)
+        for k in got[2]:
+            torch.testing.assert_close(got[2][k], other[2][k], **tol)
+
+
+@needs_ext
+def test_matches_the_reference_math_in_float64():
+    torch.manual_seed(1)
+    x = torch.randn(40, 7, dtype=torch.float64) * 1e3 + 1e6  # a large mean: float64 shifted sums
+    w, b = torch.rand(7, dtype=torch.float64) + 0.5, torch.randn(7, dtype=torch.float64)
+    y, stats, status = fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)
+    mean, var, _ = ref.batch_stats(x)
+    assert status == 0
+    torch.testing.assert_close(stats[0], mean, rtol=1e-15, atol=0)
+    torch.testing.assert_close(stats[1], var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(y, ref.normalize(x, mean, ref.invstd_from_var(var, 1e-5), w, b), rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_gradcheck_and_gradgradcheck_in_float64():
+    torch.manual_seed(2)
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@needs_ext
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_non_finite_batch_leaves_every_buffer_untouched(counting, nonfinite):
+    m = bnlab.nn.BatchNorm1d(4, nonfinite=nonfinite)
+    m(torch.randn(8, 4))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(8, 4)
+    x[3, 1] = float("nan")
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteBatchError, match=r"channel\(s\) \[1\]"):
+            m(x)
+    else:
+        m(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert counting.calls["train"] == 2
+
+
+@needs_ext
+def test_a_batch_that_would_overflow_float32_buffers_is_refused():
+    m = bnlab.nn.BatchNorm1d(2)
+    x = torch.tensor([[3e38, 0.0], [-3e38, 1.0]])  # finite, but the variance exceeds float32's range
+    with pytest.raises(NonFiniteBatchError, match="overflow"):
+        m(x)
+    assert torch.equal(m.running_var, torch.ones(2)) and int(m.num_batches_tracked) == 0
+
+
+@needs_ext
+@pytest.mark.parametrize("shape,cls", [((32, 6), bnlab.nn.BatchNorm1d), ((4, 6, 5), bnlab.nn.BatchNorm1d),
+                                       ((8, 6, 9, 9), bnlab.nn.BatchNorm2d), ((2, 6, 3, 4, 5), bnlab.nn.BatchNorm3d)])
+def test_inference_equals_torch(counting, shape, cls):
+    fast_m, _ = _pair(cls, 6, torch.float32)
+    with torch.no_grad():
+        fast_m.running_mean.normal_()
+        fast_m.running_var.uniform_(0.5, 2.0)
+    tm = getattr(torch.nn, cls.__name__)(6)
+    tm.load_state_dict(fast_m.state_dict())
+    fast_m.eval(), tm.eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_m(x), tm(x), rtol=1e-6, atol=1e-6)
+    assert counting.calls["eval"] == 1
+
+
+@needs_ext
+def test_calls_it_does_not_serve_take_the_general_path_with_the_same_numbers(counting):
+    m = bnlab.nn.BatchNorm1d(6)
+    tm = torch.nn.BatchNorm1d(6)
+    xs = [torch.randn(6, 10).t(),  # not contiguous
+          torch.randn(10, 6, 3)]   # 3-D in training: the rows layout
+    for x in xs:
+        torch.testing.assert_close(m(x), tm(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.running_var, tm.running_var, rtol=1e-6, atol=1e-6)
+    assert counting.calls["train"] == 0
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        m(torch.randn(2, 6, 3, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.randn(1, 6))
+    with pytest.raises(TypeError, match="dtype"):
+        m(torch.randn(8, 6, dtype=torch.float64))
+
+
+@needs_ext
+def test_one_and_two_threads_agree():
+    x = torch.randn(2048, 64)
+    w, b = torch.rand(64), torch.randn(64)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, s1, _ = fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)
+        torch.set_num_threads(2)
+        y2, s2, _ = fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)
+    finally:
+        torch.set_num_threads(prev)
+    torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s1, s2, rtol=1e-13, atol=1e-13)
