@@ -201,3 +201,35 @@ def test_one_and_two_threads_agree():
         torch.set_num_threads(prev)
     torch.testing.assert_close(y1, y2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(s1, s2, rtol=1e-13, atol=1e-13)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_functional_form_takes_it_and_equals_torch(counting, dtype):
+    import bnlab.functional as BF
+
+    torch.manual_seed(3)
+    x = torch.randn(50, 9, dtype=dtype) + 4
+    w, b = torch.rand(9, dtype=dtype) + 0.5, torch.randn(9, dtype=dtype)
+    rm, rv, nbt = torch.zeros(9, dtype=dtype), torch.ones(9, dtype=dtype), torch.tensor(0)
+    trm, trv = rm.clone(), rv.clone()
+    xg, txg = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = BF.batch_norm(xg, rm, rv, w, b, training=True, momentum=0.2, num_batches_tracked=nbt)
+    ty = torch.nn.functional.batch_norm(txg, trm, trv, w, b, training=True, momentum=0.2)
+    g = torch.randn_like(y)
+    y.backward(g), ty.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for a, t in ((y, ty), (xg.grad, txg.grad), (rm, trm), (rv, trv)):
+        torch.testing.assert_close(a, t, **tol)
+    assert int(nbt) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(BF.batch_norm(x, rm, rv, w, b), torch.nn.functional.batch_norm(x, rm, rv, w, b),
+                                   **tol)
+    assert counting.calls == {"train": 1, "eval": 1}
+    # what the general path rejects is still rejected, with its message
+    with pytest.raises(ValueError, match="momentum=None"):
+        BF.batch_norm(x, rm, rv, training=True, momentum=None)
+    with pytest.raises(ValueError, match="eps > 0"):
+        BF.batch_norm(x, rm, rv, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        BF.batch_norm(x, rm, rv, training=True, nonfinite="ignore")

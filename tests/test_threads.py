@@ -8,10 +8,17 @@ import pytest
 import torch
 
 import bnlab.functional as BF
-from bnlab.kernels import cpu
+from bnlab.kernels import cpu, fast
 
 LARGE = (8, 16, 24, 24)  # above cpu.SERIAL_BELOW: the thread pool's size
 SHAPES = [((8, 16, 24, 24), None), ((16, 3, 24, 24), None), ((8, 16, 24, 24), torch.channels_last), ((4096, 24), None)]
+
+
+@pytest.fixture(autouse=True)
+def _numba_kernels_only(monkeypatch):
+    """These tests are about the numba kernels' threads: the small-call path (bnlab.kernels.fast,
+    torch's own intra-op threads; tests/test_fast.py) is switched off here."""
+    monkeypatch.setattr(fast, "ext", None)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .kernels import fast as _fast
 from .policy import NonFiniteBatchError, check_nonfinite_option
 
 __all__ = ["batch_norm", "NonFiniteBatchError", "check_batch_norm_input"]
@@ -19,6 +20,10 @@ __all__ = ["batch_norm", "NonFiniteBatchError", "check_batch_norm_input"]
 _HALF = (torch.float16, torch.bfloat16)
 _ONE_VALUE = "more than 1 value per channel when training"  # in the one-value batch's error (modules extend it)
 _is_tracing = torch._C._is_tracing
+_is_compiling = torch.compiler.is_compiling
+# the small-call path (bnlab.kernels.fast) serves inputs up to this many elements; the numba
+# kernels stream larger ones faster
+_FAST_MAX = 1 << 17
 
 
 def _shape(t: Tensor) -> tuple:
@@ -154,11 +159,42 @@ def batch_norm(
         >>> torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
         True
     """
+    fx = _fast.ext
+    if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
+            and input.numel() <= _FAST_MAX and (nonfinite == "raise" or nonfinite == "skip")
+            and not kernels.needs_reference()):
+        y = _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                             num_batches_tracked, nonfinite, name)
+        if y is not None:
+            return y
     x, weight, bias = _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                   num_batches_tracked, nonfinite, name)
     y = _batch_norm_checked(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
                             nonfinite, name)
     return y if x is input else y.reshape(input.shape)
+
+
+def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                     num_batches_tracked, nonfinite, name):
+    """:func:`batch_norm` on the small-call path (:mod:`bnlab.kernels.fast`), or None for a call it
+    does not serve (the general path then serves it, and raises any error)."""
+    if training:
+        if momentum is None and num_batches_tracked is None:
+            return None  # the general path's error
+        r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                     -1.0 if momentum is None else momentum, eps)
+        if r is None:
+            return None
+        y, stats, status = r
+        if status:  # a non-finite batch (or one that would overflow the buffers): nothing was written
+            kernels.commit_running_stats(running_mean, running_var, num_batches_tracked, stats, input.shape[0],
+                                         momentum, nonfinite, name)
+        return y
+    if running_mean is None or running_var is None or (torch.is_grad_enabled() and (
+            input.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad))):
+        return None
+    return fx.eval(input, weight, bias, running_mean, running_var, eps)
 
 
 def _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,

@@ -25,7 +25,7 @@
 #include <limits>
 #include <vector>
 
-namespace {
+namespace bnlab {
 
 using torch::Tensor;
 using torch::autograd::AutogradContext;
@@ -315,7 +315,7 @@ variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(x.scalar_type())};
 }
 
-struct TrainFn : public torch::autograd::Function<TrainFn> {
+struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: CppNode<bnlab::BatchNorm>
   // returns (y, stats, status): status 0 = buffers written (or none given), 1 = not written (the
   // batch is non-finite or would overflow them: the caller applies the policy with ``stats``)
   // (absent tensors come as empty placeholders: autograd's apply reads the device of every tensor)
@@ -346,7 +346,10 @@ struct TrainFn : public torch::autograd::Function<TrainFn> {
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = ctx->needs_input_grad(2);
     variable_list out(8);
     if (!dy.defined()) return out;
-    if (at::GradMode::is_enabled()) {
+    // a graph of the backward asked for (create_graph=True), or a dy without storage of its own (a
+    // batched tangent of torch.func / jacobian(vectorize=True)): the formula in ATen ops
+    if (at::GradMode::is_enabled() || !dy.has_storage() || dy.layout() != at::kStrided ||
+        dy.scalar_type() != x.scalar_type()) {
       auto g = graph_backward(dy, x, w, ctx->saved_data["eps"].toDouble());
       if (nx) out[0] = g[0];
       if (nw) out[1] = g[1];
@@ -395,7 +398,7 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
     py::gil_scoped_release nogil;
     Tensor none = at::empty({0}, x.options());
     Tensor no_count = at::empty({0}, torch::dtype(torch::kLong));
-    r = TrainFn::apply(x, w.defined() ? w : none, b.defined() ? b : none, rm.defined() ? rm : none,
+    r = BatchNorm::apply(x, w.defined() ? w : none, b.defined() ? b : none, rm.defined() ? rm : none,
                        rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, eps);
   }
   return py::make_tuple(r[0], r[1], r[2].item<int64_t>());
@@ -449,13 +452,13 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
   return py::cast(y);
 }
 
-}  // namespace
+}  // namespace bnlab
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnlab's small-call batch norm (see bnlab.kernels.fast)";
-  m.def("train", &train, "training batch norm of a contiguous (M, C) CPU tensor, or None", py::arg("x"),
+  m.def("train", &bnlab::train, "training batch norm of a contiguous (M, C) CPU tensor, or None", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("eps"));
-  m.def("eval", &eval, "eval batch norm of a contiguous CPU tensor without autograd, or None", py::arg("x"),
+  m.def("eval", &bnlab::eval, "eval batch norm of a contiguous CPU tensor without autograd, or None", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"));
 }

@@ -49,9 +49,7 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
 ]
 
-# the small-call path serves inputs up to this many elements; larger ones go to the numba kernels,
-# which stream memory faster (bnlab.kernels.fast)
-_FAST_MAX = 1 << 17
+_FAST_MAX = BF._FAST_MAX  # the small-call path's largest input (bnlab.kernels.fast)
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing
 
