@@ -233,3 +233,45 @@ def test_the_functional_form_takes_it_and_equals_torch(counting, dtype):
         BF.batch_norm(x, rm, rv, training=True, eps=0.0)
     with pytest.raises(ValueError, match="nonfinite must be"):
         BF.batch_norm(x, rm, rv, training=True, nonfinite="ignore")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_inputs_with_float32_parameters(counting, dtype):
+    """A bfloat16/float16 input with float32 parameters and buffers (what a BatchNorm1d after a
+    Linear sees under CPU autocast): torch's numbers within the input dtype's rounding, float32
+    parameter gradients, and the non-finite guard."""
+    torch.manual_seed(4)
+    m = bnlab.nn.BatchNorm1d(16)
+    tm = torch.nn.BatchNorm1d(16)
+    tm.load_state_dict(m.state_dict())
+    x = (torch.randn(32, 16) * 2 + 3).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, ty = m(xa), tm(xb)
+    assert y.dtype == dtype
+    g = torch.randn_like(y)
+    y.backward(g), ty.backward(g)
+    tol = dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.float(), ty.float(), **tol)
+    torch.testing.assert_close(xa.grad.float(), xb.grad.float(), **tol)
+    assert m.weight.grad.dtype == torch.float32 and m.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(m.weight.grad, tm.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.running_var, tm.running_var, rtol=1e-6, atol=1e-6)
+    assert counting.calls["train"] == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lin = torch.nn.Linear(8, 16)
+        h = lin(torch.randn(32, 8))
+        assert h.dtype == torch.bfloat16
+        m(h)
+    assert counting.calls["train"] == 2
+    before = m.running_mean.clone()
+    bad = x.clone()
+    bad[0, 5] = float("inf")
+    with pytest.raises(NonFiniteBatchError, match=r"channel\(s\) \[5\]"):
+        m(bad)
+    assert torch.equal(m.running_mean, before)
+    tm.load_state_dict(m.state_dict())
+    m.eval(), tm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).float(), tm(x).float(), **tol)
+    assert counting.calls["eval"] == 1

@@ -188,12 +188,33 @@ void fold_blocks(const std::vector<double>& part, int64_t nb, int64_t c, double*
   }
 }
 
+// the input's type T and the parameters' and buffers' type P: float/float, double/double, and float
+// parameters and buffers for a bfloat16 or float16 input (torch's rule for reduced precision)
+bool served_dtype(at::ScalarType xt) {
+  return xt == at::kFloat || xt == at::kDouble || xt == at::kBFloat16 || xt == at::kHalf;
+}
+
+at::ScalarType param_type(at::ScalarType xt) {
+  return (xt == at::kBFloat16 || xt == at::kHalf) ? at::kFloat : xt;
+}
+
+template <typename F>
+void dispatch(at::ScalarType xt, F f) {
+  switch (xt) {
+    case at::kFloat: f(float{}, float{}); break;
+    case at::kDouble: f(double{}, double{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}, float{}); break;
+    case at::kHalf: f(c10::Half{}, float{}); break;
+    default: TORCH_CHECK(false, "bnlab.kernels.fast: unexpected dtype ", xt);
+  }
+}
+
 struct Stats {
   Tensor t;  // float64 (3, C): mean, biased variance, invstd
   int64_t nbad = 0;
 };
 
-template <typename T>
+template <typename T, typename P>
 Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
   const int64_t m = x.size(0), c = x.size(1);
   const T* xp = x.const_data_ptr<T>();
@@ -212,8 +233,8 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
     cols_sums<T>(xp + r0 * c, r1 - r0, c, 0, c, shift, part.data() + blk * 2 * c, part.data() + (blk * 2 + 1) * c);
   });
   fold_blocks(part, nb, c, s1, s2);
-  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
+  const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
   const double md = static_cast<double>(m);
   for (int64_t j = 0; j < c; ++j) {
     double d = s1[j] / md;
@@ -260,12 +281,8 @@ bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tenso
   return true;
 }
 
-Stats train_stats_and_output(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
-  if (x.scalar_type() == at::kFloat) return forward_train_cols<float>(x, w, b, eps, y);
-  return forward_train_cols<double>(x, w, b, eps, y);
-}
 
-template <typename T>
+template <typename T, typename P>
 void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, bool need_dx,
                    Tensor& dx, Tensor& dw, Tensor& db) {
   const int64_t m = x.size(0), c = x.size(1);
@@ -282,13 +299,13 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
                       part.data() + (blk * 2 + 1) * c);
   });
   fold_blocks(part, nb, c, s1, s2);
-  const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-  T* dwp = dw.defined() ? dw.mutable_data_ptr<T>() : nullptr;
-  T* dbp = db.defined() ? db.mutable_data_ptr<T>() : nullptr;
+  const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
+  P* dwp = dw.defined() ? dw.mutable_data_ptr<P>() : nullptr;
+  P* dbp = db.defined() ? db.mutable_data_ptr<P>() : nullptr;
   const double md = static_cast<double>(m);
   for (int64_t j = 0; j < c; ++j) {
-    if (dbp) dbp[j] = static_cast<T>(s1[j]);
-    if (dwp) dwp[j] = static_cast<T>(s2[j] * invstd[j]);
+    if (dbp) dbp[j] = static_cast<P>(s1[j]);
+    if (dwp) dwp[j] = static_cast<P>(s2[j] * invstd[j]);
     k[j] = invstd[j] * (wp ? static_cast<double>(wp[j]) : 1.0);
     mdy[j] = s1[j] / md;
     kx[j] = invstd[j] * invstd[j] * s2[j] / md;
@@ -301,7 +318,7 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
 }
 
 // the training backward in differentiable ATen ops (create_graph=True): statistics from x
-variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, double eps) {
+variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, double eps, at::ScalarType pt) {
   auto xd = x.to(at::kDouble);
   auto mean = xd.mean(0, true);
   auto var = (xd - mean).pow(2).mean(0, true);
@@ -312,7 +329,7 @@ variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   auto dw = (g * xhat).sum(0);
   auto k = w.defined() ? invstd * w.to(at::kDouble) : invstd;
   auto dx = k * (g - g.mean(0, true) - xhat * (g * xhat).mean(0, true));
-  return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(x.scalar_type())};
+  return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(pt)};
 }
 
 struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: CppNode<bnlab::BatchNorm>
@@ -326,12 +343,14 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     if (!rm.numel()) rm = rv = Tensor();
     if (nbt.dim() != 0) nbt = Tensor();
     Tensor y = torch::empty_like(x);
-    Stats st = train_stats_and_output(x, w, b, eps, y);
+    Stats st;
     bool ok = true;
-    if (rm.defined()) {
-      ok = x.scalar_type() == at::kFloat ? write_running<float>(st, x.size(0), rm, rv, nbt, momentum)
-                                         : write_running<double>(st, x.size(0), rm, rv, nbt, momentum);
-    }
+    dispatch(x.scalar_type(), [&](auto t, auto p) {
+      using T = decltype(t);
+      using P = decltype(p);
+      st = forward_train_cols<T, P>(x, w, b, eps, y);
+      if (rm.defined()) ok = write_running<P>(st, x.size(0), rm, rv, nbt, momentum);
+    });
     ctx->save_for_backward({x, w, st.t});
     ctx->saved_data["eps"] = eps;
     Tensor status = torch::full({}, ok ? 0 : 1, torch::dtype(torch::kInt64));
@@ -350,7 +369,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     // batched tangent of torch.func / jacobian(vectorize=True)): the formula in ATen ops
     if (at::GradMode::is_enabled() || !dy.has_storage() || dy.layout() != at::kStrided ||
         dy.scalar_type() != x.scalar_type()) {
-      auto g = graph_backward(dy, x, w, ctx->saved_data["eps"].toDouble());
+      auto g = graph_backward(dy, x, w, ctx->saved_data["eps"].toDouble(), param_type(x.scalar_type()));
       if (nx) out[0] = g[0];
       if (nw) out[1] = g[1];
       if (nb) out[2] = g[2];
@@ -359,11 +378,10 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     dy = dy.contiguous();
     Tensor dx = nx ? torch::empty_like(x) : Tensor();
     Tensor dw = (nw && w.defined()) ? torch::empty_like(w) : Tensor();
-    Tensor db = nb ? torch::empty({x.size(1)}, x.options()) : Tensor();
-    if (x.scalar_type() == at::kFloat)
-      backward_cols<float>(dy, x, w, stats, nx, dx, dw, db);
-    else
-      backward_cols<double>(dy, x, w, stats, nx, dx, dw, db);
+    Tensor db = nb ? torch::empty({x.size(1)}, x.options().dtype(param_type(x.scalar_type()))) : Tensor();
+    dispatch(x.scalar_type(), [&](auto t, auto p) {
+      backward_cols<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
+    });
     out[0] = dx;
     out[1] = dw;
     out[2] = db;
@@ -372,8 +390,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
 };
 
 bool servable_2d(const Tensor& x) {
-  return x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-         x.dim() == 2 && x.is_contiguous() && x.size(0) >= 2 && x.size(1) >= 1 && !x.is_neg() && !x.is_conj() &&
+  return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() == 2 && x.is_contiguous() && x.size(0) >= 2 && x.size(1) >= 1 && !x.is_neg() && !x.is_conj() &&
          x.layout() == at::kStrided;
 }
 
@@ -384,7 +401,7 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
                  const c10::optional<Tensor>& nbt_, double momentum, double eps) {
   if (!servable_2d(x) || !(eps > 0.0)) return py::none();
   const int64_t c = x.size(1);
-  const auto dt = x.scalar_type();
+  const auto dt = param_type(x.scalar_type());
   Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
   Tensor rm = rm_.value_or(Tensor()), rv = rv_.value_or(Tensor()), nbt = nbt_.value_or(Tensor());
   if (!is_param(w, c, dt) || !is_param(b, c, dt) || !is_vec(rm, c, dt) || !is_vec(rv, c, dt)) return py::none();
@@ -396,7 +413,7 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
   variable_list r;
   {
     py::gil_scoped_release nogil;
-    Tensor none = at::empty({0}, x.options());
+    Tensor none = at::empty({0}, x.options().dtype(dt));
     Tensor no_count = at::empty({0}, torch::dtype(torch::kLong));
     r = BatchNorm::apply(x, w.defined() ? w : none, b.defined() ? b : none, rm.defined() ? rm : none,
                        rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, eps);
@@ -408,12 +425,12 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
 // path): (M, C) or contiguous (N, C, *) tensors. Returns y or None
 py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
                 const Tensor& rm, const Tensor& rv, double eps) {
-  if (!(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() >= 2 &&
+  if (!(x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 &&
         x.dim() <= 5 && x.is_contiguous() && x.layout() == at::kStrided && !x.is_neg() && !x.is_conj()) ||
       !(eps >= 0.0) || x.numel() == 0)
     return py::none();
   const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
-  const auto dt = x.scalar_type();
+  const auto dt = param_type(x.scalar_type());
   Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
   if (!is_param(w, c, dt) || !is_param(b, c, dt) || !rm.defined() || !rv.defined() || !is_vec(rm, c, dt) ||
       !is_vec(rv, c, dt))
@@ -423,11 +440,13 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
     py::gil_scoped_release nogil;
     std::vector<double> buf(3 * c);
     double *mean = buf.data(), *scale = mean + c, *beta = scale + c;
-    AT_DISPATCH_FLOATING_TYPES(dt, "bnlab_eval", [&] {
-      const scalar_t* rmp = rm.const_data_ptr<scalar_t>();
-      const scalar_t* rvp = rv.const_data_ptr<scalar_t>();
-      const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    dispatch(x.scalar_type(), [&](auto t, auto p) {
+      using scalar_t = decltype(t);
+      using P = decltype(p);
+      const P* rmp = rm.const_data_ptr<P>();
+      const P* rvp = rv.const_data_ptr<P>();
+      const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
+      const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
       for (int64_t j = 0; j < c; ++j) {
         mean[j] = static_cast<double>(rmp[j]);
         scale[j] = (1.0 / std::sqrt(static_cast<double>(rvp[j]) + eps)) * (wp ? static_cast<double>(wp[j]) : 1.0);
