@@ -21,8 +21,9 @@ _HALF = (torch.float16, torch.bfloat16)
 _ONE_VALUE = "more than 1 value per channel when training"  # in the one-value batch's error (modules extend it)
 _is_tracing = torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
-# the small-call path (bnlab.kernels.fast) serves inputs up to this many elements; the numba
-# kernels stream larger ones faster
+# the small-call path (bnlab.kernels.fast) serves training inputs up to this many elements (the numba
+# kernels stream larger ones faster) and eval inputs of any size (one pass, where the Python around
+# the numba kernels costs more than their speed saves)
 _FAST_MAX = 1 << 17
 
 
@@ -161,7 +162,7 @@ def batch_norm(
     """
     fx = _fast.ext
     if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
-            and input.numel() <= _FAST_MAX and (nonfinite == "raise" or nonfinite == "skip")
+            and (nonfinite == "raise" or nonfinite == "skip")
             and not kernels.needs_reference()):
         y = _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, training, momentum, eps,
                              num_batches_tracked, nonfinite, name)
@@ -179,8 +180,8 @@ def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, trainin
     """:func:`batch_norm` on the small-call path (:mod:`bnlab.kernels.fast`), or None for a call it
     does not serve (the general path then serves it, and raises any error)."""
     if training:
-        if momentum is None and num_batches_tracked is None:
-            return None  # the general path's error
+        if (momentum is None and num_batches_tracked is None) or input.numel() > _FAST_MAX:
+            return None  # the general path's error; or a large input, which the numba kernels stream faster
         r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked,
                      -1.0 if momentum is None else momentum, eps)
         if r is None:

@@ -49,7 +49,7 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
 ]
 
-_FAST_MAX = BF._FAST_MAX  # the small-call path's largest input (bnlab.kernels.fast)
+_FAST_MAX = BF._FAST_MAX  # the small-call path's largest training input (bnlab.kernels.fast)
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing
 
@@ -235,8 +235,7 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         fx = _fast.ext
-        if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
-                and input.numel() <= _FAST_MAX):
+        if fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing():
             y = self._fast_forward(fx, input)
             if y is not None:
                 return y
@@ -249,7 +248,7 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
             return None
         self._check_input_dim(input)
         if self.training:
-            if self.accumulate != 1 or self._pending is not None:
+            if self.accumulate != 1 or self._pending is not None or input.numel() > _FAST_MAX:
                 return None
             if self.track_running_stats:
                 running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
@@ -271,7 +270,7 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
                                         or (bias is not None and bias.requires_grad)):
             return None
         if running_mean is None:
-            if running_var is not None:
+            if running_var is not None or input.numel() > _FAST_MAX:
                 return None
             r = fx.train(input, weight, bias, None, None, None, 0.0, self.eps)  # no buffers: batch statistics
             return None if r is None else r[0]
