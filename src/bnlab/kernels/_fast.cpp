@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -33,9 +34,38 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this one thread (a parallel region costs more)
 
+// loads and stores of the value types: bfloat16 by its bits (so that the loops vectorize), the others
+// by conversion; a store rounds once from float64 (bfloat16: to float, then to nearest even, as torch)
+template <typename T>
+inline double ld(T v) {
+  return static_cast<double>(v);
+}
+
+template <>
+inline double ld<c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return static_cast<double>(f);
+}
+
+template <typename T>
+inline T cvt(double d) {
+  return static_cast<T>(d);
+}
+
+template <>
+inline c10::BFloat16 cvt<c10::BFloat16>(double d) {
+  float f = static_cast<float>(d);
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+
 template <typename T>
 double limit_of() {
-  return static_cast<double>(std::numeric_limits<T>::max());
+  return ld(std::numeric_limits<T>::max());
 }
 
 bool is_vec(const Tensor& t, int64_t c, at::ScalarType dt) {
@@ -66,8 +96,8 @@ __attribute__((noinline)) void cols_sums(const T* __restrict__ x, int64_t m, int
     const T* r3 = r2 + c;
     for (int64_t j = c0; j < c1; ++j) {
       const double k = shift[j];
-      double d0 = static_cast<double>(r0[j]) - k, d1 = static_cast<double>(r1[j]) - k;
-      double d2 = static_cast<double>(r2[j]) - k, d3 = static_cast<double>(r3[j]) - k;
+      double d0 = ld(r0[j]) - k, d1 = ld(r1[j]) - k;
+      double d2 = ld(r2[j]) - k, d3 = ld(r3[j]) - k;
       s1[j] += (d0 + d1) + (d2 + d3);
       s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
     }
@@ -75,7 +105,7 @@ __attribute__((noinline)) void cols_sums(const T* __restrict__ x, int64_t m, int
   for (; i < m; ++i) {
     const T* row = x + i * c;
     for (int64_t j = c0; j < c1; ++j) {
-      double d = static_cast<double>(row[j]) - shift[j];
+      double d = ld(row[j]) - shift[j];
       s1[j] += d;
       s2[j] += d * d;
     }
@@ -89,7 +119,7 @@ __attribute__((noinline)) void cols_affine(const T* __restrict__ x, T* __restric
     const T* row = x + i * c;
     T* out = y + i * c;
     for (int64_t j = c0; j < c1; ++j) {
-      out[j] = static_cast<T>((static_cast<double>(row[j]) - mean[j]) * scale[j] + beta[j]);
+      out[j] = cvt<T>((ld(row[j]) - mean[j]) * scale[j] + beta[j]);
     }
   }
 }
@@ -104,7 +134,7 @@ __attribute__((noinline)) void rows_affine(const T* __restrict__ x, T* __restric
     const T* in = x + r * s;
     T* out = y + r * s;
     #pragma GCC ivdep
-    for (int64_t q = 0; q < s; ++q) out[q] = static_cast<T>((static_cast<double>(in[q]) - mu) * sc + be);
+    for (int64_t q = 0; q < s; ++q) out[q] = cvt<T>((ld(in[q]) - mu) * sc + be);
   }
 }
 
@@ -122,20 +152,20 @@ __attribute__((noinline)) void cols_grad_sums(const T* __restrict__ x, const T* 
     const T* g0 = dy + i * c;
     for (int64_t j = c0; j < c1; ++j) {
       const double mu = mean[j];
-      double g_0 = static_cast<double>(g0[j]), g_1 = static_cast<double>(g0[c + j]);
-      double g_2 = static_cast<double>(g0[2 * c + j]), g_3 = static_cast<double>(g0[3 * c + j]);
+      double g_0 = ld(g0[j]), g_1 = ld(g0[c + j]);
+      double g_2 = ld(g0[2 * c + j]), g_3 = ld(g0[3 * c + j]);
       s1[j] += (g_0 + g_1) + (g_2 + g_3);
-      s2[j] += (g_0 * (static_cast<double>(x0[j]) - mu) + g_1 * (static_cast<double>(x0[c + j]) - mu)) +
-               (g_2 * (static_cast<double>(x0[2 * c + j]) - mu) + g_3 * (static_cast<double>(x0[3 * c + j]) - mu));
+      s2[j] += (g_0 * (ld(x0[j]) - mu) + g_1 * (ld(x0[c + j]) - mu)) +
+               (g_2 * (ld(x0[2 * c + j]) - mu) + g_3 * (ld(x0[3 * c + j]) - mu));
     }
   }
   for (; i < m; ++i) {
     const T* row = x + i * c;
     const T* g = dy + i * c;
     for (int64_t j = c0; j < c1; ++j) {
-      double gv = static_cast<double>(g[j]);
+      double gv = ld(g[j]);
       s1[j] += gv;
-      s2[j] += gv * (static_cast<double>(row[j]) - mean[j]);
+      s2[j] += gv * (ld(row[j]) - mean[j]);
     }
   }
 }
@@ -148,8 +178,8 @@ __attribute__((noinline)) void cols_dx(const T* __restrict__ x, const T* __restr
     const T* g = dy + i * c;
     T* out = dx + i * c;
     for (int64_t j = c0; j < c1; ++j) {
-      out[j] = static_cast<T>(k[j] * ((static_cast<double>(g[j]) - mdy[j]) -
-                                      (static_cast<double>(row[j]) - mean[j]) * kx[j]));
+      out[j] = cvt<T>(k[j] * ((ld(g[j]) - mdy[j]) -
+                                      (ld(row[j]) - mean[j]) * kx[j]));
     }
   }
 }
@@ -226,7 +256,7 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
   double* invstd = var + c;
   std::vector<double> buf(5 * c);
   double *shift = buf.data(), *s1 = shift + c, *s2 = s1 + c, *scale = s2 + c, *beta = scale + c;
-  for (int64_t j = 0; j < c; ++j) shift[j] = static_cast<double>(xp[j]);
+  for (int64_t j = 0; j < c; ++j) shift[j] = ld(xp[j]);
   const int64_t nb = row_blocks(m, c);
   std::vector<double> part(nb * 2 * c);
   over_rows(m, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
@@ -235,7 +265,7 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
   fold_blocks(part, nb, c, s1, s2);
   const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
   const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
-  const double md = static_cast<double>(m);
+  const double md = ld(m);
   for (int64_t j = 0; j < c; ++j) {
     double d = s1[j] / md;
     double v = s2[j] / md - d * d;
@@ -244,8 +274,8 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
     var[j] = v;
     invstd[j] = 1.0 / std::sqrt(v + eps);
     if (!(std::isfinite(mean[j]) && std::isfinite(v))) ++st.nbad;
-    scale[j] = invstd[j] * (wp ? static_cast<double>(wp[j]) : 1.0);
-    beta[j] = bp ? static_cast<double>(bp[j]) : 0.0;
+    scale[j] = invstd[j] * (wp ? ld(wp[j]) : 1.0);
+    beta[j] = bp ? ld(bp[j]) : 0.0;
   }
   over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
     cols_affine<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
@@ -262,20 +292,20 @@ bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tenso
   const int64_t c = st.t.size(1);
   const double* mean = st.t.const_data_ptr<double>();
   const double* var = mean + c;
-  const double corr = count > 1 ? static_cast<double>(count) / (static_cast<double>(count) - 1.0) : 1.0;
+  const double corr = count > 1 ? ld(count) / (ld(count) - 1.0) : 1.0;
   const double limit = limit_of<T>();
   for (int64_t j = 0; j < c; ++j) {
     if (!(var[j] * corr <= limit) || !(std::abs(mean[j]) <= limit)) return false;
   }
   double factor = momentum;
   if (momentum < 0.0) {  // momentum=None: the cumulative average, 1 / batches counting this one
-    factor = 1.0 / static_cast<double>(nbt.item<int64_t>() + 1);
+    factor = 1.0 / ld(nbt.item<int64_t>() + 1);
   }
   T* rmp = rm.mutable_data_ptr<T>();
   T* rvp = rv.mutable_data_ptr<T>();
   for (int64_t j = 0; j < c; ++j) {
-    rmp[j] = static_cast<T>((1.0 - factor) * static_cast<double>(rmp[j]) + factor * mean[j]);
-    rvp[j] = static_cast<T>((1.0 - factor) * static_cast<double>(rvp[j]) + factor * (var[j] * corr));
+    rmp[j] = cvt<T>((1.0 - factor) * ld(rmp[j]) + factor * mean[j]);
+    rvp[j] = cvt<T>((1.0 - factor) * ld(rvp[j]) + factor * (var[j] * corr));
   }
   if (nbt.defined()) nbt.add_(1);
   return true;
@@ -302,11 +332,11 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
   const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
   P* dwp = dw.defined() ? dw.mutable_data_ptr<P>() : nullptr;
   P* dbp = db.defined() ? db.mutable_data_ptr<P>() : nullptr;
-  const double md = static_cast<double>(m);
+  const double md = ld(m);
   for (int64_t j = 0; j < c; ++j) {
-    if (dbp) dbp[j] = static_cast<P>(s1[j]);
-    if (dwp) dwp[j] = static_cast<P>(s2[j] * invstd[j]);
-    k[j] = invstd[j] * (wp ? static_cast<double>(wp[j]) : 1.0);
+    if (dbp) dbp[j] = cvt<P>(s1[j]);
+    if (dwp) dwp[j] = cvt<P>(s2[j] * invstd[j]);
+    k[j] = invstd[j] * (wp ? ld(wp[j]) : 1.0);
     mdy[j] = s1[j] / md;
     kx[j] = invstd[j] * invstd[j] * s2[j] / md;
   }
@@ -448,9 +478,9 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
       const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
       const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
       for (int64_t j = 0; j < c; ++j) {
-        mean[j] = static_cast<double>(rmp[j]);
-        scale[j] = (1.0 / std::sqrt(static_cast<double>(rvp[j]) + eps)) * (wp ? static_cast<double>(wp[j]) : 1.0);
-        beta[j] = bp ? static_cast<double>(bp[j]) : 0.0;
+        mean[j] = ld(rmp[j]);
+        scale[j] = (1.0 / std::sqrt(ld(rvp[j]) + eps)) * (wp ? ld(wp[j]) : 1.0);
+        beta[j] = bp ? ld(bp[j]) : 0.0;
       }
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();

@@ -38,8 +38,12 @@ __all__ = ["ext", "build", "available", "build_dir"]
 _SOURCE = Path(__file__).with_name("_fast.cpp")
 
 
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fvisibility=hidden"]
+
+
 def _key() -> str:
     h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}".encode())
     return h.hexdigest()[:12]
 
@@ -78,7 +82,7 @@ def build(verbose: bool = False):
     d = build_dir()
     d.mkdir(parents=True, exist_ok=True)
     mod = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], build_directory=str(d),
-                             extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=verbose)
+                             extra_cflags=_CFLAGS, verbose=verbose)
     if os.environ.get("BNLAB_FAST", "1") != "0":
         ext = mod
     return mod
