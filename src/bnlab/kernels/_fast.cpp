@@ -32,7 +32,7 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this one thread (a parallel region costs more)
+constexpr int64_t kSerialBelow = 1 << 18;  // elements: below this one thread (a parallel region costs more, measured)
 
 // loads and stores of the value types: bfloat16 by its bits (so that the loops vectorize), the others
 // by conversion; a store rounds once from float64 (bfloat16: to float, then to nearest even, as torch)
