@@ -189,7 +189,7 @@ def test_calls_it_does_not_serve_take_the_general_path_with_the_same_numbers(cou
 
 @needs_ext
 def test_one_and_two_threads_agree():
-    x = torch.randn(2048, 64)
+    x = torch.randn(8192, 64)  # above the extension's serial size: two row blocks on two threads
     w, b = torch.rand(64), torch.randn(64)
     prev = torch.get_num_threads()
     try:
