@@ -275,3 +275,26 @@ def test_reduced_precision_inputs_with_float32_parameters(counting, dtype):
     with torch.no_grad():
         torch.testing.assert_close(m(x).float(), tm(x).float(), **tol)
     assert counting.calls["eval"] == 1
+
+
+@needs_ext
+def test_the_compiled_update_checks_with_the_cpp_op_and_raises_the_policy_error():
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    m = bnlab.nn.BatchNorm1d(4)
+    backend = AotEagerAndRecordGraphs()
+    cm = torch.compile(m, backend=backend, fullgraph=True)
+    cm(torch.randn(8, 4))
+    assert "bnlab.check_batch_fast" in "\n".join(g.code for g in backend.fw_graphs)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(8, 4)
+    x[2, 3] = float("nan")
+    with pytest.raises(NonFiniteBatchError, match=r"channel\(s\) \[3\]"):
+        cm(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ok = torch.tensor(True)
+    same = torch.ops.bnlab.check_batch_fast(ok, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
+                                            8, 3e38, "bn")
+    assert bool(same) and same is not ok

@@ -345,13 +345,13 @@ def _compiled_update(running_mean, running_var, num_batches_tracked, mean, var, 
     correction, float64 arithmetic rounded once, an empty batch counted and nothing else), with the
     non-finite policy as a select: a batch with a non-finite or overflowing statistic writes the old
     values back and leaves ``num_batches_tracked`` as it was, so no buffer moves whatever happens
-    next. With ``nonfinite="raise"`` one flag then goes to :func:`bnlab.kernels.ops.check_batch`,
-    which raises :class:`NonFiniteBatchError` (naming the channels) for a bad batch.
+    next. With ``nonfinite="raise"`` one flag then goes to :func:`bnlab.kernels.ops.check_batch`
+    (or its C++ twin ``bnlab::check_batch_fast``, :mod:`bnlab.kernels.fast`), which raises :class:`NonFiniteBatchError` (naming the channels) for a bad batch.
 
     A custom op that mutates the buffers costs about 0.2 ms a call inside a compiled graph (its
     Python dispatch and the functionalization around a mutation); the flag check is one
     non-mutating op on C-sized data."""
-    from . import ops
+    from . import fast
 
     if count == 0:  # an empty batch: torch counts it and leaves the statistics alone
         if num_batches_tracked is not None:
@@ -367,7 +367,7 @@ def _compiled_update(running_mean, running_var, num_batches_tracked, mean, var, 
     if running_mean is not None:
         ok = ok & (mean.abs() <= limit).all()
     if nonfinite == "raise":
-        ok = ops.check_batch(ok, mean, var, count, limit, name)
+        ok = fast.check_batch_op()(ok, mean, var, count, limit, name)
     if momentum is None:  # cumulative average: 1 / the batches tracked, this one counted
         factor = 1.0 / (num_batches_tracked + 1).to(torch.float64) if num_batches_tracked is not None else 0.0
     else:

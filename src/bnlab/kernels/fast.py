@@ -83,8 +83,9 @@ def build(verbose: bool = False):
     d.mkdir(parents=True, exist_ok=True)
     mod = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], build_directory=str(d),
                              extra_cflags=_CFLAGS, verbose=verbose)
-    if os.environ.get("BNLAB_FAST", "1") != "0":
+    if os.environ.get("BNLAB_FAST", "1") != "0" and ext is None:
         ext = mod
+        _register_fake()
     return mod
 
 
@@ -92,4 +93,23 @@ def available() -> bool:
     return ext is not None
 
 
+def _register_fake() -> None:
+    """The fake (meta) function of ``bnlab::check_batch_fast``, for torch.compile's tracing."""
+    @torch.library.register_fake("bnlab::check_batch_fast")
+    def _(ok, mean, var, count, limit, name):
+        return torch.empty_like(ok)
+
+
+def check_batch_op():
+    """The non-finite check op the compiled running update calls: the C++ ``bnlab::check_batch_fast``
+    with the extension, else the Python ``bnlab::check_batch`` (same arguments, same errors)."""
+    if ext is not None:
+        return torch.ops.bnlab.check_batch_fast
+    from . import ops
+
+    return ops.check_batch
+
+
 ext = _load_built()
+if ext is not None:
+    _register_fake()

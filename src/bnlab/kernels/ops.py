@@ -134,9 +134,15 @@ def check_batch(ok: Tensor, mean: Tensor, var: Tensor, count: int, limit: float,
     :func:`bnlab.kernels._compiled_update`, selects the old buffer values on the returned flag, so
     the op stays in the graph and runs before any buffer is written)."""
     if not bool(ok):
-        bad, kinds = bad_channels(mean, var, count, limit)
-        raise_bad_batch(name, bad, kinds, limit)
+        raise_bad_batch_stats(mean, var, count, limit, name)
     return ok.clone()
+
+
+def raise_bad_batch_stats(mean: Tensor, var: Tensor, count: int, limit: float, name: str) -> None:
+    """Raise :class:`bnlab.policy.NonFiniteBatchError` for a batch whose statistics the check
+    refused (also called from the C++ op ``bnlab::check_batch_fast``, :mod:`bnlab.kernels.fast`)."""
+    bad, kinds = bad_channels(mean, var, count, limit)
+    raise_bad_batch(name, bad, kinds, limit)
 
 
 @check_batch.register_fake
