@@ -298,3 +298,26 @@ def test_the_compiled_update_checks_with_the_cpp_op_and_raises_the_policy_error(
     same = torch.ops.bnlab.check_batch_fast(ok, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64),
                                             8, 3e38, "bn")
     assert bool(same) and same is not ok
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_output_is_the_float64_formula_rounded_once_even_with_a_large_mean(dtype):
+    """The elementwise passes of a half-precision input run in float32 with a two-part mean: the
+    output must still be the float64 formula rounded to the dtype (ties aside), however large the
+    mean is against the spread."""
+    torch.manual_seed(5)
+    x = (torch.randn(256, 8, dtype=torch.float64) * 8 + 3000).to(dtype)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    y, _, _ = fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)
+    xd = x.double()
+    mean, var, _ = ref.batch_stats(xd)
+    want = ref.normalize(xd, mean, ref.invstd_from_var(var, 1e-5), w.double(), b.double())
+    exact = (y == want.to(dtype)).double().mean()
+    assert exact > 0.99, float(exact)
+    torch.testing.assert_close(y.double(), want, rtol=2.0 ** -7, atol=2.0 ** -7)
+    g = torch.randn(256, 8, dtype=torch.float64).to(dtype)
+    xg = x.clone().requires_grad_()
+    fast.ext.train(xg, w, b, None, None, None, 0.1, 1e-5)[0].backward(g)
+    dx_want = ref.batch_norm_backward(g.double(), xd, mean, ref.invstd_from_var(var, 1e-5), w.double())[0]
+    torch.testing.assert_close(xg.grad.double(), dx_want, rtol=2.0 ** -7, atol=1e-3)

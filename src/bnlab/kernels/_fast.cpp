@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -61,6 +62,107 @@ inline c10::BFloat16 cvt<c10::BFloat16>(double d) {
   std::memcpy(&u, &f, sizeof u);
   uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return c10::BFloat16(f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+
+// half-precision values (bfloat16, float16) as float32, and back (bfloat16 by its bits, rounding to
+// nearest even as torch does)
+template <typename T>
+inline float ldf(T v) {
+  return static_cast<float>(v);
+}
+
+template <>
+inline float ldf<c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+inline T cvtf(float f) {
+  return static_cast<T>(f);
+}
+
+template <>
+inline c10::BFloat16 cvtf<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+
+template <typename T>
+constexpr bool is_half() {
+  return std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+}
+
+// A half-precision output's elementwise passes run in float32: x - mean with the mean in two parts
+// (hi + lo, float32 each), so the difference keeps float32's 24 bits however large the mean is,
+// then the affine (or the gradient formula) in float32: 24 bits against the output's 8
+// (bfloat16) or 11 (float16), so the output is the float64 formula's rounded once, but for rare
+// double-rounding ties. The statistics' sums stay float64.
+struct HalfOperands {
+  std::vector<float> buf;
+  float *hi, *lo, *a, *b, *c;
+  // a, b, c: per-channel float32 copies of three float64 operands
+  HalfOperands(int64_t n, const double* mean, const double* a64, const double* b64, const double* c64)
+      : buf(5 * n) {
+    hi = buf.data();
+    lo = hi + n;
+    a = lo + n;
+    b = a + n;
+    c = b + n;
+    for (int64_t j = 0; j < n; ++j) {
+      hi[j] = static_cast<float>(mean[j]);
+      lo[j] = static_cast<float>(mean[j] - static_cast<double>(hi[j]));
+      a[j] = static_cast<float>(a64[j]);
+      b[j] = b64 ? static_cast<float>(b64[j]) : 0.0f;
+      c[j] = c64 ? static_cast<float>(c64[j]) : 0.0f;
+    }
+  }
+};
+
+// y = ((x - hi) - lo) * scale + beta over (M, C), float32
+template <typename T>
+__attribute__((noinline)) void cols_affine_f(const T* __restrict__ x, T* __restrict__ y, int64_t m, int64_t c,
+                                             const float* __restrict__ hi, const float* __restrict__ lo,
+                                             const float* __restrict__ scale, const float* __restrict__ beta) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* row = x + i * c;
+    T* out = y + i * c;
+    for (int64_t j = 0; j < c; ++j) out[j] = cvtf<T>(((ldf(row[j]) - hi[j]) - lo[j]) * scale[j] + beta[j]);
+  }
+}
+
+// the same over (N, C, S) runs r0..r1 (eval)
+template <typename T>
+__attribute__((noinline)) void rows_affine_f(const T* __restrict__ x, T* __restrict__ y, int64_t c, int64_t s,
+                                             int64_t r0, int64_t r1, const float* __restrict__ hi,
+                                             const float* __restrict__ lo, const float* __restrict__ scale,
+                                             const float* __restrict__ beta) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j = r % c;
+    const float h = hi[j], l = lo[j], sc = scale[j], be = beta[j];
+    const T* in = x + r * s;
+    T* out = y + r * s;
+    for (int64_t q = 0; q < s; ++q) out[q] = cvtf<T>(((ldf(in[q]) - h) - l) * sc + be);
+  }
+}
+
+// dx = k ((dy - mdy) - ((x - hi) - lo) kx) over (M, C), float32
+template <typename T>
+__attribute__((noinline)) void cols_dx_f(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                                         int64_t m, int64_t c, const float* __restrict__ hi,
+                                         const float* __restrict__ lo, const float* __restrict__ k,
+                                         const float* __restrict__ mdy, const float* __restrict__ kx) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* row = x + i * c;
+    const T* g = dy + i * c;
+    T* out = dx + i * c;
+    for (int64_t j = 0; j < c; ++j)
+      out[j] = cvtf<T>(k[j] * ((ldf(g[j]) - mdy[j]) - ((ldf(row[j]) - hi[j]) - lo[j]) * kx[j]));
+  }
 }
 
 template <typename T>
@@ -277,9 +379,16 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
     scale[j] = invstd[j] * (wp ? ld(wp[j]) : 1.0);
     beta[j] = bp ? ld(bp[j]) : 0.0;
   }
-  over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
-    cols_affine<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
-  });
+  if constexpr (is_half<T>()) {
+    HalfOperands h(c, mean, scale, beta, nullptr);
+    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_affine_f<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, h.hi, h.lo, h.a, h.b);
+    });
+  } else {
+    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_affine<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
+    });
+  }
   return st;
 }
 
@@ -342,9 +451,16 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
   }
   if (!need_dx) return;
   T* dxp = dx.mutable_data_ptr<T>();
-  over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
-    cols_dx<T>(xp + r0 * c, gp + r0 * c, dxp + r0 * c, r1 - r0, c, 0, c, mean, k, mdy, kx);
-  });
+  if constexpr (is_half<T>()) {
+    HalfOperands h(c, mean, k, mdy, kx);
+    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_dx_f<T>(xp + r0 * c, gp + r0 * c, dxp + r0 * c, r1 - r0, c, h.hi, h.lo, h.a, h.b, h.c);
+    });
+  } else {
+    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_dx<T>(xp + r0 * c, gp + r0 * c, dxp + r0 * c, r1 - r0, c, 0, c, mean, k, mdy, kx);
+    });
+  }
 }
 
 // the training backward in differentiable ATen ops (create_graph=True): statistics from x
@@ -484,7 +600,16 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
       }
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-      if (s == 1) {
+      if constexpr (is_half<scalar_t>()) {
+        HalfOperands h(c, mean, scale, beta, nullptr);
+        if (n * c * s < kSerialBelow) {
+          rows_affine_f<scalar_t>(xp, yp, c, s, 0, n * c, h.hi, h.lo, h.a, h.b);
+        } else {
+          at::parallel_for(0, n * c, std::max<int64_t>(1, 4096 / s), [&](int64_t r0, int64_t r1) {
+            rows_affine_f<scalar_t>(xp, yp, c, s, r0, r1, h.hi, h.lo, h.a, h.b);
+          });
+        }
+      } else if (s == 1) {
         over_rows(n, row_blocks(n, c), [&](int64_t, int64_t r0, int64_t r1) {
           cols_affine<scalar_t>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
         });

@@ -235,7 +235,8 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         fx = _fast.ext
-        if fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing():
+        if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
+                and (not self.training or input.numel() <= _FAST_MAX)):
             y = self._fast_forward(fx, input)
             if y is not None:
                 return y
