@@ -36,6 +36,8 @@ CASES = {
     "rows_few_channels": torch.randn(16, 3, 24, 24, generator=_g),
     "channels_last": torch.randn(8, 16, 24, 24, generator=_g).contiguous(memory_format=torch.channels_last),
     "2d": torch.randn(4096, 24, generator=_g),
+    # above the small-call path's serial size: its eval forward runs on torch's threads in the parent
+    "rows_large": torch.randn(8, 16, 48, 48, generator=_g),
 }
 DY = {k: torch.randn(v.shape, generator=_g).contiguous(memory_format=torch.channels_last) if k == "channels_last"
       else torch.randn(v.shape, generator=_g) for k, v in CASES.items()}
@@ -45,7 +47,10 @@ def _compute(threads=None) -> dict:
     """Training forward and backward, and an eval forward, of every case: numpy arrays."""
     if threads is not None:
         torch.set_num_threads(threads)
-    out = {"serial_only": cpu._serial_only, "pid": os.getpid()}
+    from bnlab.kernels import fast
+
+    out = {"serial_only": cpu._serial_only, "pid": os.getpid(),
+           "fast_forked": None if fast.ext is None else fast.ext.forked()}
     for name, x0 in CASES.items():
         c = x0.shape[1]
         x = x0.detach().requires_grad_(True)  # no copy: a large torch op could hang a forked child
@@ -89,6 +94,7 @@ def test_fork_pool_child_computes_what_the_parent_computed(parent, child_threads
     assert child["pid"] != os.getpid()
     if numba.threading_layer() == "omp":
         assert child["serial_only"]  # the serial twins, never the parent's OpenMP pool
+    assert child["fast_forked"] in (None, True) and parent["fast_forked"] in (None, False)  # the C++ path serial
     _assert_same(child, parent)
     assert not cpu._serial_only  # the parent still runs on its pool
 

@@ -21,6 +21,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <pthread.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -286,10 +289,19 @@ __attribute__((noinline)) void cols_dx(const T* __restrict__ x, const T* __restr
   }
 }
 
+// set in a child forked from this process: torch's OpenMP pool does not cross fork(), and a parallel
+// region in such a child can hang (torch's own kernels too, unless the child runs one thread), so a
+// forked child runs every loop here on its calling thread
+std::atomic<bool> g_forked{false};
+
+bool serial_only() {
+  return g_forked.load(std::memory_order_relaxed) || at::get_num_threads() <= 1;
+}
+
 // the row blocks of an (M, C) tensor: one per thread (one when the tensor is small), so that a
 // thread reads one contiguous range of memory; per-block sums are added in block order
 int64_t row_blocks(int64_t m, int64_t c) {
-  if (m * c < kSerialBelow) return 1;
+  if (m * c < kSerialBelow || serial_only()) return 1;
   int64_t nt = at::get_num_threads();
   int64_t most = m / 16;  // at least 16 rows a block
   return std::max<int64_t>(1, std::min(nt, most));
@@ -602,7 +614,7 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
       if constexpr (is_half<scalar_t>()) {
         HalfOperands h(c, mean, scale, beta, nullptr);
-        if (n * c * s < kSerialBelow) {
+        if (n * c * s < kSerialBelow || serial_only()) {
           rows_affine_f<scalar_t>(xp, yp, c, s, 0, n * c, h.hi, h.lo, h.a, h.b);
         } else {
           at::parallel_for(0, n * c, std::max<int64_t>(1, 4096 / s), [&](int64_t r0, int64_t r1) {
@@ -613,7 +625,7 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
         over_rows(n, row_blocks(n, c), [&](int64_t, int64_t r0, int64_t r1) {
           cols_affine<scalar_t>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
         });
-      } else if (n * c * s < kSerialBelow) {
+      } else if (n * c * s < kSerialBelow || serial_only()) {
         rows_affine<scalar_t>(xp, yp, n, c, s, 0, n * c, mean, scale, beta);
       } else {
         int64_t grain = std::max<int64_t>(1, 4096 / s);
@@ -652,10 +664,12 @@ TORCH_LIBRARY_IMPL(bnlab, CompositeExplicitAutograd, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pthread_atfork(nullptr, nullptr, [] { bnlab::g_forked.store(true); });
   m.doc() = "bnlab's small-call batch norm (see bnlab.kernels.fast)";
   m.def("train", &bnlab::train, "training batch norm of a contiguous (M, C) CPU tensor, or None", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("eps"));
+  m.def("forked", [] { return bnlab::g_forked.load(); }, "True in a child forked from the process that loaded the extension");
   m.def("eval", &bnlab::eval, "eval batch norm of a contiguous CPU tensor without autograd, or None", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"));
 }
