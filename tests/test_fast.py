@@ -321,3 +321,24 @@ def test_a_half_precision_output_is_the_float64_formula_rounded_once_even_with_a
     fast.ext.train(xg, w, b, None, None, None, 0.1, 1e-5)[0].backward(g)
     dx_want = ref.batch_norm_backward(g.double(), xd, mean, ref.invstd_from_var(var, 1e-5), w.double())[0]
     torch.testing.assert_close(xg.grad.double(), dx_want, rtol=2.0 ** -7, atol=1e-3)
+
+
+@needs_ext
+def test_odd_arguments_get_the_general_paths_errors_and_momentum_none_is_cumulative(counting):
+    import bnlab.functional as BF
+
+    x = torch.randn(16, 4)
+    with pytest.raises(TypeError, match="weight"):
+        BF.batch_norm(x, None, None, weight=[1.0, 1.0, 1.0, 1.0], training=True)
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    for i in range(3):
+        BF.batch_norm(x + i, rm, rv, training=True, momentum=None, num_batches_tracked=nbt)
+    assert counting.calls["train"] == 3 and int(nbt) == 3
+    # the cumulative average of the three batches' means: the mean of x, plus 1
+    torch.testing.assert_close(rm, x.mean(0) + 1, rtol=1e-6, atol=1e-6)
+    # a negative momentum is a (strange) momentum, not the cumulative average
+    rm2, rv2 = torch.zeros(4), torch.ones(4)
+    trm, trv = rm2.clone(), rv2.clone()
+    BF.batch_norm(x, rm2, rv2, training=True, momentum=-0.5)
+    torch.nn.functional.batch_norm(x, trm, trv, training=True, momentum=-0.5)
+    torch.testing.assert_close(rm2, trm, rtol=1e-6, atol=1e-6)

@@ -182,8 +182,10 @@ def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, trainin
     if training:
         if (momentum is None and num_batches_tracked is None) or input.numel() > _FAST_MAX:
             return None  # the general path's error; or a large input, which the numba kernels stream faster
-        r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                     -1.0 if momentum is None else momentum, eps)
+        try:
+            r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        except TypeError:  # an argument of a type the extension does not take: the general path says what
+            return None
         if r is None:
             return None
         y, stats, status = r
@@ -195,7 +197,10 @@ def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, trainin
             input.requires_grad or (weight is not None and weight.requires_grad)
             or (bias is not None and bias.requires_grad))):
         return None
-    return fx.eval(input, weight, bias, running_mean, running_var, eps)
+    try:
+        return fx.eval(input, weight, bias, running_mean, running_var, eps)
+    except TypeError:
+        return None
 
 
 def _check_call(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,

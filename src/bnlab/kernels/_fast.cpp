@@ -408,7 +408,7 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
 // returns false (nothing written) when a channel is non-finite or would overflow the buffers
 template <typename T>
 bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tensor& rv, const Tensor& nbt,
-                   double momentum) {
+                   double momentum, bool cumulative) {
   if (st.nbad) return false;
   const int64_t c = st.t.size(1);
   const double* mean = st.t.const_data_ptr<double>();
@@ -419,7 +419,7 @@ bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tenso
     if (!(var[j] * corr <= limit) || !(std::abs(mean[j]) <= limit)) return false;
   }
   double factor = momentum;
-  if (momentum < 0.0) {  // momentum=None: the cumulative average, 1 / batches counting this one
+  if (cumulative) {  // momentum=None: the cumulative average, 1 / batches counting this one
     factor = 1.0 / ld(nbt.item<int64_t>() + 1);
   }
   T* rmp = rm.mutable_data_ptr<T>();
@@ -495,7 +495,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
   // batch is non-finite or would overflow them: the caller applies the policy with ``stats``)
   // (absent tensors come as empty placeholders: autograd's apply reads the device of every tensor)
   static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor b, Tensor rm, Tensor rv,
-                               Tensor nbt, double momentum, double eps) {
+                               Tensor nbt, double momentum, bool cumulative, double eps) {
     if (!w.numel()) w = Tensor();
     if (!b.numel()) b = Tensor();
     if (!rm.numel()) rm = rv = Tensor();
@@ -507,7 +507,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
       using T = decltype(t);
       using P = decltype(p);
       st = forward_train_cols<T, P>(x, w, b, eps, y);
-      if (rm.defined()) ok = write_running<P>(st, x.size(0), rm, rv, nbt, momentum);
+      if (rm.defined()) ok = write_running<P>(st, x.size(0), rm, rv, nbt, momentum, cumulative);
     });
     ctx->save_for_backward({x, w, st.t});
     ctx->saved_data["eps"] = eps;
@@ -521,7 +521,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     Tensor x = saved[0], w = saved[1], stats = saved[2];
     Tensor dy = grads[0];
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = ctx->needs_input_grad(2);
-    variable_list out(8);
+    variable_list out(9);  // one per forward argument
     if (!dy.defined()) return out;
     // a graph of the backward asked for (create_graph=True), or a dy without storage of its own (a
     // batched tangent of torch.func / jacobian(vectorize=True)): the formula in ATen ops
@@ -552,11 +552,11 @@ bool servable_2d(const Tensor& x) {
          x.layout() == at::kStrided;
 }
 
-// training batch norm of a contiguous (M, C) tensor. momentum < 0: the cumulative average
+// training batch norm of a contiguous (M, C) tensor. momentum None: the cumulative average
 // (needs num_batches_tracked). Returns (y, stats, status: an int) or None
 py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
                  const c10::optional<Tensor>& rm_, const c10::optional<Tensor>& rv_,
-                 const c10::optional<Tensor>& nbt_, double momentum, double eps) {
+                 const c10::optional<Tensor>& nbt_, c10::optional<double> momentum_, double eps) {
   if (!servable_2d(x) || !(eps > 0.0)) return py::none();
   const int64_t c = x.size(1);
   const auto dt = param_type(x.scalar_type());
@@ -566,7 +566,9 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
   if (rm.defined() != rv.defined()) return py::none();
   if (nbt.defined() && !(rm.defined() && nbt.device().is_cpu() && nbt.scalar_type() == at::kLong && nbt.dim() == 0))
     return py::none();
-  if (momentum < 0.0 && rm.defined() && !nbt.defined()) return py::none();
+  const bool cumulative = !momentum_.has_value();  // momentum=None
+  const double momentum = momentum_.value_or(0.0);
+  if (cumulative && rm.defined() && !nbt.defined()) return py::none();
   if (rm.defined() && (rm.is_same(rv) || x.is_same(rm))) return py::none();
   variable_list r;
   {
@@ -574,7 +576,7 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
     Tensor none = at::empty({0}, x.options().dtype(dt));
     Tensor no_count = at::empty({0}, torch::dtype(torch::kLong));
     r = BatchNorm::apply(x, w.defined() ? w : none, b.defined() ? b : none, rm.defined() ? rm : none,
-                       rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, eps);
+                       rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, cumulative, eps);
   }
   return py::make_tuple(r[0], r[1], r[2].item<int64_t>());
 }

@@ -9,7 +9,7 @@ intra-op threads) into a torch extension and exposes two calls:
 
 ``train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)``
     Training batch norm of a contiguous ``(M, C)`` CPU float32/float64 tensor, the running
-    update inside (``momentum < 0``: the cumulative average). Returns ``(y, stats, status)``
+    update inside (``momentum`` None: the cumulative average). Returns ``(y, stats, status)``
     (``stats`` float64 ``(3, C)``, ``status`` 1 when the buffers were not written because the batch
     is non-finite or would overflow them: the caller then applies the non-finite policy,
     :func:`bnlab.policy.update_buffers`), or None for a call it does not serve.

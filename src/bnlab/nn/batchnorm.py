@@ -254,10 +254,13 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
             if self.track_running_stats:
                 running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
                 momentum = self.momentum
-                r = fx.train(input, self.weight, self.bias, running_mean, running_var, nbt,
-                             -1.0 if momentum is None else momentum, self.eps)
             else:
-                r = fx.train(input, self.weight, self.bias, None, None, None, 0.0, self.eps)
+                running_mean = running_var = nbt = None
+                momentum = 0.0
+            try:
+                r = fx.train(input, self.weight, self.bias, running_mean, running_var, nbt, momentum, self.eps)
+            except TypeError:  # an attribute of a type the extension does not take: the general path says what
+                return None
             if r is None:
                 return None
             y, stats, status = r
@@ -273,9 +276,15 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         if running_mean is None:
             if running_var is not None or input.numel() > _FAST_MAX:
                 return None
-            r = fx.train(input, weight, bias, None, None, None, 0.0, self.eps)  # no buffers: batch statistics
+            try:
+                r = fx.train(input, weight, bias, None, None, None, 0.0, self.eps)  # no buffers: batch statistics
+            except TypeError:
+                return None
             return None if r is None else r[0]
-        return fx.eval(input, weight, bias, running_mean, running_var, self.eps)
+        try:
+            return fx.eval(input, weight, bias, running_mean, running_var, self.eps)
+        except TypeError:
+            return None
 
     def _forward(self, input: Tensor, act: str, residual: Tensor | None) -> Tensor:
         """The forward, followed by ``+ residual`` and ``act`` (fused by the kernels:
