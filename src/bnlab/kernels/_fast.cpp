@@ -1,8 +1,10 @@
-// bnlab's small-call path: batch norm on CPU float32/float64 as one C++ call and a C++ autograd
-// node (bnlab.kernels.fast). Same math as the numba kernels (bnlab.kernels.cols / rows): the
-// statistics from float64 sums of ``x - shift`` (shift: each channel's first value), the output
-// and the gradients formed in float64 and rounded once, the running update in float64 with the
-// non-finite policy's check before any buffer is written.
+// bnlab's small-call path: batch norm on CPU float32/float64 (and bfloat16/float16 inputs with
+// float32 parameters and buffers) as one C++ call and a C++ autograd node (bnlab.kernels.fast).
+// Same math as the numba kernels (bnlab.kernels.cols / rows): the statistics from float64 sums of
+// ``x - shift`` (shift: each channel's first value), the output and the gradients formed in
+// float64 and rounded once (a half-precision output: float32 with a two-part mean, see
+// HalfOperands), the running update in float64 with the non-finite policy's check before any
+// buffer is written.
 //
 // Every entry point returns None for a call it does not serve (a layout, dtype, shape or buffer it
 // does not take); the Python caller then takes the general path, which also raises the errors.
