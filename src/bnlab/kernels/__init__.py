@@ -16,7 +16,11 @@ nonfinite, name) -> y``
 ``batch_norm_eval(x, running_mean, running_var, weight, bias, eps) -> y``
     Normalize with the given statistics (constants for autograd).
 
-Routing: CPU float32/float64 tensors go to bnlab's fused numba kernels (:mod:`.cpu`); every other
+Routing: the modules and :func:`bnlab.functional.batch_norm` first offer a call to the
+small-call path (:mod:`.fast`: a training call on a contiguous ``(N, C)`` input of up to 2^17
+values, and eval calls without autograd, as one C++ call with a C++ autograd node; it declines
+anything else), then come here. CPU float32/float64 tensors go to bnlab's fused numba kernels
+(:mod:`.cpu`); every other
 device and dtype (CUDA, float16, bfloat16) goes to torch's kernel
 (``aten._native_batch_norm_legit``), which computes half-precision statistics in float32 and
 returns them from the same call: the non-finite check and the running update read those, with no
@@ -28,8 +32,9 @@ statistics still go through :func:`bnlab.policy.update_buffers`, as on every pat
 Capture: under ``torch.compile`` and ``torch.export`` batch norm is written in torch ops
 (:func:`_compiled_train`: a shifted ``var_mean``, which inductor lowers to a Welford reduction,
 and the affine), so inductor fuses it with the convolution, activation and residual add around
-it as it does torch's own; the running statistics go through bnlab's mutating op
-:func:`bnlab.kernels.ops.update_running_stats`, the policy with its non-finite check inside. In
+it as it does torch's own; the running statistics are updated in torch ops with the policy as a select, and one
+non-mutating check op (``bnlab::check_batch_fast`` from :mod:`.fast`, else
+:func:`bnlab.kernels.ops.check_batch`) raises for a bad batch (:func:`_compiled_update`). In
 eval, ``torch.export`` (and so ``torch.onnx.export``) and ``torch.jit.trace`` record torch's
 own ``aten.batch_norm``, the op every exporter, runtime and conv-bn folding pass knows (torch's
 float32 eval math). ``torch.jit.trace`` in training mode and ``torch.jit.script`` raise one error
