@@ -174,7 +174,7 @@ def test_calls_it_does_not_serve_take_the_general_path_with_the_same_numbers(cou
     m = bnlab.nn.BatchNorm1d(6)
     tm = torch.nn.BatchNorm1d(6)
     xs = [torch.randn(6, 10).t(),  # not contiguous
-          torch.randn(10, 6, 3)]   # 3-D in training: the rows layout
+          torch.randn(64, 6, 64)]  # 3-D in training from 2^14 values: the numba kernels
     for x in xs:
         torch.testing.assert_close(m(x), tm(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.running_var, tm.running_var, rtol=1e-6, atol=1e-6)
@@ -342,3 +342,46 @@ def test_odd_arguments_get_the_general_paths_errors_and_momentum_none_is_cumulat
     BF.batch_norm(x, rm2, rv2, training=True, momentum=-0.5)
     torch.nn.functional.batch_norm(x, trm, trv, training=True, momentum=-0.5)
     torch.testing.assert_close(rm2, trm, rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,cls", [((8, 6, 5, 5), bnlab.nn.BatchNorm2d), ((4, 6, 7), bnlab.nn.BatchNorm1d),
+                                       ((2, 6, 2, 3, 2), bnlab.nn.BatchNorm3d), ((5, 6, 1, 1), bnlab.nn.BatchNorm2d)])
+def test_small_nd_training_takes_it_and_equals_the_numba_path(counting, monkeypatch, shape, cls, dtype):
+    """(N, C, *) training below 2^14 values (each channel's N runs summed, then normalized)."""
+    torch.manual_seed(6)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 5).to(dtype)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    pdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    fast_m, slow_m = _pair(cls, 6, pdt)
+    got = _run(fast_m, x, g)
+    assert counting.calls["train"] == 3
+    monkeypatch.setattr(fast, "ext", None)
+    want = _run(slow_m, x, g)
+    if dtype == torch.bfloat16:  # the general path runs torch's kernel here: bfloat16 rounding apart
+        tol = dict(rtol=2e-2, atol=2e-2)
+        ptol = dict(rtol=2e-2, atol=5e-2)
+    else:
+        tol = ptol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for (y, dx), (y2, dx2) in zip(got[0], want[0]):
+        torch.testing.assert_close(y.double(), y2.double(), **tol)
+        torch.testing.assert_close(dx.double(), dx2.double(), **tol)
+    for n in got[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], **ptol)
+    for k in got[2]:
+        torch.testing.assert_close(got[2][k].double(), want[2][k].double(), **ptol)
+
+
+@needs_ext
+def test_nd_gradcheck_and_gradgradcheck_in_float64():
+    torch.manual_seed(7)
+    x = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))

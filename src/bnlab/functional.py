@@ -21,10 +21,17 @@ _HALF = (torch.float16, torch.bfloat16)
 _ONE_VALUE = "more than 1 value per channel when training"  # in the one-value batch's error (modules extend it)
 _is_tracing = torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
-# the small-call path (bnlab.kernels.fast) serves training inputs up to this many elements (the numba
-# kernels stream larger ones faster) and eval inputs of any size (one pass, where the Python around
-# the numba kernels costs more than their speed saves)
+# the small-call path (bnlab.kernels.fast) serves training inputs up to these sizes (measured: the
+# numba kernels, with their thread pool, are faster above them: (N, C) up to 2^17 values, (N, C, *)
+# below 2^14, where the numba path runs its serial twins and its Python is most of the call) and
+# eval inputs of any size (one pass, where the Python around the numba kernels costs more than
+# their speed saves)
 _FAST_MAX = 1 << 17
+_FAST_MAX_ND = (1 << 14) - 1
+
+
+def _fast_train_size(x: Tensor) -> bool:
+    return x.numel() <= (_FAST_MAX if x.dim() == 2 else _FAST_MAX_ND)
 
 
 def _shape(t: Tensor) -> tuple:
@@ -180,7 +187,7 @@ def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, trainin
     """:func:`batch_norm` on the small-call path (:mod:`bnlab.kernels.fast`), or None for a call it
     does not serve (the general path then serves it, and raises any error)."""
     if training:
-        if (momentum is None and num_batches_tracked is None) or input.numel() > _FAST_MAX:
+        if (momentum is None and num_batches_tracked is None) or not _fast_train_size(input):
             return None  # the general path's error; or a large input, which the numba kernels stream faster
         try:
             r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)

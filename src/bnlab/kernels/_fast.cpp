@@ -406,6 +406,156 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
   return st;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// the (N, C, S) layout (NCHW and its 3-D / 5-D kin, contiguous): a channel is N runs of S values.
+// A task is one channel: its sums over the N runs, then its output from the core's own cache (a
+// channel of a 64x16x32x32 float32 tensor is 256 KB); channels are split over torch's threads.
+
+constexpr int kLanes = 16;  // float64 partial sums per accumulator: the loop vectorizes over them
+
+// sums of x - shift and its square over one run of s values, added to (a1, a2)
+template <typename T>
+inline void run_sums(const T* __restrict__ x, int64_t s, double shift, double& a1, double& a2) {
+  double p1[kLanes] = {}, p2[kLanes] = {};
+  int64_t q = 0;
+  for (; q + kLanes <= s; q += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      double d = ld(x[q + l]) - shift;
+      p1[l] += d;
+      p2[l] += d * d;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    a1 += p1[l];
+    a2 += p2[l];
+  }
+  for (; q < s; ++q) {
+    double d = ld(x[q]) - shift;
+    a1 += d;
+    a2 += d * d;
+  }
+}
+
+// sums of dy and dy * (x - mean) over one run, added to (a1, a2)
+template <typename T>
+inline void run_grad_sums(const T* __restrict__ x, const T* __restrict__ dy, int64_t s, double mean, double& a1,
+                          double& a2) {
+  double p1[kLanes] = {}, p2[kLanes] = {};
+  int64_t q = 0;
+  for (; q + kLanes <= s; q += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      double g = ld(dy[q + l]);
+      p1[l] += g;
+      p2[l] += g * (ld(x[q + l]) - mean);
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    a1 += p1[l];
+    a2 += p2[l];
+  }
+  for (; q < s; ++q) {
+    double g = ld(dy[q]);
+    a1 += g;
+    a2 += g * (ld(x[q]) - mean);
+  }
+}
+
+template <typename F>
+void over_channels(int64_t n, int64_t c, int64_t s, F f) {
+  if (n * c * s < kSerialBelow || c == 1 || serial_only()) {
+    f(0, c);
+    return;
+  }
+  at::parallel_for(0, c, 1, f);
+}
+
+template <typename T, typename P>
+Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
+  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
+  const T* xp = x.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
+  const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
+  Stats st;
+  st.t = torch::empty({3, c}, torch::dtype(torch::kFloat64));
+  double* mean = st.t.mutable_data_ptr<double>();
+  double* var = mean + c;
+  double* invstd = var + c;
+  const double cnt = ld(n * s);
+  over_channels(n, c, s, [&](int64_t c0, int64_t c1) {
+    for (int64_t j = c0; j < c1; ++j) {
+      const double shift = ld(xp[j * s]);
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t i = 0; i < n; ++i) run_sums<T>(xp + (i * c + j) * s, s, shift, a1, a2);
+      double d = a1 / cnt;
+      double v = a2 / cnt - d * d;
+      if (v < 0.0) v = 0.0;
+      const double mu = shift + d;
+      mean[j] = mu;
+      var[j] = v;
+      invstd[j] = 1.0 / std::sqrt(v + eps);
+      const double sc = invstd[j] * (wp ? ld(wp[j]) : 1.0), be = bp ? ld(bp[j]) : 0.0;
+      if constexpr (is_half<T>()) {
+        HalfOperands h(1, &mu, &sc, &be, nullptr);
+        for (int64_t i = 0; i < n; ++i) rows_affine_f<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, s, 0, 1,
+                                                          h.hi, h.lo, h.a, h.b);
+      } else {
+        for (int64_t i = 0; i < n; ++i) rows_affine<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, 1, s, 0, 1,
+                                                        &mu, &sc, &be);
+      }
+    }
+  });
+  for (int64_t j = 0; j < c; ++j)
+    if (!(std::isfinite(mean[j]) && std::isfinite(var[j]))) ++st.nbad;
+  return st;
+}
+
+template <typename T, typename P>
+void backward_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, bool need_dx,
+                   Tensor& dx, Tensor& dw, Tensor& db) {
+  const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = dy.const_data_ptr<T>();
+  T* dxp = need_dx ? dx.mutable_data_ptr<T>() : nullptr;
+  const double* mean = stats.const_data_ptr<double>();
+  const double* invstd = mean + 2 * c;
+  const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
+  P* dwp = dw.defined() ? dw.mutable_data_ptr<P>() : nullptr;
+  P* dbp = db.defined() ? db.mutable_data_ptr<P>() : nullptr;
+  const double cnt = ld(n * s);
+  over_channels(n, c, s, [&](int64_t c0, int64_t c1) {
+    for (int64_t j = c0; j < c1; ++j) {
+      const double mu = mean[j];
+      double a1 = 0.0, a2 = 0.0;
+      for (int64_t i = 0; i < n; ++i) run_grad_sums<T>(xp + (i * c + j) * s, gp + (i * c + j) * s, s, mu, a1, a2);
+      if (dbp) dbp[j] = cvt<P>(a1);
+      if (dwp) dwp[j] = cvt<P>(a2 * invstd[j]);
+      if (!need_dx) continue;
+      const double k = invstd[j] * (wp ? ld(wp[j]) : 1.0), mdy = a1 / cnt, kx = invstd[j] * invstd[j] * a2 / cnt;
+      if constexpr (is_half<T>()) {
+        HalfOperands h(1, &mu, &k, &mdy, &kx);
+        const float hi = h.hi[0], lo = h.lo[0], kf = h.a[0], mf = h.b[0], kxf = h.c[0];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t o = (i * c + j) * s;
+          const T* xr = xp + o;
+          const T* gr = gp + o;
+          T* out = dxp + o;
+          for (int64_t q = 0; q < s; ++q) out[q] = cvtf<T>(kf * ((ldf(gr[q]) - mf) - ((ldf(xr[q]) - hi) - lo) * kxf));
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t o = (i * c + j) * s;
+          const T* xr = xp + o;
+          const T* gr = gp + o;
+          T* out = dxp + o;
+          for (int64_t q = 0; q < s; ++q) out[q] = cvt<T>(k * ((ld(gr[q]) - mdy) - (ld(xr[q]) - mu) * kx));
+        }
+      }
+    }
+  });
+}
+
 // the running update of bnlab.policy.update_buffers for a clean batch (float64, rounded once);
 // returns false (nothing written) when a channel is non-finite or would overflow the buffers
 template <typename T>
@@ -479,16 +629,19 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
 
 // the training backward in differentiable ATen ops (create_graph=True): statistics from x
 variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, double eps, at::ScalarType pt) {
+  std::vector<int64_t> dims{0}, shape(x.dim(), 1);
+  for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+  shape[1] = x.size(1);
   auto xd = x.to(at::kDouble);
-  auto mean = xd.mean(0, true);
-  auto var = (xd - mean).pow(2).mean(0, true);
+  auto mean = xd.mean(dims, true);
+  auto var = (xd - mean).pow(2).mean(dims, true);
   auto invstd = (var + eps).rsqrt();
   auto xhat = (xd - mean) * invstd;
   auto g = dy.to(at::kDouble);
-  auto db = g.sum(0);
-  auto dw = (g * xhat).sum(0);
-  auto k = w.defined() ? invstd * w.to(at::kDouble) : invstd;
-  auto dx = k * (g - g.mean(0, true) - xhat * (g * xhat).mean(0, true));
+  auto db = g.sum(dims);
+  auto dw = (g * xhat).sum(dims);
+  auto k = w.defined() ? invstd * w.to(at::kDouble).view(shape) : invstd;
+  auto dx = k * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true));
   return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(pt)};
 }
 
@@ -508,8 +661,8 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     dispatch(x.scalar_type(), [&](auto t, auto p) {
       using T = decltype(t);
       using P = decltype(p);
-      st = forward_train_cols<T, P>(x, w, b, eps, y);
-      if (rm.defined()) ok = write_running<P>(st, x.size(0), rm, rv, nbt, momentum, cumulative);
+      st = x.dim() == 2 ? forward_train_cols<T, P>(x, w, b, eps, y) : forward_train_rows<T, P>(x, w, b, eps, y);
+      if (rm.defined()) ok = write_running<P>(st, x.numel() / x.size(1), rm, rv, nbt, momentum, cumulative);
     });
     ctx->save_for_backward({x, w, st.t});
     ctx->saved_data["eps"] = eps;
@@ -540,7 +693,10 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     Tensor dw = (nw && w.defined()) ? torch::empty_like(w) : Tensor();
     Tensor db = nb ? torch::empty({x.size(1)}, x.options().dtype(param_type(x.scalar_type()))) : Tensor();
     dispatch(x.scalar_type(), [&](auto t, auto p) {
-      backward_cols<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
+      if (x.dim() == 2)
+        backward_cols<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
+      else
+        backward_rows<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
     });
     out[0] = dx;
     out[1] = dw;
@@ -549,17 +705,19 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
   }
 };
 
-bool servable_2d(const Tensor& x) {
-  return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() == 2 && x.is_contiguous() && x.size(0) >= 2 && x.size(1) >= 1 && !x.is_neg() && !x.is_conj() &&
+// (N, C) or (N, C, *) up to 5 dims, contiguous, at least 2 values per channel
+bool servable(const Tensor& x) {
+  return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 && x.dim() <= 5 &&
+         x.is_contiguous() && x.size(1) >= 1 && x.numel() / x.size(1) >= 2 && !x.is_neg() && !x.is_conj() &&
          x.layout() == at::kStrided;
 }
 
-// training batch norm of a contiguous (M, C) tensor. momentum None: the cumulative average
+// training batch norm of a contiguous (M, C) or (N, C, *) tensor. momentum None: the cumulative average
 // (needs num_batches_tracked). Returns (y, stats, status: an int) or None
 py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
                  const c10::optional<Tensor>& rm_, const c10::optional<Tensor>& rv_,
                  const c10::optional<Tensor>& nbt_, c10::optional<double> momentum_, double eps) {
-  if (!servable_2d(x) || !(eps > 0.0)) return py::none();
+  if (!servable(x) || !(eps > 0.0)) return py::none();
   const int64_t c = x.size(1);
   const auto dt = param_type(x.scalar_type());
   Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());

@@ -49,7 +49,7 @@ __all__ = [
     "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
 ]
 
-_FAST_MAX = BF._FAST_MAX  # the small-call path's largest training input (bnlab.kernels.fast)
+_fast_train_size = BF._fast_train_size  # the small-call path's training inputs (bnlab.kernels.fast)
 _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing
 
@@ -236,7 +236,7 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         fx = _fast.ext
         if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
-                and (not self.training or input.numel() <= _FAST_MAX)):
+                and (not self.training or _fast_train_size(input))):
             y = self._fast_forward(fx, input)
             if y is not None:
                 return y
@@ -249,7 +249,7 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
             return None
         self._check_input_dim(input)
         if self.training:
-            if self.accumulate != 1 or self._pending is not None or input.numel() > _FAST_MAX:
+            if self.accumulate != 1 or self._pending is not None:
                 return None
             if self.track_running_stats:
                 running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
@@ -274,7 +274,7 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
                                         or (bias is not None and bias.requires_grad)):
             return None
         if running_mean is None:
-            if running_var is not None or input.numel() > _FAST_MAX:
+            if running_var is not None or not _fast_train_size(input):
                 return None
             try:
                 r = fx.train(input, weight, bias, None, None, None, 0.0, self.eps)  # no buffers: batch statistics
