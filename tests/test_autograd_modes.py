@@ -172,7 +172,7 @@ def test_double_backward_of_a_module_equals_torchs(training):
 def test_first_order_backward_still_uses_the_kernels():
     x = torch.randn(8, 3, 4, requires_grad=True)
     y = BF.batch_norm(x, None, None, training=True)
-    assert type(y.grad_fn).__name__ == "_TrainFnBackward"
+    assert y.grad_fn.name() in ("_TrainFnBackward", "torch::autograd::CppNode<bnlab::BatchNorm>")
     y.sum().backward()  # no graph: the kernel backward
     assert x.grad is not None
 

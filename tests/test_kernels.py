@@ -163,7 +163,8 @@ def test_dy_in_another_layout_than_x_gives_the_same_gradient():
 def test_kernels_serve_cpu_float_inputs_through_bnlabs_autograd_function():
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     y = BF.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
-    assert type(y.grad_fn).__name__ == "_TrainFnBackward"
+    # the small-call path's C++ node for this small input, the numba kernels' Function without it
+    assert y.grad_fn.name() in ("_TrainFnBackward", "torch::autograd::CppNode<bnlab::BatchNorm>")
     y = BF.batch_norm(x, torch.zeros(3), torch.ones(3), training=False)
     assert type(y.grad_fn).__name__ == "_EvalFnBackward"
     assert kernels.uses_bnlab_kernel(x) and not kernels.uses_bnlab_kernel(x.bfloat16())

@@ -705,9 +705,11 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
   }
 };
 
-// (N, C) or (N, C, *) up to 5 dims, contiguous, at least 2 values per channel
+// (N, C) or (N, C, *) up to 5 dims, contiguous, at least 2 values per channel; a half-precision
+// input only as (N, C) (bnlab's (N, C, *) half-precision training is torch's kernel, bit for bit)
 bool servable(const Tensor& x) {
   return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 && x.dim() <= 5 &&
+         (x.dim() == 2 || param_type(x.scalar_type()) == x.scalar_type()) &&
          x.is_contiguous() && x.size(1) >= 1 && x.numel() / x.size(1) >= 2 && !x.is_neg() && !x.is_conj() &&
          x.layout() == at::kStrided;
 }

@@ -8,7 +8,8 @@ it costs in a loop. This module compiles ``_fast.cpp`` (the numba kernels' math 
 intra-op threads) into a torch extension and exposes two calls:
 
 ``train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)``
-    Training batch norm of a contiguous ``(M, C)`` CPU float32/float64 tensor, the running
+    Training batch norm of a contiguous ``(M, C)`` or ``(N, C, *)`` CPU float32/float64 tensor
+    (``(M, C)`` also bfloat16/float16 with float32 parameters and buffers), the running
     update inside (``momentum`` None: the cumulative average). Returns ``(y, stats, status)``
     (``stats`` float64 ``(3, C)``, ``status`` 1 when the buffers were not written because the batch
     is non-finite or would overflow them: the caller then applies the non-finite policy,
