@@ -186,6 +186,10 @@ def warm_fast() -> float:
     if os.environ.get("BNLAB_FAST", "1") == "0":
         print("bnlab: BNLAB_FAST=0, the small-call extension is not built", flush=True)
         return 0.0
+    if fast.ext is not None:
+        # a build of this very source, flags, torch and Python loaded at import: nothing to do (torch's
+        # builder would compile it again from another checkout, its ninja file naming the source's path)
+        return time.perf_counter() - t0
     try:
         fast.build()
     except Exception as e:  # no compiler, no headers: the library runs without the extension
