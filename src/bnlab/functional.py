@@ -185,7 +185,8 @@ def batch_norm(
 def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, training, momentum, eps,
                      num_batches_tracked, nonfinite, name):
     """:func:`batch_norm` on the small-call path (:mod:`bnlab.kernels.fast`), or None for a call it
-    does not serve (the general path then serves it, and raises any error)."""
+    does not serve (the general path then serves it, and raises any error). The modules come here
+    too (:meth:`bnlab.nn.batchnorm._BatchNorm._fast_forward`)."""
     if training:
         if (momentum is None and num_batches_tracked is None) or not _fast_train_size(input):
             return None  # the general path's error; or a large input, which the numba kernels stream faster
@@ -197,8 +198,8 @@ def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, trainin
             return None
         y, stats, status = r
         if status:  # a non-finite batch (or one that would overflow the buffers): nothing was written
-            kernels.commit_running_stats(running_mean, running_var, num_batches_tracked, stats, input.shape[0],
-                                         momentum, nonfinite, name)
+            kernels.commit_running_stats(running_mean, running_var, num_batches_tracked, stats,
+                                         input.numel() // input.shape[1], momentum, nonfinite, name)
         return y
     if running_mean is None or running_var is None or (torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)

@@ -40,37 +40,8 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kSerialBelow = 1 << 18;  // elements: below this one thread (a parallel region costs more, measured)
 
-// loads and stores of the value types: bfloat16 by its bits (so that the loops vectorize), the others
-// by conversion; a store rounds once from float64 (bfloat16: to float, then to nearest even, as torch)
-template <typename T>
-inline double ld(T v) {
-  return static_cast<double>(v);
-}
-
-template <>
-inline double ld<c10::BFloat16>(c10::BFloat16 v) {
-  uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return static_cast<double>(f);
-}
-
-template <typename T>
-inline T cvt(double d) {
-  return static_cast<T>(d);
-}
-
-template <>
-inline c10::BFloat16 cvt<c10::BFloat16>(double d) {
-  float f = static_cast<float>(d);
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16(f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r), c10::BFloat16::from_bits());
-}
-
-// half-precision values (bfloat16, float16) as float32, and back (bfloat16 by its bits, rounding to
-// nearest even as torch does)
+// half-precision values (bfloat16, float16) as float32, and back: bfloat16 by its bits (so that the
+// loops vectorize), rounding to nearest even as torch does; the others by conversion
 template <typename T>
 inline float ldf(T v) {
   return static_cast<float>(v);
@@ -95,6 +66,28 @@ inline c10::BFloat16 cvtf<c10::BFloat16>(float f) {
   std::memcpy(&u, &f, sizeof u);
   uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return c10::BFloat16(f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+
+// loads and stores in float64: a store rounds once from float64 (bfloat16: to float32, then to
+// nearest even, as torch does)
+template <typename T>
+inline double ld(T v) {
+  return static_cast<double>(v);
+}
+
+template <>
+inline double ld<c10::BFloat16>(c10::BFloat16 v) {
+  return static_cast<double>(ldf(v));
+}
+
+template <typename T>
+inline T cvt(double d) {
+  return static_cast<T>(d);
+}
+
+template <>
+inline c10::BFloat16 cvt<c10::BFloat16>(double d) {
+  return cvtf<c10::BFloat16>(static_cast<float>(d));
 }
 
 template <typename T>
@@ -496,14 +489,8 @@ Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, doub
       var[j] = v;
       invstd[j] = 1.0 / std::sqrt(v + eps);
       const double sc = invstd[j] * (wp ? ld(wp[j]) : 1.0), be = bp ? ld(bp[j]) : 0.0;
-      if constexpr (is_half<T>()) {
-        HalfOperands h(1, &mu, &sc, &be, nullptr);
-        for (int64_t i = 0; i < n; ++i) rows_affine_f<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, s, 0, 1,
-                                                          h.hi, h.lo, h.a, h.b);
-      } else {
-        for (int64_t i = 0; i < n; ++i) rows_affine<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, 1, s, 0, 1,
-                                                        &mu, &sc, &be);
-      }
+      for (int64_t i = 0; i < n; ++i)
+        rows_affine<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, 1, s, 0, 1, &mu, &sc, &be);
     }
   });
   for (int64_t j = 0; j < c; ++j)
@@ -533,24 +520,12 @@ void backward_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
       if (dwp) dwp[j] = cvt<P>(a2 * invstd[j]);
       if (!need_dx) continue;
       const double k = invstd[j] * (wp ? ld(wp[j]) : 1.0), mdy = a1 / cnt, kx = invstd[j] * invstd[j] * a2 / cnt;
-      if constexpr (is_half<T>()) {
-        HalfOperands h(1, &mu, &k, &mdy, &kx);
-        const float hi = h.hi[0], lo = h.lo[0], kf = h.a[0], mf = h.b[0], kxf = h.c[0];
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t o = (i * c + j) * s;
-          const T* xr = xp + o;
-          const T* gr = gp + o;
-          T* out = dxp + o;
-          for (int64_t q = 0; q < s; ++q) out[q] = cvtf<T>(kf * ((ldf(gr[q]) - mf) - ((ldf(xr[q]) - hi) - lo) * kxf));
-        }
-      } else {
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t o = (i * c + j) * s;
-          const T* xr = xp + o;
-          const T* gr = gp + o;
-          T* out = dxp + o;
-          for (int64_t q = 0; q < s; ++q) out[q] = cvt<T>(k * ((ld(gr[q]) - mdy) - (ld(xr[q]) - mu) * kx));
-        }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t o = (i * c + j) * s;
+        const T* xr = xp + o;
+        const T* gr = gp + o;
+        T* out = dxp + o;
+        for (int64_t q = 0; q < s; ++q) out[q] = cvt<T>(k * ((ld(gr[q]) - mdy) - (ld(xr[q]) - mu) * kx));
       }
     }
   });
@@ -706,7 +681,8 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
 };
 
 // (N, C) or (N, C, *) up to 5 dims, contiguous, at least 2 values per channel; a half-precision
-// input only as (N, C) (bnlab's (N, C, *) half-precision training is torch's kernel, bit for bit)
+// input only as (N, C) (bnlab's (N, C, *) half-precision training is torch's kernel, bit for bit; the
+// (N, C, *) kernels above are instantiated for it but never reached)
 bool servable(const Tensor& x) {
   return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 && x.dim() <= 5 &&
          (x.dim() == 2 || param_type(x.scalar_type()) == x.scalar_type()) &&

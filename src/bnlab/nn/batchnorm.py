@@ -248,43 +248,20 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         if kernels.needs_reference():
             return None
         self._check_input_dim(input)
+        name = type(self).__name__
+        weight, bias, eps, nonfinite = self.weight, self.bias, self.eps, self.nonfinite
         if self.training:
             if self.accumulate != 1 or self._pending is not None:
                 return None
             if self.track_running_stats:
-                running_mean, running_var, nbt = self.running_mean, self.running_var, self.num_batches_tracked
-                momentum = self.momentum
-            else:
-                running_mean = running_var = nbt = None
-                momentum = 0.0
-            try:
-                r = fx.train(input, self.weight, self.bias, running_mean, running_var, nbt, momentum, self.eps)
-            except TypeError:  # an attribute of a type the extension does not take: the general path says what
-                return None
-            if r is None:
-                return None
-            y, stats, status = r
-            if status:  # a non-finite batch (or one that would overflow the buffers): nothing was written
-                kernels.commit_running_stats(running_mean, running_var, nbt, stats, input.shape[0], self.momentum,
-                                             self.nonfinite, type(self).__name__)
-            return y
+                return BF._fast_batch_norm(fx, input, self.running_mean, self.running_var, weight, bias, True,
+                                           self.momentum, eps, self.num_batches_tracked, nonfinite, name)
+            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name)
         running_mean, running_var = self.running_mean, self.running_var
-        weight, bias = self.weight, self.bias
-        if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad)):
-            return None
-        if running_mean is None:
-            if running_var is not None or not _fast_train_size(input):
-                return None
-            try:
-                r = fx.train(input, weight, bias, None, None, None, 0.0, self.eps)  # no buffers: batch statistics
-            except TypeError:
-                return None
-            return None if r is None else r[0]
-        try:
-            return fx.eval(input, weight, bias, running_mean, running_var, self.eps)
-        except TypeError:
-            return None
+        if running_mean is None and running_var is None:  # no buffers: batch statistics, as torch does
+            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name)
+        return BF._fast_batch_norm(fx, input, running_mean, running_var, weight, bias, False, self.momentum, eps,
+                                   None, nonfinite, name)
 
     def _forward(self, input: Tensor, act: str, residual: Tensor | None) -> Tensor:
         """The forward, followed by ``+ residual`` and ``act`` (fused by the kernels:
