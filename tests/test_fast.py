@@ -192,6 +192,20 @@ def test_calls_it_does_not_serve_take_the_general_path_with_the_same_numbers(cou
 
 
 @needs_ext
+def test_its_parallel_loops_run_on_torchs_threads():
+    # the extension is built with OpenMP on torch's own runtime: without it at::parallel_for's
+    # regions run on the calling thread alone, and with it they follow torch.set_num_threads
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fast.ext.parallel_width() == 2
+        torch.set_num_threads(1)
+        assert fast.ext.parallel_width() == 1
+    finally:
+        torch.set_num_threads(prev)
+
+
+@needs_ext
 def test_one_and_two_threads_agree():
     x = torch.randn(8192, 64)  # above the extension's serial size: two row blocks on two threads
     w, b = torch.rand(64), torch.randn(64)

@@ -21,12 +21,14 @@ _HALF = (torch.float16, torch.bfloat16)
 _ONE_VALUE = "more than 1 value per channel when training"  # in the one-value batch's error (modules extend it)
 _is_tracing = torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
-# the small-call path (bnlab.kernels.fast) serves training inputs up to these sizes (measured: the
-# numba kernels, with their thread pool, are faster above them: (N, C) up to 2^17 values, (N, C, *)
-# below 2^14, where the numba path runs its serial twins and its Python is most of the call) and
-# eval inputs of any size (one pass, where the Python around the numba kernels costs more than
-# their speed saves)
-_FAST_MAX = 1 << 17
+# the small-call path (bnlab.kernels.fast) serves training inputs up to these sizes (measured,
+# fwd+bwd in one process against the numba kernels: (N, C) up to 2^20 values (4 MB of float32),
+# where its two-thread loops read the tensor from cache; from 8 MB the numba kernels' four streams a
+# thread and non-temporal stores are faster. (N, C, *) below 2^14, where the numba path runs its
+# serial twins and its Python is most of the call; above, the numba rows kernels win 1.5-2x) and eval
+# inputs of any size (one pass, where the Python around the numba kernels costs more than their
+# speed saves)
+_FAST_MAX = 1 << 20
 _FAST_MAX_ND = (1 << 14) - 1
 
 
