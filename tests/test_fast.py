@@ -363,11 +363,49 @@ def test_odd_arguments_get_the_general_paths_errors_and_momentum_none_is_cumulat
 
 
 @needs_ext
-def test_small_nd_half_precision_training_stays_on_torchs_kernel(counting):
-    """(N, C, *) bfloat16/float16 training is torch's kernel, bit for bit (tests/test_model_paths.py)."""
-    m = bnlab.nn.BatchNorm2d(6)
-    m(torch.randn(4, 6, 3, 3).bfloat16())
-    assert counting.calls["train"] == 0
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("kw", [{}, {"momentum": None}], ids=["default", "cumulative"])
+def test_nd_half_precision_training_is_torchs_kernel_bit_for_bit(counting, monkeypatch, dtype, fmt, kw):
+    """(N, C, *) bfloat16/float16 training (float32 parameters, as under CPU autocast): the
+    extension calls torch's kernel, so output and gradients are torch's bit for bit, and its running
+    update is the general path's (float64, from the kernel's statistics)."""
+    torch.manual_seed(3)
+    x = (torch.randn(64, 6, 9, 9) * 2 + 3).to(dtype).contiguous(memory_format=fmt)  # above 2^14 values
+    g = torch.randn(64, 6, 9, 9).to(dtype).contiguous(memory_format=fmt)
+    fast_m, slow_m = _pair(bnlab.nn.BatchNorm2d, 6, torch.float32, **kw)
+    torch_m = torch.nn.BatchNorm2d(6, **kw)
+    torch_m.load_state_dict(fast_m.state_dict())
+    got = _run(fast_m, x, g)
+    assert counting.calls["train"] == 3
+    want_torch = _run(torch_m, x, g)
+    for (y, dx), (ty, tdx) in zip(got[0], want_torch[0]):
+        assert y.dtype == dtype and torch.equal(y, ty) and torch.equal(dx, tdx)
+    for n in got[1]:
+        assert torch.equal(got[1][n], want_torch[1][n]), n
+    monkeypatch.setattr(fast, "ext", None)
+    want = _run(slow_m, x, g)
+    for k in got[2]:
+        assert torch.equal(got[2][k], want[2][k]), k  # the same running update as the general path
+    torch.testing.assert_close(got[2]["running_var"], want_torch[2]["running_var"], rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_nd_half_precision_non_finite_batch_leaves_every_buffer_untouched(counting, nonfinite):
+    m = bnlab.nn.BatchNorm2d(4, nonfinite=nonfinite)
+    m(torch.randn(8, 4, 5, 5).bfloat16())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(8, 4, 5, 5).bfloat16()
+    x[3, 2, 1, 1] = float("inf")
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteBatchError, match=r"channel\(s\) \[2\]"):
+            m(x)
+    else:
+        m(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert counting.calls["train"] == 2
 
 
 @needs_ext

@@ -33,7 +33,11 @@ _FAST_MAX_ND = (1 << 14) - 1
 
 
 def _fast_train_size(x: Tensor) -> bool:
-    return x.numel() <= (_FAST_MAX if x.dim() == 2 else _FAST_MAX_ND)
+    if x.dim() == 2:
+        return x.numel() <= _FAST_MAX
+    # (N, C, *) half precision at any size: the extension calls torch's kernel, and does the running
+    # update and the non-finite check in C++
+    return x.numel() <= _FAST_MAX_ND or x.dtype in _HALF
 
 
 def _shape(t: Tensor) -> tuple:

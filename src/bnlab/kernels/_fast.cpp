@@ -693,16 +693,50 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
 };
 
 // (N, C) or (N, C, *) up to 5 dims, contiguous, at least 2 values per channel; a half-precision
-// input only as (N, C) (bnlab's (N, C, *) half-precision training is torch's kernel, bit for bit; the
-// (N, C, *) kernels above are instantiated for it but never reached)
+// (N, C, *) input in any strided layout (it goes to torch's kernel, native_half: the (N, C, *)
+// kernels above are instantiated for half types but never reached)
 bool servable(const Tensor& x) {
+  const bool half_nd = x.dim() > 2 && param_type(x.scalar_type()) != x.scalar_type();  // torch's kernel
   return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 && x.dim() <= 5 &&
-         (x.dim() == 2 || param_type(x.scalar_type()) == x.scalar_type()) &&
-         x.is_contiguous() && x.size(1) >= 1 && x.numel() / x.size(1) >= 2 && !x.is_neg() && !x.is_conj() &&
-         x.layout() == at::kStrided;
+         (x.is_contiguous() || half_nd) && x.size(1) >= 1 && x.numel() / x.size(1) >= 2 && !x.is_neg() &&
+         !x.is_conj() && x.layout() == at::kStrided;
 }
 
-// training batch norm of a contiguous (M, C) or (N, C, *) tensor. momentum None: the cumulative average
+// (N, C, *) bfloat16/float16 training: torch's kernel, bit for bit (its float32 statistics and
+// output, its autograd node), with bnlab's float64 running update and non-finite check on the
+// statistics it returns (the biased variance recovered as invstd^-2 - eps in float64), as
+// bnlab.kernels._native_train does in Python
+py::object native_half(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rm, const Tensor& rv,
+                       const Tensor& nbt, double momentum, bool cumulative, double eps) {
+  auto r = at::_native_batch_norm_legit(x, w.defined() ? c10::optional<Tensor>(w) : c10::nullopt,
+                                        b.defined() ? c10::optional<Tensor>(b) : c10::nullopt, true, 0.0, eps);
+  Tensor y = std::get<0>(r);
+  const int64_t c = x.size(1);
+  Stats st;
+  st.t = torch::empty({3, c}, torch::dtype(torch::kFloat64));
+  {
+    at::NoGradGuard ng;
+    Tensor mean = std::get<1>(r).detach().to(at::kDouble).contiguous();
+    Tensor invstd = std::get<2>(r).detach().to(at::kDouble).contiguous();
+    const double* mp = mean.const_data_ptr<double>();
+    const double* ip = invstd.const_data_ptr<double>();
+    double* out = st.t.mutable_data_ptr<double>();
+    for (int64_t j = 0; j < c; ++j) {
+      double v = 1.0 / (ip[j] * ip[j]) - eps;
+      if (v < 0.0) v = 0.0;
+      out[j] = mp[j];
+      out[c + j] = v;
+      out[2 * c + j] = ip[j];
+      if (!(std::isfinite(mp[j]) && std::isfinite(v))) ++st.nbad;
+    }
+  }
+  bool ok = true;
+  if (rm.defined()) ok = write_running<float>(st, x.numel() / c, rm, rv, nbt, momentum, cumulative);
+  py::gil_scoped_acquire gil;
+  return py::make_tuple(y, st.t, ok ? 0 : 1);
+}
+
+// training batch norm of a contiguous (M, C) or (N, C, *) tensor (or any strided (N, C, *) half one). momentum None: the cumulative average
 // (needs num_batches_tracked). Returns (y, stats, status: an int) or None
 py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
                  const c10::optional<Tensor>& rm_, const c10::optional<Tensor>& rv_,
@@ -720,6 +754,10 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
   const double momentum = momentum_.value_or(0.0);
   if (cumulative && rm.defined() && !nbt.defined()) return py::none();
   if (rm.defined() && (rm.is_same(rv) || x.is_same(rm))) return py::none();
+  if (x.dim() > 2 && param_type(x.scalar_type()) != x.scalar_type()) {
+    py::gil_scoped_release nogil;
+    return native_half(x, w, b, rm, rv, nbt, momentum, cumulative, eps);
+  }
   variable_list r;
   {
     py::gil_scoped_release nogil;
