@@ -21,19 +21,19 @@ def _ctx(profile="quick", seeds=None, **over):
 def test_plan_covers_every_arm_and_seed_and_fits_the_budget():
     quick, full = _ctx("quick"), _ctx("full")
     pq, pf = C6.plan(quick, Results(None)), C6.plan(full, Results(None))
-    assert len(pq.runs) == 6 * 3 and len(pf.runs) == 6 * 5
+    assert len(pq.runs) == 6 * 5 and len(pf.runs) == 6 * 10  # the seeds rules v2 ask for
     assert {r.config["norm"] for r in pq.runs} == {"none", "vertical", "horizontal", "per_timestep", "layer"}
     assert {r.config["gamma_init"] for r in pq.runs if r.config["norm"] == "per_timestep"} == {1.0, 0.1}
     assert all(r.config["task"] == "rnn" and r.config["dataset"] == "digits" for r in pq.runs)
-    # estimated one-core seconds over 2 workers: quick within the 3-minute audit; full on both data sets
-    # (the robustness cells) within C6's 15 minutes
+    # estimated one-core seconds over 2 workers: quick within 3 minutes; full on both data sets (the
+    # robustness cells) within 20 (10 seeds take it past the 15 C6 was budgeted: the seeds come first)
     assert sum(r.cost for r in pq.runs) / 2 <= 180
     both = 0.0
     for ds in C6.DATASETS:
         c = _ctx("full")
         c.dataset = ds
         both += sum(r.cost for r in C6.plan(c, Results(None)).runs)
-    assert both / 2 <= 900
+    assert both / 2 <= 1200
 
 
 def test_dataset_option_switches_to_mnist1d_sequences():
