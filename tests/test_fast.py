@@ -431,3 +431,94 @@ def test_small_nd_training_takes_it_and_equals_the_numba_path(counting, monkeypa
     for k in got[2]:
         torch.testing.assert_close(got[2][k].double(), want[2][k].double(), **ptol)
 
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,cls,fmt", [
+    ((8, 16, 4, 4), bnlab.nn.BatchNorm2d, torch.channels_last),       # 128 rows of 16: read 8 rows at a time
+    ((5, 16, 3, 3), bnlab.nn.BatchNorm2d, torch.channels_last),       # 45 rows: not a multiple of 8, row by row
+    ((4, 48, 5, 6), bnlab.nn.BatchNorm2d, torch.channels_last),       # 120 rows of 48, 3 at a time
+    ((2, 6, 3, 4, 5), bnlab.nn.BatchNorm3d, torch.channels_last_3d),
+    ((64, 16, 32, 32), bnlab.nn.BatchNorm2d, torch.channels_last),    # 2^20 values: two threads
+], ids=["cl-wide", "cl-narrow", "cl-48", "cl3d", "cl-large"])
+def test_channels_last_training_takes_it_and_equals_the_numba_path_and_torch(counting, monkeypatch, dtype, shape,
+                                                                             cls, fmt):
+    """channels_last training up to 2^20 values: the (N * spatial, C) matrix of the 2-D kernels, few
+    channels read several rows at a time; output, gradients and buffers as the numba path's, the
+    output and gradient in channels_last."""
+    torch.manual_seed(9)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 5).to(dtype).contiguous(memory_format=fmt)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    fast_m, slow_m = _pair(cls, shape[1], dtype)
+    torch_m = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm3d)(shape[1], dtype=dtype)
+    torch_m.load_state_dict(fast_m.state_dict())
+    got = _run(fast_m, x, g, steps=2)
+    assert counting.calls["train"] == 2
+    for y, dx in got[0]:
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+    want_torch = _run(torch_m, x, g, steps=2)
+    monkeypatch.setattr(fast, "ext", None)
+    want = _run(slow_m, x, g, steps=2)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for (y, dx), (y2, dx2), (y3, dx3) in zip(got[0], want[0], want_torch[0]):
+        torch.testing.assert_close(y, y2, **tol)
+        torch.testing.assert_close(dx, dx2, **tol)
+        torch.testing.assert_close(y, y3, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dx, dx3, rtol=1e-4, atol=1e-4)
+    for n in got[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], **tol)
+    for k in got[2]:
+        torch.testing.assert_close(got[2][k].double(), want[2][k].double(), **tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(6, 16, 2, 2), (3, 5)], ids=["channels_last", "2d-wide-rows"])
+def test_gradcheck_channels_last_and_wide_rows_in_float64(shape):
+    torch.manual_seed(2)
+    x = torch.randn(shape, dtype=torch.float64)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(48, 16, dtype=torch.float64)  # 48 rows of 16: read 8 rows at a time
+    x.requires_grad_()
+    w = torch.rand(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(x.shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        r = fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5)
+        assert r is not None
+        return r[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,fmt", [((8, 16, 4, 4), torch.channels_last), ((5, 16, 3, 3), torch.channels_last),
+                                       ((2, 6, 3, 4, 5), torch.channels_last_3d)], ids=["wide", "narrow", "3d"])
+def test_channels_last_inference_takes_it_and_equals_torch(counting, dtype, shape, fmt):
+    cls = bnlab.nn.BatchNorm2d if len(shape) == 4 else bnlab.nn.BatchNorm3d
+    pdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    fast_m, _ = _pair(cls, shape[1], pdt)
+    with torch.no_grad():
+        fast_m.running_mean.normal_()
+        fast_m.running_var.uniform_(0.5, 2.0)
+    tm = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm3d)(shape[1], dtype=pdt)
+    tm.load_state_dict(fast_m.state_dict())
+    fast_m.eval(), tm.eval()
+    x = (torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        y = fast_m(x)
+        want = tm(x)
+    assert counting.calls["eval"] == 1 and y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, want, **tol)
+    # the float64 formula, rounded once to the input's dtype
+    r = ref.normalize(x.double(), fast_m.running_mean.double(),
+                      ref.invstd_from_var(fast_m.running_var.double(), fast_m.eps), fast_m.weight.double(),
+                      fast_m.bias.double())
+    rt = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else \
+        dict(rtol=2e-7, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(y.double(), r.to(dtype).double(), **rt)

@@ -32,9 +32,14 @@ _FAST_MAX = 1 << 20
 _FAST_MAX_ND = (1 << 14) - 1
 
 
+_CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _fast_train_size(x: Tensor) -> bool:
     if x.dim() == 2:
         return x.numel() <= _FAST_MAX
+    if x.numel() <= _FAST_MAX and x.dim() in _CL and x.is_contiguous(memory_format=_CL[x.dim()]):
+        return True  # channels_last: the (N * spatial, C) matrix of the 2-D kernels
     # (N, C, *) half precision at any size: the extension calls torch's kernel, and does the running
     # update and the non-finite check in C++
     return x.numel() <= _FAST_MAX_ND or x.dtype in _HALF

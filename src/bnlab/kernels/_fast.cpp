@@ -365,9 +365,58 @@ struct Stats {
   int64_t nbad = 0;
 };
 
+// the columns layout: (M, C) with C innermost: a 2-D tensor, or a channels_last (4-D) /
+// channels_last_3d (5-D) one, whose memory is the (N * spatial, C) matrix (a tensor that is also
+// contiguous, as with one channel or one spatial value, is read in the rows layout)
+bool channels_last(const Tensor& x) {
+  return !x.is_contiguous() && ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                                (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
+}
+
+// (for a tensor servable() took: a 2-D one is contiguous)
+bool cols_layout(const Tensor& x) {
+  return x.dim() == 2 || channels_last(x);
+}
+
+at::MemoryFormat cols_format(const Tensor& x) {
+  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                      : x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+}
+
+// Few channels: k consecutive rows of C channels are read as one wide row of k * C >= 128 values
+// (when k divides M), so that the per-row loops stay long (as the numba kernels do); the per-column
+// sums are then added up per channel. Returns k (1: rows as they are).
+int64_t widen(int64_t m, int64_t c) {
+  if (c >= 128) return 1;
+  const int64_t k = (128 + c - 1) / c;
+  return m % k == 0 ? k : 1;
+}
+
+// a per-channel operand repeated k times (the wide rows' columns)
+std::vector<double> tiled(const double* a, int64_t c, int64_t k) {
+  std::vector<double> t(c * k);
+  for (int64_t r = 0; r < k; ++r) std::memcpy(t.data() + r * c, a, c * sizeof(double));
+  return t;
+}
+
+// per-channel totals of per-column sums of the wide rows (k * c columns)
+void fold_wide(const std::vector<double>& w1, const std::vector<double>& w2, int64_t c, int64_t k, double* s1,
+               double* s2) {
+  for (int64_t j = 0; j < c; ++j) {
+    double a = 0.0, b = 0.0;
+    for (int64_t r = 0; r < k; ++r) {
+      a += w1[r * c + j];
+      b += w2[r * c + j];
+    }
+    s1[j] = a;
+    s2[j] = b;
+  }
+}
+
 template <typename T, typename P>
 Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
-  const int64_t m = x.size(0), c = x.size(1);
+  const int64_t c = x.size(1), m = x.numel() / c;
+  const int64_t k = widen(m, c), mw = m / k, cw = c * k;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
   Stats st;
@@ -378,12 +427,15 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
   std::vector<double> buf(5 * c);
   double *shift = buf.data(), *s1 = shift + c, *s2 = s1 + c, *scale = s2 + c, *beta = scale + c;
   for (int64_t j = 0; j < c; ++j) shift[j] = ld(xp[j]);
-  const int64_t nb = row_blocks(m, c);
-  std::vector<double> part(nb * 2 * c);
-  over_rows(m, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
-    cols_sums<T>(xp + r0 * c, r1 - r0, c, 0, c, shift, part.data() + blk * 2 * c, part.data() + (blk * 2 + 1) * c);
+  const std::vector<double> shift_w = tiled(shift, c, k);
+  const int64_t nb = row_blocks(mw, cw);
+  std::vector<double> part(nb * 2 * cw), w1(cw), w2(cw);
+  over_rows(mw, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
+    cols_sums<T>(xp + r0 * cw, r1 - r0, cw, 0, cw, shift_w.data(), part.data() + blk * 2 * cw,
+                 part.data() + (blk * 2 + 1) * cw);
   });
-  fold_blocks(part, nb, c, s1, s2);
+  fold_blocks(part, nb, cw, w1.data(), w2.data());
+  fold_wide(w1, w2, c, k, s1, s2);
   const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
   const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
   const double md = ld(m);
@@ -398,14 +450,15 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
     scale[j] = invstd[j] * (wp ? ld(wp[j]) : 1.0);
     beta[j] = bp ? ld(bp[j]) : 0.0;
   }
+  const std::vector<double> mean_w = tiled(mean, c, k), scale_w = tiled(scale, c, k), beta_w = tiled(beta, c, k);
   if constexpr (is_half<T>()) {
-    HalfOperands h(c, mean, scale, beta, nullptr);
-    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
-      cols_affine_f<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, h.hi, h.lo, h.a, h.b);
+    HalfOperands h(cw, mean_w.data(), scale_w.data(), beta_w.data(), nullptr);
+    over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_affine_f<T>(xp + r0 * cw, yp + r0 * cw, r1 - r0, cw, h.hi, h.lo, h.a, h.b);
     });
   } else {
-    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
-      cols_affine<T>(xp + r0 * c, yp + r0 * c, r1 - r0, c, 0, c, mean, scale, beta);
+    over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_affine<T>(xp + r0 * cw, yp + r0 * cw, r1 - r0, cw, 0, cw, mean_w.data(), scale_w.data(), beta_w.data());
     });
   }
   return st;
@@ -575,20 +628,23 @@ bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tenso
 template <typename T, typename P>
 void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, bool need_dx,
                    Tensor& dx, Tensor& dw, Tensor& db) {
-  const int64_t m = x.size(0), c = x.size(1);
+  const int64_t c = x.size(1), m = x.numel() / c;
+  const int64_t kw = widen(m, c), mw = m / kw, cw = c * kw;  // wide rows (see widen)
   const T* xp = x.const_data_ptr<T>();
   const T* gp = dy.const_data_ptr<T>();
   const double* mean = stats.const_data_ptr<double>();
   const double* invstd = mean + 2 * c;
   std::vector<double> buf(5 * c);
   double *s1 = buf.data(), *s2 = s1 + c, *k = s2 + c, *mdy = k + c, *kx = mdy + c;
-  const int64_t nb = row_blocks(m, c);
-  std::vector<double> part(nb * 2 * c);
-  over_rows(m, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
-    cols_grad_sums<T>(xp + r0 * c, gp + r0 * c, r1 - r0, c, 0, c, mean, part.data() + blk * 2 * c,
-                      part.data() + (blk * 2 + 1) * c);
+  const std::vector<double> mean_w = tiled(mean, c, kw);
+  const int64_t nb = row_blocks(mw, cw);
+  std::vector<double> part(nb * 2 * cw), w1(cw), w2(cw);
+  over_rows(mw, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
+    cols_grad_sums<T>(xp + r0 * cw, gp + r0 * cw, r1 - r0, cw, 0, cw, mean_w.data(), part.data() + blk * 2 * cw,
+                      part.data() + (blk * 2 + 1) * cw);
   });
-  fold_blocks(part, nb, c, s1, s2);
+  fold_blocks(part, nb, cw, w1.data(), w2.data());
+  fold_wide(w1, w2, c, kw, s1, s2);
   const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
   P* dwp = dw.defined() ? dw.mutable_data_ptr<P>() : nullptr;
   P* dbp = db.defined() ? db.mutable_data_ptr<P>() : nullptr;
@@ -602,14 +658,16 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
   }
   if (!need_dx) return;
   T* dxp = dx.mutable_data_ptr<T>();
+  const std::vector<double> k_w = tiled(k, c, kw), mdy_w = tiled(mdy, c, kw), kx_w = tiled(kx, c, kw);
   if constexpr (is_half<T>()) {
-    HalfOperands h(c, mean, k, mdy, kx);
-    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
-      cols_dx_f<T>(xp + r0 * c, gp + r0 * c, dxp + r0 * c, r1 - r0, c, h.hi, h.lo, h.a, h.b, h.c);
+    HalfOperands h(cw, mean_w.data(), k_w.data(), mdy_w.data(), kx_w.data());
+    over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_dx_f<T>(xp + r0 * cw, gp + r0 * cw, dxp + r0 * cw, r1 - r0, cw, h.hi, h.lo, h.a, h.b, h.c);
     });
   } else {
-    over_rows(m, nb, [&](int64_t, int64_t r0, int64_t r1) {
-      cols_dx<T>(xp + r0 * c, gp + r0 * c, dxp + r0 * c, r1 - r0, c, 0, c, mean, k, mdy, kx);
+    over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      cols_dx<T>(xp + r0 * cw, gp + r0 * cw, dxp + r0 * cw, r1 - r0, cw, 0, cw, mean_w.data(), k_w.data(),
+                 mdy_w.data(), kx_w.data());
     });
   }
 }
@@ -648,7 +706,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
     dispatch(x.scalar_type(), [&](auto t, auto p) {
       using T = decltype(t);
       using P = decltype(p);
-      st = x.dim() == 2 ? forward_train_cols<T, P>(x, w, b, eps, y) : forward_train_rows<T, P>(x, w, b, eps, y);
+      st = cols_layout(x) ? forward_train_cols<T, P>(x, w, b, eps, y) : forward_train_rows<T, P>(x, w, b, eps, y);
       if (rm.defined()) ok = write_running<P>(st, x.numel() / x.size(1), rm, rv, nbt, momentum, cumulative);
     });
     ctx->save_for_backward({x, w, st.t});
@@ -675,12 +733,12 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
       if (nb) out[2] = g[2];
       return out;
     }
-    dy = dy.contiguous();
+    dy = dy.contiguous(cols_layout(x) ? cols_format(x) : at::MemoryFormat::Contiguous);
     Tensor dx = nx ? torch::empty_like(x) : Tensor();
     Tensor dw = (nw && w.defined()) ? torch::empty_like(w) : Tensor();
     Tensor db = nb ? torch::empty({x.size(1)}, x.options().dtype(param_type(x.scalar_type()))) : Tensor();
     dispatch(x.scalar_type(), [&](auto t, auto p) {
-      if (x.dim() == 2)
+      if (cols_layout(x))
         backward_cols<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
       else
         backward_rows<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
@@ -692,13 +750,13 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
   }
 };
 
-// (N, C) or (N, C, *) up to 5 dims, contiguous, at least 2 values per channel; a half-precision
+// (N, C) or (N, C, *) up to 5 dims, contiguous or channels_last(_3d), at least 2 values per channel; a half-precision
 // (N, C, *) input in any strided layout (it goes to torch's kernel, native_half: the (N, C, *)
 // kernels above are instantiated for half types but never reached)
 bool servable(const Tensor& x) {
   const bool half_nd = x.dim() > 2 && param_type(x.scalar_type()) != x.scalar_type();  // torch's kernel
   return x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 && x.dim() <= 5 &&
-         (x.is_contiguous() || half_nd) && x.size(1) >= 1 && x.numel() / x.size(1) >= 2 && !x.is_neg() &&
+         (x.is_contiguous() || half_nd || channels_last(x)) && x.size(1) >= 1 && x.numel() / x.size(1) >= 2 && !x.is_neg() &&
          !x.is_conj() && x.layout() == at::kStrided;
 }
 
@@ -770,11 +828,12 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
 }
 
 // eval forward with the running statistics, no autograd (a caller with grad takes the general
-// path): (M, C) or contiguous (N, C, *) tensors. Returns y or None
+// path): (M, C), contiguous (N, C, *) or channels_last(_3d) tensors. Returns y or None
 py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
                 const Tensor& rm, const Tensor& rv, double eps) {
   if (!(x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 &&
-        x.dim() <= 5 && x.is_contiguous() && x.layout() == at::kStrided && !x.is_neg() && !x.is_conj()) ||
+        x.dim() <= 5 && (x.is_contiguous() || channels_last(x)) && x.layout() == at::kStrided && !x.is_neg() &&
+        !x.is_conj()) ||
       !(eps >= 0.0) || x.numel() == 0)
     return py::none();
   const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
@@ -802,7 +861,21 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
       }
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-      if constexpr (is_half<scalar_t>()) {
+      if (channels_last(x)) {  // the (N * spatial, C) matrix, few channels read as wide rows
+        const int64_t m = x.numel() / c, k = widen(m, c), mw = m / k, cw = c * k;
+        const std::vector<double> mean_w = tiled(mean, c, k), scale_w = tiled(scale, c, k), beta_w = tiled(beta, c, k);
+        if constexpr (is_half<scalar_t>()) {
+          HalfOperands h(cw, mean_w.data(), scale_w.data(), beta_w.data(), nullptr);
+          over_rows(mw, row_blocks(mw, cw), [&](int64_t, int64_t r0, int64_t r1) {
+            cols_affine_f<scalar_t>(xp + r0 * cw, yp + r0 * cw, r1 - r0, cw, h.hi, h.lo, h.a, h.b);
+          });
+        } else {
+          over_rows(mw, row_blocks(mw, cw), [&](int64_t, int64_t r0, int64_t r1) {
+            cols_affine<scalar_t>(xp + r0 * cw, yp + r0 * cw, r1 - r0, cw, 0, cw, mean_w.data(), scale_w.data(),
+                                  beta_w.data());
+          });
+        }
+      } else if constexpr (is_half<scalar_t>()) {
         HalfOperands h(c, mean, scale, beta, nullptr);
         if (n * c * s < kSerialBelow || serial_only()) {
           rows_affine_f<scalar_t>(xp, yp, c, s, 0, n * c, h.hi, h.lo, h.a, h.b);
