@@ -107,7 +107,8 @@ def test_fused_kernels_serve_eager_cpu_float_and_the_guard_still_holds():
     layer = BatchNormAct2d(4)
     x = torch.randn(8, 4, 5, 5, requires_grad=True)
     y = layer(x)
-    assert "ActFn" in type(y.grad_fn).__name__  # one autograd node: the fused kernels
+    # one autograd node: the fused kernels (the small-call path's C++ node where it is built)
+    assert "ActFn" in type(y.grad_fn).__name__ or y.grad_fn.name().endswith("CppNode<bnlab::BatchNorm>")
     before = layer.running_mean.clone()
     bad = torch.randn(8, 4, 5, 5)
     bad[0, 2, 0, 0] = float("nan")

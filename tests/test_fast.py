@@ -178,7 +178,7 @@ def test_calls_it_does_not_serve_take_the_general_path_with_the_same_numbers(cou
     m = bnlab.nn.BatchNorm1d(6)
     tm = torch.nn.BatchNorm1d(6)
     xs = [torch.randn(6, 10).t(),  # not contiguous
-          torch.randn(64, 6, 64)]  # 3-D in training from 2^14 values: the numba kernels
+          torch.randn(64, 6, 3000)]  # 3-D in training above 2^20 values: the numba kernels
     for x in xs:
         torch.testing.assert_close(m(x), tm(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.running_var, tm.running_var, rtol=1e-6, atol=1e-6)
@@ -522,3 +522,72 @@ def test_channels_last_inference_takes_it_and_equals_torch(counting, dtype, shap
     rt = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else \
         dict(rtol=2e-7, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(y.double(), r.to(dtype).double(), **rt)
+
+
+@needs_ext
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("shape,fmt", [((8, 16, 5, 5), torch.contiguous_format), ((8, 16, 4, 4), torch.channels_last),
+                                       ((40, 24), torch.contiguous_format)], ids=["nchw", "channels_last", "2d"])
+def test_norm_act_layers_take_it_with_their_epilogue_and_equal_the_numba_kernels(counting, monkeypatch, act,
+                                                                                with_res, shape, fmt):
+    """BatchNormAct's relu(BN(x) + residual) in training: one C++ call (the epilogue inside the
+    kernels' passes), output, every gradient (the residual's too) and buffers as the numba path's."""
+    torch.manual_seed(4)
+    cls = bnlab.nn.BatchNormAct2d if len(shape) == 4 else bnlab.nn.BatchNormAct1d
+    a, b = cls(shape[1], act=act), cls(shape[1], act=act)
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 1.5)
+        a.bias.normal_()
+    b.load_state_dict(a.state_dict())
+    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+    r = torch.randn(shape).contiguous(memory_format=fmt) if with_res else None
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+
+    def run(m):
+        xi = x.clone().requires_grad_()
+        ri = None if r is None else r.clone().requires_grad_()
+        y = m(xi, ri)
+        y.backward(g)
+        return y.detach(), xi.grad, None if ri is None else ri.grad, m.weight.grad, m.bias.grad
+
+    got = run(a)
+    assert counting.calls["train"] == 1
+    monkeypatch.setattr(fast, "ext", None)
+    want = run(b)
+    for u, v in zip(got, want):
+        if u is not None:
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    if act == "relu":
+        assert (got[0] >= 0).all() and (got[0] == 0).any()
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(4, 3, 2, 3), (6, 5)], ids=["nchw", "2d"])
+def test_the_epilogue_passes_gradcheck_in_float64(shape):
+    torch.manual_seed(5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+
+    def f(x, r, w, b):
+        out = fast.ext.train(x, w, b, None, None, None, 0.1, 1e-5, r, True)
+        assert out is not None
+        return out[0]
+
+    assert torch.autograd.gradcheck(f, (x, r, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, r, w, b))
+
+
+@needs_ext
+def test_the_epilogue_declines_a_residual_it_cannot_read_in_place(counting):
+    m = bnlab.nn.BatchNormAct2d(4)
+    x = torch.randn(2, 4, 3, 3)
+    m(x, torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last))  # another layout
+    m(x, torch.randn(2, 4, 3, 3, dtype=torch.float64))  # another dtype: the general path's rule
+    assert counting.calls["train"] == 0
+    m(x, torch.randn(2, 4, 3, 3))
+    assert counting.calls["train"] == 1

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX
 
 TIMEOUT = int(os.environ.get("BNLAB_FORK_TIMEOUT", "240"))  # s; a hung child fails the test (a cold cache compiles ~10 s)
 
-# inputs made before any fork, above cpu.SERIAL_BELOW so that the parent runs them on the pool
+# inputs made before any fork: up to 2^20 values the small-call path (C++, torch's threads) serves
+# them in training, above it the numba kernels (numba's pool); the parent runs both in parallel
 _g = torch.Generator().manual_seed(0)
 CASES = {
     "rows": torch.randn(8, 16, 24, 24, generator=_g),
@@ -38,8 +39,12 @@ CASES = {
     "2d": torch.randn(4096, 24, generator=_g),
     # above the small-call path's serial size: its eval forward runs on torch's threads in the parent
     "rows_large": torch.randn(8, 16, 48, 48, generator=_g),
+    # above 2^20 values: the numba kernels' pool in training
+    "rows_numba": torch.randn(8, 16, 96, 96, generator=_g),
+    "channels_last_numba": torch.randn(8, 16, 96, 96, generator=_g).contiguous(memory_format=torch.channels_last),
+    "2d_numba": torch.randn(65536, 24, generator=_g),
 }
-DY = {k: torch.randn(v.shape, generator=_g).contiguous(memory_format=torch.channels_last) if k == "channels_last"
+DY = {k: torch.randn(v.shape, generator=_g).contiguous(memory_format=torch.channels_last) if k.startswith("channels_last")
       else torch.randn(v.shape, generator=_g) for k, v in CASES.items()}
 
 
@@ -146,7 +151,7 @@ _SCRIPT = textwrap.dedent("""
     import bnlab.functional as BF
     from bnlab.kernels import cpu
     torch.set_num_threads(2)
-    x = torch.randn(8, 16, 24, 24, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(8, 16, 96, 96, generator=torch.Generator().manual_seed(0))  # above 2^20: the numba kernels
 
     def run():
         torch.set_num_threads(1)

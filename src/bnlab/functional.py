@@ -21,28 +21,18 @@ _HALF = (torch.float16, torch.bfloat16)
 _ONE_VALUE = "more than 1 value per channel when training"  # in the one-value batch's error (modules extend it)
 _is_tracing = torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
-# the small-call path (bnlab.kernels.fast) serves training inputs up to these sizes (measured,
-# fwd+bwd in one process against the numba kernels: (N, C) up to 2^20 values (4 MB of float32),
-# where its two-thread loops read the tensor from cache; from 8 MB the numba kernels' four streams a
-# thread and non-temporal stores are faster. (N, C, *) below 2^14, where the numba path runs its
-# serial twins and its Python is most of the call; above, the numba rows kernels win 1.5-2x) and eval
-# inputs of any size (one pass, where the Python around the numba kernels costs more than their
-# speed saves)
+# the small-call path (bnlab.kernels.fast) serves float32/float64 training inputs of up to 2^20
+# values (4 MB of float32) in every layout it takes: (N, C), contiguous (N, C, *) and channels_last.
+# Measured fwd+bwd in one process against the numba kernels: its two-thread loops, reading the
+# tensor from cache, are faster up to there; from 8 MB the numba kernels' prefetching, four streams a
+# thread and non-temporal stores are (level at 16 MB). Half-precision (N, C, *) training at any size
+# (torch's kernel, called from C++), and eval at any size (one pass, where the Python around the
+# numba kernels costs more than their speed saves).
 _FAST_MAX = 1 << 20
-_FAST_MAX_ND = (1 << 14) - 1
-
-
-_CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _fast_train_size(x: Tensor) -> bool:
-    if x.dim() == 2:
-        return x.numel() <= _FAST_MAX
-    if x.numel() <= _FAST_MAX and x.dim() in _CL and x.is_contiguous(memory_format=_CL[x.dim()]):
-        return True  # channels_last: the (N * spatial, C) matrix of the 2-D kernels
-    # (N, C, *) half precision at any size: the extension calls torch's kernel, and does the running
-    # update and the non-finite check in C++
-    return x.numel() <= _FAST_MAX_ND or x.dtype in _HALF
+    return x.numel() <= _FAST_MAX or (x.dim() > 2 and x.dtype in _HALF)
 
 
 def _shape(t: Tensor) -> tuple:
@@ -194,15 +184,17 @@ def batch_norm(
 
 
 def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                     num_batches_tracked, nonfinite, name):
+                     num_batches_tracked, nonfinite, name, residual=None, relu=False):
     """:func:`batch_norm` on the small-call path (:mod:`bnlab.kernels.fast`), or None for a call it
     does not serve (the general path then serves it, and raises any error). The modules come here
-    too (:meth:`bnlab.nn.batchnorm._BatchNorm._fast_forward`)."""
+    too (:meth:`bnlab.nn.batchnorm._BatchNorm._fast_forward`), the norm-act layers in training with
+    their epilogue (``relu(y + residual)``; ``residual`` None, ``relu`` False: plain batch norm)."""
     if training:
         if (momentum is None and num_batches_tracked is None) or not _fast_train_size(input):
             return None  # the general path's error; or a large input, which the numba kernels stream faster
         try:
-            r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+            r = fx.train(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                         residual, relu)
         except TypeError:  # an argument of a type the extension does not take: the general path says what
             return None
         if r is None:

@@ -19,6 +19,12 @@
 // (the derivative of y through mean and var: the term in db / M from d mean, the term in kx from
 // d var). When a graph of the backward is asked for (create_graph=True) the backward runs the same
 // formula in differentiable ATen ops with the statistics recomputed from x.
+//
+// Layouts: (M, C) and channels_last (the (N * spatial, C) matrix; few channels read as wide rows of
+// several consecutive rows), and contiguous (N, C, *) (a channel's N runs summed, then normalized
+// from cache). Loops run on torch's intra-op threads (at::parallel_for: the extension is built with
+// OpenMP against torch's own runtime) from 2^15 values. The norm-act layers' epilogue, y =
+// relu(BN(x) + res), runs inside the same passes (see Epilogue).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -365,6 +371,111 @@ struct Stats {
   int64_t nbad = 0;
 };
 
+// the fused epilogue of bnlab.nn.BatchNormAct*d: y = act(z + res), z the batch norm's output, act
+// relu or none (float32/float64; silu, gelu and half precision stay on the numba / general path).
+// As the numba kernels: z formed in float64, res added in float64, the activation, rounded once;
+// the backward recomputes z from x (and res) and passes dy where z > 0 (a select, as torch's
+// threshold_backward), dres = that gradient.
+
+struct Epilogue {
+  const void* res = nullptr;  // the residual (x's shape and layout) or none
+  bool relu = false;
+  void* dres = nullptr;  // backward: where the residual's gradient goes (relu; without it dres = dy)
+  bool any() const { return res != nullptr || relu; }
+};
+
+template <bool RELU>
+inline double act_of(double z) {
+  if constexpr (RELU) return z < 0.0 ? 0.0 : z;  // NaN stays NaN
+  return z;
+}
+
+// call f(std::bool_constant<RES>, std::bool_constant<RELU>) for the epilogue's case
+template <typename F>
+void with_epilogue(const Epilogue& e, F f) {
+  if (e.res && e.relu) f(std::true_type{}, std::true_type{});
+  else if (e.res) f(std::true_type{}, std::false_type{});
+  else if (e.relu) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
+// one run of s values of one channel: y = act((x - mu) * sc + be (+ res))
+template <typename T, bool RES, bool RELU>
+__attribute__((noinline)) void run_affine_act(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ y,
+                                              int64_t s, double mu, double sc, double be) {
+  for (int64_t q = 0; q < s; ++q) {
+    double z = (ld(x[q]) - mu) * sc + be;
+    if constexpr (RES) z += ld(res[q]);
+    y[q] = cvt<T>(act_of<RELU>(z));
+  }
+}
+
+// the gradient through the epilogue of one value: dy where z > 0 (relu), else dy
+template <typename T, bool RES, bool RELU>
+inline double dz_of(T x, T g, const T* res, int64_t q, double mu, double sc, double be) {
+  if constexpr (RELU) {
+    double z = (ld(x) - mu) * sc + be;
+    if constexpr (RES) z += ld(res[q]);
+    return z > 0.0 ? ld(g) : 0.0;
+  }
+  return ld(g);
+}
+
+// (M, C) rows: y = act((x - mean) * scale + beta (+ res)), per-column operands
+template <typename T, bool RES, bool RELU>
+__attribute__((noinline)) void cols_affine_act(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ y,
+                                               int64_t m, int64_t c, const double* __restrict__ mean,
+                                               const double* __restrict__ scale, const double* __restrict__ beta) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t o = i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      double z = (ld(x[o + j]) - mean[j]) * scale[j] + beta[j];
+      if constexpr (RES) z += ld(res[o + j]);
+      y[o + j] = cvt<T>(act_of<RELU>(z));
+    }
+  }
+}
+
+// (M, C) rows: per-column sums of dz and dz * (x - mean)
+template <typename T, bool RES, bool RELU>
+__attribute__((noinline)) void cols_grad_sums_act(const T* __restrict__ x, const T* __restrict__ dy,
+                                                  const T* __restrict__ res, int64_t m, int64_t c,
+                                                  const double* __restrict__ mean, const double* __restrict__ scale,
+                                                  const double* __restrict__ beta, double* __restrict__ s1,
+                                                  double* __restrict__ s2) {
+  for (int64_t j = 0; j < c; ++j) {
+    s1[j] = 0.0;
+    s2[j] = 0.0;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t o = i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const double g = dz_of<T, RES, RELU>(x[o + j], dy[o + j], res + o, j, mean[j], scale[j], beta[j]);
+      s1[j] += g;
+      s2[j] += g * (ld(x[o + j]) - mean[j]);
+    }
+  }
+}
+
+// (M, C) rows: dx = k ((dz - mdz) - (x - mean) kx), dres = dz (relu)
+template <typename T, bool RES, bool RELU>
+__attribute__((noinline)) void cols_dx_act(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ res,
+                                           T* __restrict__ dx, T* __restrict__ dres, int64_t m, int64_t c,
+                                           const double* __restrict__ mean, const double* __restrict__ k,
+                                           const double* __restrict__ beta, const double* __restrict__ mdz,
+                                           const double* __restrict__ kx) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t o = i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      const double g = dz_of<T, RES, RELU>(x[o + j], dy[o + j], res + o, j, mean[j], k[j], beta[j]);
+      if (dx) dx[o + j] = cvt<T>(k[j] * ((g - mdz[j]) - (ld(x[o + j]) - mean[j]) * kx[j]));
+      if constexpr (RELU) {
+        if (dres) dres[o + j] = cvt<T>(g);
+      }
+    }
+  }
+}
+
 // the columns layout: (M, C) with C innermost: a 2-D tensor, or a channels_last (4-D) /
 // channels_last_3d (5-D) one, whose memory is the (N * spatial, C) matrix (a tensor that is also
 // contiguous, as with one channel or one spatial value, is read in the rows layout)
@@ -414,7 +525,8 @@ void fold_wide(const std::vector<double>& w1, const std::vector<double>& w2, int
 }
 
 template <typename T, typename P>
-Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
+Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y,
+                         const Epilogue& epi = Epilogue()) {
   const int64_t c = x.size(1), m = x.numel() / c;
   const int64_t k = widen(m, c), mw = m / k, cw = c * k;
   const T* xp = x.const_data_ptr<T>();
@@ -451,7 +563,16 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
     beta[j] = bp ? ld(bp[j]) : 0.0;
   }
   const std::vector<double> mean_w = tiled(mean, c, k), scale_w = tiled(scale, c, k), beta_w = tiled(beta, c, k);
-  if constexpr (is_half<T>()) {
+  if (epi.any()) {  // (float32/float64 only: train() declines a half-precision epilogue)
+    const T* rp = static_cast<const T*>(epi.res);
+    with_epilogue(epi, [&](auto res_c, auto relu_c) {
+      over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
+        cols_affine_act<T, decltype(res_c)::value, decltype(relu_c)::value>(
+            xp + r0 * cw, rp ? rp + r0 * cw : nullptr, yp + r0 * cw, r1 - r0, cw, mean_w.data(), scale_w.data(),
+            beta_w.data());
+      });
+    });
+  } else if constexpr (is_half<T>()) {
     HalfOperands h(cw, mean_w.data(), scale_w.data(), beta_w.data(), nullptr);
     over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
       cols_affine_f<T>(xp + r0 * cw, yp + r0 * cw, r1 - r0, cw, h.hi, h.lo, h.a, h.b);
@@ -470,52 +591,57 @@ Stats forward_train_cols(const Tensor& x, const Tensor& w, const Tensor& b, doub
 // A task is one channel: its sums over the N runs, then its output from the core's own cache (a
 // channel of a 64x16x32x32 float32 tensor is 256 KB); channels are split over torch's threads.
 
-constexpr int kLanes = 16;  // float64 partial sums per accumulator: the loop vectorizes over them
+constexpr int kLanes = 32;  // float64 partial sums per accumulator: the loop vectorizes over them
 
-// sums of x - shift and its square over one run of s values, added to (a1, a2)
-template <typename T>
-inline void run_sums(const T* __restrict__ x, int64_t s, double shift, double& a1, double& a2) {
+// float64 lane accumulators of one channel, carried over its N runs and added up once at the end
+// (a sum per run would leave the lanes' reduction on every run of a short one)
+struct Lanes {
   double p1[kLanes] = {}, p2[kLanes] = {};
+  double t1 = 0.0, t2 = 0.0;  // the runs' tails (s not a multiple of kLanes)
+  void total(double& a1, double& a2) const {
+    double x1 = t1, x2 = t2;
+    for (int l = 0; l < kLanes; ++l) {
+      x1 += p1[l];
+      x2 += p2[l];
+    }
+    a1 = x1;
+    a2 = x2;
+  }
+};
+
+// sums of x - shift and its square over one run of s values, into the lanes
+template <typename T>
+inline void run_sums(const T* __restrict__ x, int64_t s, double shift, Lanes& a) {
   int64_t q = 0;
   for (; q + kLanes <= s; q += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       double d = ld(x[q + l]) - shift;
-      p1[l] += d;
-      p2[l] += d * d;
+      a.p1[l] += d;
+      a.p2[l] += d * d;
     }
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    a1 += p1[l];
-    a2 += p2[l];
   }
   for (; q < s; ++q) {
     double d = ld(x[q]) - shift;
-    a1 += d;
-    a2 += d * d;
+    a.t1 += d;
+    a.t2 += d * d;
   }
 }
 
-// sums of dy and dy * (x - mean) over one run, added to (a1, a2)
+// sums of dy and dy * (x - mean) over one run, into the lanes
 template <typename T>
-inline void run_grad_sums(const T* __restrict__ x, const T* __restrict__ dy, int64_t s, double mean, double& a1,
-                          double& a2) {
-  double p1[kLanes] = {}, p2[kLanes] = {};
+inline void run_grad_sums(const T* __restrict__ x, const T* __restrict__ dy, int64_t s, double mean, Lanes& a) {
   int64_t q = 0;
   for (; q + kLanes <= s; q += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       double g = ld(dy[q + l]);
-      p1[l] += g;
-      p2[l] += g * (ld(x[q + l]) - mean);
+      a.p1[l] += g;
+      a.p2[l] += g * (ld(x[q + l]) - mean);
     }
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    a1 += p1[l];
-    a2 += p2[l];
   }
   for (; q < s; ++q) {
     double g = ld(dy[q]);
-    a1 += g;
-    a2 += g * (ld(x[q]) - mean);
+    a.t1 += g;
+    a.t2 += g * (ld(x[q]) - mean);
   }
 }
 
@@ -529,7 +655,8 @@ void over_channels(int64_t n, int64_t c, int64_t s, F f) {
 }
 
 template <typename T, typename P>
-Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y) {
+Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, double eps, Tensor& y,
+                         const Epilogue& epi = Epilogue()) {
   const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -544,8 +671,10 @@ Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, doub
   over_channels(n, c, s, [&](int64_t c0, int64_t c1) {
     for (int64_t j = c0; j < c1; ++j) {
       const double shift = ld(xp[j * s]);
-      double a1 = 0.0, a2 = 0.0;
-      for (int64_t i = 0; i < n; ++i) run_sums<T>(xp + (i * c + j) * s, s, shift, a1, a2);
+      Lanes lanes;
+      for (int64_t i = 0; i < n; ++i) run_sums<T>(xp + (i * c + j) * s, s, shift, lanes);
+      double a1, a2;
+      lanes.total(a1, a2);
       double d = a1 / cnt;
       double v = a2 / cnt - d * d;
       if (v < 0.0) v = 0.0;
@@ -554,8 +683,19 @@ Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, doub
       var[j] = v;
       invstd[j] = 1.0 / std::sqrt(v + eps);
       const double sc = invstd[j] * (wp ? ld(wp[j]) : 1.0), be = bp ? ld(bp[j]) : 0.0;
-      for (int64_t i = 0; i < n; ++i)
-        rows_affine<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, 1, s, 0, 1, &mu, &sc, &be);
+      if (epi.any()) {
+        const T* rp = static_cast<const T*>(epi.res);
+        with_epilogue(epi, [&](auto res_c, auto relu_c) {
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t o = (i * c + j) * s;
+            run_affine_act<T, decltype(res_c)::value, decltype(relu_c)::value>(xp + o, rp ? rp + o : nullptr,
+                                                                               yp + o, s, mu, sc, be);
+          }
+        });
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          rows_affine<T>(xp + (i * c + j) * s, yp + (i * c + j) * s, 1, 1, s, 0, 1, &mu, &sc, &be);
+      }
     }
   });
   for (int64_t j = 0; j < c; ++j)
@@ -563,9 +703,59 @@ Stats forward_train_rows(const Tensor& x, const Tensor& w, const Tensor& b, doub
   return st;
 }
 
+// one channel's backward through the relu epilogue (rows layout): sums of dz and dz * (x - mean)
+// over its N runs, then dx and dres (dz)
+template <typename T, typename P>
+void epilogue_backward_rows(const T* xp, const T* gp, const T* rp, T* dxp, T* drp, int64_t n, int64_t c, int64_t s,
+                            int64_t j, double mu, double k, double be, double inv, double cnt, P* dwp, P* dbp) {
+  auto body = [&](auto res_c) {
+    constexpr bool RES = decltype(res_c)::value;
+    Lanes lanes;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t o = (i * c + j) * s;
+      const T* xr = xp + o;
+      const T* gr = gp + o;
+      const T* rr = RES ? rp + o : nullptr;
+      int64_t q = 0;
+      for (; q + kLanes <= s; q += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const double g = dz_of<T, RES, true>(xr[q + l], gr[q + l], rr, q + l, mu, k, be);
+          lanes.p1[l] += g;
+          lanes.p2[l] += g * (ld(xr[q + l]) - mu);
+        }
+      }
+      for (; q < s; ++q) {
+        const double g = dz_of<T, RES, true>(xr[q], gr[q], rr, q, mu, k, be);
+        lanes.t1 += g;
+        lanes.t2 += g * (ld(xr[q]) - mu);
+      }
+    }
+    double a1, a2;
+    lanes.total(a1, a2);
+    if (dbp) dbp[j] = cvt<P>(a1);
+    if (dwp) dwp[j] = cvt<P>(a2 * inv);
+    if (!dxp && !drp) return;
+    const double mdz = a1 / cnt, kx = inv * inv * a2 / cnt;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t o = (i * c + j) * s;
+      const T* xr = xp + o;
+      const T* gr = gp + o;
+      const T* rr = RES ? rp + o : nullptr;
+      for (int64_t q = 0; q < s; ++q) {
+        const double g = dz_of<T, RES, true>(xr[q], gr[q], rr, q, mu, k, be);
+        if (dxp) dxp[o + q] = cvt<T>(k * ((g - mdz) - (ld(xr[q]) - mu) * kx));
+        if (drp) drp[o + q] = cvt<T>(g);
+      }
+    }
+  };
+  if (rp) body(std::true_type{});
+  else body(std::false_type{});
+}
+
 template <typename T, typename P>
 void backward_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, bool need_dx,
-                   Tensor& dx, Tensor& dw, Tensor& db) {
+                   Tensor& dx, Tensor& dw, Tensor& db, const Tensor& b = Tensor(),
+                   const Epilogue& epi = Epilogue()) {
   const int64_t n = x.size(0), c = x.size(1), s = x.numel() / (n * c);
   const T* xp = x.const_data_ptr<T>();
   const T* gp = dy.const_data_ptr<T>();
@@ -575,16 +765,25 @@ void backward_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
   const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
   P* dwp = dw.defined() ? dw.mutable_data_ptr<P>() : nullptr;
   P* dbp = db.defined() ? db.mutable_data_ptr<P>() : nullptr;
+  const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
   const double cnt = ld(n * s);
   over_channels(n, c, s, [&](int64_t c0, int64_t c1) {
     for (int64_t j = c0; j < c1; ++j) {
       const double mu = mean[j];
-      double a1 = 0.0, a2 = 0.0;
-      for (int64_t i = 0; i < n; ++i) run_grad_sums<T>(xp + (i * c + j) * s, gp + (i * c + j) * s, s, mu, a1, a2);
+      const double k = invstd[j] * (wp ? ld(wp[j]) : 1.0), be = bp ? ld(bp[j]) : 0.0;
+      if (epi.relu) {
+        epilogue_backward_rows<T, P>(xp, gp, static_cast<const T*>(epi.res), dxp, static_cast<T*>(epi.dres), n, c,
+                                     s, j, mu, k, be, invstd[j], cnt, dwp, dbp);
+        continue;
+      }
+      Lanes lanes;
+      for (int64_t i = 0; i < n; ++i) run_grad_sums<T>(xp + (i * c + j) * s, gp + (i * c + j) * s, s, mu, lanes);
+      double a1, a2;
+      lanes.total(a1, a2);
       if (dbp) dbp[j] = cvt<P>(a1);
       if (dwp) dwp[j] = cvt<P>(a2 * invstd[j]);
       if (!need_dx) continue;
-      const double k = invstd[j] * (wp ? ld(wp[j]) : 1.0), mdy = a1 / cnt, kx = invstd[j] * invstd[j] * a2 / cnt;
+      const double mdy = a1 / cnt, kx = invstd[j] * invstd[j] * a2 / cnt;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t o = (i * c + j) * s;
         const T* xr = xp + o;
@@ -627,39 +826,67 @@ bool write_running(const Stats& st, int64_t count, const Tensor& rm, const Tenso
 
 template <typename T, typename P>
 void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats, bool need_dx,
-                   Tensor& dx, Tensor& dw, Tensor& db) {
+                   Tensor& dx, Tensor& dw, Tensor& db, const Tensor& b = Tensor(),
+                   const Epilogue& epi = Epilogue()) {
   const int64_t c = x.size(1), m = x.numel() / c;
   const int64_t kw = widen(m, c), mw = m / kw, cw = c * kw;  // wide rows (see widen)
   const T* xp = x.const_data_ptr<T>();
   const T* gp = dy.const_data_ptr<T>();
   const double* mean = stats.const_data_ptr<double>();
   const double* invstd = mean + 2 * c;
-  std::vector<double> buf(5 * c);
-  double *s1 = buf.data(), *s2 = s1 + c, *k = s2 + c, *mdy = k + c, *kx = mdy + c;
-  const std::vector<double> mean_w = tiled(mean, c, kw);
+  const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
+  const P* bp = b.defined() ? b.const_data_ptr<P>() : nullptr;
+  std::vector<double> buf(6 * c);
+  double *s1 = buf.data(), *s2 = s1 + c, *k = s2 + c, *mdy = k + c, *kx = mdy + c, *beta = kx + c;
+  for (int64_t j = 0; j < c; ++j) {
+    k[j] = invstd[j] * (wp ? ld(wp[j]) : 1.0);
+    beta[j] = bp ? ld(bp[j]) : 0.0;
+  }
+  const std::vector<double> mean_w = tiled(mean, c, kw), k_w = tiled(k, c, kw), beta_w = tiled(beta, c, kw);
+  const T* rp = static_cast<const T*>(epi.res);
   const int64_t nb = row_blocks(mw, cw);
   std::vector<double> part(nb * 2 * cw), w1(cw), w2(cw);
   over_rows(mw, nb, [&](int64_t blk, int64_t r0, int64_t r1) {
-    cols_grad_sums<T>(xp + r0 * cw, gp + r0 * cw, r1 - r0, cw, 0, cw, mean_w.data(), part.data() + blk * 2 * cw,
-                      part.data() + (blk * 2 + 1) * cw);
+    double* a1 = part.data() + blk * 2 * cw;
+    double* a2 = part.data() + (blk * 2 + 1) * cw;
+    if (epi.relu) {  // dz = dy where z > 0
+      if (rp)
+        cols_grad_sums_act<T, true, true>(xp + r0 * cw, gp + r0 * cw, rp + r0 * cw, r1 - r0, cw, mean_w.data(),
+                                          k_w.data(), beta_w.data(), a1, a2);
+      else
+        cols_grad_sums_act<T, false, true>(xp + r0 * cw, gp + r0 * cw, nullptr, r1 - r0, cw, mean_w.data(),
+                                           k_w.data(), beta_w.data(), a1, a2);
+    } else {
+      cols_grad_sums<T>(xp + r0 * cw, gp + r0 * cw, r1 - r0, cw, 0, cw, mean_w.data(), a1, a2);
+    }
   });
   fold_blocks(part, nb, cw, w1.data(), w2.data());
   fold_wide(w1, w2, c, kw, s1, s2);
-  const P* wp = w.defined() ? w.const_data_ptr<P>() : nullptr;
   P* dwp = dw.defined() ? dw.mutable_data_ptr<P>() : nullptr;
   P* dbp = db.defined() ? db.mutable_data_ptr<P>() : nullptr;
   const double md = ld(m);
   for (int64_t j = 0; j < c; ++j) {
     if (dbp) dbp[j] = cvt<P>(s1[j]);
     if (dwp) dwp[j] = cvt<P>(s2[j] * invstd[j]);
-    k[j] = invstd[j] * (wp ? ld(wp[j]) : 1.0);
     mdy[j] = s1[j] / md;
     kx[j] = invstd[j] * invstd[j] * s2[j] / md;
   }
-  if (!need_dx) return;
-  T* dxp = dx.mutable_data_ptr<T>();
-  const std::vector<double> k_w = tiled(k, c, kw), mdy_w = tiled(mdy, c, kw), kx_w = tiled(kx, c, kw);
-  if constexpr (is_half<T>()) {
+  T* drp = static_cast<T*>(epi.dres);
+  if (!need_dx && !(epi.relu && drp)) return;
+  T* dxp = need_dx ? dx.mutable_data_ptr<T>() : nullptr;
+  const std::vector<double> mdy_w = tiled(mdy, c, kw), kx_w = tiled(kx, c, kw);
+  if (epi.relu) {
+    over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
+      T* dxr = dxp ? dxp + r0 * cw : nullptr;
+      T* drr = drp ? drp + r0 * cw : nullptr;
+      if (rp)
+        cols_dx_act<T, true, true>(xp + r0 * cw, gp + r0 * cw, rp + r0 * cw, dxr, drr, r1 - r0, cw, mean_w.data(),
+                                   k_w.data(), beta_w.data(), mdy_w.data(), kx_w.data());
+      else
+        cols_dx_act<T, false, true>(xp + r0 * cw, gp + r0 * cw, nullptr, dxr, drr, r1 - r0, cw, mean_w.data(),
+                                    k_w.data(), beta_w.data(), mdy_w.data(), kx_w.data());
+    });
+  } else if constexpr (is_half<T>()) {
     HalfOperands h(cw, mean_w.data(), k_w.data(), mdy_w.data(), kx_w.data());
     over_rows(mw, nb, [&](int64_t, int64_t r0, int64_t r1) {
       cols_dx_f<T>(xp + r0 * cw, gp + r0 * cw, dxp + r0 * cw, r1 - r0, cw, h.hi, h.lo, h.a, h.b, h.c);
@@ -673,7 +900,8 @@ void backward_cols(const Tensor& dy, const Tensor& x, const Tensor& w, const Ten
 }
 
 // the training backward in differentiable ATen ops (create_graph=True): statistics from x
-variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, double eps, at::ScalarType pt) {
+variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& res,
+                             bool relu, double eps, at::ScalarType pt) {
   std::vector<int64_t> dims{0}, shape(x.dim(), 1);
   for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
   shape[1] = x.size(1);
@@ -682,35 +910,49 @@ variable_list graph_backward(const Tensor& dy, const Tensor& x, const Tensor& w,
   auto var = (xd - mean).pow(2).mean(dims, true);
   auto invstd = (var + eps).rsqrt();
   auto xhat = (xd - mean) * invstd;
+  auto k = w.defined() ? invstd * w.to(at::kDouble).view(shape) : invstd;
   auto g = dy.to(at::kDouble);
+  if (relu) {  // dz = dy where z = BN(x) (+ res) > 0 (z as the forward forms it)
+    auto z = (xd - mean) * k;
+    if (b.defined()) z = z + b.to(at::kDouble).view(shape);
+    if (res.defined()) z = z + res.to(at::kDouble);
+    g = at::where(z > 0, g, at::zeros_like(g));
+  }
   auto db = g.sum(dims);
   auto dw = (g * xhat).sum(dims);
-  auto k = w.defined() ? invstd * w.to(at::kDouble).view(shape) : invstd;
   auto dx = k * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true));
-  return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(pt)};
+  return {dx.to(x.scalar_type()), w.defined() ? dw.to(w.scalar_type()) : Tensor(), db.to(pt),
+          res.defined() ? g.to(res.scalar_type()) : Tensor()};
 }
 
 struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: CppNode<bnlab::BatchNorm>
   // returns (y, stats, status): status 0 = buffers written (or none given), 1 = not written (the
-  // batch is non-finite or would overflow them: the caller applies the policy with ``stats``)
+  // batch is non-finite or would overflow them: the caller applies the policy with ``stats``).
+  // y = act(BN(x) + res) with the epilogue (res: an empty placeholder for none; relu or none).
   // (absent tensors come as empty placeholders: autograd's apply reads the device of every tensor)
   static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, Tensor b, Tensor rm, Tensor rv,
-                               Tensor nbt, double momentum, bool cumulative, double eps) {
+                               Tensor nbt, double momentum, bool cumulative, double eps, Tensor res, bool relu) {
     if (!w.numel()) w = Tensor();
     if (!b.numel()) b = Tensor();
     if (!rm.numel()) rm = rv = Tensor();
     if (nbt.dim() != 0) nbt = Tensor();
+    if (res.numel() == 0) res = Tensor();
     Tensor y = torch::empty_like(x);
     Stats st;
     bool ok = true;
+    Epilogue epi;
+    epi.res = res.defined() ? res.const_data_ptr() : nullptr;
+    epi.relu = relu;
     dispatch(x.scalar_type(), [&](auto t, auto p) {
       using T = decltype(t);
       using P = decltype(p);
-      st = cols_layout(x) ? forward_train_cols<T, P>(x, w, b, eps, y) : forward_train_rows<T, P>(x, w, b, eps, y);
+      st = cols_layout(x) ? forward_train_cols<T, P>(x, w, b, eps, y, epi)
+                          : forward_train_rows<T, P>(x, w, b, eps, y, epi);
       if (rm.defined()) ok = write_running<P>(st, x.numel() / x.size(1), rm, rv, nbt, momentum, cumulative);
     });
-    ctx->save_for_backward({x, w, st.t});
+    ctx->save_for_backward({x, w, st.t, b, res});
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
     Tensor status = torch::full({}, ok ? 0 : 1, torch::dtype(torch::kInt64));
     ctx->mark_non_differentiable({st.t, status});
     return {y, st.t, status};
@@ -718,34 +960,45 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    Tensor x = saved[0], w = saved[1], stats = saved[2];
+    Tensor x = saved[0], w = saved[1], stats = saved[2], b = saved[3], res = saved[4];
+    const bool relu = ctx->saved_data["relu"].toBool();
     Tensor dy = grads[0];
     const bool nx = ctx->needs_input_grad(0), nw = ctx->needs_input_grad(1), nb = ctx->needs_input_grad(2);
-    variable_list out(9);  // one per forward argument
+    // (needs_input_grad counts the tensor arguments only: res is the seventh)
+    const bool nr = res.defined() && ctx->needs_input_grad(6);
+    variable_list out(11);  // one per forward argument
     if (!dy.defined()) return out;
     // a graph of the backward asked for (create_graph=True), or a dy without storage of its own (a
     // batched tangent of torch.func / jacobian(vectorize=True)): the formula in ATen ops
     if (at::GradMode::is_enabled() || !dy.has_storage() || dy.layout() != at::kStrided ||
         dy.scalar_type() != x.scalar_type()) {
-      auto g = graph_backward(dy, x, w, ctx->saved_data["eps"].toDouble(), param_type(x.scalar_type()));
+      auto g = graph_backward(dy, x, w, b, res, relu, ctx->saved_data["eps"].toDouble(), param_type(x.scalar_type()));
       if (nx) out[0] = g[0];
       if (nw) out[1] = g[1];
       if (nb) out[2] = g[2];
+      if (nr) out[9] = g[3];
       return out;
     }
     dy = dy.contiguous(cols_layout(x) ? cols_format(x) : at::MemoryFormat::Contiguous);
     Tensor dx = nx ? torch::empty_like(x) : Tensor();
     Tensor dw = (nw && w.defined()) ? torch::empty_like(w) : Tensor();
     Tensor db = nb ? torch::empty({x.size(1)}, x.options().dtype(param_type(x.scalar_type()))) : Tensor();
+    // the residual's gradient: dz, which is dy itself without an activation
+    Tensor dres = nr ? (relu ? torch::empty_like(x) : dy) : Tensor();
+    Epilogue epi;
+    epi.res = res.defined() ? res.const_data_ptr() : nullptr;
+    epi.relu = relu;
+    epi.dres = (nr && relu) ? dres.mutable_data_ptr() : nullptr;
     dispatch(x.scalar_type(), [&](auto t, auto p) {
       if (cols_layout(x))
-        backward_cols<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
+        backward_cols<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db, b, epi);
       else
-        backward_rows<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db);
+        backward_rows<decltype(t), decltype(p)>(dy, x, w, stats, nx, dx, dw, db, b, epi);
     });
     out[0] = dx;
     out[1] = dw;
     out[2] = db;
+    out[9] = dres;
     return out;
   }
 };
@@ -798,8 +1051,18 @@ py::object native_half(const Tensor& x, const Tensor& w, const Tensor& b, const 
 // (needs num_batches_tracked). Returns (y, stats, status: an int) or None
 py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
                  const c10::optional<Tensor>& rm_, const c10::optional<Tensor>& rv_,
-                 const c10::optional<Tensor>& nbt_, c10::optional<double> momentum_, double eps) {
+                 const c10::optional<Tensor>& nbt_, c10::optional<double> momentum_, double eps,
+                 const c10::optional<Tensor>& res_, bool relu) {
   if (!servable(x) || !(eps > 0.0)) return py::none();
+  Tensor res = res_.value_or(Tensor());
+  if (res.defined() || relu) {  // the epilogue: float32/float64, a residual of x's shape, dtype and layout
+    if (param_type(x.scalar_type()) != x.scalar_type()) return py::none();
+    if (res.defined() &&
+        !(res.device().is_cpu() && res.layout() == at::kStrided && res.scalar_type() == x.scalar_type() &&
+          res.sizes() == x.sizes() && !res.is_neg() && !res.is_conj() &&
+          res.is_contiguous(cols_layout(x) ? cols_format(x) : at::MemoryFormat::Contiguous)))
+      return py::none();
+  }
   const int64_t c = x.size(1);
   const auto dt = param_type(x.scalar_type());
   Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
@@ -822,7 +1085,8 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
     Tensor none = at::empty({0}, x.options().dtype(dt));
     Tensor no_count = at::empty({0}, torch::dtype(torch::kLong));
     r = BatchNorm::apply(x, w.defined() ? w : none, b.defined() ? b : none, rm.defined() ? rm : none,
-                       rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, cumulative, eps);
+                       rv.defined() ? rv : none, nbt.defined() ? nbt : no_count, momentum, cumulative, eps,
+                       res.defined() ? res : none, relu);
   }
   return py::make_tuple(r[0], r[1], r[2].item<int64_t>());
 }
@@ -931,7 +1195,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bnlab's small-call batch norm (see bnlab.kernels.fast)";
   m.def("train", &bnlab::train, "training batch norm of a contiguous (M, C) CPU tensor, or None", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
-        py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("eps"));
+        py::arg("num_batches_tracked"), py::arg("momentum"), py::arg("eps"), py::arg("residual") = py::none(),
+        py::arg("relu") = false);
   m.def("set_serial_below", [](int64_t n) { int64_t old = bnlab::kSerialBelow; bnlab::kSerialBelow = n; return old; },
         "set the size (elements) below which the loops run on the calling thread; returns the old one");
   m.def("parallel_width", &bnlab::parallel_width, "threads a parallel loop of the extension runs on");

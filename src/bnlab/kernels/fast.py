@@ -39,7 +39,7 @@ __all__ = ["ext", "build", "available", "build_dir"]
 _SOURCE = Path(__file__).with_name("_fast.cpp")
 
 
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fvisibility=hidden", "-fopenmp"]
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden", "-fopenmp"]
 
 
 def _key() -> str:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from ..kernels import fast as _fast
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _fast_train_size, _is_compiling, _is_tracing
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "from_batchnorm", "ACTIVATIONS"]
 
@@ -56,7 +57,15 @@ class _BatchNormAct(_BatchNorm):
             if residual.shape != input.shape:
                 raise ValueError(f"{type(self).__name__}: expected residual of the input's shape {tuple(input.shape)} "
                                  f"(got {tuple(residual.shape)})")
-        return self._forward(input, self.act, residual)
+        act = self.act
+        fx = _fast.ext
+        if (fx is not None and self.training and (act == "relu" or act == "none") and type(input) is Tensor
+                and (residual is None or type(residual) is Tensor) and not _is_compiling() and not _is_tracing()
+                and _fast_train_size(input)):
+            y = self._fast_forward(fx, input, act, residual)  # the small-call path, epilogue included
+            if y is not None:
+                return y
+        return self._forward(input, act, residual)
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

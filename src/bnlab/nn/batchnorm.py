@@ -242,9 +242,10 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
                 return y
         return self._forward(input, "none", None)
 
-    def _fast_forward(self, fx, input: Tensor) -> Tensor | None:
+    def _fast_forward(self, fx, input: Tensor, act: str = "none", residual: Tensor | None = None) -> Tensor | None:
         """The small-call path (:mod:`bnlab.kernels.fast`): the whole layer as one C++ call, or None
-        for a call it does not serve (then :meth:`_forward` serves it, and raises any error)."""
+        for a call it does not serve (then :meth:`_forward` serves it, and raises any error). In
+        training it also takes the norm-act layers' epilogue (``+ residual``, relu)."""
         if kernels.needs_reference():
             return None
         self._check_input_dim(input)
@@ -253,10 +254,15 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         if self.training:
             if self.accumulate != 1 or self._pending is not None:
                 return None
+            relu = act == "relu"
             if self.track_running_stats:
                 return BF._fast_batch_norm(fx, input, self.running_mean, self.running_var, weight, bias, True,
-                                           self.momentum, eps, self.num_batches_tracked, nonfinite, name)
-            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name)
+                                           self.momentum, eps, self.num_batches_tracked, nonfinite, name, residual,
+                                           relu)
+            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
+                                       residual, relu)
+        if act != "none" or residual is not None:
+            return None  # eval with the epilogue: the general path's kernels
         running_mean, running_var = self.running_mean, self.running_var
         if running_mean is None and running_var is None:  # no buffers: batch statistics, as torch does
             return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name)
