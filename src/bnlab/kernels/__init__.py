@@ -18,7 +18,7 @@ nonfinite, name) -> y``
 
 Routing: the modules and :func:`bnlab.functional.batch_norm` first offer a call to the
 small-call path (:mod:`.fast`: a training call on a contiguous ``(N, C)`` input of up to 2^20
-values or an ``(N, C, *)`` one below 2^14, and eval calls without autograd, as one C++ call with a C++ autograd node; it declines
+values or an ``(N, C, *)`` / channels_last one of up to 2^20, and eval calls without autograd, as one C++ call with a C++ autograd node; it declines
 anything else), then come here. CPU float32/float64 tensors go to bnlab's fused numba kernels
 (:mod:`.cpu`); every other
 device and dtype (CUDA, float16, bfloat16) goes to torch's kernel

@@ -7,15 +7,21 @@ model's tensors have evicted it from the caches), so each of those steps costs s
 it costs in a loop. This module compiles ``_fast.cpp`` (the numba kernels' math in C++, on torch's
 intra-op threads) into a torch extension and exposes two calls:
 
-``train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)``
-    Training batch norm of a contiguous ``(M, C)`` or ``(N, C, *)`` CPU float32/float64 tensor
-    (``(M, C)`` also bfloat16/float16 with float32 parameters and buffers), the running
-    update inside (``momentum`` None: the cumulative average). Returns ``(y, stats, status)``
-    (``stats`` float64 ``(3, C)``, ``status`` 1 when the buffers were not written because the batch
-    is non-finite or would overflow them: the caller then applies the non-finite policy,
-    :func:`bnlab.policy.update_buffers`), or None for a call it does not serve.
+``train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual=None, relu=False)``
+    Training batch norm of a contiguous ``(M, C)``, contiguous ``(N, C, *)`` or channels_last
+    CPU float32/float64 tensor (``(M, C)`` also bfloat16/float16 with float32 parameters and
+    buffers; an ``(N, C, *)`` bfloat16/float16 one goes to torch's kernel, with the running update
+    and the check here), the running update inside (``momentum`` None: the cumulative average),
+    optionally followed by ``+ residual`` and ReLU (the norm-act layers' epilogue, in the same
+    passes). Returns ``(y, stats, status)`` (``stats`` float64 ``(3, C)``, ``status`` 1 when the
+    buffers were not written because the batch is non-finite or would overflow them: the caller
+    then applies the non-finite policy, :func:`bnlab.policy.update_buffers`), or None for a call it
+    does not serve.
 ``eval(x, weight, bias, running_mean, running_var, eps)``
-    Eval batch norm of a contiguous ``(N, C, *)`` tensor without autograd, or None.
+    Eval batch norm of a contiguous or channels_last tensor without autograd, or None.
+
+Its loops run on torch's intra-op threads (built with ``-fopenmp`` against torch's own OpenMP
+runtime; ``ext.parallel_width()`` says how many) from 2^15 values, on one thread in a forked child.
 
 The extension is built by ``python -m bnlab.kernels.warmup`` (``make setup``; a C++ compiler and
 about a minute) into ``$BNLAB_CACHE`` (default ``~/.cache/bnlab``), keyed by the source, torch's
