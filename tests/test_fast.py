@@ -591,3 +591,32 @@ def test_the_epilogue_declines_a_residual_it_cannot_read_in_place(counting):
     assert counting.calls["train"] == 0
     m(x, torch.randn(2, 4, 3, 3))
     assert counting.calls["train"] == 1
+
+
+@needs_ext
+@pytest.mark.parametrize("act", ["relu", "none"])
+@pytest.mark.parametrize("with_res", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("shape,fmt", [((8, 16, 5, 5), torch.contiguous_format), ((8, 16, 4, 4), torch.channels_last),
+                                       ((40, 24), torch.contiguous_format), ((64, 16, 32, 32), torch.contiguous_format)],
+                         ids=["nchw", "channels_last", "2d", "nchw-large"])
+def test_norm_act_inference_takes_it_and_equals_the_numba_kernels(counting, monkeypatch, act, with_res, shape, fmt):
+    torch.manual_seed(8)
+    cls = bnlab.nn.BatchNormAct2d if len(shape) == 4 else bnlab.nn.BatchNormAct1d
+    a, b = cls(shape[1], act=act), cls(shape[1], act=act)
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 1.5)
+        a.bias.normal_()
+        a.running_mean.normal_()
+        a.running_var.uniform_(0.5, 2.0)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = (torch.randn(shape) * 2 + 0.5).contiguous(memory_format=fmt)
+    r = torch.randn(shape).contiguous(memory_format=fmt) if with_res else None
+    with torch.no_grad():
+        y = a(x, r)
+        assert counting.calls["eval"] == 1 and y.is_contiguous(memory_format=fmt)
+        monkeypatch.setattr(fast, "ext", None)
+        want = b(x, r)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    if act == "relu":
+        assert (y >= 0).all() and (y == 0).any()

@@ -206,10 +206,10 @@ def _fast_batch_norm(fx, input, running_mean, running_var, weight, bias, trainin
         return y
     if running_mean is None or running_var is None or (torch.is_grad_enabled() and (
             input.requires_grad or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad))):
+            or (bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad))):
         return None
     try:
-        return fx.eval(input, weight, bias, running_mean, running_var, eps)
+        return fx.eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
     except TypeError:
         return None
 

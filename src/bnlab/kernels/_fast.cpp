@@ -1091,10 +1091,49 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
   return py::make_tuple(r[0], r[1], r[2].item<int64_t>());
 }
 
+// eval with the norm-act epilogue, y = act(BN(x) + res) (float32/float64): the columns layout
+// (2-D, channels_last) as wide rows, the rows layout one (n, c) run at a time
+template <typename T>
+void eval_epilogue(const Tensor& x, const Tensor& res, bool relu, const T* xp, T* yp, const double* mean,
+                   const double* scale, const double* beta) {
+  Epilogue epi;
+  epi.res = res.defined() ? res.const_data_ptr() : nullptr;
+  epi.relu = relu;
+  const T* rp = static_cast<const T*>(epi.res);
+  const int64_t c = x.size(1);
+  if (x.dim() == 2 || channels_last(x)) {
+    const int64_t m = x.numel() / c, k = widen(m, c), mw = m / k, cw = c * k;
+    const std::vector<double> mean_w = tiled(mean, c, k), scale_w = tiled(scale, c, k), beta_w = tiled(beta, c, k);
+    with_epilogue(epi, [&](auto res_c, auto relu_c) {
+      over_rows(mw, row_blocks(mw, cw), [&](int64_t, int64_t r0, int64_t r1) {
+        cols_affine_act<T, decltype(res_c)::value, decltype(relu_c)::value>(
+            xp + r0 * cw, rp ? rp + r0 * cw : nullptr, yp + r0 * cw, r1 - r0, cw, mean_w.data(), scale_w.data(),
+            beta_w.data());
+      });
+    });
+    return;
+  }
+  const int64_t nc = x.size(0) * c, s = x.numel() / nc;
+  with_epilogue(epi, [&](auto res_c, auto relu_c) {
+    auto runs = [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t j = r % c;
+        run_affine_act<T, decltype(res_c)::value, decltype(relu_c)::value>(xp + r * s, rp ? rp + r * s : nullptr,
+                                                                           yp + r * s, s, mean[j], scale[j], beta[j]);
+      }
+    };
+    if (x.numel() < kSerialBelow || serial_only()) {
+      runs(0, nc);
+    } else {
+      at::parallel_for(0, nc, std::max<int64_t>(1, 4096 / s), runs);
+    }
+  });
+}
+
 // eval forward with the running statistics, no autograd (a caller with grad takes the general
 // path): (M, C), contiguous (N, C, *) or channels_last(_3d) tensors. Returns y or None
 py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
-                const Tensor& rm, const Tensor& rv, double eps) {
+                const Tensor& rm, const Tensor& rv, double eps, const c10::optional<Tensor>& res_, bool relu) {
   if (!(x.device().is_cpu() && served_dtype(x.scalar_type()) && x.dim() >= 2 &&
         x.dim() <= 5 && (x.is_contiguous() || channels_last(x)) && x.layout() == at::kStrided && !x.is_neg() &&
         !x.is_conj()) ||
@@ -1106,6 +1145,16 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
   if (!is_param(w, c, dt) || !is_param(b, c, dt) || !rm.defined() || !rv.defined() || !is_vec(rm, c, dt) ||
       !is_vec(rv, c, dt))
     return py::none();
+  Tensor res = res_.value_or(Tensor());
+  const bool epilogue = res.defined() || relu;
+  if (epilogue) {  // the norm-act layers' eval: float32/float64, a residual of x's shape, dtype and layout
+    if (dt != x.scalar_type()) return py::none();
+    if (res.defined() &&
+        !(res.device().is_cpu() && res.layout() == at::kStrided && res.scalar_type() == x.scalar_type() &&
+          res.sizes() == x.sizes() && !res.is_neg() && !res.is_conj() &&
+          res.is_contiguous(channels_last(x) ? cols_format(x) : at::MemoryFormat::Contiguous)))
+      return py::none();
+  }
   Tensor y = torch::empty_like(x);
   {
     py::gil_scoped_release nogil;
@@ -1125,7 +1174,11 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
       }
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-      if (channels_last(x)) {  // the (N * spatial, C) matrix, few channels read as wide rows
+      if (epilogue) {
+        if constexpr (!is_half<scalar_t>()) {
+          eval_epilogue<scalar_t>(x, res, relu, xp, yp, mean, scale, beta);
+        }
+      } else if (channels_last(x)) {  // the (N * spatial, C) matrix, few channels read as wide rows
         const int64_t m = x.numel() / c, k = widen(m, c), mw = m / k, cw = c * k;
         const std::vector<double> mean_w = tiled(mean, c, k), scale_w = tiled(scale, c, k), beta_w = tiled(beta, c, k);
         if constexpr (is_half<scalar_t>()) {
@@ -1202,5 +1255,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_width", &bnlab::parallel_width, "threads a parallel loop of the extension runs on");
   m.def("forked", [] { return bnlab::g_forked.load(); }, "True in a child forked from the process that loaded the extension");
   m.def("eval", &bnlab::eval, "eval batch norm of a contiguous CPU tensor without autograd, or None", py::arg("x"),
-        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"));
+        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("eps"),
+        py::arg("residual") = py::none(), py::arg("relu") = false);
 }

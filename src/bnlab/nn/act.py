@@ -59,9 +59,9 @@ class _BatchNormAct(_BatchNorm):
                                  f"(got {tuple(residual.shape)})")
         act = self.act
         fx = _fast.ext
-        if (fx is not None and self.training and (act == "relu" or act == "none") and type(input) is Tensor
+        if (fx is not None and (act == "relu" or act == "none") and type(input) is Tensor
                 and (residual is None or type(residual) is Tensor) and not _is_compiling() and not _is_tracing()
-                and _fast_train_size(input)):
+                and (not self.training or _fast_train_size(input))):
             y = self._fast_forward(fx, input, act, residual)  # the small-call path, epilogue included
             if y is not None:
                 return y

@@ -261,13 +261,13 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
                                            relu)
             return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
                                        residual, relu)
-        if act != "none" or residual is not None:
-            return None  # eval with the epilogue: the general path's kernels
+        relu = act == "relu"
         running_mean, running_var = self.running_mean, self.running_var
         if running_mean is None and running_var is None:  # no buffers: batch statistics, as torch does
-            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name)
+            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
+                                       residual, relu)
         return BF._fast_batch_norm(fx, input, running_mean, running_var, weight, bias, False, self.momentum, eps,
-                                   None, nonfinite, name)
+                                   None, nonfinite, name, residual, relu)
 
     def _forward(self, input: Tensor, act: str, residual: Tensor | None) -> Tensor:
         """The forward, followed by ``+ residual`` and ``act`` (fused by the kernels:
