@@ -17,8 +17,9 @@ intra-op threads) into a torch extension and exposes two calls:
     buffers were not written because the batch is non-finite or would overflow them: the caller
     then applies the non-finite policy, :func:`bnlab.policy.update_buffers`), or None for a call it
     does not serve.
-``eval(x, weight, bias, running_mean, running_var, eps)``
-    Eval batch norm of a contiguous or channels_last tensor without autograd, or None.
+``eval(x, weight, bias, running_mean, running_var, eps, residual=None, relu=False)``
+    Eval batch norm of a contiguous or channels_last tensor without autograd (optionally followed
+    by ``+ residual`` and ReLU, float32/float64), or None.
 
 Its loops run on torch's intra-op threads (built with ``-fopenmp`` against torch's own OpenMP
 runtime; ``ext.parallel_width()`` says how many) from 2^15 values, on one thread in a forked child.
