@@ -27,8 +27,9 @@ Configurations: ``eager`` (NCHW float32), ``channels_last`` (the ResNet's inputs
 channels_last), ``bf16`` (the step under ``torch.autocast("cpu", torch.bfloat16)``), ``inference``
 and ``compile`` (``torch.compile`` of the whole model; the step around it in eager).
 
-With fused layers available (:class:`bnlab.nn.BatchNormAct2d`), the ResNet's eager training step is
-also timed with its BN -> ReLU pairs fused (``bnlab.convert(model, fuse_act=True)``).
+With fused layers available (:class:`bnlab.nn.BatchNormAct2d`), the ResNet's and the MLP's eager
+training steps are also timed with their BN -> ReLU pairs fused (``bnlab.convert(model,
+fuse_act=True)``; the MLP's row has no bar).
 """
 
 from __future__ import annotations
@@ -238,13 +239,15 @@ def run_models_suite(args, progress=None) -> dict:
     models = getattr(args, "models", None) or (("mlp", "resnet") if quick else ("resnet", "mlp", "lstm"))
     configs = getattr(args, "configs", None) or (("eager", "inference") if quick else CONFIGS)
     plan = [(m, c, False) for m in models for c in configs]
-    if "resnet" in models and "eager" in configs and _has_fused():
-        plan.insert(plan.index(("resnet", "eager", False)) + 1, ("resnet", "eager", True))
+    if "eager" in configs and _has_fused():
+        for m in ("resnet", "mlp"):  # BN -> ReLU fused (the MLP's row is a finding, without a bar)
+            if m in models:
+                plan.insert(plan.index((m, "eager", False)) + 1, (m, "eager", True))
     task = progress.add_task("model steps", total=len(plan)) if progress is not None else None
     rows = []
     for model, config, fused in plan:
         why = _applies(model, config)
-        label = "resnet (BN+ReLU fused)" if fused else model
+        label = f"{model} (BN+ReLU fused)" if fused else model
         if why is not None:
             rows.append({"model": label, "config": config, "skipped": why})
         else:
@@ -252,7 +255,7 @@ def run_models_suite(args, progress=None) -> dict:
             x, target = _inputs(model)
             a, b = _Contender(ref, config, x, target), _Contender(ours, config, x.clone(), target)
             sec_t, sec_b, band = _median_pair(a, b, repeats, warmup)
-            bar = FUSED_BAR if fused else BARS.get(model)
+            bar = (FUSED_BAR if model == "resnet" else None) if fused else BARS.get(model)
             speed = sec_t / sec_b
             rows.append({"model": label, "config": config, "torch_ms": sec_t * 1e3, "bnlab_ms": sec_b * 1e3,
                          "ratio": speed, "ratio_iqr": list(band), "compile_s": None if config != "compile" else
