@@ -494,6 +494,11 @@ at::MemoryFormat cols_format(const Tensor& x) {
                       : x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
 }
 
+// the memory format of a tensor servable() took (dy and the residual are read in it)
+at::MemoryFormat format_of(const Tensor& x) {
+  return channels_last(x) ? cols_format(x) : at::MemoryFormat::Contiguous;
+}
+
 // Few channels: k consecutive rows of C channels are read as one wide row of k * C >= 128 values
 // (when k divides M), so that the per-row loops stay long (as the numba kernels do); the per-column
 // sums are then added up per channel. Returns k (1: rows as they are).
@@ -979,7 +984,7 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {  // its node: C
       if (nr) out[9] = g[3];
       return out;
     }
-    dy = dy.contiguous(cols_layout(x) ? cols_format(x) : at::MemoryFormat::Contiguous);
+    dy = dy.contiguous(format_of(x));
     Tensor dx = nx ? torch::empty_like(x) : Tensor();
     Tensor dw = (nw && w.defined()) ? torch::empty_like(w) : Tensor();
     Tensor db = nb ? torch::empty({x.size(1)}, x.options().dtype(param_type(x.scalar_type()))) : Tensor();
@@ -1047,6 +1052,15 @@ py::object native_half(const Tensor& x, const Tensor& w, const Tensor& b, const 
   return py::make_tuple(y, st.t, ok ? 0 : 1);
 }
 
+// an epilogue the kernels take: float32/float64 (x's dtype is its parameters'), and a residual of
+// x's shape, dtype and memory format
+bool epilogue_servable(const Tensor& x, const Tensor& res) {
+  if (param_type(x.scalar_type()) != x.scalar_type()) return false;
+  return !res.defined() ||
+         (res.device().is_cpu() && res.layout() == at::kStrided && res.scalar_type() == x.scalar_type() &&
+          res.sizes() == x.sizes() && !res.is_neg() && !res.is_conj() && res.is_contiguous(format_of(x)));
+}
+
 // training batch norm of a contiguous (M, C) or (N, C, *) tensor (or any strided (N, C, *) half one). momentum None: the cumulative average
 // (needs num_batches_tracked). Returns (y, stats, status: an int) or None
 py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::optional<Tensor>& b_,
@@ -1055,14 +1069,7 @@ py::object train(const Tensor& x, const c10::optional<Tensor>& w_, const c10::op
                  const c10::optional<Tensor>& res_, bool relu) {
   if (!servable(x) || !(eps > 0.0)) return py::none();
   Tensor res = res_.value_or(Tensor());
-  if (res.defined() || relu) {  // the epilogue: float32/float64, a residual of x's shape, dtype and layout
-    if (param_type(x.scalar_type()) != x.scalar_type()) return py::none();
-    if (res.defined() &&
-        !(res.device().is_cpu() && res.layout() == at::kStrided && res.scalar_type() == x.scalar_type() &&
-          res.sizes() == x.sizes() && !res.is_neg() && !res.is_conj() &&
-          res.is_contiguous(cols_layout(x) ? cols_format(x) : at::MemoryFormat::Contiguous)))
-      return py::none();
-  }
+  if ((res.defined() || relu) && !epilogue_servable(x, res)) return py::none();
   const int64_t c = x.size(1);
   const auto dt = param_type(x.scalar_type());
   Tensor w = w_.value_or(Tensor()), b = b_.value_or(Tensor());
@@ -1147,14 +1154,7 @@ py::object eval(const Tensor& x, const c10::optional<Tensor>& w_, const c10::opt
     return py::none();
   Tensor res = res_.value_or(Tensor());
   const bool epilogue = res.defined() || relu;
-  if (epilogue) {  // the norm-act layers' eval: float32/float64, a residual of x's shape, dtype and layout
-    if (dt != x.scalar_type()) return py::none();
-    if (res.defined() &&
-        !(res.device().is_cpu() && res.layout() == at::kStrided && res.scalar_type() == x.scalar_type() &&
-          res.sizes() == x.sizes() && !res.is_neg() && !res.is_conj() &&
-          res.is_contiguous(channels_last(x) ? cols_format(x) : at::MemoryFormat::Contiguous)))
-      return py::none();
-  }
+  if (epilogue && !epilogue_servable(x, res)) return py::none();
   Tensor y = torch::empty_like(x);
   {
     py::gil_scoped_release nogil;

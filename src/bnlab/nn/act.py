@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels import fast as _fast
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _fast_train_size, _is_compiling, _is_tracing
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "from_batchnorm", "ACTIVATIONS"]
 
@@ -57,15 +56,7 @@ class _BatchNormAct(_BatchNorm):
             if residual.shape != input.shape:
                 raise ValueError(f"{type(self).__name__}: expected residual of the input's shape {tuple(input.shape)} "
                                  f"(got {tuple(residual.shape)})")
-        act = self.act
-        fx = _fast.ext
-        if (fx is not None and (act == "relu" or act == "none") and type(input) is Tensor
-                and (residual is None or type(residual) is Tensor) and not _is_compiling() and not _is_tracing()
-                and (not self.training or _fast_train_size(input))):
-            y = self._fast_forward(fx, input, act, residual)  # the small-call path, epilogue included
-            if y is not None:
-                return y
-        return self._forward(input, act, residual)
+        return self._forward_any(input, self.act, residual)
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -234,13 +234,19 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         return s
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward_any(input, "none", None)
+
+    def _forward_any(self, input: Tensor, act: str, residual: Tensor | None) -> Tensor:
+        """The small-call path when it serves the call (``act`` "relu" or "none"), else
+        :meth:`_forward`."""
         fx = _fast.ext
-        if (fx is not None and not _is_compiling() and type(input) is Tensor and not _is_tracing()
+        if (fx is not None and (act == "none" or act == "relu") and type(input) is Tensor
+                and (residual is None or type(residual) is Tensor) and not _is_compiling() and not _is_tracing()
                 and (not self.training or _fast_train_size(input))):
-            y = self._fast_forward(fx, input)
+            y = self._fast_forward(fx, input, act, residual)
             if y is not None:
                 return y
-        return self._forward(input, "none", None)
+        return self._forward(input, act, residual)
 
     def _fast_forward(self, fx, input: Tensor, act: str = "none", residual: Tensor | None = None) -> Tensor | None:
         """The small-call path (:mod:`bnlab.kernels.fast`): the whole layer as one C++ call, or None
@@ -251,17 +257,16 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         self._check_input_dim(input)
         name = type(self).__name__
         weight, bias, eps, nonfinite = self.weight, self.bias, self.eps, self.nonfinite
+        relu = act == "relu"
         if self.training:
             if self.accumulate != 1 or self._pending is not None:
                 return None
-            relu = act == "relu"
             if self.track_running_stats:
                 return BF._fast_batch_norm(fx, input, self.running_mean, self.running_var, weight, bias, True,
                                            self.momentum, eps, self.num_batches_tracked, nonfinite, name, residual,
                                            relu)
             return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
                                        residual, relu)
-        relu = act == "relu"
         running_mean, running_var = self.running_mean, self.running_var
         if running_mean is None and running_var is None:  # no buffers: batch statistics, as torch does
             return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
