@@ -1,6 +1,10 @@
 """`bnlab train-ddp`: DistributedDataParallel with bnlab.nn.SyncBatchNorm on CPU (gloo) trains the
 audit's CNN exactly as one process training on the combined batch does."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -49,3 +53,38 @@ def test_cli_options():
     assert (a.command, a.nproc, a.steps, a.split, a.no_check, a.batch, a.dtype) == \
         ("train-ddp", 3, 5, "uneven", True, 64, "float32")
     assert ddp.split_sizes(64, 3, "uneven") == [11, 21, 32] and sum(ddp.split_sizes(7, 3, "even")) == 7
+
+
+def test_fork_after_numba_pool_started_compiles_in_children(tmp_path):
+    """A forked child inherits numba's configuration, its pool size included. ``launch`` must not
+    hand it a NUMBA_NUM_THREADS that differs from it: numba re-reads the environment at every
+    compile, and a compile in the child (a kernel the parent never built, a cold on-disk cache)
+    then raises. The script starts numba's pool, then makes each child compile a new function."""
+    script = tmp_path / "fork_compile.py"
+    script.write_text(textwrap.dedent("""
+        import numba, torch
+        import bnlab.nn as bnn
+        from bnlab.lab import ddp
+
+        @numba.njit(parallel=True)
+        def _started(x):
+            s = 0.0
+            for i in numba.prange(x.shape[0]):
+                s += x[i]
+            return s
+
+        _started(torch.randn(100000).numpy())  # the parent's pool is up
+        train = ddp.train_ddp
+
+        def compile_then_train(cfg, rank, world):
+            numba.njit(lambda v: v + 1.0)(1.0)  # a compile in the child
+            return train(cfg, rank, world)
+
+        ddp.train_ddp = compile_then_train
+        cfg = ddp.DDPConfig(steps=2, batch=24, lr=0.2, seed=1, channels=[4, 8], dtype="float64")
+        out = ddp.launch(cfg, nproc=2, start_method="fork")
+        print("max_diff", out["max_diff"])
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split("max_diff")[1]) < 1e-10

@@ -1,6 +1,9 @@
 """The kernels follow ``torch.set_num_threads``, and their serial twins give the one-thread bits."""
 
 import inspect
+import os
+import subprocess
+import sys
 import threading
 
 import numba
@@ -131,3 +134,23 @@ def test_serial_twins_give_the_bits_of_the_kernels_on_one_thread(shape, fmt, tor
     assert cpu._kernels is cpu._PARALLEL_KERNELS
     for a, b in zip(one, twin):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_numbas_pool_start_leaves_torchs_thread_count_alone(tmp_path):
+    """numba's OpenMP layer starts its pool with omp_set_num_threads(NUMBA_NUM_THREADS) on the
+    runtime torch's kernels share: without bnlab's wrap, a user's torch.set_num_threads(1) read 2
+    after the first parallel batch norm. A fresh process, so that the pool starts inside the check."""
+    script = tmp_path / "pool_start.py"
+    script.write_text(
+        "import torch\n"
+        "import bnlab.nn as bnn\n"
+        "from numba.np.ufunc import parallel\n"
+        "torch.set_num_threads(1)\n"
+        "assert not parallel._is_initialized\n"
+        "bnn.BatchNorm2d(16)(torch.randn(64, 16, 64, 64, requires_grad=True)).sum().backward()\n"
+        "assert parallel._is_initialized  # the check saw the pool start\n"
+        "print(torch.get_num_threads())\n")
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "omp"}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["1"]

@@ -172,6 +172,30 @@ def _check_residual(residual, x: Tensor, where: str) -> None:
 # fork by themselves, and a child of a process under them keeps the parallel kernels.
 
 
+# numba's OpenMP layer starts its pool with omp_set_num_threads(NUMBA_NUM_THREADS) on the calling
+# thread, and torch's kernels run on the same GNU OpenMP runtime, whose thread count is what
+# torch.get_num_threads() reads: a user's torch.set_num_threads(1) would silently become 2 at
+# bnlab's first parallel kernel (and a child forked with one thread would run torch's kernels on an
+# OpenMP team it cannot have). The launch is wrapped once, here, to put torch's count back.
+_numba_launch = _numba_parallel._launch_threads
+
+
+def _launch_keeping_torch_threads() -> None:
+    if _numba_parallel._is_initialized:
+        return _numba_launch()
+    n = torch.get_num_threads()
+    try:
+        _numba_launch()
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+if not getattr(_numba_launch, "_bnlab", False):
+    _launch_keeping_torch_threads._bnlab = True
+    _numba_parallel._launch_threads = _launch_keeping_torch_threads
+
+
 def _numba_threads_first() -> int:
     """numba's thread count for this thread; the first call starts numba's pool, then the plain
     C getter and setter replace the public functions (which take a lock and run Python)."""

@@ -20,6 +20,7 @@ Run it with ``bnlab train-ddp --nproc 2`` (processes started here), or under tor
 from __future__ import annotations
 
 import os
+import sys
 import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -138,7 +139,7 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, outdir: str, threads: int) -> None:
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # bnlab's numba kernels follow torch's count call by call
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         res = train_ddp(DDPConfig(**cfg), rank, world)
@@ -162,8 +163,16 @@ def launch(cfg: DDPConfig, nproc: int = 2, check: bool = True, start_method: str
     # before it imports them; pools sized for the whole machine in every process oversubscribe the
     # cores and slow each step many times over
     threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = {k: str(threads) for k in _THREAD_ENV}
+    if start_method == "fork" and "numba" in sys.modules:
+        # a forked child inherits numba's configuration, pool size included: a NUMBA_NUM_THREADS
+        # that differs from it makes numba's first compile in the child raise (numba re-reads the
+        # environment then); bnlab's kernels take their thread count from torch's, set in the child
+        import numba
+
+        env["NUMBA_NUM_THREADS"] = str(numba.config.NUMBA_NUM_THREADS)
     saved = {k: os.environ.get(k) for k in _THREAD_ENV}
-    os.environ.update({k: str(threads) for k in _THREAD_ENV})
+    os.environ.update(env)
     try:
         with tempfile.TemporaryDirectory() as d:
             tmp.start_processes(_worker, args=(nproc, _free_port(), asdict(cfg), d, threads), nprocs=nproc,
