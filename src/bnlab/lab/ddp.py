@@ -20,8 +20,8 @@ Run it with ``bnlab train-ddp --nproc 2`` (processes started here), or under tor
 from __future__ import annotations
 
 import os
-import sys
 import socket
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
