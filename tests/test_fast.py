@@ -508,6 +508,21 @@ def test_channels_last_inference_takes_it_and_equals_torch(counting, dtype, shap
     torch.testing.assert_close(y.double(), r.to(dtype).double(), **rt)
 
 
+def _act_pair(shape, act, running=False):
+    """Two equal norm-act layers for ``shape`` (BatchNormAct2d for 4-D, else 1d), their affine (and
+    with ``running``, their buffers) away from the defaults."""
+    cls = bnlab.nn.BatchNormAct2d if len(shape) == 4 else bnlab.nn.BatchNormAct1d
+    a, b = cls(shape[1], act=act), cls(shape[1], act=act)
+    with torch.no_grad():
+        a.weight.uniform_(0.5, 1.5)
+        a.bias.normal_()
+        if running:
+            a.running_mean.normal_()
+            a.running_var.uniform_(0.5, 2.0)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
 @needs_ext
 @pytest.mark.parametrize("act", ["relu", "none"])
 @pytest.mark.parametrize("with_res", [False, True], ids=["", "residual"])
@@ -518,12 +533,7 @@ def test_norm_act_layers_take_it_with_their_epilogue_and_equal_the_numba_kernels
     """BatchNormAct's relu(BN(x) + residual) in training: one C++ call (the epilogue inside the
     kernels' passes), output, every gradient (the residual's too) and buffers as the numba path's."""
     torch.manual_seed(4)
-    cls = bnlab.nn.BatchNormAct2d if len(shape) == 4 else bnlab.nn.BatchNormAct1d
-    a, b = cls(shape[1], act=act), cls(shape[1], act=act)
-    with torch.no_grad():
-        a.weight.uniform_(0.5, 1.5)
-        a.bias.normal_()
-    b.load_state_dict(a.state_dict())
+    a, b = _act_pair(shape, act)
     x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
     r = torch.randn(shape).contiguous(memory_format=fmt) if with_res else None
     g = torch.randn(shape).contiguous(memory_format=fmt)
@@ -585,14 +595,7 @@ def test_the_epilogue_declines_a_residual_it_cannot_read_in_place(counting):
                          ids=["nchw", "channels_last", "2d", "nchw-large"])
 def test_norm_act_inference_takes_it_and_equals_the_numba_kernels(counting, monkeypatch, act, with_res, shape, fmt):
     torch.manual_seed(8)
-    cls = bnlab.nn.BatchNormAct2d if len(shape) == 4 else bnlab.nn.BatchNormAct1d
-    a, b = cls(shape[1], act=act), cls(shape[1], act=act)
-    with torch.no_grad():
-        a.weight.uniform_(0.5, 1.5)
-        a.bias.normal_()
-        a.running_mean.normal_()
-        a.running_var.uniform_(0.5, 2.0)
-    b.load_state_dict(a.state_dict())
+    a, b = _act_pair(shape, act, running=True)
     a.eval(), b.eval()
     x = (torch.randn(shape) * 2 + 0.5).contiguous(memory_format=fmt)
     r = torch.randn(shape).contiguous(memory_format=fmt) if with_res else None

@@ -258,17 +258,15 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         name = type(self).__name__
         weight, bias, eps, nonfinite = self.weight, self.bias, self.eps, self.nonfinite
         relu = act == "relu"
+        running_mean, running_var = self.running_mean, self.running_var
         if self.training:
             if self.accumulate != 1 or self._pending is not None:
                 return None
             if self.track_running_stats:
-                return BF._fast_batch_norm(fx, input, self.running_mean, self.running_var, weight, bias, True,
-                                           self.momentum, eps, self.num_batches_tracked, nonfinite, name, residual,
-                                           relu)
-            return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
-                                       residual, relu)
-        running_mean, running_var = self.running_mean, self.running_var
-        if running_mean is None and running_var is None:  # no buffers: batch statistics, as torch does
+                return BF._fast_batch_norm(fx, input, running_mean, running_var, weight, bias, True, self.momentum,
+                                           eps, self.num_batches_tracked, nonfinite, name, residual, relu)
+        if self.training or (running_mean is None and running_var is None):
+            # batch statistics, no buffer written (untracked in training; no buffers in eval, as torch does)
             return BF._fast_batch_norm(fx, input, None, None, weight, bias, True, 0.0, eps, None, nonfinite, name,
                                        residual, relu)
         return BF._fast_batch_norm(fx, input, running_mean, running_var, weight, bias, False, self.momentum, eps,
