@@ -126,3 +126,14 @@ def test_trained_threshold():
     assert thr == pytest.approx(0.1 + 0.8 * 0.87) and why is None
     thr, why = S.trained_threshold(0.1, 0.15)
     assert why is not None and "nothing trained" in why
+
+
+def test_a_zero_width_interval_says_the_seeds_tied_at_the_metrics_resolution():
+    # every seed landed on the same grid step: the t-interval has zero width, and the verdict (the
+    # rule's, unchanged) comes with a sentence saying what that width does and does not mean
+    p = S.part(S.log_ratios([2.0] * 5, [1.0] * 5), math.log(1.5), units="x", log=True)
+    assert p["interval"]["low"] == p["interval"]["high"] == pytest.approx(2.0)
+    assert p["verdict"] == "supported"
+    assert "zero width" in p["why"] and "resolution" in p["why"]
+    q = S.part([1.0, 2.0, 2.0, 3.0, 2.0], 1.0, units="points")
+    assert q["interval"]["low"] < q["interval"]["high"] and "zero width" not in q["why"]

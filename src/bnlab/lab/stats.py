@@ -177,9 +177,14 @@ def why(p: Mapping) -> str:
     iv = p.get("interval")
     if not iv:
         return "no interval"
-    return (f"effect {_g(p['effect'])} {p['effect_units']}, 95% {iv['method']} interval "
-            f"[{_g(iv['low'])}, {_g(iv['high'])}] against delta {_g(p['delta'])}; {p['sign']} seeds in the claimed "
-            f"direction, Wilcoxon p = {_g(p['p_wilcoxon'])} (n = {p['n']})")
+    out = (f"effect {_g(p['effect'])} {p['effect_units']}, 95% {iv['method']} interval "
+           f"[{_g(iv['low'])}, {_g(iv['high'])}] against delta {_g(p['delta'])}; {p['sign']} seeds in the claimed "
+           f"direction, Wilcoxon p = {_g(p['p_wilcoxon'])} (n = {p['n']})")
+    if iv["low"] == iv["high"]:
+        out += (f"; every seed gave the same effect, so the interval has zero width: the seeds did not vary at "
+                f"the metric's resolution (a grid's step, a share of a grid's cells), which says nothing about "
+                f"variation finer than that step")
+    return out
 
 
 def _g(x) -> str:
