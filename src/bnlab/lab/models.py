@@ -201,10 +201,17 @@ class MLP(nn.Module):
 
 class CNN(nn.Module):
     """``[conv3x3 -> norm -> act -> maxpool2] x len(channels) -> global average -> Linear``, G
-    members (grouped convolutions); for image input ``(N, C, H, W)``."""
+    members (grouped convolutions); for image input ``(N, C, H, W)``.
+
+    ``channels_last`` (default): the stacked members run in channels_last memory. The same math;
+    on CPU it is the faster layout for many channels on small images (G * C channels of 8x8 on
+    digits): torch's NCHW max-pool kernel loops over each of the N * G * C small planes, and took
+    10.5 ms forward on a (64, 560, 8, 8) input on one thread, its channels_last kernel 0.9 ms; a
+    whole training step of C1's 35-member CNN ran 1.5-1.7x faster."""
 
     def __init__(self, members: int, in_channels: int, channels: list[int], classes: int, act: str = "relu",
-                 norm: str = "none", norm_args: dict | None = None, dropout: list[float] | None = None) -> None:
+                 norm: str = "none", norm_args: dict | None = None, dropout: list[float] | None = None,
+                 channels_last: bool = True) -> None:
         super().__init__()
         self.members, self.in_channels = members, in_channels
         layers: list[nn.Module] = []
@@ -217,6 +224,7 @@ class CNN(nn.Module):
             c = w
         self.features = nn.Sequential(*layers)
         self.out = StackedLinear(members, c, classes, bias=True)
+        self.channels_last = channels_last
 
     def linears(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, (StackedConv2d, StackedLinear))]
@@ -229,6 +237,8 @@ class CNN(nn.Module):
             x = x.repeat(1, g, 1, 1) if g > 1 else x
         else:
             raise ValueError(f"CNN: expected image input (N, C, H, W) or (G, N, C, H, W) (got shape {tuple(x.shape)})")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.features(x).mean((2, 3))  # (N, G*C, H, W) -> (N, G*C)
         return self.out(h, out_members_first=True)
 
