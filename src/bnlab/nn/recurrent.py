@@ -1206,9 +1206,11 @@ class _BNRNNBase(_RecurrentCore):
                 else:
                     bias = b_ih + b_hh if b_ih is not None else None
                 if folded is not None:
+                    # the folded norm's shift and the gate bias: the input site's shift, added inside the
+                    # kernel (not a pass over the projection's N x G values forward and one backward)
                     w_f, shift = folded[d]
-                    xp = _project(xin, w_f) + (shift if bias is None else shift + bias)
-                    sx, gx, bx = _Site(np.zeros(T, np.int8)), None, None
+                    xp = _project(xin, w_f)
+                    sx, gx, bx = _Site(np.zeros(T, np.int8)), None, (shift if bias is None else shift + bias)
                 elif vertical_in:
                     xp = _project(x, w_ih)
                     xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates,
