@@ -20,8 +20,9 @@ C++ compiler, in a process of its own beside the others): built once per source,
 version; without a compiler it is skipped with a note and the numba kernels serve every call.
 
 Then, unless ``--plain``: the other activations' fused kernels (silu, gelu) and the recurrent
-layers' whole-sequence kernels (:func:`warm_recurrent`), the latter in a second process at the same
-time (``--jobs``, default 2: numba compiles on one core).
+layers' whole-sequence kernels (:func:`warm_recurrent`, with the audit's stacked linear products of
+:mod:`bnlab.lab._stacked`, which run on the same matrix micro-kernel), the latter in a second
+process at the same time (``--jobs``, default 2: numba compiles on one core).
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
 any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) takes
@@ -169,10 +170,27 @@ def warm_recurrent() -> float:
                                 with warnings.catch_warnings():  # torch: "LSTM with projections ... oneDNN"
                                     warnings.simplefilter("ignore", UserWarning)
                                     m(x, lengths=lens)[0].sum().backward()
+        _warm_stacked(cpu)
     finally:
         R._PARALLEL_FROM, PR._PARALLEL_FROM = old_from, old_proj
         torch.set_num_threads(old_threads)
     return time.perf_counter() - t0
+
+
+def _warm_stacked(cpu) -> None:
+    """The audit's stacked linear layers' products (:mod:`bnlab.lab._stacked`, on the recurrent
+    layers' matrix micro-kernel): every layout, forward and backward, float32 and float64, serial
+    and on numba's pool."""
+    from bnlab.lab._stacked import stacked_matmul
+
+    for nt in sorted({1, min(2, cpu._MAX_THREADS)}):
+        torch.set_num_threads(nt)
+        for dtype in (torch.float32, torch.float64):
+            w = torch.randn(2, 3, 4, dtype=dtype, requires_grad=True)
+            for layout, shape in (("stacked", (5, 6)), ("shared", (5, 3)), ("members", (2, 5, 3))):
+                for members_first in (False, True):
+                    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+                    stacked_matmul(x, w, layout, members_first).sum().backward()
 
 
 def warm_fast() -> float:

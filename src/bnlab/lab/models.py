@@ -3,8 +3,8 @@
 A small model pays Python and dispatch overhead per layer far more than arithmetic; training G
 members (seeds, learning rates, init scales, dropout rates) side by side pays it once. Members
 never interact: every parameter is member-major (``p.view(G, -1)[g]`` is member g's block), linear
-layers are batched matmuls, convolutions are grouped, and norms act per member (see
-:mod:`bnlab.lab.norms`). A stacked model with G = 1 is an ordinary MLP/CNN.
+layers are batched matmuls (on CPU bnlab's matrix micro-kernel, :mod:`bnlab.lab._stacked`; torch's
+``bmm`` elsewhere), convolutions are grouped, and norms act per member (see :mod:`bnlab.lab.norms`). A stacked model with G = 1 is an ordinary MLP/CNN.
 
 Input: ``(N, *in)`` shared by all members, or ``(G, N, *in)`` one batch per member.
 Output: logits ``(G, N, classes)``.
@@ -17,7 +17,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import _stacked
 from .norms import make_norm
+
 
 __all__ = ["StackedLinear", "MemberDropout", "MLP", "CNN", "build_model", "ACTIVATIONS", "init_member"]
 
@@ -49,6 +51,13 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor, out_members_first: bool = False, layout: str = "stacked") -> Tensor:
         g = self.members
+        if _stacked.serves(x, self.weight) and not torch.compiler.is_compiling():
+            # CPU: the members' products on bnlab's micro-kernel, read and written in the stacked
+            # layout (:mod:`bnlab.lab._stacked`); the same products as the torch ops below
+            y = _stacked.stacked_matmul(x, self.weight, layout, out_members_first)
+            if self.bias is not None:
+                y = y + (self.bias.unsqueeze(1) if out_members_first else self.bias.reshape(1, -1))
+            return y
         if layout == "shared":  # (N, in) @ (G, in, out) -> (G, N, out)
             y = torch.matmul(x, self.weight)
         elif layout == "members":  # (G, N, in) -> (G, N, out)

@@ -1,0 +1,148 @@
+"""The stacked linear layers' products on CPU: G independent ``x_g @ W_g`` on bnlab's matrix
+micro-kernel (:func:`bnlab.nn._recurrent_kernels.gemm`), forward and backward.
+
+Why: the audit trains its MLP testbeds as G stacked members, so most of a step is G small
+products (batch 32-256 rows, 64-256 features). torch runs them through ``bmm``, i.e. MKL, which
+takes its AVX2 code path on the AMD machines this project is measured on: about 90 GFLOP/s on one
+core for ``(35, 64, 128) @ (35, 128, 128)``, where the micro-kernel runs at about 210. The
+micro-kernel also reads and writes each member's block where it lies in the stacked layout
+``(N, G * in)``, so the transposes to and from ``(G, N, in)`` around ``bmm`` (a copy each way,
+forward and backward) go away.
+
+Every member's block is addressed as a 2-D array plus a flat offset: member g's input block is
+``X[:, g * ig : g * ig + in]`` of a 2-D ``X`` (stacked: ``(N, G * in)``, ``ig = in``; shared:
+``(N, in)``, ``ig = 0``) or rows ``g * N ..`` of ``(G * N, in)`` (members first); likewise the
+output. :func:`stacked_matmul` is the autograd function; float32 and float64 on CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+from ..kernels import cpu as _cpu
+from ..nn._recurrent_kernels import gemm
+
+__all__ = ["stacked_matmul", "serves"]
+
+_OPTS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
+
+
+def _products(f):
+    """``f`` compiled serial and with ``prange`` over the members (as the recurrent kernels' twins)."""
+    return njit(**_OPTS)(f), njit(parallel=True, **_OPTS)(f)
+
+
+def _forward_loop(nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
+    """``Y_g = X_g @ W[g]`` for every member: X_g the ``N x K`` block at flat offset ``g * xo`` (rows
+    ``g * xr`` further down when members come first), Y_g likewise; W ``(G, K, M)``."""
+    for g in prange(G):
+        gemm(X, g * xo + g * xr * X.shape[1], False, W[g], 0, Y, g * yo + g * yr * Y.shape[1], N, M, K, False)
+
+
+def _input_grad_loop(nt, DY, yo, yr, WT, DX, xo, xr, G, N, K, M, shared):
+    """``dX_g = dY_g @ W[g]^T`` (``WT`` = W transposed, ``(G, M, K)``); a shared input sums the
+    members' gradients (in member order, serially: one accumulating product per member)."""
+    if shared:
+        for g in range(G):
+            gemm(DY, g * yo + g * yr * DY.shape[1], False, WT[g], 0, DX, 0, N, K, M, g > 0)
+        return
+    for g in prange(G):
+        gemm(DY, g * yo + g * yr * DY.shape[1], False, WT[g], 0, DX, g * xo + g * xr * DX.shape[1], N, K, M, False)
+
+
+def _weight_grad_loop(nt, X, xo, xr, DY, yo, yr, DW, G, N, K, M):
+    """``dW[g] = X_g^T @ dY_g``: op(A) the transpose of X's block, B dY's block (``b_off`` its first
+    column; a members-first dY is passed as the member's rows)."""
+    for g in prange(G):
+        if yr:
+            gemm(X, g * xo + g * xr * X.shape[1], True, DY[g * yr:(g + 1) * yr], 0, DW[g], 0, K, M, N, False)
+        else:
+            gemm(X, g * xo + g * xr * X.shape[1], True, DY, g * yo, DW[g], 0, K, M, N, False)
+
+
+_fwd = _products(_forward_loop)
+_dx = _products(_input_grad_loop)
+_dw = _products(_weight_grad_loop)
+
+
+def _run(pair, *args):
+    nt = _cpu.threads()
+    serial, par = pair
+    if nt <= 1:
+        return serial(1, *args)
+    prev = _cpu._enter(nt)
+    try:
+        return par(nt, *args)
+    finally:
+        if prev:
+            _cpu._set_threads(prev)
+
+
+def serves(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`stacked_matmul` takes these tensors (CPU float32/float64, same dtype)."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.float64) and not x.is_complex())
+
+
+def _geometry(layout: str, x: Tensor, G: int, K: int):
+    """``(X2d, xo, xr, N)``: the 2-D array member blocks are read from, the flat column offset and
+    the row offset between members (see the module docstring)."""
+    if layout == "stacked":  # (N, G*K)
+        return x, K, 0, x.shape[0]
+    if layout == "shared":  # (N, K)
+        return x, 0, 0, x.shape[0]
+    n = x.shape[1]  # members: (G, N, K) -> (G*N, K)
+    return x.reshape(G * n, K), 0, n, n
+
+
+class _StackedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, layout, members_first_out):
+        G, K, M = weight.shape
+        x = x.contiguous()
+        X, xo, xr, N = _geometry(layout, x, G, K)
+        w = weight.detach().contiguous()
+        if members_first_out:
+            y = torch.empty(G, N, M, dtype=x.dtype)
+            Y, yo, yr = y.view(G * N, M), 0, N
+        else:
+            y = torch.empty(N, G * M, dtype=x.dtype)
+            Y, yo, yr = y, M, 0
+        _run(_fwd, X.detach().numpy(), xo, xr, w.numpy(), Y.numpy(), yo, yr, G, N, K, M)
+        ctx.save_for_backward(x, w)
+        ctx.geo = (layout, members_first_out, G, N, K, M)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the stacked matmul has a first-order backward only (create_graph=True asks for more)")
+        x, w = ctx.saved_tensors
+        layout, members_first_out, G, N, K, M = ctx.geo
+        X, xo, xr, _ = _geometry(layout, x, G, K)
+        dy = dy.contiguous()
+        if members_first_out:
+            DY, yo, yr = dy.view(G * N, M), 0, N
+        else:
+            DY, yo, yr = dy, M, 0
+        dyn = DY.numpy()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            DX, _, _, _ = _geometry(layout, dx, G, K)
+            wt = w.transpose(1, 2).contiguous()
+            _run(_dx, dyn, yo, yr, wt.numpy(), DX.numpy(), xo, xr, G, N, K, M, layout == "shared")
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty(G, K, M, dtype=w.dtype)
+            _run(_dw, X.detach().numpy(), xo, xr, dyn, yo, yr, dw.numpy(), G, N, K, M)
+        return dx, dw, None, None
+
+
+def stacked_matmul(x: Tensor, weight: Tensor, layout: str = "stacked", members_first_out: bool = False) -> Tensor:
+    """G products ``x_g @ weight[g]``, ``weight`` ``(G, K, M)``. ``layout``: how ``x`` holds the
+    members' inputs: "stacked" ``(N, G*K)``, "shared" ``(N, K)`` (one input for all), "members"
+    ``(G, N, K)``. Returns ``(N, G*M)``, or ``(G, N, M)`` with ``members_first_out``."""
+    return _StackedMatmul.apply(x, weight, layout, members_first_out)
