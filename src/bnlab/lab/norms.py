@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import functional as BF
 from .. import reference as ref
+from ..kernels.stats import batch_stats as kernel_batch_stats
 from ..nn import BatchNorm1d, BatchNorm2d, GhostBatchNorm1d, GhostBatchNorm2d
 from ..nn.renorm import BatchRenorm1d, BatchRenorm2d
 
@@ -97,7 +98,13 @@ class _FrozenStats:
     def forward(self, input: Tensor) -> Tensor:
         if self.training and self.collecting:
             with torch.no_grad():
-                mean, var, _ = ref.batch_stats(input.detach())  # (N, C, *) -> (C,), biased, float64
+                x = input.detach()
+                if x.is_cpu and x.dtype in (torch.float32, torch.float64):
+                    # bnlab's statistics kernel: one pass, the shifted float64 sums of the reference
+                    stats, _ = kernel_batch_stats(x, self.eps)
+                    mean, var = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])
+                else:
+                    mean, var, _ = ref.batch_stats(x)  # (N, C, *) -> (C,), biased, float64
                 self.frozen_mean.copy_(mean)
                 self.frozen_var.copy_(var)
             return BF.batch_norm(input, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
