@@ -276,6 +276,33 @@ def test_a_column_block_of_the_matrix_product_has_the_bits_of_the_whole(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_weight_product_of_a_narrow_input_has_the_micro_kernels_bits(dtype, threads):
+    """The input projection's weight gradient D^T X forms the columns past the last whole vector
+    (inputs of 1, 2, 3 ... features) itself, vectorized: the bits the micro-kernel's own column
+    tail gives, past one k panel, for narrow and wide inputs, on one thread and on two."""
+    from bnlab.nn import _projection
+
+    rng = np.random.default_rng(3)
+    vl = rk.VECTOR_BYTES // np.dtype(dtype).itemsize
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for N, G, F in ((600, 40, 1), (600, 40, 2), (300, 24, vl + 3), (513, 64, 2 * vl), (7, 8, 3), (2048, 256, 2),
+                        (2048, 256, vl + 3)):  # the last two: products large enough to split over threads
+            D = rng.standard_normal((N, G)).astype(dtype)
+            X = rng.standard_normal((N, F)).astype(dtype)
+            ours, theirs = np.full((G, F), np.nan, dtype), np.full((G, F), np.nan, dtype)
+            _projection.weight_product(D, X, ours)
+            rk.weight_grad(D, X, theirs, 1)
+            assert np.array_equal(ours, theirs), (N, G, F)
+            np.testing.assert_allclose(ours, D.T.astype(np.float64) @ X.astype(np.float64),
+                                       rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3 if dtype == np.float32 else 1e-9)
+    finally:
+        torch.set_num_threads(was)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_input_moments_are_the_float64_mean_and_covariance(dtype):
     rng = np.random.default_rng(1)
     for n, f in ((257, 9), (5, 1)):

@@ -40,6 +40,51 @@ def _rows_product_loop(nt, A, B, C):
 _rows_product_par, _rows_product_serial = _rk._twins(_rows_product_loop)
 
 
+def _weight_product_loop(nt, D, X, out):
+    """``out = D^T X`` (``(G, N) x (N, F)``), the rows of ``out`` split over ``nt`` threads: the
+    columns in whole vectors on the micro-kernel (:func:`bnlab.nn._recurrent_kernels.gemm`), the
+    columns past them (a narrow input: F = 1, 2, 3 ...) here, with the bits :func:`gemm` gives them.
+
+    gemm forms such a column as a float64 sum in order over each block of ``_KC`` rows of products
+    rounded to the data dtype, added to the output block by block; it walks D down a column there
+    (a stride of G values per product, one scalar at a time). The same sums run here row by row,
+    vectorized over the units of the thread's part (D's rows are read along their length)."""
+    N, G = D.shape
+    F = X.shape[1]
+    VL = _rk.VECTOR_BYTES // D.itemsize
+    n1 = F - F % VL
+    for th in prange(nt):
+        g0 = (G * th // nt) // 4 * 4
+        g1 = G if th == nt - 1 else (G * (th + 1) // nt) // 4 * 4
+        if g1 <= g0:
+            continue
+        if n1 > 0:
+            _rk.gemm(D, g0, True, X, 0, out, g0 * F, g1 - g0, n1, N, False)
+        if n1 < F:
+            ng = g1 - g0
+            s = np.empty((F - n1, ng))
+            for k0 in range(0, N, _rk._KC):
+                k1 = min(k0 + _rk._KC, N)
+                s[:] = 0.0
+                for q in range(k0, k1):
+                    drow = D[q, g0:g1]
+                    for jj in range(F - n1):
+                        b = X[q, n1 + jj]
+                        sj = s[jj]
+                        for g in range(ng):
+                            sj[g] += drow[g] * b  # the product in the data dtype, summed in float64
+                for jj in range(F - n1):
+                    sj = s[jj]
+                    for g in range(ng):
+                        if k0 > 0:
+                            out[g0 + g, n1 + jj] = out[g0 + g, n1 + jj] + sj[g]
+                        else:
+                            out[g0 + g, n1 + jj] = sj[g]
+
+
+_weight_product_par, _weight_product_serial = _rk._twins(_weight_product_loop)
+
+
 def _threads(m: int, n: int, k: int) -> int:
     return _cpu.threads() if m * n * k >= _PARALLEL_FROM else 1
 
@@ -55,7 +100,7 @@ def weight_product(D: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
     """``out = D^T X`` (the weight gradient of ``Y = X W^T`` from ``D = dY``)."""
     N, G = D.shape
     F = X.shape[1]
-    _rk.weight_grad(D, X, out, min(_threads(N, G, F), max(1, G // 4)))
+    _rk._launch(_weight_product_par, _weight_product_serial, min(_threads(N, G, F), max(1, G // 4)), (D, X, out))
 
 
 def supported(x: Tensor, w: Tensor) -> bool:
