@@ -1,5 +1,8 @@
 """Precise BN: recalibrate writes the full-data population statistics."""
 
+import importlib
+
+import pytest
 import torch
 from torch import nn
 
@@ -18,6 +21,42 @@ def test_recalibrate_equals_full_data_statistics_with_equal_batches():
     torch.testing.assert_close(net[1].running_mean.double(), h.mean(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net[1].running_var.double(), h.var(0, unbiased=True), rtol=1e-5, atol=1e-5)
     assert net[1].momentum == 0.1 and int(net[1].num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "float64"])
+def test_the_kernel_statistics_and_the_torch_ops_give_the_population_statistics(layout, monkeypatch):
+    # CPU float32/float64 inputs take bnlab's one-pass statistics kernel, other inputs torch ops: both
+    # give the float64 statistics of the whole data, also for inputs with a large common offset
+    torch.manual_seed(3)
+    if layout == "2d":
+        data = 1000 + 0.5 * torch.randn(96, 5)
+    else:
+        data = 1000 + 0.5 * torch.randn(96, 5, 3, 3)
+        if layout == "channels_last":
+            data = data.contiguous(memory_format=torch.channels_last)
+    if layout == "float64":
+        data = data.double()
+    bn_cls = bnn.BatchNorm1d if layout == "2d" else bnn.BatchNorm2d
+    dims = (0,) if layout == "2d" else (0, 2, 3)
+    exact = data.double()
+    results = []
+    for kernel in (True, False):
+        from bnlab.kernels import stats
+        R = importlib.import_module("bnlab.tools.recalibrate")  # (bnlab.tools.recalibrate is also the function)
+
+        if not kernel:  # the torch-ops path, which other devices and dtypes take
+            monkeypatch.setattr(R, "_KERNEL_STATS", False)
+            monkeypatch.setattr(stats, "batch_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("kernel")))
+        bn = bn_cls(5, dtype=data.dtype).eval()
+        try:
+            bnlab.tools.recalibrate(bn, data.split(24))
+        finally:
+            monkeypatch.undo()
+        results.append((bn.running_mean.double().clone(), bn.running_var.double().clone()))
+        torch.testing.assert_close(bn.running_mean.double(), exact.mean(dims), rtol=0, atol=1e-4)
+        torch.testing.assert_close(bn.running_var.double(), exact.var(dims, unbiased=True), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
 
 
 def test_recalibrate_takes_loader_style_batches_and_limits_the_count():

@@ -34,6 +34,10 @@ from ..policy import _LIMIT, bad_channels, bessel, raise_bad_batch
 
 __all__ = ["recalibrate", "PROGRESS_AFTER_S"]
 
+#: CPU float32/float64 layer inputs: per-batch statistics from bnlab's one-pass kernel
+#: (:func:`bnlab.kernels.stats.batch_stats`); False: torch ops, as for every other input
+_KERNEL_STATS = True
+
 
 class _Accumulator:
     """Per-channel float64 sums of one layer's inputs over the pass, shifted by the first good
@@ -51,13 +55,24 @@ class _Accumulator:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.numel() == 0 or x.dim() < 2:
             return
-        dims = [0] + list(range(2, x.dim()))
-        xd = x.detach().to(torch.float64)
         count = x.numel() // x.shape[1]
-        shift = self.shift if self.shift is not None else xd.mean(dims)  # (N, C, *) -> (C,)
-        xs = xd - shift.reshape([1, -1] + [1] * (x.dim() - 2))
-        bm = xs.mean(dims)  # shifted batch mean, (C,)
-        bm2 = (xs * xs).mean(dims)  # shifted batch second moment, (C,)
+        if _KERNEL_STATS and x.is_cpu and x.dtype in (torch.float32, torch.float64):
+            # bnlab's statistics kernel: one pass over x (float64 sums shifted by each channel's
+            # first value), where the torch ops below make four over a float64 copy of it
+            from ..kernels.stats import batch_stats
+
+            stats, _ = batch_stats(x.detach(), 0.0)
+            mean_b = torch.from_numpy(stats[0])
+            shift = self.shift if self.shift is not None else mean_b
+            bm = mean_b - shift  # shifted batch mean, (C,)
+            bm2 = torch.from_numpy(stats[1]) + bm * bm  # shifted batch second moment, (C,)
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            xd = x.detach().to(torch.float64)
+            shift = self.shift if self.shift is not None else xd.mean(dims)  # (N, C, *) -> (C,)
+            xs = xd - shift.reshape([1, -1] + [1] * (x.dim() - 2))
+            bm = xs.mean(dims)  # shifted batch mean, (C,)
+            bm2 = (xs * xs).mean(dims)  # shifted batch second moment, (C,)
         bad, kinds = bad_channels(shift + bm, bm2 - bm * bm, count, self.limit)
         if bad:  # the layer's policy: this batch never reaches the sums
             if self.nonfinite == "skip":
