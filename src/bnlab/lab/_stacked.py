@@ -19,21 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
 from torch import Tensor
 
 from ..kernels import cpu as _cpu
-from ..nn._recurrent_kernels import gemm
+from ..nn._recurrent_kernels import _twins, gemm
 
 __all__ = ["stacked_matmul", "serves"]
-
-_OPTS = dict(nogil=True, cache=True, error_model="numpy", fastmath=False)
-
-
-def _products(f):
-    """``f`` compiled serial and with ``prange`` over the members (as the recurrent kernels' twins)."""
-    return njit(**_OPTS)(f), njit(parallel=True, **_OPTS)(f)
-
 
 def _forward_loop(nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
     """``Y_g = X_g @ W[g]`` for every member: X_g the ``N x K`` block at flat offset ``g * xo`` (rows
@@ -63,14 +55,20 @@ def _weight_grad_loop(nt, X, xo, xr, DY, yo, yr, DW, G, N, K, M):
             gemm(X, g * xo + g * xr * X.shape[1], True, DY, g * yo, DW[g], 0, K, M, N, False)
 
 
-_fwd = _products(_forward_loop)
-_dx = _products(_input_grad_loop)
-_dw = _products(_weight_grad_loop)
+# each loop compiled twice, under two names (numba's on-disk cache keys a function by its name and
+# bytecode, not its flags: one name would let the serial twin load the parallel code, which a child
+# forked from a process whose OpenMP pool started must never run)
+_fwd = _twins(_forward_loop)
+_dx = _twins(_input_grad_loop)
+_dw = _twins(_weight_grad_loop)
 
 
 def _run(pair, *args):
+    """``pair`` = (parallel, serial): the parallel twin on :func:`bnlab.kernels.cpu.threads` threads,
+    or the serial one on the calling thread where that is 1 (one thread asked for, or a forked
+    child that may only run serial code)."""
     nt = _cpu.threads()
-    serial, par = pair
+    par, serial = pair
     if nt <= 1:
         return serial(1, *args)
     prev = _cpu._enter(nt)
