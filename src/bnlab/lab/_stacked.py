@@ -9,15 +9,14 @@ micro-kernel also reads and writes each member's block where it lies in the stac
 ``(N, G * in)``, so the transposes to and from ``(G, N, in)`` around ``bmm`` (a copy each way,
 forward and backward) go away.
 
-Every member's block is addressed as a 2-D array plus a flat offset: member g's input block is
-``X[:, g * ig : g * ig + in]`` of a 2-D ``X`` (stacked: ``(N, G * in)``, ``ig = in``; shared:
-``(N, in)``, ``ig = 0``) or rows ``g * N ..`` of ``(G * N, in)`` (members first); likewise the
-output. :func:`stacked_matmul` is the autograd function; float32 and float64 on CPU.
+Every member's block is addressed as a 2-D array plus offsets: member g's input block is
+``X[:, g * xo : g * xo + in]`` of a 2-D ``X`` (stacked: ``(N, G * in)``, ``xo = in``; shared:
+``(N, in)``, ``xo = 0``) or rows ``g * xr ..`` of ``(G * N, in)`` (members first: ``xr = N``);
+likewise the output (``yo``, ``yr``). :func:`stacked_matmul` is the autograd function; float32 and float64 on CPU.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from numba import prange
 from torch import Tensor
@@ -26,6 +25,7 @@ from ..kernels import cpu as _cpu
 from ..nn._recurrent_kernels import _twins, gemm
 
 __all__ = ["stacked_matmul", "serves"]
+
 
 def _forward_loop(nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
     """``Y_g = X_g @ W[g]`` for every member: X_g the ``N x K`` block at flat offset ``g * xo`` (rows
