@@ -296,8 +296,8 @@ def test_the_weight_product_of_a_narrow_input_has_the_micro_kernels_bits(dtype, 
             _projection.weight_product(D, X, ours)
             rk.weight_grad(D, X, theirs, 1)
             assert np.array_equal(ours, theirs), (N, G, F)
-            np.testing.assert_allclose(ours, D.T.astype(np.float64) @ X.astype(np.float64),
-                                       rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3 if dtype == np.float32 else 1e-9)
+            tol = dict(rtol=1e-4, atol=1e-3) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-9)
+            np.testing.assert_allclose(ours, D.T.astype(np.float64) @ X.astype(np.float64), **tol)
     finally:
         torch.set_num_threads(was)
 

@@ -4,7 +4,8 @@ A small model pays Python and dispatch overhead per layer far more than arithmet
 members (seeds, learning rates, init scales, dropout rates) side by side pays it once. Members
 never interact: every parameter is member-major (``p.view(G, -1)[g]`` is member g's block), linear
 layers are batched matmuls (on CPU bnlab's matrix micro-kernel, :mod:`bnlab.lab._stacked`; torch's
-``bmm`` elsewhere), convolutions are grouped, and norms act per member (see :mod:`bnlab.lab.norms`). A stacked model with G = 1 is an ordinary MLP/CNN.
+``bmm`` elsewhere), convolutions are grouped, and norms act per member (see :mod:`bnlab.lab.norms`).
+A stacked model with G = 1 is an ordinary MLP/CNN.
 
 Input: ``(N, *in)`` shared by all members, or ``(G, N, *in)`` one batch per member.
 Output: logits ``(G, N, classes)``.
@@ -19,7 +20,6 @@ from torch import Tensor, nn
 
 from . import _stacked
 from .norms import make_norm
-
 
 __all__ = ["StackedLinear", "MemberDropout", "MLP", "CNN", "build_model", "ACTIVATIONS", "init_member"]
 
