@@ -22,7 +22,7 @@ from numba import prange
 from torch import Tensor
 
 from ..kernels import cpu as _cpu
-from ..nn._recurrent_kernels import _twins, gemm
+from ..nn._recurrent_kernels import _launch, _twins, gemm
 
 __all__ = ["stacked_matmul", "serves"]
 
@@ -64,19 +64,11 @@ _dw = _twins(_weight_grad_loop)
 
 
 def _run(pair, *args):
-    """``pair`` = (parallel, serial): the parallel twin on :func:`bnlab.kernels.cpu.threads` threads,
-    or the serial one on the calling thread where that is 1 (one thread asked for, or a forked
+    """``pair`` = (parallel, serial) on :func:`bnlab.kernels.cpu.threads` threads, through the
+    recurrent kernels' launcher (the serial twin where that is 1: one thread asked for, or a forked
     child that may only run serial code)."""
-    nt = _cpu.threads()
     par, serial = pair
-    if nt <= 1:
-        return serial(1, *args)
-    prev = _cpu._enter(nt)
-    try:
-        return par(nt, *args)
-    finally:
-        if prev:
-            _cpu._set_threads(prev)
+    _launch(par, serial, _cpu.threads(), args)
 
 
 def serves(x: Tensor, weight: Tensor) -> bool:

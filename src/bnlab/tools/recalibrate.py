@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.nn.utils.rnn import PackedSequence
 
+from ..kernels.stats import batch_stats
 from ..policy import _LIMIT, bad_channels, bessel, raise_bad_batch
 
 __all__ = ["recalibrate", "PROGRESS_AFTER_S"]
@@ -59,8 +60,6 @@ class _Accumulator:
         if _KERNEL_STATS and x.is_cpu and x.dtype in (torch.float32, torch.float64):
             # bnlab's statistics kernel: one pass over x (float64 sums shifted by each channel's
             # first value), where the torch ops below make four over a float64 copy of it
-            from ..kernels.stats import batch_stats
-
             stats, _ = batch_stats(x.detach(), 0.0)
             mean_b = torch.from_numpy(stats[0])
             shift = self.shift if self.shift is not None else mean_b
