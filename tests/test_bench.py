@@ -22,6 +22,8 @@ def test_bench_quick_bn_suite_writes_json_with_positive_figures(tmp_path):
         sizes = bench.FWD_SIZES if r["pass"] == "fwd" else bench.STEP_SIZES
         assert abs(r["bnlab_gbs"] - sizes * r["mb"] / r["bnlab_ms"]) < 1e-6 * r["bnlab_gbs"]
         assert abs(r["ratio"] - r["torch_ms"] / r["bnlab_ms"]) < 1e-9 * r["ratio"]
+        if r.get("layer", "BatchNorm") == "BatchNorm":  # the noise band: quartiles of the per-round ratios
+            assert 0 < r["ratio_iqr"][0] <= r["ratio_iqr"][1], r
     first = res["first_call"]
     assert "error" not in first, first
     assert first["bnlab_kernel"] is True and first["nchw"]["first_s"] > 0 and first["nchw"]["later_s"] > 0
@@ -48,6 +50,7 @@ def test_bench_quick_models_suite_prints_one_direction_and_writes_json(tmp_path,
     for r in rows:
         assert r["torch_ms"] > 0 and r["bnlab_ms"] > 0
         assert abs(r["ratio"] - r["torch_ms"] / r["bnlab_ms"]) < 1e-9 * r["ratio"]
+        assert 0 < r["ratio_iqr"][0] <= r["ratio_iqr"][1], r
 
 
 def test_bench_rnn_suite_prints_its_table_as_plain_text(tmp_path, capsys, monkeypatch):
@@ -60,3 +63,23 @@ def test_bench_rnn_suite_prints_its_table_as_plain_text(tmp_path, capsys, monkey
     assert "[quartiles of the per-round ratios: the noise band]" in printed  # not eaten as rich markup
     rows = json.loads(out.read_text())["rnn"]["rows"]
     assert sum(line.count("BNLSTM") for line in printed.splitlines()) == sum(r["norm"] != "torch" for r in rows)
+
+
+def test_time_pair_gives_the_quartiles_of_the_per_round_ratios_as_its_noise_band(monkeypatch):
+    import torch
+
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls = {"t": 0}
+
+    def fb(x):  # bnlab: 1 s every round
+        clock[0] += 1.0
+
+    def ft(x):  # torch: 2 s and 4 s in turn
+        clock[0] += 2.0 if calls["t"] % 2 == 0 else 4.0
+        calls["t"] += 1
+
+    x = torch.zeros(1)
+    sec_b, sec_t, band = bench.time_pair(fb, ft, x, x.clone(), [], [], None, repeats=4, warmup=0)
+    assert (sec_b, sec_t) == (1.0, 3.0)  # the ratio of the medians is 3
+    assert band == (2.0, 4.0)  # the per-round ratios are 2, 4, 2, 4

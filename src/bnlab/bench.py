@@ -59,6 +59,7 @@ from numba import njit, prange
 
 import bnlab
 import bnlab.functional as BF
+from .bench_models import _quartiles
 
 FULL_SHAPES = [(64, 64, 32, 32), (256, 32, 16, 16), (32, 256, 8, 8), (8, 128, 64, 64), (1024, 512), (256, 512),
                (64, 128)]
@@ -152,8 +153,11 @@ def _timed(fn, x, params, dy):
     return time.perf_counter() - t
 
 
-def time_pair(fb, ft, xb, xt, pb, pt, dy, repeats: int, warmup: int, advance=None) -> tuple[float, float]:
-    """Median seconds of bnlab and torch, one step each per round, order flipped every round."""
+def time_pair(fb, ft, xb, xt, pb, pt, dy, repeats: int, warmup: int, advance=None) -> tuple[float, float, tuple]:
+    """Median seconds of bnlab and torch, one step each per round, order flipped every round, and
+    the noise band: the quartiles of the per-round ratios torch / bnlab (the two steps of a round
+    run back to back, so the band is what the machine's other work did to the pair; as in the
+    model suite, :func:`bnlab.bench_models._quartiles`)."""
     tb, tt = [], []
     gc_was = gc.isenabled()
     gc.disable()
@@ -173,7 +177,7 @@ def time_pair(fb, ft, xb, xt, pb, pt, dy, repeats: int, warmup: int, advance=Non
     finally:
         if gc_was:
             gc.enable()
-    return statistics.median(tb), statistics.median(tt)
+    return statistics.median(tb), statistics.median(tt), _quartiles([t / b for t, b in zip(tt, tb)])
 
 
 def time_many(fns: dict, xs: dict, params: dict, dy, repeats: int, warmup: int, advance=None) -> dict:
@@ -254,14 +258,14 @@ def run_bn_suite(args, progress=None) -> dict:
         for path in paths:
             fb, ft, xb, xt, pb, pt = contenders[path]
             for pss in passes:
-                sec_b, sec_t = time_pair(fb, ft, xb, xt, pb, pt, dy if pss == "fwd+bwd" else None, repeats, warmup,
-                                         advance)
+                sec_b, sec_t, band = time_pair(fb, ft, xb, xt, pb, pt, dy if pss == "fwd+bwd" else None, repeats,
+                                               warmup, advance)
                 sizes = FWD_SIZES if pss == "fwd" else STEP_SIZES
                 rows.append({
                     "shape": list(shape), "label": _label(shape, cl), "dims": len(shape),
                     "layout": "channels_last" if cl else ("nchw" if len(shape) == 4 else "nc"),
                     "mb": mb, "path": path, "pass": pss,
-                    "bnlab_ms": sec_b * 1e3, "torch_ms": sec_t * 1e3, "ratio": sec_t / sec_b,
+                    "bnlab_ms": sec_b * 1e3, "torch_ms": sec_t * 1e3, "ratio": sec_t / sec_b, "ratio_iqr": list(band),
                     "bnlab_gbs": sizes * mb / 1e3 / sec_b, "torch_gbs": sizes * mb / 1e3 / sec_t,
                 })
         if len(shape) == 4:
@@ -358,7 +362,7 @@ def check_bar(rows: list[dict], first: dict | None) -> list[dict]:
         if r["dims"] == 4 and r["mb"] >= BAR_LARGE_MB:
             need = BAR_CHANNELS_LAST if r["layout"] == "channels_last" else BAR_NCHW
         checks.append({"what": f"{r['label']} {r['path']} fwd+bwd vs torch {r['layout']}", "ratio": r["ratio"],
-                       "need": need, "ok": r["ratio"] >= need})
+                       "ratio_iqr": r.get("ratio_iqr"), "need": need, "ok": r["ratio"] >= need})
     if first is not None and "error" not in first:
         checks.append({"what": "first call in a fresh process, extra seconds", "ratio": first["extra_s"],
                        "need": BAR_FIRST_CALL_S, "ok": first["extra_s"] < BAR_FIRST_CALL_S and first["bnlab_kernel"]})
@@ -401,17 +405,19 @@ def _print_report(console, result: dict) -> None:
     bn = result.get("bn")
     if bn is not None:
         t = Table(title=f"batch norm, float32, training, {result['machine']['threads']} threads, "
-                        f"median of {bn['repeats']} interleaved rounds (ratio = torch / bnlab)")
+                        f"median of {bn['repeats']} interleaved rounds (ratio = torch / bnlab; noise band: "
+                        "quartiles of the per-round ratios)")
         for col in ("shape", "layout", "MB", "path", "pass", "bnlab ms", "bnlab GB/s", "torch ms", "torch GB/s",
-                    "ratio"):
+                    "ratio", "noise band"):
             t.add_column(col, justify="left" if col in ("shape", "layout", "path", "pass") else "right")
         for r in bn["rows"]:
             if r.get("layer", "BatchNorm") != "BatchNorm":
                 continue
             ratio = f"{r['ratio']:.2f}"
+            band = r.get("ratio_iqr")
             t.add_row("x".join(map(str, r["shape"])), r["layout"], f"{r['mb']:.1f}", r["path"], r["pass"],
                       f"{r['bnlab_ms']:.3f}", f"{r['bnlab_gbs']:.1f}", f"{r['torch_ms']:.3f}",
-                      f"{r['torch_gbs']:.1f}", ratio)
+                      f"{r['torch_gbs']:.1f}", ratio, "-" if band is None else f"{band[0]:.2f}-{band[1]:.2f}")
         console.print(t)
         rn = [r for r in bn["rows"] if r.get("layer") == "BatchRenorm2d"]
         if rn:
@@ -448,7 +454,10 @@ def _print_report(console, result: dict) -> None:
         bad = [c for c in checks if not c["ok"]]
         console.print(f"bar: {len(checks) - len(bad)}/{len(checks)} checks met"
                       + ("" if not bad else "; missed: " + "; ".join(
-                          f"{c['what']} {c['ratio']:.2f} (need {'<' if 'first' in c['what'] else '>='} {c['need']})"
+                          f"{c['what']} {c['ratio']:.2f}"
+                          + (f" [noise band {c['ratio_iqr'][0]:.2f}-{c['ratio_iqr'][1]:.2f}]"
+                             if c.get("ratio_iqr") else "")
+                          + f" (need {'<' if 'first' in c['what'] else '>='} {c['need']})"
                           for c in bad)))
     models = result.get("models")
     if models is not None:
