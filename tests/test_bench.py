@@ -83,3 +83,17 @@ def test_time_pair_gives_the_quartiles_of_the_per_round_ratios_as_its_noise_band
     sec_b, sec_t, band = bench.time_pair(fb, ft, x, x.clone(), [], [], None, repeats=4, warmup=0)
     assert (sec_b, sec_t) == (1.0, 3.0)  # the ratio of the medians is 3
     assert band == (2.0, 4.0)  # the per-round ratios are 2, 4, 2, 4
+
+
+def test_a_missed_bar_is_printed_with_its_noise_band():
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    check = {"what": "1024x512 module fwd+bwd vs torch nc", "ratio": 0.84, "ratio_iqr": [0.8, 0.9], "need": 1.0,
+             "ok": False}
+    bench._print_report(Console(file=out, width=200), {"bar": [check]})
+    printed = out.getvalue()
+    assert "bar: 0/1 checks met" in printed
+    assert "1024x512 module fwd+bwd vs torch nc 0.84, noise band 0.80-0.90 (need >= 1.0)" in printed

@@ -455,7 +455,7 @@ def _print_report(console, result: dict) -> None:
         console.print(f"bar: {len(checks) - len(bad)}/{len(checks)} checks met"
                       + ("" if not bad else "; missed: " + "; ".join(
                           f"{c['what']} {c['ratio']:.2f}"
-                          + (f" [noise band {c['ratio_iqr'][0]:.2f}-{c['ratio_iqr'][1]:.2f}]"
+                          + (f", noise band {c['ratio_iqr'][0]:.2f}-{c['ratio_iqr'][1]:.2f}"
                              if c.get("ratio_iqr") else "")
                           + f" (need {'<' if 'first' in c['what'] else '>='} {c['need']})"
                           for c in bad)))
