@@ -344,6 +344,38 @@ def test_a_half_precision_output_is_the_float64_formula_rounded_once_even_with_a
 
 
 @needs_ext
+@pytest.mark.parametrize("shape,fmt", [((512, 64), None), ((16, 32, 4, 4), torch.channels_last),
+                                       ((8, 8, 4, 4), torch.channels_last)], ids=["2d", "cl", "cl-wide-rows"])
+@pytest.mark.parametrize("mean", [0.0, 3000.0])
+def test_a_float32_input_gradient_is_the_float64_formula_rounded_once(shape, fmt, mean):
+    """The backward's elementwise pass on float32 data gathers the formula's per-channel constants
+    into two fused multiply-adds in float64: the gradient must still be the float64 formula rounded
+    to float32 (ties aside), with a mean far from 0 against the spread too."""
+    torch.manual_seed(8)
+    xd64 = torch.randn(shape, dtype=torch.float64) * 2 + mean
+    x = xd64.float()
+    g = torch.randn(shape, dtype=torch.float64).float()
+    if fmt is not None:
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    xg = x.clone().requires_grad_()
+    fast.ext.train(xg, w, b, None, None, None, 0.1, 1e-5)[0].backward(g)
+    dims = [0] + list(range(2, len(shape)))
+    xd = x.double()
+    mean_, var = xd.mean(dims), xd.var(dims, correction=0)
+    inv = 1.0 / torch.sqrt(var + 1e-5)
+    view = [1, c] + [1] * (len(shape) - 2)
+    xhat = (xd - mean_.view(view)) * inv.view(view)
+    gd = g.double()
+    want = (w.double() * inv).view(view) * (gd - gd.mean(dims, keepdim=True)
+                                            - xhat * (gd * xhat).mean(dims, keepdim=True))
+    exact = (xg.grad == want.float()).double().mean()
+    assert exact > 0.99, float(exact)
+    torch.testing.assert_close(xg.grad.double(), want, rtol=2.0 ** -22, atol=1e-6)
+
+
+@needs_ext
 def test_odd_arguments_get_the_general_paths_errors_and_momentum_none_is_cumulative(counting):
     import bnlab.functional as BF
 
