@@ -164,6 +164,24 @@ def test_per_step_rows_written_in_one_call_equal_row_by_row():
     assert a.num_batches_tracked.tolist() == b.num_batches_tracked.tolist() == [1] * 5
 
 
+@pytest.mark.parametrize("first", [0, 2])
+def test_consecutive_per_step_rows_of_one_count_written_at_once_equal_row_by_row(first):
+    """Every step of a batch of equal lengths (one count, consecutive rows: one update of the rows'
+    slice), from row 0 and from a row past the buffers' end (they grow first)."""
+    torch.manual_seed(5)
+    a = SequenceBatchNorm(3, per_step=True, momentum=0.2)
+    b = SequenceBatchNorm(3, per_step=True, momentum=0.2)
+    xs = [torch.randn(6, 3) * (t + 1) + t for t in range(5)]
+    stats = [ref.batch_stats(x) for x in xs]
+    commit_stats([StatsUpdate(a, list(range(first, first + 5)), torch.stack([s[0] for s in stats]),
+                              torch.stack([s[1] for s in stats]), [s[2] for s in stats])], "raise", "test")
+    for t, x in enumerate(xs):
+        b(x, first + t)
+    torch.testing.assert_close(a.running_mean, b.running_mean)
+    torch.testing.assert_close(a.running_var, b.running_var)
+    assert a.num_batches_tracked.tolist() == b.num_batches_tracked.tolist() == [0] * first + [1] * 5
+
+
 def test_standalone_sequence_batch_norm_follows_its_own_nonfinite_policy():
     bn = SequenceBatchNorm(3, per_step=True)
     bn(torch.randn(4, 3), 0)

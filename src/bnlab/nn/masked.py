@@ -577,6 +577,16 @@ class SequenceBatchNorm(Module):
             for r, m, v, n in zip(rows, mean, var, counts):
                 update_buffers(self.running_mean[r], self.running_var[r], self.num_batches_tracked[r], m.to(dev),
                                v.to(dev), n, self.momentum, nonfinite, name)
+        elif (rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1))
+              and counts.count(counts[0]) == len(counts)):
+            # the common case (every step of a batch of equal lengths): one run of consecutive rows
+            # with one count, one update of their slice without the general loop's sort and gather
+            r0, r1 = rows[0], rows[-1] + 1
+            self.ensure_steps(r1)
+            if update_buffers(self.running_mean[r0:r1].view(-1), self.running_var[r0:r1].view(-1), None,
+                              mean.reshape(-1).to(dev), var.reshape(-1).to(dev), counts[0], self.momentum,
+                              nonfinite, name):
+                self.num_batches_tracked[r0:r1] += 1
         else:
             self.ensure_steps(max(rows) + 1)
             order = sorted(range(len(rows)), key=rows.__getitem__)
