@@ -612,6 +612,26 @@ class SequenceBatchNorm(Module):
             update_buffers(rm, rv, nbt, mean[0].to(dev), var[0].to(dev), counts[0], self.momentum, nonfinite, name)
             return
         # k sequential updates r <- (1 - f_i) r + f_i u_i in one: r <- (1 - f) r + f * sum_i w_i u_i / f
+        if (mean.is_cpu and var.is_cpu and mean.dtype == torch.float64 and var.dtype == torch.float64
+                and not (mean.requires_grad or var.requires_grad) and rm.is_cpu):
+            # the common case, CPU float64 statistics: the same sums in numpy (k x C values; a
+            # handful of small torch ops cost several times more)
+            mn, vn = mean.numpy(), var.numpy()
+            if self.momentum is None:
+                w = np.full(k, 1.0 / (int(nbt) + k))
+            else:
+                m = float(self.momentum)
+                w = m * (1.0 - m) ** np.arange(k - 1, -1, -1, dtype=np.float64)
+            f = float(w.sum())
+            if f <= 0.0:  # momentum 0: nothing moves but the count
+                nbt += k
+                return
+            wb = w * np.array([bessel(n) for n in counts])
+            cm = (w[:, None] * mn).sum(0) / f
+            cv = (wb[:, None] * vn).sum(0) / f / bessel(counts[-1])  # update_buffers applies bessel(counts[-1])
+            if update_buffers(rm, rv, None, cm, cv, counts[-1], f, nonfinite, name):
+                nbt += k
+            return
         if self.momentum is None:
             n0 = int(nbt)
             w = torch.full((k,), 1.0 / (n0 + k), dtype=torch.float64)
