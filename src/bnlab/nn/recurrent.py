@@ -1262,8 +1262,9 @@ class _BNRNNBase(_RecurrentCore):
             if d:
                 steps = steps[::-1]
             mean, var = arrays[9][steps], arrays[10][steps]
-            if site.perm is not None:
-                mean, var = mean[:, site.perm], var[:, site.perm]
+            if site.perm is not None:  # np.take: a C-ordered result (an index on the second axis gives an
+                # F-ordered one, which every later flat view would have to copy)
+                mean, var = np.take(mean, site.perm, axis=1), np.take(var, site.perm, axis=1)
             rows = [0] * len(steps) if site.shared else steps.tolist()
             updates.append(StatsUpdate(site.norm, rows, torch.from_numpy(mean), torch.from_numpy(var),
                                        bs[steps].tolist()))
