@@ -612,40 +612,27 @@ class SequenceBatchNorm(Module):
             update_buffers(rm, rv, nbt, mean[0].to(dev), var[0].to(dev), counts[0], self.momentum, nonfinite, name)
             return
         # k sequential updates r <- (1 - f_i) r + f_i u_i in one: r <- (1 - f) r + f * sum_i w_i u_i / f
-        if (mean.is_cpu and var.is_cpu and mean.dtype == torch.float64 and var.dtype == torch.float64
-                and not (mean.requires_grad or var.requires_grad) and rm.is_cpu):
-            # the common case, CPU float64 statistics: the same sums in numpy (k x C values; a
-            # handful of small torch ops cost several times more)
-            mn, vn = mean.numpy(), var.numpy()
-            if self.momentum is None:
-                w = np.full(k, 1.0 / (int(nbt) + k))
-            else:
-                m = float(self.momentum)
-                w = m * (1.0 - m) ** np.arange(k - 1, -1, -1, dtype=np.float64)
-            f = float(w.sum())
-            if f <= 0.0:  # momentum 0: nothing moves but the count
-                nbt += k
-                return
-            wb = w * np.array([bessel(n) for n in counts])
-            cm = (w[:, None] * mn).sum(0) / f
-            cv = (wb[:, None] * vn).sum(0) / f / bessel(counts[-1])  # update_buffers applies bessel(counts[-1])
-            if update_buffers(rm, rv, None, cm, cv, counts[-1], f, nonfinite, name):
-                nbt += k
-            return
         if self.momentum is None:
-            n0 = int(nbt)
-            w = torch.full((k,), 1.0 / (n0 + k), dtype=torch.float64)
+            w = np.full(k, 1.0 / (int(nbt) + k))
         else:
             m = float(self.momentum)
-            w = m * (1.0 - m) ** torch.arange(k - 1, -1, -1, dtype=torch.float64)
+            w = m * (1.0 - m) ** np.arange(k - 1, -1, -1, dtype=np.float64)
         f = float(w.sum())
         if f <= 0.0:  # momentum 0: nothing moves but the count
             nbt += k
             return
-        unbiased = var * torch.tensor([bessel(n) for n in counts], dtype=torch.float64)[:, None]
-        cm = (w[:, None] * mean).sum(0) / f
-        cv = (w[:, None] * unbiased).sum(0) / f / bessel(counts[-1])  # update_buffers applies bessel(counts[-1])
-        if update_buffers(rm, rv, None, cm.to(dev), cv.to(dev), counts[-1], f, nonfinite, name):
+        wb = w * np.array([bessel(n) for n in counts])  # the weights of the biased variances
+        if (mean.is_cpu and var.is_cpu and mean.dtype == torch.float64 and var.dtype == torch.float64
+                and not (mean.requires_grad or var.requires_grad) and rm.is_cpu):
+            # the common case, CPU float64 statistics: the sums in numpy (k x C values; a handful of
+            # small torch ops cost several times more)
+            cm = (w[:, None] * mean.numpy()).sum(0)
+            cv = (wb[:, None] * var.numpy()).sum(0)
+        else:
+            cm = (torch.from_numpy(w).to(mean.device)[:, None] * mean).sum(0).to(dev)
+            cv = (torch.from_numpy(wb).to(var.device)[:, None] * var).sum(0).to(dev)
+        # update_buffers applies bessel(counts[-1]) itself
+        if update_buffers(rm, rv, None, cm / f, cv / f / bessel(counts[-1]), counts[-1], f, nonfinite, name):
             nbt += k
 
     # precise BN (bnlab.tools.recalibrate): population statistics per step
