@@ -577,26 +577,17 @@ class SequenceBatchNorm(Module):
             for r, m, v, n in zip(rows, mean, var, counts):
                 update_buffers(self.running_mean[r], self.running_var[r], self.num_batches_tracked[r], m.to(dev),
                                v.to(dev), n, self.momentum, nonfinite, name)
-        elif (rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1))
-              and counts.count(counts[0]) == len(counts)):
-            # the common case (every step of a batch of equal lengths): one run of consecutive rows
-            # with one count, one update of their slice without the general loop's sort and gather
-            r0, r1 = rows[0], rows[-1] + 1
-            self.ensure_steps(r1)
-            if update_buffers(self.running_mean[r0:r1].view(-1), self.running_var[r0:r1].view(-1), None,
-                              mean.reshape(-1).to(dev), var.reshape(-1).to(dev), counts[0], self.momentum,
-                              nonfinite, name):
-                self.num_batches_tracked[r0:r1] += 1
         else:
             self.ensure_steps(max(rows) + 1)
-            order = sorted(range(len(rows)), key=rows.__getitem__)
+            n = len(rows)
+            order = sorted(range(n), key=rows.__getitem__)
+            in_order = order == list(range(n))  # rows given in step order: runs are slices, no gather
             i = 0
-            while i < len(order):  # runs of consecutive rows with equal counts: one call each
-                j = i + 1
-                while (j < len(order) and rows[order[j]] == rows[order[j - 1]] + 1
-                       and counts[order[j]] == counts[order[i]]):
+            while i < n:  # runs of consecutive rows with equal counts: one call each (every step of an
+                j = i + 1  # equal-length batch is one run)
+                while j < n and rows[order[j]] == rows[order[j - 1]] + 1 and counts[order[j]] == counts[order[i]]:
                     j += 1
-                r0, r1, sel = rows[order[i]], rows[order[i]] + (j - i), order[i:j]
+                r0, r1, sel = rows[order[i]], rows[order[i]] + (j - i), slice(i, j) if in_order else order[i:j]
                 if update_buffers(self.running_mean[r0:r1].view(-1), self.running_var[r0:r1].view(-1), None,
                                   mean[sel].reshape(-1).to(dev), var[sel].reshape(-1).to(dev), counts[order[i]],
                                   self.momentum, nonfinite, name):
