@@ -84,9 +84,7 @@ def test_two_threads_give_the_one_thread_numbers(cls, kw, norm, dtype, split_eve
                 getattr(mm, mode)()
                 del split_everything[:]
                 res[nt] = _run(mm, x, lengths)
-                # an LSTM with a projection and batch statistics runs on one thread (recurrent._split)
-                want = 1 if "proj_size" in kw and mode == "train" and norm != "layer" else nt
-                assert {s[0] for s in split_everything} == {want}, split_everything
+                assert {s[0] for s in split_everything} == {nt}, split_everything
                 rowsplit = split_everything[0][1]
             one, two = res[1], res[TWO]
             assert one.keys() == two.keys()
@@ -108,19 +106,26 @@ def _row_summed(name: str) -> bool:
 
 @needs_two
 def test_the_split_follows_the_norms(split_everything, torch_threads):
-    """Batch statistics split a step by units (a channel's statistics need every row); layer norm
-    and eval by rows; torch.set_num_threads(1) runs the serial twins."""
+    """Every mode splits by rows: with batch statistics in blocks set by the batch size alone (the
+    threads meet at each step's statistics), else in blocks sized for the threads; at most one thread
+    per block; torch.set_num_threads(1) runs the serial twins."""
     torch_threads(TWO)
     x = torch.randn(16, 5, 9, dtype=torch.float64)
-    for norm, rowsplit in (("per_timestep", False), ("horizontal", False), ("layer", True)):
+    for norm in ("per_timestep", "horizontal", "layer"):
         m = BNLSTM(9, 24, batch_first=True, norm=norm, dtype=torch.float64)
         del split_everything[:]
         m(x)
-        assert split_everything[0][:2] == (TWO, rowsplit), (norm, split_everything)
+        assert split_everything[0] == (TWO, True, 4), (norm, split_everything)
         m.eval()
         del split_everything[:]
         m(x)
         assert split_everything[0][:2] == (TWO, True)
+    del split_everything[:]
+    BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(5, 3, 9, dtype=torch.float64))
+    assert split_everything[0] == (TWO, True, 4)  # blocks of 4 and 1 rows
+    del split_everything[:]
+    BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(4, 3, 9, dtype=torch.float64))
+    assert split_everything[0] == (1, True, 4)  # one block: one thread
     torch_threads(1)
     del split_everything[:]
     BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(x)
@@ -175,7 +180,7 @@ def test_a_forked_child_runs_the_fused_layers_on_the_serial_twins(monkeypatch, t
     assert pid != os.getpid()
     if numba.threading_layer() == "omp":
         assert serial
-    for k in want:  # split by units: the one-thread bits
+    for k in want:  # batch statistics combined per block in block order: the one-thread bits
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 

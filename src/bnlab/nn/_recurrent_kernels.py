@@ -50,7 +50,7 @@ import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_thread_id, njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
@@ -507,6 +507,97 @@ def _u(i):
     return np.uint64(i)
 
 
+# ------------------------------------------------------------------------------------------------
+# a spin barrier for the threads of one launch (rows split over threads, batch statistics met per step)
+#
+# ``bar`` (int64, 16 elements, zeros): element 0 counts the threads arrived, element 8 (its own cache
+# line) is the generation. A thread reads the generation, then adds itself to the count; the last one
+# resets the count and moves the generation on, the others spin until it moves. The atomics are
+# sequentially consistent (the count), release (the generation's store) and acquire (its loads): what a
+# thread wrote before the barrier is visible to every thread after it. Every thread of the launch must
+# reach every barrier, and the launch must run its ``nt`` iterations on ``nt`` threads at once
+# (:func:`team_size` checks the pool gives them).
+
+@intrinsic
+def _atomic_add(typingctx, arr, idx, val):
+    sig = types.int64(arr, idx, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a, i, v = args
+        ary = context.make_array(signature.args[0])(context, builder, a)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, arr, idx):
+    sig = types.int64(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        a, i = args
+        ary = context.make_array(signature.args[0])(context, builder, a)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, arr, idx, val):
+    sig = types.void(arr, idx, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a, i, v = args
+        ary = context.make_array(signature.args[0])(context, builder, a)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
+        builder.store_atomic(v, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _barrier(bar, nt):
+    """Wait until the ``nt`` threads of the launch have all arrived (see above); one thread: returns."""
+    if nt <= 1:
+        return
+    gen = _atomic_load(bar, 8)
+    if _atomic_add(bar, 0, 1) == nt - 1:
+        _atomic_store(bar, 0, 0)
+        _atomic_add(bar, 8, 1)
+    else:
+        while _atomic_load(bar, 8) == gen:
+            pass
+
+
+def _team_loop(nt, ids):
+    """Each of ``nt`` iterations records the pool thread that ran it."""
+    for th in prange(nt):
+        ids[th] = get_thread_id()
+
+
+_team_par = njit(parallel=True, nogil=True, cache=True)(_team_loop)
+
+
+@functools.lru_cache(maxsize=None)
+def team_size(nt: int) -> int:
+    """How many distinct threads of numba's pool run a launch of ``nt`` iterations (``nt`` unless
+    something caps the team: ``OMP_THREAD_LIMIT``, a nested parallel region); a launch whose threads
+    meet at :func:`_barrier` may only run on a full team. Once per process and thread count."""
+    if nt <= 1:
+        return 1
+    ids = np.full(nt, -1, np.int64)
+    prev = _cpu._enter(nt)
+    try:
+        _team_par(nt, ids)
+    finally:
+        if prev:
+            _cpu._set_threads(prev)
+    return len(set(ids.tolist()))
+
+
 @njit(inline="always")
 def _copy_part(src, s0, dst, d0, lo, hi, c0, c1, rth, rnt, RB):
     """Rows ``lo <= i < hi`` of the thread's row blocks, columns ``c0 <= j < c1``:
@@ -636,20 +727,122 @@ def _prep_row(V, r, C, site, r_idx, M, S):
         S[j] = rv * gamma[j]
 
 
+@njit(**_OPTS)
+def _part_sums(V, v0, vs, b, C, t, site, PBs, rth, rnt, RB):
+    """Batch statistics split by rows, before the threads meet: for each of the thread's blocks of
+    ``RB`` rows of step t (block q: rows ``q * RB`` on), the float64 sums of ``x - x_q`` and of its
+    square over the block's rows (``x_q``: the block's first row, its own shift) into ``PBs[0, q]``
+    and ``PBs[1, q]``, channels ``< C``. Nothing at a step whose kind is not BATCH."""
+    if site[0][t] != BATCH:
+        return
+    nb = (b + RB - 1) // RB
+    Cu = _u(C)
+    for blk in range(rth, nb, rnt):
+        i0 = blk * RB
+        s1 = PBs[0, blk]
+        s2 = PBs[1, blk]
+        f = _u(v0 + i0 * vs)
+        for j in range(Cu):
+            s1[j] = 0.0
+            s2[j] = 0.0
+        for i in range(i0, min(i0 + RB, b)):
+            r = _u(v0 + i * vs)
+            for j in range(Cu):
+                d = np.float64(V[r, j]) - np.float64(V[f, j])
+                s1[j] += d
+                s2[j] += d * d
+
+
+@njit(**_OPTS)
+def _comb_stats(V, v0, vs, b, C, t, site, PBs, RB, M, S, write):
+    """Batch statistics split by rows, after the threads met: every block's sums (:func:`_part_sums`)
+    combined in block order by Chan, Golub and LeVeque's pairwise update (each block's mean and sum
+    of squared deviations from it; float64), so that the bits depend on the block size, never on the
+    thread count; ``M``, ``S`` for every channel as :func:`_prep_channels` has them and, with
+    ``write`` (one thread), the step's mean, biased variance and invstd saved in the site. Other
+    kinds: :func:`_prep_channels` over every channel."""
+    kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
+    if kinds[t] != BATCH:
+        _prep_channels(V, v0, vs, b, 1, C, 0, C, t, site, M, S)
+        return
+    nb = (b + RB - 1) // RB
+    Cu = _u(C)
+    n = 0.0
+    for blk in range(nb):
+        i0 = blk * RB
+        nq = np.float64(min(i0 + RB, b) - i0)
+        s1 = PBs[0, blk]
+        s2 = PBs[1, blk]
+        f = _u(v0 + i0 * vs)
+        if blk == 0:
+            for j in range(Cu):
+                d = s1[j] / nq
+                M[j] = np.float64(V[f, j]) + d
+                S[j] = s2[j] - s1[j] * d
+        else:
+            w1 = nq / (n + nq)
+            w2 = n * w1
+            for j in range(Cu):
+                d = s1[j] / nq
+                delta = (np.float64(V[f, j]) + d) - M[j]
+                M[j] += delta * w1
+                S[j] += (s2[j] - s1[j] * d) + delta * delta * w2
+        n += nq
+    tt = _u(t)
+    for j in range(Cu):
+        v = max(S[j] / b, 0.0)
+        iv = 1.0 / np.sqrt(v + eps)
+        if write:
+            mean[tt, j] = M[j]
+            var[tt, j] = v
+            inv[tt, j] = iv
+        S[j] = iv * gamma[j]
+
+
+@njit(inline="always")
+def _flush(s1, s2, PBs, blk, C):
+    """A block's backward sums (the thread's ``s1``, ``s2``, channels ``< C``) into ``PBs[:, blk]``,
+    and ``s1``, ``s2`` zeroed for the next block."""
+    d1 = PBs[0, blk]
+    d2 = PBs[1, blk]
+    for j in range(_u(C)):
+        d1[j] = s1[j]
+        d2[j] = s2[j]
+        s1[j] = 0.0
+        s2[j] = 0.0
+
+
+@njit(inline="always")
+def _sum_blocks(PBs, nb, C, s1, s2):
+    """The step's backward sums: the ``nb`` blocks' sums (:func:`_flush`) added in block order."""
+    Cu = _u(C)
+    for j in range(Cu):
+        s1[j] = 0.0
+        s2[j] = 0.0
+    for q in range(nb):
+        p1 = PBs[0, q]
+        p2 = PBs[1, q]
+        for j in range(Cu):
+            s1[j] += p1[j]
+            s2[j] += p2[j]
+
+
 # ------------------------------------------------------------------------------------------------
 # the time loop, forward: one step of one thread's part
 
 @njit(**_OPTS)
 def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1, p0, p1,
               xp, xr0, xrs, h0, c0, wt, bhh, sx, sh, sc, hn, cn, Hin, Hout, Cs, Ms,
-              out, or0, ors, gates, cst, tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS):
+              out, or0, ors, gates, cst, tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS, PB, par, bar):
     """Step ``t`` (``b`` rows at internal offset ``o0``; ``prev_b`` rows ran the step before) for
     the thread's rows and units ``[u0, u1)`` (columns ``[p0, p1)`` of the state): reads h_{t-1} from
     ``Hin`` (every column: the recurrent matmul), writes h_t to ``Hout`` (with a projection, the
     unprojected m_t to ``Ms``; :func:`_fwd_proj` finishes the step). ``MS`` ``(6, G)``: the thread's
     float64 scratch (each site's M and S, see :func:`_prep_channels`). A row's normalizations and
     gates run one after the other (its values stay in cache); the sites' batch statistics, which
-    need every row, before."""
+    need every row, before. Split by rows (``rowsplit``), a site's batch statistics are met across
+    the threads (``rnt`` of them): each sums its blocks into ``PB[par, site]``, all wait at ``bar``,
+    each combines every block (:func:`_comb_stats`)."""
     G = wt.shape[1]
     nq = G // H
     lstm = cell == LSTM
@@ -681,8 +874,16 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1,
             for q in range(nq):
                 gemm(Hin, i0 * P, False, wt, q * H + u0, Ah, (a0 + i0) * G + q * H + u0, i1 - i0, n, P, False)
     Mx, Sx, Mh, Sh = MS[0], MS[1], MS[2], MS[3]
-    _prep_channels(xp, xr0[t], xrs, b, nq, H, u0, u1, t, sx, Mx, Sx)
-    _prep_channels(Ah, a0, 1, b, nq, H, u0, u1, t, sh, Mh, Sh)
+    if rowsplit:
+        _part_sums(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], rth, rnt, RB)
+        _part_sums(Ah, a0, 1, b, G, t, sh, PB[par, 1], rth, rnt, RB)
+        if sx[0][t] == BATCH or sh[0][t] == BATCH:
+            _barrier(bar, rnt)
+        _comb_stats(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], RB, Mx, Sx, rth == 0)
+        _comb_stats(Ah, a0, 1, b, G, t, sh, PB[par, 1], RB, Mh, Sh, rth == 0)
+    else:
+        _prep_channels(xp, xr0[t], xrs, b, nq, H, u0, u1, t, sx, Mx, Sx)
+        _prep_channels(Ah, a0, 1, b, nq, H, u0, u1, t, sh, Mh, Sh)
     rowx = sx[0][t] == ROW
     rowh = sh[0][t] == ROW
     bx = sx[2]
@@ -761,7 +962,13 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1,
                     Hout[iu, k] = v
     if lstm:  # the cell's norm: its batch statistics need every row's c_t
         Mc, Sc = MS[4], MS[5]
-        _prep_channels(cst, o0, 1, b, 1, H, u0, u1, t, sc, Mc, Sc)
+        if rowsplit:
+            _part_sums(cst, o0, 1, b, H, t, sc, PB[par, 2], rth, rnt, RB)
+            if sc[0][t] == BATCH:
+                _barrier(bar, rnt)
+            _comb_stats(cst, o0, 1, b, H, t, sc, PB[par, 2], RB, Mc, Sc, rth == 0)
+        else:
+            _prep_channels(cst, o0, 1, b, 1, H, u0, u1, t, sc, Mc, Sc)
         rowc = sc[0][t] == ROW
         bc = sc[2]
         for blk in range(rth, nb, rnt):
@@ -817,7 +1024,7 @@ def _fwd_proj(H, P, t, b, rth, rnt, RB, p0, p1, wrt, Ms, Hout, out, or0, ors):
 
 
 def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
-                  out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn, A, Hbuf, Cs, Ms, Yx, Yh, MS):
+                  out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn, A, Hbuf, Cs, Ms, Yx, Yh, MS, PB, bar):
     """Run the recurrence over all steps on ``nt`` threads; see the module docstring.
 
     ``xp`` ``(R, G)``: the input projections, step t's row i at ``xr0[t] + i * xrs``; ``out``
@@ -830,8 +1037,10 @@ def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, 
     the recurrent site's input (``sh``'s hraw) and every site's statistics. The rest is scratch
     (``Hbuf`` ``(2, B, P)``: h_{t-1} and h_t; ``MS`` ``(nt, 6, G)`` float64, per thread).
 
-    ``rowsplit``: each thread runs the whole loop on its blocks of ``RB`` rows (no site has batch
-    statistics); else every step is split by units (each thread: every row, its units' gates).
+    ``rowsplit``: each thread runs the whole loop on its blocks of ``RB`` rows, the threads meeting
+    (``bar``, int64 (16,) zeros) where a step's batch statistics need every row: their partial sums
+    per block in ``PB`` ``(2, 3, 2, ceil(B / RB), G)`` float64 (step parity, site x/h/c, the two sums);
+    else every step is split by units (each thread: every row, its units' gates).
     """
     T = bs.shape[0]
     B = h0.shape[0]
@@ -850,7 +1059,7 @@ def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, 
                 b = bs[t]
                 _fwd_step(cell, rev, H, P, t, b, off[t], cur, True, th, nt, RB, 0, H, 0, P, xp, xr0, xrs, h0, c0, wt,
                           bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
-                          tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th])
+                          tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th], PB, k % 2, bar)
                 if proj:
                     _fwd_proj(H, P, t, b, th, nt, RB, 0, P, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
                 cur = b
@@ -871,7 +1080,7 @@ def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, 
                 p0, p1 = _part(th, nt, P, VL)
                 _fwd_step(cell, rev, H, P, t, b, o0, cur, False, 0, 1, B, u0, u1, p0, p1, xp, xr0, xrs, h0, c0, wt,
                           bhh, sx, sh, sc, hn, cn, hin, hout, Cs, Ms, out, or0, ors, gates, cst, tcs, mst, hprev, cprev,
-                          ghn, A, Yx, Yh, MS[th])
+                          ghn, A, Yx, Yh, MS[th], PB, 0, bar)
             if proj:
                 for th in prange(nt):
                     p0, p1 = _part(th, nt, P, VL)
@@ -951,12 +1160,14 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, u
 
 
 @njit(inline="always")
-def _bwd_fin(s1, s2, ga, dg, db, b, c, n):
-    """Batch statistics, after every row's sums: dgamma, dbeta, and the coefficients of dx."""
+def _bwd_fin(s1, s2, ga, dg, db, b, c, n, own):
+    """Batch statistics, after every row's sums: dgamma, dbeta (``own``: the thread that adds them;
+    split by rows, every thread holds the step's sums), and the coefficients of dx."""
     for j in range(n):
         k = c + j
-        dg[k] += s2[k]
-        db[k] += s1[k]
+        if own:
+            dg[k] += s2[k]
+            db[k] += s1[k]
         s1[k] = s1[k] * ga[k] / b
         s2[k] = s2[k] * ga[k] / b
 
@@ -992,7 +1203,7 @@ def _site_t(site, t):
 
 @njit(**_OPTS)
 def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev, ghn,
-              dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
+              dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, rowsplit, PB, par, bar):
     """Units ``[u0, u1)`` of the thread's rows at step t: from ``dL/dh_t`` (``DHs``) through the
     gates and the sites to the input projection's gradient (``dxp``) and to the recurrent matmul's
     (``DA``, rows at ``o0``); accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh`` in
@@ -1002,7 +1213,10 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
     gate and ``d N_c(c)``, and the cell norm's sums; (2) the cell norm's dx, the gates, the input
     and recurrent norms' sums; (3) their dx. A layer-norm site does a row's whole backward at once.
     (The per-kind loops are written out: an array handed to an inlined helper inside a row loop
-    costs numba two atomic reference-count updates per call.)
+    costs numba two atomic reference-count updates per call.) Split by rows (``rowsplit``), a batch
+    site's sums are taken per block of ``RB`` rows into ``PB[par, site]``, the threads meet at ``bar``
+    and each adds every block's in block order (:func:`_sum_blocks`): the same bits on any number of
+    threads.
     """
     G = gates.shape[1]
     nq = G // H
@@ -1077,8 +1291,13 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                     for j in range(nu):
                         k = uu0 + j
                         dbc[k] += DC[iu, k]
+            if rowsplit and kc == BATCH:
+                _flush(s1c, s2c, PB[par, 2], blk, H)
         if kc == BATCH:
-            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, uu0, nu)
+            if rowsplit:
+                _barrier(bar, rnt)
+                _sum_blocks(PB[par, 2], nb, H, s1c, s2c)
+            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, uu0, nu, rth == 0)
     # (2) the cell norm's dx, the gates (DP; DPh for the GRU's recurrent site), the two gate sites' sums
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
@@ -1180,15 +1399,26 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                         dy = DYh[iu, k]
                         dgh[k] += dy * ((np.float64(Ah[oi, k]) - mh[k]) * ih[k])
                         dscr[k] += dy
+        if rowsplit:
+            if kx == BATCH:
+                _flush(s1x, s2x, PB[par, 0], blk, G)
+            if kh == BATCH:
+                _flush(s1h, s2h, PB[par, 1], blk, G)
     # (3) the gate sites' dx: into dxp (the input's layout) and DA (internal rows)
     if kx == ROW and kh == ROW:
         return
+    if rowsplit and (kx == BATCH or kh == BATCH):
+        _barrier(bar, rnt)
+        if kx == BATCH:
+            _sum_blocks(PB[par, 0], nb, G, s1x, s2x)
+        if kh == BATCH:
+            _sum_blocks(PB[par, 1], nb, G, s1h, s2h)
     for q in range(nq):
         c = _u(q * H + u0)
         if kx == BATCH:
-            _bwd_fin(s1x, s2x, gx, dgx, dbx, b, c, nu)
+            _bwd_fin(s1x, s2x, gx, dgx, dbx, b, c, nu, rth == 0)
         if kh == BATCH:
-            _bwd_fin(s1h, s2h, gh, dgh, dscr, b, c, nu)
+            _bwd_fin(s1h, s2h, gh, dgh, dscr, b, c, nu, rth == 0)
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
             iu = _u(i)
@@ -1227,7 +1457,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
 def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
                    xp, gates, cst, tcs, hprev, cprev, ghn,
                    dxp, xr0, xrs, dh0, dc0, DA, DHP, acc, gn,
-                   DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum):
+                   DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, PB, bar):
     """Backpropagation through time of :func:`_forward_loop` on ``nt`` threads (the same split).
 
     ``dout`` in the output's layout; ``dhn``/``dcn`` the gradients of the final states; ``xp``
@@ -1236,7 +1466,8 @@ def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, d
     W_hh h_{t-1}, for dW_hh = DA^T hprev), ``DHP`` (LSTM with a projection: the gradient of each h_t,
     for dW_hr = DHP^T m); accumulates per thread (``acc[th]`` ``(7, max(G, H))``, float64) the sites'
     ``dgamma``/``dbeta`` (rows 0-5: x, h (row 3: the GRU's ``dbh``), c) and ``gn[th, t]``, the
-    squared norm of dL/dh_t. ``csum`` ``(nt, 8, G)``: per-thread scratch.
+    squared norm of dL/dh_t. ``csum`` ``(nt, 8, G)``: per-thread scratch; ``PB``, ``bar``: as
+    :func:`_forward_loop`'s.
 
     Each step is the thread's ``_bwd_head`` (state columns: the previous step's ``DA W_hh``, the
     output gradient) then its ``_bwd_body`` (units); split by units, a step's matmul ``DA W_hh``
@@ -1262,7 +1493,8 @@ def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, d
                 _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, 0, H, 0, P, th, dout, or0,
                           ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
                 _bwd_body(cell, H, P, t, b, o0, th, nt, RB, 0, H, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
-                          ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th])
+                          ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], True, PB,
+                          k % 2, bar)
                 bp = b
                 op = o0
             _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, 0, H, 0, P, th, dout, or0, ors,
@@ -1283,14 +1515,16 @@ def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, d
                 for th in prange(nt):
                     u0, u1 = _part(th, nt, H, VL)
                     _bwd_body(cell, H, P, t, b, o0, 0, 1, B, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev,
-                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th])
+                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th],
+                              False, PB, 0, bar)
             else:
                 for th in prange(nt):
                     u0, u1 = _part(th, nt, H, VL)
                     _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, 0, 1, B, u0, u1, u0, u1, th, dout,
                               or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
                     _bwd_body(cell, H, P, t, b, o0, 0, 1, B, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev,
-                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th])
+                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th],
+                              False, PB, 0, bar)
             bp = b
             op = o0
         for th in prange(nt):

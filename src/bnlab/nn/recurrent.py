@@ -614,26 +614,32 @@ def _VERTICAL_FUSED(mode: str, packed: bool) -> bool:
 _PARALLEL_FROM = 1 << 18
 
 
+def _stat_block(B: int) -> int:
+    """Rows per block of a fused call with batch statistics: four blocks (at least four rows each),
+    set by the batch size alone, so that the statistics' bits never depend on the thread count."""
+    return max(4, -(-B // 16) * 4)
+
+
 def _split(spec, dt) -> tuple[int, bool, int]:
     """``(threads, rowsplit, RB)`` of one fused call (:func:`bnlab.nn._recurrent_kernels.forward`): the
-    threads :func:`bnlab.kernels.cpu.threads` allows (1 below :data:`_PARALLEL_FROM`); split by units
-    when a site has batch statistics (a channel's statistics need every row), else by blocks of
-    ``RB`` rows (no step needs another thread's rows: the threads run the whole loop at once).
-    An LSTM with ``proj_size`` and batch statistics runs on one thread: its backward split by units
-    races on several (gradients wrong by orders of magnitude, found by the thread tests)."""
-    batch = row = False
+    threads :func:`bnlab.kernels.cpu.threads` allows (1 below :data:`_PARALLEL_FROM`), each running
+    the whole loop on its blocks of ``RB`` rows (the recurrence couples no rows). With batch
+    statistics the blocks are :func:`_stat_block`'s and the threads meet at each step's statistics
+    (partial sums per block, combined in block order), at most one thread per block, and only on a
+    pool that runs the threads at once (:func:`bnlab.nn._recurrent_kernels.team_size`)."""
+    batch = False
     for site in spec.sites:
         batch = batch or bool((site.kinds == _rk.BATCH).any())
-        row = row or bool((site.kinds == _rk.ROW).any())
     B, H, P, G = spec.B, spec.H, spec.P, spec.G
     nt = _cpu.threads()
-    if nt > 1 and (B * G * P < _PARALLEL_FROM or (batch and row)):
+    if nt > 1 and B * G * P < _PARALLEL_FROM:
         nt = 1
     if batch:
-        if P != H:  # a projection's backward split by units gives wrong gradients on several threads: one thread
-            return 1, False, B
-        vl = _rk.VECTOR_BYTES // np.dtype(dt).itemsize
-        return max(1, min(nt, -(-H // vl))), False, B
+        RB = _stat_block(B)
+        nt = min(nt, -(-B // RB))
+        if nt > 1 and _rk.team_size(nt) < nt:
+            nt = 1
+        return nt, True, RB
     nt = min(nt, -(-B // 4))
     if nt == 1:
         return 1, True, B
@@ -673,7 +679,8 @@ class _FusedRecurrence(torch.autograd.Function):
                     out.view(-1, P).numpy(), spec.orow0, spec.orows, hn.numpy(), cn.numpy(), gates, cst, tcs, mst,
                     hprev, cprev, ghn,
                     np.empty((B, G), dt), np.empty((2, B, P), dt), np.empty((B, H), dt), np.empty((B, H), dt),
-                    np.empty((B, G), dt), np.empty((B, G), dt), np.empty((nt, 6, G)))
+                    np.empty((B, G), dt), np.empty((B, G), dt), np.empty((nt, 6, G)),
+                    np.empty((2, 3, 2, -(-B // RB), G)), np.zeros(16, np.int64))
         ctx.split = (nt, rowsplit, RB)
         spec.stats = (sx, sh, sc)
         ctx.spec = spec
@@ -713,7 +720,8 @@ class _FusedRecurrence(torch.autograd.Function):
                      gates, cst, tcs, hprev, cprev, ghn,
                      dxp.view(-1, G).numpy(), spec.xrow0, spec.xrows, dh0.numpy(), dc0.numpy(), DA, DHP, accs, gn,
                      np.empty((B, P)), np.empty((B, H)), np.empty((B, P), dt), np.empty((B, H), dt), np.empty((B, G)),
-                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((nt, 8, G)))
+                     np.empty((B, G)), np.empty((B, G)), np.empty((B, H)), np.empty((nt, 8, G)),
+                     np.empty((2, 3, 2, -(-B // RB), G)), np.zeros(16, np.int64))
         acc = accs[0] if nt == 1 else accs.sum(0)
         dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
         spec.grad_norms = np.sqrt(gn.sum(0))
