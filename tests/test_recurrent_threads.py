@@ -85,11 +85,10 @@ def test_two_threads_give_the_one_thread_numbers(cls, kw, norm, dtype, split_eve
                 del split_everything[:]
                 res[nt] = _run(mm, x, lengths)
                 assert {s[0] for s in split_everything} == {nt}, split_everything
-                rowsplit = split_everything[0][1]
             one, two = res[1], res[TWO]
             assert one.keys() == two.keys()
             for k in one:
-                if rowsplit and _row_summed(k):
+                if _row_summed(k):
                     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
                     torch.testing.assert_close(two[k], one[k], **tol, msg=f"{k} ({mode}, lengths {lengths is not None})")
                 else:  # everything else: the same bits
@@ -115,17 +114,17 @@ def test_the_split_follows_the_norms(split_everything, torch_threads):
         m = BNLSTM(9, 24, batch_first=True, norm=norm, dtype=torch.float64)
         del split_everything[:]
         m(x)
-        assert split_everything[0] == (TWO, True, 4), (norm, split_everything)
+        assert split_everything[0] == (TWO, 4), (norm, split_everything)
         m.eval()
         del split_everything[:]
         m(x)
-        assert split_everything[0][:2] == (TWO, True)
+        assert split_everything[0][0] == TWO
     del split_everything[:]
     BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(5, 3, 9, dtype=torch.float64))
-    assert split_everything[0] == (TWO, True, 4)  # blocks of 4 and 1 rows
+    assert split_everything[0] == (TWO, 4)  # blocks of 4 and 1 rows
     del split_everything[:]
     BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(4, 3, 9, dtype=torch.float64))
-    assert split_everything[0] == (1, True, 4)  # one block: one thread
+    assert split_everything[0] == (1, 4)  # one block: one thread
     torch_threads(1)
     del split_everything[:]
     BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(x)

@@ -153,8 +153,7 @@ def warm_recurrent() -> float:
     t0 = time.perf_counter()
     old_from, old_proj, old_threads = R._PARALLEL_FROM, PR._PARALLEL_FROM, torch.get_num_threads()
     R._PARALLEL_FROM = PR._PARALLEL_FROM = 0  # split every call (and the input projection), however small
-    # 9 rows and 40 units: enough for two threads in both splits (by rows: 4 or more rows a thread; by
-    # units: whole vectors of units, 16 float32 or 8 float64 at the widest); fewer run the serial twins
+    # 9 rows: blocks of 4 rows or more, enough for two threads (fewer run the serial twins)
     lengths = torch.tensor([3, 1, 3, 2, 3, 3, 2, 1, 3])
     try:
         for nt in sorted({1, min(2, cpu._MAX_THREADS)}):

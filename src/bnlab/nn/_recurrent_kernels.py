@@ -21,9 +21,12 @@ per step (``kinds[t]``):
   single row, which has no batch statistics);
 * ``ROW``: layer normalization of each row.
 
-**Numerics** (as :mod:`bnlab.reference`): statistics in float64, the mean shifted by the step's
-first row, the variance from ``x - mean`` formed directly (two passes over the step's rows, which
-are in cache), biased variance to normalize, ``invstd = 1 / sqrt(var + eps)``. Pointwise math is
+**Numerics** (as :mod:`bnlab.reference`): statistics in float64. A step's batch statistics are
+taken per block of rows (the blocks fixed by the batch size): float64 sums of ``x - x_first`` and
+of its square over the block, shifted by the block's first row, then the blocks' means and sums
+of squared deviations combined in block order (Chan, Golub and LeVeque's pairwise update), so the
+bits never depend on how many threads ran the blocks; layer norm's per row, shifted by its first
+value. Biased variance to normalize, ``invstd = 1 / sqrt(var + eps)``. Pointwise math is
 float64, rounded once to the data dtype where stored. The matmuls run in the data dtype. ``exp``,
 ``sigmoid`` and ``tanh`` are written out (Cody-Waite reduction, degree-13 polynomial, float64
 round-off) so that they vectorize; numba's libm calls do not.
@@ -495,7 +498,7 @@ def _dots(dy, g, xh, n):
 
 
 # ------------------------------------------------------------------------------------------------
-# indexing, and the threads' parts
+# indexing, and the threads' rows
 #
 # Hot loops index 2-D arrays with unsigned indices (``X[r, k]``, r and k ``uint64``): no views are
 # made per row or segment (numba counts the references of every view with atomic operations, which
@@ -615,13 +618,6 @@ def _copy_part(src, s0, dst, d0, lo, hi, c0, c1, rth, rnt, RB):
                 dst[di, k] = src[si, k]
 
 
-@njit(inline="always")
-def _part(th, nt, n, VL):
-    """Thread ``th``'s columns ``[c0, c1)`` of ``n``: whole vectors of ``VL`` split as evenly as they go."""
-    ch = (n + VL - 1) // VL
-    return min(th * ch // nt * VL, n), min((th + 1) * ch // nt * VL, n)
-
-
 # ------------------------------------------------------------------------------------------------
 # the normalization sites
 #
@@ -634,10 +630,9 @@ def _part(th, nt, n, VL):
 # recomputing xhat = (x - mean) * invstd in float64 from the saved statistics, as the batch-norm
 # kernels do. Rows are addressed as ``X[x0 + i * xs]`` (row i of the step's b rows).
 #
-# A thread's part of a step: the channels ``q * Hc + u`` for ``u0 <= u < u1`` of each of the ``nq``
-# gate blocks (``Hc`` wide), of the rows in blocks ``rth, rth + rnt, ...`` of ``RB`` rows. Batch
-# statistics need every row of a channel (split by channels: rnt = 1), layer norm every channel of a
-# row (split by rows: u0 = 0, u1 = Hc).
+# A thread's part of a step: the rows in blocks ``rth, rth + rnt, ...`` of ``RB`` rows, every channel.
+# Layer norm needs only the row's channels; batch statistics need every row of a channel: each
+# thread sums its blocks, the threads meet at a barrier, each combines every block in block order.
 
 def _rnd(v, z):  # v (float64) rounded to the type of the scalar z (a scalar: no array enters a hot loop's call)
     raise NotImplementedError
@@ -652,15 +647,15 @@ def _rnd_impl(v, z):
 
 @njit(**_OPTS)
 def _prep_channels(V, v0, vs, b, nq, Hc, u0, u1, t, site, M, S):
-    """The site's normalization at step t as ``y = (x - M[ch]) * S[ch] + beta[ch]`` for the thread's
-    channels (``S = invstd * gamma``): batch statistics over the step's rows (float64 sums of
-    ``x - x_first`` and of its square, the shifted one-pass form of bnlab's kernels), the given
-    statistics, or the identity (``M = 0``, ``S = gamma = 1``). A ``ROW`` step is left to
-    :func:`_prep_row`, row by row."""
+    """The site's normalization at step t as ``y = (x - M[ch]) * S[ch] + beta[ch]`` for the
+    channels ``q * Hc + u``, ``u0 <= u < u1``, of the ``nq`` blocks (``S = invstd * gamma``): the
+    given statistics (FIXED) or the identity (NONE: ``M = 0``, ``S = gamma = 1``). A ``ROW`` step is
+    left to :func:`_prep_row`, row by row, a ``BATCH`` step to :func:`_part_sums` and
+    :func:`_comb_stats`."""
     kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
     n = _u(u1 - u0)
-    if kind == ROW:
+    if kind == ROW or kind == BATCH:
         return
     if kind == NONE:
         for q in range(nq):
@@ -671,37 +666,6 @@ def _prep_channels(V, v0, vs, b, nq, Hc, u0, u1, t, site, M, S):
                 S[k] = gamma[k]
         return
     tt = _u(t)
-    if kind == BATCH:
-        f = _u(v0)
-        for q in range(nq):
-            c = _u(q * Hc + u0)
-            for j in range(n):
-                k = c + j
-                mean[tt, k] = 0.0
-                var[tt, k] = 0.0
-        for i in range(b):
-            r = _u(v0 + i * vs)
-            for q in range(nq):
-                c = _u(q * Hc + u0)
-                for j in range(n):
-                    k = c + j
-                    d = np.float64(V[r, k]) - np.float64(V[f, k])
-                    mean[tt, k] += d
-                    var[tt, k] += d * d
-        for q in range(nq):
-            c = _u(q * Hc + u0)
-            for j in range(n):
-                k = c + j
-                d = mean[tt, k] / b
-                m = np.float64(V[f, k]) + d
-                v = max(var[tt, k] / b - d * d, 0.0)
-                iv = 1.0 / np.sqrt(v + eps)
-                mean[tt, k] = m
-                var[tt, k] = v
-                inv[tt, k] = iv
-                M[k] = m
-                S[k] = iv * gamma[k]
-        return
     for q in range(nq):
         c = _u(q * Hc + u0)
         for j in range(n):
@@ -831,18 +795,17 @@ def _sum_blocks(PBs, nb, C, s1, s2):
 # the time loop, forward: one step of one thread's part
 
 @njit(**_OPTS)
-def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1, p0, p1,
+def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
               xp, xr0, xrs, h0, c0, wt, bhh, sx, sh, sc, hn, cn, Hin, Hout, Cs, Ms,
               out, or0, ors, gates, cst, tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS, PB, par, bar):
     """Step ``t`` (``b`` rows at internal offset ``o0``; ``prev_b`` rows ran the step before) for
-    the thread's rows and units ``[u0, u1)`` (columns ``[p0, p1)`` of the state): reads h_{t-1} from
-    ``Hin`` (every column: the recurrent matmul), writes h_t to ``Hout`` (with a projection, the
+    the thread's blocks of rows (units ``[u0, u1)``, state columns ``[p0, p1)``: every one, as the
+    loop calls it): reads h_{t-1} from ``Hin``, writes h_t to ``Hout`` (with a projection, the
     unprojected m_t to ``Ms``; :func:`_fwd_proj` finishes the step). ``MS`` ``(6, G)``: the thread's
     float64 scratch (each site's M and S, see :func:`_prep_channels`). A row's normalizations and
     gates run one after the other (its values stay in cache); the sites' batch statistics, which
-    need every row, before. Split by rows (``rowsplit``), a site's batch statistics are met across
-    the threads (``rnt`` of them): each sums its blocks into ``PB[par, site]``, all wait at ``bar``,
-    each combines every block (:func:`_comb_stats`)."""
+    need every row, before: each of the ``rnt`` threads sums its blocks into ``PB[par, site]``, all
+    wait at ``bar``, each combines every block (:func:`_comb_stats`)."""
     G = wt.shape[1]
     nq = G // H
     lstm = cell == LSTM
@@ -852,9 +815,9 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1,
         _copy_part(Hin, 0, hn, 0, b, prev_b, p0, p1, rth, rnt, RB)
         if lstm:
             _copy_part(Cs, 0, cn, 0, b, prev_b, u0, u1, rth, rnt, RB)
-    elif rev and b > prev_b and rowsplit:  # sequences whose last step this is: they start from h0 (split by
-        _copy_part(h0, 0, Hin, 0, prev_b, b, 0, P, rth, rnt, RB)  # units, _forward_loop copies them: every
-        if lstm:  # thread reads every column of h_{t-1})
+    elif rev and b > prev_b:  # sequences whose last step this is: they start from h0
+        _copy_part(h0, 0, Hin, 0, prev_b, b, 0, P, rth, rnt, RB)
+        if lstm:
             _copy_part(c0, 0, Cs, 0, prev_b, b, 0, H, rth, rnt, RB)
     nb = (b + RB - 1) // RB
     hasraw = sh[0][t] != NONE
@@ -868,22 +831,14 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1,
         _copy_part(Hin, 0, hprev, o0, i0, i1, p0, p1, 0, 1, RB)
         if lstm:
             _copy_part(Cs, 0, cprev, o0, i0, i1, u0, u1, 0, 1, RB)
-        if rowsplit:  # rows a0 + i of Ah = h_{t-1} W_hh^T
-            gemm(Hin, i0 * P, False, wt, 0, Ah, (a0 + i0) * G, i1 - i0, G, P, False)
-        else:
-            for q in range(nq):
-                gemm(Hin, i0 * P, False, wt, q * H + u0, Ah, (a0 + i0) * G + q * H + u0, i1 - i0, n, P, False)
+        gemm(Hin, i0 * P, False, wt, 0, Ah, (a0 + i0) * G, i1 - i0, G, P, False)  # rows a0 + i: h_{t-1} W_hh^T
     Mx, Sx, Mh, Sh = MS[0], MS[1], MS[2], MS[3]
-    if rowsplit:
-        _part_sums(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], rth, rnt, RB)
-        _part_sums(Ah, a0, 1, b, G, t, sh, PB[par, 1], rth, rnt, RB)
-        if sx[0][t] == BATCH or sh[0][t] == BATCH:
-            _barrier(bar, rnt)
-        _comb_stats(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], RB, Mx, Sx, rth == 0)
-        _comb_stats(Ah, a0, 1, b, G, t, sh, PB[par, 1], RB, Mh, Sh, rth == 0)
-    else:
-        _prep_channels(xp, xr0[t], xrs, b, nq, H, u0, u1, t, sx, Mx, Sx)
-        _prep_channels(Ah, a0, 1, b, nq, H, u0, u1, t, sh, Mh, Sh)
+    _part_sums(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], rth, rnt, RB)
+    _part_sums(Ah, a0, 1, b, G, t, sh, PB[par, 1], rth, rnt, RB)
+    if sx[0][t] == BATCH or sh[0][t] == BATCH:
+        _barrier(bar, rnt)
+    _comb_stats(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], RB, Mx, Sx, rth == 0)
+    _comb_stats(Ah, a0, 1, b, G, t, sh, PB[par, 1], RB, Mh, Sh, rth == 0)
     rowx = sx[0][t] == ROW
     rowh = sh[0][t] == ROW
     bx = sx[2]
@@ -962,13 +917,10 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rowsplit, rth, rnt, RB, u0, u1,
                     Hout[iu, k] = v
     if lstm:  # the cell's norm: its batch statistics need every row's c_t
         Mc, Sc = MS[4], MS[5]
-        if rowsplit:
-            _part_sums(cst, o0, 1, b, H, t, sc, PB[par, 2], rth, rnt, RB)
-            if sc[0][t] == BATCH:
-                _barrier(bar, rnt)
-            _comb_stats(cst, o0, 1, b, H, t, sc, PB[par, 2], RB, Mc, Sc, rth == 0)
-        else:
-            _prep_channels(cst, o0, 1, b, 1, H, u0, u1, t, sc, Mc, Sc)
+        _part_sums(cst, o0, 1, b, H, t, sc, PB[par, 2], rth, rnt, RB)
+        if sc[0][t] == BATCH:
+            _barrier(bar, rnt)
+        _comb_stats(cst, o0, 1, b, H, t, sc, PB[par, 2], RB, Mc, Sc, rth == 0)
         rowc = sc[0][t] == ROW
         bc = sc[2]
         for blk in range(rth, nb, rnt):
@@ -1023,7 +975,7 @@ def _fwd_proj(H, P, t, b, rth, rnt, RB, p0, p1, wrt, Ms, Hout, out, or0, ors):
         _copy_strided(Hout, i0, out, q0, ors, i1, p0, p1)
 
 
-def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
+def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
                   out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn, A, Hbuf, Cs, Ms, Yx, Yh, MS, PB, bar):
     """Run the recurrence over all steps on ``nt`` threads; see the module docstring.
 
@@ -1037,54 +989,29 @@ def _forward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, 
     the recurrent site's input (``sh``'s hraw) and every site's statistics. The rest is scratch
     (``Hbuf`` ``(2, B, P)``: h_{t-1} and h_t; ``MS`` ``(nt, 6, G)`` float64, per thread).
 
-    ``rowsplit``: each thread runs the whole loop on its blocks of ``RB`` rows, the threads meeting
-    (``bar``, int64 (16,) zeros) where a step's batch statistics need every row: their partial sums
-    per block in ``PB`` ``(2, 3, 2, ceil(B / RB), G)`` float64 (step parity, site x/h/c, the two sums);
-    else every step is split by units (each thread: every row, its units' gates).
+    Each thread runs the whole loop on its blocks of ``RB`` rows (blocks ``th, th + nt, ...``): the
+    recurrence couples no rows, only batch statistics do. Where a step has them, the threads meet
+    (``bar``, int64 (16,) zeros): each sums its blocks into ``PB`` ``(2, 3, 2, ceil(B / RB), G)``
+    float64 (step parity, site x/h/c, the two sums), waits, and combines every block in block order.
     """
     T = bs.shape[0]
     B = h0.shape[0]
     proj = P != H
     lstm = cell == LSTM
-    VL = VECTOR_BYTES // xp.itemsize
     if not rev:
         _copy_part(h0, 0, Hbuf[0], 0, 0, B, 0, P, 0, 1, B)
         if lstm:
             _copy_part(c0, 0, Cs, 0, 0, B, 0, H, 0, 1, B)
-    if rowsplit:
-        for th in prange(nt):
-            cur = 0 if rev else B
-            for k in range(T):
-                t = T - 1 - k if rev else k
-                b = bs[t]
-                _fwd_step(cell, rev, H, P, t, b, off[t], cur, True, th, nt, RB, 0, H, 0, P, xp, xr0, xrs, h0, c0, wt,
-                          bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
-                          tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th], PB, k % 2, bar)
-                if proj:
-                    _fwd_proj(H, P, t, b, th, nt, RB, 0, P, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
-                cur = b
-    else:
+    for th in prange(nt):
         cur = 0 if rev else B
         for k in range(T):
             t = T - 1 - k if rev else k
             b = bs[t]
-            o0 = off[t]
-            hin = Hbuf[k % 2]
-            hout = Hbuf[(k + 1) % 2]
-            if rev and b > cur:  # sequences whose last step this is: they start from h0
-                _copy_part(h0, 0, hin, 0, cur, b, 0, P, 0, 1, B)
-                if lstm:
-                    _copy_part(c0, 0, Cs, 0, cur, b, 0, H, 0, 1, B)
-            for th in prange(nt):
-                u0, u1 = _part(th, nt, H, VL)
-                p0, p1 = _part(th, nt, P, VL)
-                _fwd_step(cell, rev, H, P, t, b, o0, cur, False, 0, 1, B, u0, u1, p0, p1, xp, xr0, xrs, h0, c0, wt,
-                          bhh, sx, sh, sc, hn, cn, hin, hout, Cs, Ms, out, or0, ors, gates, cst, tcs, mst, hprev, cprev,
-                          ghn, A, Yx, Yh, MS[th], PB, 0, bar)
+            _fwd_step(cell, rev, H, P, t, b, off[t], cur, th, nt, RB, 0, H, 0, P, xp, xr0, xrs, h0, c0, wt,
+                      bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
+                      tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th], PB, k % 2, bar)
             if proj:
-                for th in prange(nt):
-                    p0, p1 = _part(th, nt, P, VL)
-                    _fwd_proj(H, P, t, b, 0, 1, B, p0, p1, wrt, Ms, hout, out, or0, ors)
+                _fwd_proj(H, P, t, b, th, nt, RB, 0, P, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
             cur = b
     cur = B if rev else bs[T - 1]
     _copy_part(Hbuf[T % 2], 0, hn, 0, 0, cur, 0, P, 0, 1, B)
@@ -1203,7 +1130,7 @@ def _site_t(site, t):
 
 @njit(**_OPTS)
 def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev, ghn,
-              dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, rowsplit, PB, par, bar):
+              dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, PB, par, bar):
     """Units ``[u0, u1)`` of the thread's rows at step t: from ``dL/dh_t`` (``DHs``) through the
     gates and the sites to the input projection's gradient (``dxp``) and to the recurrent matmul's
     (``DA``, rows at ``o0``); accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh`` in
@@ -1213,10 +1140,9 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
     gate and ``d N_c(c)``, and the cell norm's sums; (2) the cell norm's dx, the gates, the input
     and recurrent norms' sums; (3) their dx. A layer-norm site does a row's whole backward at once.
     (The per-kind loops are written out: an array handed to an inlined helper inside a row loop
-    costs numba two atomic reference-count updates per call.) Split by rows (``rowsplit``), a batch
-    site's sums are taken per block of ``RB`` rows into ``PB[par, site]``, the threads meet at ``bar``
-    and each adds every block's in block order (:func:`_sum_blocks`): the same bits on any number of
-    threads.
+    costs numba two atomic reference-count updates per call.) A batch site's sums are taken per block
+    of ``RB`` rows into ``PB[par, site]``, the threads meet at ``bar`` and each adds every block's in
+    block order (:func:`_sum_blocks`): the same bits on any number of threads.
     """
     G = gates.shape[1]
     nq = G // H
@@ -1291,12 +1217,11 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                     for j in range(nu):
                         k = uu0 + j
                         dbc[k] += DC[iu, k]
-            if rowsplit and kc == BATCH:
+            if kc == BATCH:
                 _flush(s1c, s2c, PB[par, 2], blk, H)
         if kc == BATCH:
-            if rowsplit:
-                _barrier(bar, rnt)
-                _sum_blocks(PB[par, 2], nb, H, s1c, s2c)
+            _barrier(bar, rnt)
+            _sum_blocks(PB[par, 2], nb, H, s1c, s2c)
             _bwd_fin(s1c, s2c, gc, dgc, dbc, b, uu0, nu, rth == 0)
     # (2) the cell norm's dx, the gates (DP; DPh for the GRU's recurrent site), the two gate sites' sums
     for blk in range(rth, nb, rnt):
@@ -1399,15 +1324,14 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                         dy = DYh[iu, k]
                         dgh[k] += dy * ((np.float64(Ah[oi, k]) - mh[k]) * ih[k])
                         dscr[k] += dy
-        if rowsplit:
-            if kx == BATCH:
-                _flush(s1x, s2x, PB[par, 0], blk, G)
-            if kh == BATCH:
-                _flush(s1h, s2h, PB[par, 1], blk, G)
+        if kx == BATCH:
+            _flush(s1x, s2x, PB[par, 0], blk, G)
+        if kh == BATCH:
+            _flush(s1h, s2h, PB[par, 1], blk, G)
     # (3) the gate sites' dx: into dxp (the input's layout) and DA (internal rows)
     if kx == ROW and kh == ROW:
         return
-    if rowsplit and (kx == BATCH or kh == BATCH):
+    if kx == BATCH or kh == BATCH:
         _barrier(bar, rnt)
         if kx == BATCH:
             _sum_blocks(PB[par, 0], nb, G, s1x, s2x)
@@ -1454,7 +1378,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                         DA[oi, k] = DYh[iu, k]
 
 
-def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
+def _backward_loop(nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
                    xp, gates, cst, tcs, hprev, cprev, ghn,
                    dxp, xr0, xrs, dh0, dc0, DA, DHP, acc, gn,
                    DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, PB, bar):
@@ -1469,70 +1393,33 @@ def _backward_loop(nt, rowsplit, RB, cell, rev, H, P, bs, off, dout, or0, ors, d
     squared norm of dL/dh_t. ``csum`` ``(nt, 8, G)``: per-thread scratch; ``PB``, ``bar``: as
     :func:`_forward_loop`'s.
 
-    Each step is the thread's ``_bwd_head`` (state columns: the previous step's ``DA W_hh``, the
-    output gradient) then its ``_bwd_body`` (units); split by units, a step's matmul ``DA W_hh``
-    needs every unit's DA, so it is finished at the start of the next step.
+    Each step is the thread's ``_bwd_head`` (the previous step's ``dh = DA W_hh`` for its rows, the
+    output gradient) then its ``_bwd_body``, on its blocks of rows as in the forward.
     """
     T = bs.shape[0]
     B = dhn.shape[0]
     proj = P != H
     lstm = cell == LSTM
-    VL = VECTOR_BYTES // DA.itemsize
     if rev:
         _copy_part(dhn, 0, DHs, 0, 0, B, 0, P, 0, 1, B)
         if lstm:
             _copy_part(dcn, 0, DCs, 0, 0, B, 0, H, 0, 1, B)
-    if rowsplit:
-        for th in prange(nt):
-            bp = B if rev else 0
-            op = 0
-            for k in range(T):
-                t = k if rev else T - 1 - k
-                b = bs[t]
-                o0 = off[t]
-                _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, 0, H, 0, P, th, dout, or0,
-                          ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-                _bwd_body(cell, H, P, t, b, o0, th, nt, RB, 0, H, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
-                          ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], True, PB,
-                          k % 2, bar)
-                bp = b
-                op = o0
-            _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, 0, H, 0, P, th, dout, or0, ors,
-                      dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-    else:
+    for th in prange(nt):
         bp = B if rev else 0
         op = 0
         for k in range(T):
             t = k if rev else T - 1 - k
             b = bs[t]
             o0 = off[t]
-            if proj:
-                for th in prange(nt):
-                    p0, p1 = _part(th, nt, P, VL)
-                    u0, u1 = _part(th, nt, H, VL)
-                    _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, 0, 1, B, u0, u1, p0, p1, th, dout,
-                              or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-                for th in prange(nt):
-                    u0, u1 = _part(th, nt, H, VL)
-                    _bwd_body(cell, H, P, t, b, o0, 0, 1, B, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev,
-                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th],
-                              False, PB, 0, bar)
-            else:
-                for th in prange(nt):
-                    u0, u1 = _part(th, nt, H, VL)
-                    _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, 0, 1, B, u0, u1, u0, u1, th, dout,
-                              or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-                    _bwd_body(cell, H, P, t, b, o0, 0, 1, B, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev,
-                              cprev, ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th],
-                              False, PB, 0, bar)
+            _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, 0, H, 0, P, th, dout, or0,
+                      ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+            _bwd_body(cell, H, P, t, b, o0, th, nt, RB, 0, H, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
+                      ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], PB, k % 2,
+                      bar)
             bp = b
             op = o0
-        for th in prange(nt):
-            u0, u1 = _part(th, nt, H, VL)
-            p0, p1 = _part(th, nt, P, VL)
-            _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, 0, 1, B, u0, u1, p0, p1, th, dout, or0, ors,
-                      dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-
+        _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, 0, H, 0, P, th, dout, or0, ors,
+                  dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
 
 def _weight_grad_loop(nt, D, X, out):
     """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
@@ -1643,14 +1530,14 @@ def _launch(par, serial, nt, args):
                 _cpu._set_threads(prev)
 
 
-def forward(nt, rowsplit, RB, *args):
-    """:func:`_forward_loop` on ``nt`` threads (1: the serial twin)."""
-    _launch(_forward_par, _forward_serial, nt, (rowsplit, RB) + args)
+def forward(nt, RB, *args):
+    """:func:`_forward_loop` on ``nt`` threads (1: the serial twin), in blocks of ``RB`` rows."""
+    _launch(_forward_par, _forward_serial, nt, (RB,) + args)
 
 
-def backward(nt, rowsplit, RB, *args):
-    """:func:`_backward_loop` on ``nt`` threads (1: the serial twin)."""
-    _launch(_backward_par, _backward_serial, nt, (rowsplit, RB) + args)
+def backward(nt, RB, *args):
+    """:func:`_backward_loop` on ``nt`` threads (1: the serial twin), in blocks of ``RB`` rows."""
+    _launch(_backward_par, _backward_serial, nt, (RB,) + args)
 
 
 def weight_grad(D, X, out, nt=1):

@@ -620,8 +620,8 @@ def _stat_block(B: int) -> int:
     return max(4, -(-B // 16) * 4)
 
 
-def _split(spec, dt) -> tuple[int, bool, int]:
-    """``(threads, rowsplit, RB)`` of one fused call (:func:`bnlab.nn._recurrent_kernels.forward`): the
+def _split(spec, dt) -> tuple[int, int]:
+    """``(threads, RB)`` of one fused call (:func:`bnlab.nn._recurrent_kernels.forward`): the
     threads :func:`bnlab.kernels.cpu.threads` allows (1 below :data:`_PARALLEL_FROM`), each running
     the whole loop on its blocks of ``RB`` rows (the recurrence couples no rows). With batch
     statistics the blocks are :func:`_stat_block`'s and the threads meet at each step's statistics
@@ -639,11 +639,11 @@ def _split(spec, dt) -> tuple[int, bool, int]:
         nt = min(nt, -(-B // RB))
         if nt > 1 and _rk.team_size(nt) < nt:
             nt = 1
-        return nt, True, RB
+        return nt, RB
     nt = min(nt, -(-B // 4))
     if nt == 1:
-        return 1, True, B
-    return nt, True, max(4, -(-B // (8 * nt)) * 4)  # about two blocks of rows per thread
+        return 1, B
+    return nt, max(4, -(-B // (8 * nt)) * 4)  # about two blocks of rows per thread
 
 
 class _FusedRecurrence(torch.autograd.Function):
@@ -671,8 +671,8 @@ class _FusedRecurrence(torch.autograd.Function):
         cprev = np.empty((N, H), dt) if lstm else e
         ghn = np.empty((N, H), dt) if gru else e
         c0n = _np(c0, dt) if lstm else e
-        nt, rowsplit, RB = _split(spec, dt)
-        _rk.forward(nt, rowsplit, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
+        nt, RB = _split(spec, dt)
+        _rk.forward(nt, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
                     xp.detach().view(-1, G).numpy(), spec.xrow0, spec.xrows, _np(h0, dt), c0n,
                     w_hh.detach().t().contiguous().numpy(), w_hr.detach().t().contiguous().numpy() if proj else e,
                     (_np(b_hh, dt) if b_hh is not None else np.zeros(G, dt)) if gru else np.zeros(G, dt), sx, sh, sc,
@@ -681,7 +681,7 @@ class _FusedRecurrence(torch.autograd.Function):
                     np.empty((B, G), dt), np.empty((2, B, P), dt), np.empty((B, H), dt), np.empty((B, H), dt),
                     np.empty((B, G), dt), np.empty((B, G), dt), np.empty((nt, 6, G)),
                     np.empty((2, 3, 2, -(-B // RB), G)), np.zeros(16, np.int64))
-        ctx.split = (nt, rowsplit, RB)
+        ctx.split = (nt, RB)
         spec.stats = (sx, sh, sc)
         ctx.spec = spec
         ctx.arrays = (sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn)
@@ -709,11 +709,11 @@ class _FusedRecurrence(torch.autograd.Function):
         dc0 = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
         DA = np.empty((N, G), dt)
         DHP = np.empty((N, P), dt) if proj else e
-        nt, rowsplit, RB = ctx.split
+        nt, RB = ctx.split
         T = len(spec.bs)
         accs = np.zeros((nt, 7, max(G, H)))
         gn = np.zeros((nt, T))
-        _rk.backward(nt, rowsplit, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
+        _rk.backward(nt, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
                      dout.detach().contiguous().view(-1, P).numpy(), spec.orow0, spec.orows,
                      _np(dhn, dt), _np(dcn, dt) if lstm else e, w_hh.detach().contiguous().numpy(),
                      w_hr.detach().contiguous().numpy() if proj else e, sx, sh, sc, xp.detach().view(-1, G).numpy(),
