@@ -105,26 +105,29 @@ def _row_summed(name: str) -> bool:
 
 @needs_two
 def test_the_split_follows_the_norms(split_everything, torch_threads):
-    """Every mode splits by rows: with batch statistics in blocks set by the batch size alone (the
-    threads meet at each step's statistics), else in blocks sized for the threads; at most one thread
-    per block; torch.set_num_threads(1) runs the serial twins."""
+    """Every mode splits by rows: with batch statistics in blocks set by the batch size and the
+    machine (one per thread of numba's pool), never by the thread count asked for, the threads
+    meeting at each step's statistics; else in blocks sized for the threads; at most one thread per
+    block; torch.set_num_threads(1) runs the serial twins."""
     torch_threads(TWO)
     x = torch.randn(16, 5, 9, dtype=torch.float64)
+    rb = R._stat_block(16)
+    assert rb % 4 == 0 and 2 <= -(-16 // rb) <= min(cpu._MAX_THREADS, 4)
     for norm in ("per_timestep", "horizontal", "layer"):
         m = BNLSTM(9, 24, batch_first=True, norm=norm, dtype=torch.float64)
         del split_everything[:]
         m(x)
-        assert split_everything[0] == (TWO, 4), (norm, split_everything)
+        want = (TWO, rb) if norm != "layer" else (TWO, 4)
+        assert split_everything[0] == want, (norm, split_everything)
         m.eval()
         del split_everything[:]
         m(x)
         assert split_everything[0][0] == TWO
-    del split_everything[:]
-    BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(5, 3, 9, dtype=torch.float64))
-    assert split_everything[0] == (TWO, 4)  # blocks of 4 and 1 rows
-    del split_everything[:]
-    BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(4, 3, 9, dtype=torch.float64))
-    assert split_everything[0] == (1, 4)  # one block: one thread
+    for B in (4, 5, 9):  # one block below 8 rows: one thread
+        del split_everything[:]
+        BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(torch.randn(B, 3, 9, dtype=torch.float64))
+        assert split_everything[0] == (min(TWO, -(-B // R._stat_block(B))), R._stat_block(B)), (B, split_everything)
+        assert (B < 8) == (split_everything[0][0] == 1)
     torch_threads(1)
     del split_everything[:]
     BNLSTM(9, 24, batch_first=True, norm="per_timestep", dtype=torch.float64)(x)
