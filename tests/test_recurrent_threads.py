@@ -5,6 +5,8 @@ gradient norms the layers record (``record_grad_norms``) on the fused path and o
 import copy
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -232,3 +234,61 @@ def test_recording_gradient_norms_leaves_the_numbers_alone():
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-12, msg=k)
         assert all(g is not None and g.shape == (5,) for g in r.hidden_grad_norms)
+
+
+@needs_two
+def test_batch_statistics_run_on_one_thread_where_the_threads_cannot_meet(split_everything, torch_threads,
+                                                                          monkeypatch):
+    """A launch whose threads meet at a spin barrier needs every thread running at once: where the
+    pool would give fewer (a capped OpenMP team) or the threading layer does not promise it, a
+    call with batch statistics runs on one thread, with the same numbers."""
+    torch_threads(TWO)
+    torch.manual_seed(0)
+    m = BNLSTM(9, 20, batch_first=True, norm="horizontal", dtype=torch.float64)
+    x = torch.randn(9, 7, 9, dtype=torch.float64)
+    want = _run(copy.deepcopy(m), x)
+    assert split_everything[-1][0] == TWO
+    real = rk.team_size
+    monkeypatch.setattr(rk, "team_size", lambda nt: 1)
+    del split_everything[:]
+    got = _run(copy.deepcopy(m), x)
+    assert split_everything[-1][0] == 1
+    for k in want:  # the statistics combined per block: the same bits; sums over rows split by thread: close
+        tol = dict(rtol=1e-12, atol=1e-12) if _row_summed(k) else dict(rtol=0, atol=0)
+        torch.testing.assert_close(got[k], want[k], **tol, msg=k)
+    monkeypatch.setattr(rk, "team_size", real)
+    monkeypatch.setattr(numba, "threading_layer", lambda: "tbb")
+    del split_everything[:]
+    _run(copy.deepcopy(m), x)
+    assert split_everything[-1][0] == 1
+
+
+_CAPPED_TEAM = """
+import torch, bnlab.nn.recurrent as R
+from bnlab.nn import BNLSTM
+from bnlab.nn import _recurrent_kernels as rk
+torch.set_num_threads(2)
+R._PARALLEL_FROM = 0
+seen = []
+real = R._split
+R._split = lambda spec, dt: seen.append(real(spec, dt)) or seen[-1]
+y, _ = BNLSTM(9, 20, batch_first=True, norm="horizontal")(torch.randn(9, 7, 9))
+y.sum().backward()
+import numba
+print(rk.team_size(2), seen[0][0], numba.threading_layer())
+"""
+
+
+@needs_two
+@pytest.mark.skipif(numba.config.THREADING_LAYER not in ("default", "omp"), reason="OpenMP's team cap")
+def test_a_capped_openmp_team_runs_batch_statistics_on_one_thread_instead_of_hanging():
+    """OMP_THREAD_LIMIT=1: a two-thread launch would run both iterations on one thread, and a spin
+    barrier between them would never open; the probe sees the team of one and the call runs on one
+    thread (a hang here ends in the timeout)."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    out = subprocess.run([sys.executable, "-c", _CAPPED_TEAM], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    team, threads, layer = out.stdout.split()
+    if layer != "omp":
+        pytest.skip(f"numba's threading layer is {layer}, not OpenMP")
+    assert (team, threads) == ("1", "1"), out.stdout

@@ -80,6 +80,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -624,13 +625,23 @@ def _stat_block(B: int) -> int:
     return -(-(-(-B // n)) // 4) * 4
 
 
+def _meets(nt: int) -> bool:
+    """Whether ``nt`` threads may meet at a spin barrier inside one launch: numba's threading layer
+    runs each iteration of a ``prange(nt)`` on its own thread at once (OpenMP's static schedule,
+    the workqueue's one chunk a worker; TBB's tasks make no such promise) and the pool gives the
+    launch ``nt`` threads (no ``OMP_THREAD_LIMIT`` or nested region capping it)."""
+    if _rk.team_size(nt) < nt:
+        return False
+    return numba.threading_layer() in ("omp", "workqueue")
+
+
 def _split(spec, dt) -> tuple[int, int]:
     """``(threads, RB)`` of one fused call (:func:`bnlab.nn._recurrent_kernels.forward`): the
     threads :func:`bnlab.kernels.cpu.threads` allows (1 below :data:`_PARALLEL_FROM`), each running
     the whole loop on its blocks of ``RB`` rows (the recurrence couples no rows). With batch
     statistics the blocks are :func:`_stat_block`'s and the threads meet at each step's statistics
     (partial sums per block, combined in block order), at most one thread per block, and only on a
-    pool that runs the threads at once (:func:`bnlab.nn._recurrent_kernels.team_size`)."""
+    pool that runs the threads at once (:func:`_meets`)."""
     batch = False
     for site in spec.sites:
         batch = batch or bool((site.kinds == _rk.BATCH).any())
@@ -641,7 +652,7 @@ def _split(spec, dt) -> tuple[int, int]:
     if batch:
         RB = _stat_block(B)
         nt = min(nt, -(-B // RB))
-        if nt > 1 and _rk.team_size(nt) < nt:
+        if nt > 1 and not _meets(nt):
             nt = 1
         return nt, RB
     nt = min(nt, -(-B // 4))
