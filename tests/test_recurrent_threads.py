@@ -292,3 +292,41 @@ def test_a_capped_openmp_team_runs_batch_statistics_on_one_thread_instead_of_han
     if layer != "omp":
         pytest.skip(f"numba's threading layer is {layer}, not OpenMP")
     assert (team, threads) == ("1", "1"), out.stdout
+
+
+@needs_two
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("F", [1, 5, 20, 37])
+def test_the_folds_moments_and_rows_gradient_match_the_reference_and_split_over_threads_bit_for_bit(
+        torch_threads, monkeypatch, dt, F):
+    """The vertical fold's covariance (its upper triangle in row blocks of whole vectors, mirrored)
+    against the float64 reference, widths past whole vectors and several k panels included; the
+    rows' gradient split over two threads gives the bits of one."""
+    monkeypatch.setattr(rk, "_FOLD_PARALLEL_FROM", 0)
+    rng = np.random.default_rng(F)
+    N = 301
+    x = (rng.standard_normal((N, F)) * 3 + 50).astype(dt)
+    dxc = rng.standard_normal((N, F)).astype(dt)
+    M = rng.standard_normal((F, F))
+    M = M + M.T
+    res = {}
+    for nt in (1, TWO):
+        torch_threads(nt)
+        mu, sigma, mu_r = np.empty(F), np.full((F, F), np.nan), np.empty(F, dt)
+        xc, drows = np.empty_like(x), np.empty_like(x)
+        rk.moments(x, mu, mu_r, sigma, xc, np.empty((N, F)))
+        rk.fold_rows_backward(dxc, xc, M, np.empty((F, F), dt), drows)
+        res[nt] = (mu, mu_r, sigma, xc, drows)
+    for a, b in zip(res[1], res[TWO]):
+        np.testing.assert_array_equal(a, b)
+    mu, mu_r, sigma, xc, drows = res[1]
+    x64 = x.astype(np.float64)
+    ref_mu = x64.mean(0)
+    d = x64 - ref_mu
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-14)
+    np.testing.assert_allclose(sigma, d.T @ d / N, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(sigma, sigma.T)
+    np.testing.assert_array_equal(xc, (x - mu_r).astype(dt))
+    ref_rows = dxc.astype(np.float64) - dxc.astype(np.float64).mean(0) + xc.astype(np.float64) @ (2 * M / N)
+    tol = 1e-5 if dt == np.float32 else 1e-12
+    np.testing.assert_allclose(drows, ref_rows, rtol=tol, atol=tol)

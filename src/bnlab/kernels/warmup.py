@@ -146,13 +146,16 @@ def warm_recurrent() -> float:
     folded vertical norm's kernels; by running small BNLSTM / BNGRU / BNRNN layers (training and
     eval, equal and variable lengths) once on each thread count."""
     import bnlab.nn._projection as PR
+    import bnlab.nn._recurrent_kernels as RK
     import bnlab.nn.recurrent as R
     from bnlab.kernels import cpu
     from bnlab.nn import BNGRU, BNLSTM, BNRNN
 
     t0 = time.perf_counter()
-    old_from, old_proj, old_threads = R._PARALLEL_FROM, PR._PARALLEL_FROM, torch.get_num_threads()
-    R._PARALLEL_FROM = PR._PARALLEL_FROM = 0  # split every call (and the input projection), however small
+    old_from, old_proj, old_fold = R._PARALLEL_FROM, PR._PARALLEL_FROM, RK._FOLD_PARALLEL_FROM
+    old_threads = torch.get_num_threads()
+    # split every call (the input projection and the fold's rows gradient too), however small
+    R._PARALLEL_FROM = PR._PARALLEL_FROM = RK._FOLD_PARALLEL_FROM = 0
     # 9 rows: blocks of 4 rows or more, enough for two threads (fewer run the serial twins)
     lengths = torch.tensor([3, 1, 3, 2, 3, 3, 2, 1, 3])
     try:
@@ -171,7 +174,7 @@ def warm_recurrent() -> float:
                                     m(x, lengths=lens)[0].sum().backward()
         _warm_stacked(cpu)
     finally:
-        R._PARALLEL_FROM, PR._PARALLEL_FROM = old_from, old_proj
+        R._PARALLEL_FROM, PR._PARALLEL_FROM, RK._FOLD_PARALLEL_FROM = old_from, old_proj, old_fold
         torch.set_num_threads(old_threads)
     return time.perf_counter() - t0
 

@@ -522,15 +522,19 @@ def _u(i):
 # launch must reach every barrier, and the launch must run its ``nt`` iterations on ``nt`` threads at
 # once (:func:`team_size` checks the pool gives them).
 
+def _elem_ptr(context, builder, ty, arr, idx):
+    """A pointer to element ``idx`` of the 1-D array ``arr`` (numba type ``ty``), for the atomics."""
+    ary = context.make_array(ty)(context, builder, arr)
+    return cgutils.get_item_pointer(context, builder, ty, ary, [idx])
+
+
 @intrinsic
 def _atomic_add(typingctx, arr, idx, val):
     sig = types.int64(arr, idx, types.int64)
 
     def codegen(context, builder, signature, args):
-        a, i, v = args
-        ary = context.make_array(signature.args[0])(context, builder, a)
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
-        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
 
     return sig, codegen
 
@@ -540,9 +544,7 @@ def _atomic_load(typingctx, arr, idx):
     sig = types.int64(arr, idx)
 
     def codegen(context, builder, signature, args):
-        a, i = args
-        ary = context.make_array(signature.args[0])(context, builder, a)
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
         return builder.load_atomic(ptr, "acquire", 8)
 
     return sig, codegen
@@ -553,10 +555,8 @@ def _atomic_store(typingctx, arr, idx, val):
     sig = types.void(arr, idx, types.int64)
 
     def codegen(context, builder, signature, args):
-        a, i, v = args
-        ary = context.make_array(signature.args[0])(context, builder, a)
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
-        builder.store_atomic(v, ptr, "release", 8)
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -670,32 +670,25 @@ def _rnd_impl(v, z):
 
 
 @njit(**_OPTS)
-def _prep_channels(V, v0, vs, b, nq, Hc, u0, u1, t, site, M, S):
-    """The site's normalization at step t as ``y = (x - M[ch]) * S[ch] + beta[ch]`` for the
-    channels ``q * Hc + u``, ``u0 <= u < u1``, of the ``nq`` blocks (``S = invstd * gamma``): the
-    given statistics (FIXED) or the identity (NONE: ``M = 0``, ``S = gamma = 1``). A ``ROW`` step is
-    left to :func:`_prep_row`, row by row, a ``BATCH`` step to :func:`_part_sums` and
-    :func:`_comb_stats`."""
+def _prep_channels(C, t, site, M, S):
+    """The site's normalization at step t as ``y = (x - M[ch]) * S[ch] + beta[ch]`` for its ``C``
+    channels (``S = invstd * gamma``): the given statistics (FIXED) or the identity (NONE: ``M = 0``,
+    ``S = gamma = 1``). A ``ROW`` step is left to :func:`_prep_row`, row by row, a ``BATCH`` step
+    to :func:`_part_sums` and :func:`_comb_stats`."""
     kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
     kind = kinds[t]
-    n = _u(u1 - u0)
     if kind == ROW or kind == BATCH:
         return
+    Cu = _u(C)
     if kind == NONE:
-        for q in range(nq):
-            c = _u(q * Hc + u0)
-            for j in range(n):
-                k = c + j
-                M[k] = 0.0
-                S[k] = gamma[k]
+        for k in range(Cu):
+            M[k] = 0.0
+            S[k] = gamma[k]
         return
     tt = _u(t)
-    for q in range(nq):
-        c = _u(q * Hc + u0)
-        for j in range(n):
-            k = c + j
-            M[k] = fmean[tt, k]
-            S[k] = finv[tt, k] * gamma[k]
+    for k in range(Cu):
+        M[k] = fmean[tt, k]
+        S[k] = finv[tt, k] * gamma[k]
 
 
 @njit(inline="always")
@@ -751,7 +744,7 @@ def _comb_stats(V, v0, vs, b, C, t, site, PBs, RB, M, S, write):
     kinds: :func:`_prep_channels` over every channel."""
     kinds, gamma, beta, fmean, finv, eps, hraw, inv, rinv, mean, var, rmean = site
     if kinds[t] != BATCH:
-        _prep_channels(V, v0, vs, b, 1, C, 0, C, t, site, M, S)
+        _prep_channels(C, t, site, M, S)
         return
     nb = (b + RB - 1) // RB
     Cu = _u(C)
@@ -819,12 +812,11 @@ def _sum_blocks(PBs, nb, C, s1, s2):
 # the time loop, forward: one step of one thread's part
 
 @njit(**_OPTS)
-def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
+def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
               xp, xr0, xrs, h0, c0, wt, bhh, sx, sh, sc, hn, cn, Hin, Hout, Cs, Ms,
               out, or0, ors, gates, cst, tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS, PB, par, bar):
     """Step ``t`` (``b`` rows at internal offset ``o0``; ``prev_b`` rows ran the step before) for
-    the thread's blocks of rows (units ``[u0, u1)``, state columns ``[p0, p1)``: every one, as the
-    loop calls it): reads h_{t-1} from ``Hin``, writes h_t to ``Hout`` (with a projection, the
+    the thread's blocks of rows: reads h_{t-1} from ``Hin``, writes h_t to ``Hout`` (with a projection, the
     unprojected m_t to ``Ms``; :func:`_fwd_proj` finishes the step). ``MS`` ``(6, G)``: the thread's
     float64 scratch (each site's M and S, see :func:`_prep_channels`). A row's normalizations and
     gates run one after the other (its values stay in cache); the sites' batch statistics, which
@@ -834,11 +826,10 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
     nq = G // H
     lstm = cell == LSTM
     proj = P != H
-    n = u1 - u0
     if not rev and b < prev_b:  # sequences that ended at the previous step: their final state
-        _copy_part(Hin, 0, hn, 0, b, prev_b, p0, p1, rth, rnt, RB)
+        _copy_part(Hin, 0, hn, 0, b, prev_b, 0, P, rth, rnt, RB)
         if lstm:
-            _copy_part(Cs, 0, cn, 0, b, prev_b, u0, u1, rth, rnt, RB)
+            _copy_part(Cs, 0, cn, 0, b, prev_b, 0, H, rth, rnt, RB)
     elif rev and b > prev_b:  # sequences whose last step this is: they start from h0
         _copy_part(h0, 0, Hin, 0, prev_b, b, 0, P, rth, rnt, RB)
         if lstm:
@@ -852,9 +843,9 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
     for blk in range(rth, nb, rnt):
         i0 = blk * RB
         i1 = min(i0 + RB, b)
-        _copy_part(Hin, 0, hprev, o0, i0, i1, p0, p1, 0, 1, RB)
+        _copy_part(Hin, 0, hprev, o0, i0, i1, 0, P, 0, 1, RB)
         if lstm:
-            _copy_part(Cs, 0, cprev, o0, i0, i1, u0, u1, 0, 1, RB)
+            _copy_part(Cs, 0, cprev, o0, i0, i1, 0, H, 0, 1, RB)
         gemm(Hin, i0 * P, False, wt, 0, Ah, (a0 + i0) * G, i1 - i0, G, P, False)  # rows a0 + i: h_{t-1} W_hh^T
     Mx, Sx, Mh, Sh = MS[0], MS[1], MS[2], MS[3]
     _part_sums(xp, xr0[t], xrs, b, G, t, sx, PB[par, 0], rth, rnt, RB)
@@ -868,7 +859,7 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
     bx = sx[2]
     bh = sh[2]
     x0t = xr0[t]
-    nu, uu0, Hu = _u(n), _u(u0), _u(H)
+    Hu = _u(H)
     H2, H3 = Hu + Hu, Hu + Hu + Hu
     z = Yx[0, 0] - Yx[0, 0]  # a scalar of the data dtype (for _rnd)
     for blk in range(rth, nb, rnt):
@@ -883,15 +874,15 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
                 _prep_row(Ah, ar, G, sh, o0 + i, Mh, Sh)
             if cell == GRU:  # x and h stay apart: r, z = sig(x + h), n = tanh(x_n + r h_n)
                 for q in range(nq):
-                    c = _u(q * H + u0)
-                    for j in range(nu):
+                    c = _u(q * H)
+                    for j in range(Hu):
                         k = c + j
                         Yx[iu, k] = (np.float64(xp[xr, k]) - Mx[k]) * Sx[k] + bx[k]
                         Yh[iu, k] = (np.float64(Ah[ar, k]) - Mh[k]) * Sh[k] + bh[k]
                 g = gates[oi]  # one view per output block (LLVM vectorizes no loop that writes one array at
-                g0, g1, g2 = g[u0:u1], g[H + u0:H + u1], g[2 * H + u0:2 * H + u1]  # offsets it only knows at run time)
-                for j in range(nu):
-                    k = uu0 + j
+                g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:3 * H]  # offsets it only knows at run time)
+                for j in range(Hu):
+                    k = j
                     r = _sig(Yx[iu, k] + Yh[iu, k] + bhh[k])
                     z = _sig(Yx[iu, Hu + k] + Yh[iu, Hu + k] + bhh[Hu + k])
                     gn = Yh[iu, H2 + k] + bhh[H2 + k]
@@ -905,16 +896,16 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
                 continue
             # the pre-activation N_x(x) + N_h(h): each normalized tensor rounded to the data dtype, then their sum
             for q in range(nq):
-                c = _u(q * H + u0)
-                for j in range(nu):
+                c = _u(q * H)
+                for j in range(Hu):
                     k = c + j
                     Yx[iu, k] = _rnd((np.float64(xp[xr, k]) - Mx[k]) * Sx[k] + bx[k], z) + \
                         ((np.float64(Ah[ar, k]) - Mh[k]) * Sh[k] + bh[k])
             if lstm:
                 g = gates[oi]  # one view per output block (see the GRU's)
-                g0, g1, g2, g3 = g[u0:u1], g[H + u0:H + u1], g[2 * H + u0:2 * H + u1], g[3 * H + u0:3 * H + u1]
-                for j in range(nu):
-                    k = uu0 + j
+                g0, g1, g2, g3 = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+                for j in range(Hu):
+                    k = j
                     ig = _sig(Yx[iu, k])
                     fg = _sig(Yx[iu, Hu + k])
                     gg = _th(Yx[iu, H2 + k])
@@ -927,14 +918,14 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
                     Cs[iu, k] = cc
                     cst[oi, k] = cc
             elif cell == RNN_TANH:
-                for j in range(nu):
-                    k = uu0 + j
+                for j in range(Hu):
+                    k = j
                     v = _th(Yx[iu, k])
                     gates[oi, k] = v
                     Hout[iu, k] = v
             else:
-                for j in range(nu):
-                    k = uu0 + j
+                for j in range(Hu):
+                    k = j
                     v = Yx[iu, k]
                     v = 0.0 if v < 0.0 else v  # nan stays nan
                     gates[oi, k] = v
@@ -954,16 +945,16 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
                 if rowc:
                     _prep_row(cst, oi, H, sc, o0 + i, Mc, Sc)
                 if proj:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         tc = _th(_rnd((np.float64(cst[oi, k]) - Mc[k]) * Sc[k] + bc[k], z))
                         tcs[oi, k] = tc
                         v = gates[oi, H3 + k] * tc
                         Ms[iu, k] = v
                         mst[oi, k] = v
                 else:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         tc = _th(_rnd((np.float64(cst[oi, k]) - Mc[k]) * Sc[k] + bc[k], z))
                         tcs[oi, k] = tc
                         Hout[iu, k] = gates[oi, H3 + k] * tc
@@ -971,7 +962,7 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB, u0, u1, p0, p1,
         q0 = or0[t]
         for blk in range(rth, nb, rnt):
             i0 = blk * RB
-            _copy_strided(Hout, i0, out, q0, ors, min(i0 + RB, b), p0, p1)
+            _copy_strided(Hout, i0, out, q0, ors, min(i0 + RB, b), 0, P)
 
 
 @njit(inline="always")
@@ -988,15 +979,15 @@ def _copy_strided(src, i0, dst, q0, qs, i1, c0, c1):
 
 
 @njit(**_OPTS)
-def _fwd_proj(H, P, t, b, rth, rnt, RB, p0, p1, wrt, Ms, Hout, out, or0, ors):
-    """The projection of step t, the thread's rows and state columns ``[p0, p1)``: h = m W_hr^T."""
+def _fwd_proj(H, P, t, b, rth, rnt, RB, wrt, Ms, Hout, out, or0, ors):
+    """The projection of step t, the thread's rows: h = m W_hr^T."""
     nb = (b + RB - 1) // RB
     q0 = or0[t]
     for blk in range(rth, nb, rnt):
         i0 = blk * RB
         i1 = min(i0 + RB, b)
-        gemm(Ms, i0 * H, False, wrt, p0, Hout, i0 * P + p0, i1 - i0, p1 - p0, H, False)
-        _copy_strided(Hout, i0, out, q0, ors, i1, p0, p1)
+        gemm(Ms, i0 * H, False, wrt, 0, Hout, i0 * P, i1 - i0, P, H, False)
+        _copy_strided(Hout, i0, out, q0, ors, i1, 0, P)
 
 
 def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
@@ -1031,11 +1022,11 @@ def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wr
         for k in range(T):
             t = T - 1 - k if rev else k
             b = bs[t]
-            _fwd_step(cell, rev, H, P, t, b, off[t], cur, th, nt, RB, 0, H, 0, P, xp, xr0, xrs, h0, c0, wt,
+            _fwd_step(cell, rev, H, P, t, b, off[t], cur, th, nt, RB, xp, xr0, xrs, h0, c0, wt,
                       bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
                       tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th], PB, k % 2, bar)
             if proj:
-                _fwd_proj(H, P, t, b, th, nt, RB, 0, P, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
+                _fwd_proj(H, P, t, b, th, nt, RB, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
             cur = b
     cur = B if rev else bs[T - 1]
     _copy_part(Hbuf[T % 2], 0, hn, 0, 0, cur, 0, P, 0, 1, B)
@@ -1047,47 +1038,46 @@ def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wr
 # the time loop, backward: one step of one thread's part, in two halves
 
 @njit(**_OPTS)
-def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, u0, u1, p0, p1, th,
+def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, th,
               dout, or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd):
-    """The state columns ``[p0, p1)`` of the thread's rows at step t (backward order): finish the
+    """The thread's rows at step t (backward order): finish the
     step before (``pending``: its ``bp`` rows at offset ``op`` get ``dh_{t} += DA W_hh``), take in the
     final-state gradients of sequences whose last step is t (the reverse direction: hand the
     gradient of h0 to sequences that started at the step before), add the output gradient, and
     accumulate ``||dL/dh_t||^2`` into ``gn[th, t]``. ``final``: the last call, after every step
     (hands ``dh0``/``dc0`` their rows)."""
     G = w.shape[0]
-    n = p1 - p0
-    nu, pu0 = _u(n), _u(p0)
+    Pu = _u(P)
     lstm = cell == LSTM
     if pending:
         nbp = (bp + RB - 1) // RB
         for blk in range(rth, nbp, rnt):
             i0 = blk * RB
             i1 = min(i0 + RB, bp)
-            gemm(DA, (op + i0) * G, False, w, p0, Dd, i0 * P + p0, i1 - i0, n, G, False)  # dh_{t} = DA W_hh
+            gemm(DA, (op + i0) * G, False, w, 0, Dd, i0 * P, i1 - i0, P, G, False)  # dh_{t} = DA W_hh
             for i in range(i0, i1):
                 iu = _u(i)
                 if cell == GRU:
-                    for j in range(nu):
-                        k = pu0 + j
+                    for j in range(Pu):
+                        k = j
                         DHs[iu, k] += Dd[iu, k]
                 else:
-                    for j in range(nu):
-                        k = pu0 + j
+                    for j in range(Pu):
+                        k = j
                         DHs[iu, k] = Dd[iu, k]
     if final:
-        _copy_part(DHs, 0, dh0, 0, 0, bp, p0, p1, rth, rnt, RB)
+        _copy_part(DHs, 0, dh0, 0, 0, bp, 0, P, rth, rnt, RB)
         if lstm:
-            _copy_part(DCs, 0, dc0, 0, 0, bp, u0, u1, rth, rnt, RB)
+            _copy_part(DCs, 0, dc0, 0, 0, bp, 0, H, rth, rnt, RB)
         return
     if not rev and b > bp:  # the final states of sequences whose last step this is
-        _copy_part(dhn, 0, DHs, 0, bp, b, p0, p1, rth, rnt, RB)
+        _copy_part(dhn, 0, DHs, 0, bp, b, 0, P, rth, rnt, RB)
         if lstm:
-            _copy_part(dcn, 0, DCs, 0, bp, b, u0, u1, rth, rnt, RB)
+            _copy_part(dcn, 0, DCs, 0, bp, b, 0, H, rth, rnt, RB)
     elif rev and b < bp:  # sequences that started (from h0) at the step before
-        _copy_part(DHs, 0, dh0, 0, b, bp, p0, p1, rth, rnt, RB)
+        _copy_part(DHs, 0, dh0, 0, b, bp, 0, P, rth, rnt, RB)
         if lstm:
-            _copy_part(DCs, 0, dc0, 0, b, bp, u0, u1, rth, rnt, RB)
+            _copy_part(DCs, 0, dc0, 0, b, bp, 0, H, rth, rnt, RB)
     proj = P != H
     q0 = or0[t]
     nb = (b + RB - 1) // RB
@@ -1096,15 +1086,15 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, u
         for i in range(blk * RB, min(blk * RB + RB, b)):
             iu = _u(i)
             qi = _u(q0 + i * ors)
-            for j in range(nu):
-                k = pu0 + j
+            for j in range(Pu):
+                k = j
                 v = DHs[iu, k] + dout[qi, k]
                 DHs[iu, k] = v
                 ss += v * v
             if proj:
                 oi = _u(o0 + i)
-                for j in range(nu):
-                    k = pu0 + j
+                for j in range(Pu):
+                    k = j
                     Dd[iu, k] = DHs[iu, k]
                     DHP[oi, k] = DHs[iu, k]
     gn[th, t] += ss
@@ -1153,9 +1143,9 @@ def _site_t(site, t):
 
 
 @njit(**_OPTS)
-def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev, ghn,
+def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev, ghn,
               dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, PB, par, bar):
-    """Units ``[u0, u1)`` of the thread's rows at step t: from ``dL/dh_t`` (``DHs``) through the
+    """The thread's rows at step t: from ``dL/dh_t`` (``DHs``) through the
     gates and the sites to the input projection's gradient (``dxp``) and to the recurrent matmul's
     (``DA``, rows at ``o0``); accumulates the sites' ``dgamma``/``dbeta`` and the GRU's ``dbh`` in
     the thread's ``acc`` (float64). ``csum`` ``(8, G)``: the thread's scratch.
@@ -1170,8 +1160,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
     """
     G = gates.shape[1]
     nq = G // H
-    n = u1 - u0
-    nu, uu0, Hu = _u(n), _u(u0), _u(H)
+    Hu = _u(H)
     H2, H3 = Hu + Hu, Hu + Hu + Hu
     lstm = cell == LSTM
     proj = P != H
@@ -1186,16 +1175,16 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
     x0t = xr0[t]
     nb = (b + RB - 1) // RB
     for q in range(nq):
-        c = _u(q * H + u0)
-        for j in range(nu):
+        c = _u(q * H)
+        for j in range(Hu):
             k = c + j
             s1x[k] = 0.0
             s2x[k] = 0.0
             s1h[k] = 0.0
             s2h[k] = 0.0
     if lstm:
-        for j in range(nu):
-            k = uu0 + j
+        for j in range(Hu):
+            k = j
             s1c[k] = 0.0
             s2c[k] = 0.0
         # (1) dm -> the output gate (DP's o block) and d N_c(c) (DC); the cell norm's sums
@@ -1203,21 +1192,21 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
             i0 = blk * RB
             i1 = min(i0 + RB, b)
             if proj:
-                gemm(Dd, i0 * P, False, wr, u0, DMd, i0 * H + u0, i1 - i0, n, P, False)  # dm = dh W_hr
+                gemm(Dd, i0 * P, False, wr, 0, DMd, i0 * H, i1 - i0, H, P, False)  # dm = dh W_hr
             for i in range(i0, i1):
                 iu = _u(i)
                 oi = _u(o0 + i)
                 if proj:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         og = np.float64(gates[oi, H3 + k])
                         tc = np.float64(tcs[oi, k])
                         dm = np.float64(DMd[iu, k])
                         DP[iu, H3 + k] = dm * tc * og * (1.0 - og)
                         DC[iu, k] = dm * og * (1.0 - tc * tc)
                 else:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         og = np.float64(gates[oi, H3 + k])
                         tc = np.float64(tcs[oi, k])
                         dm = DHs[iu, k]
@@ -1226,27 +1215,27 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                 if kc == ROW:
                     _bwd_row(DC, iu, cst, oi, sc[8][o0 + i], sc[11][o0 + i], gc, dgc, dbc, DX, iu, xh, H)
                 elif kc == BATCH:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         dy = DC[iu, k]
                         s1c[k] += dy
                         s2c[k] += dy * ((np.float64(cst[oi, k]) - mc[k]) * ic[k])
                 elif kc == FIXED:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         dy = DC[iu, k]
                         dgc[k] += dy * ((np.float64(cst[oi, k]) - mc[k]) * ic[k])
                         dbc[k] += dy
                 else:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         dbc[k] += DC[iu, k]
             if kc == BATCH:
                 _flush(s1c, s2c, PB[par, 2], blk, H)
         if kc == BATCH:
             _barrier(bar, rnt)
             _sum_blocks(PB[par, 2], nb, H, s1c, s2c)
-            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, uu0, nu, rth == 0)
+            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, _u(0), Hu, rth == 0)
     # (2) the cell norm's dx, the gates (DP; DPh for the GRU's recurrent site), the two gate sites' sums
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
@@ -1254,22 +1243,22 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
             oi = _u(o0 + i)
             if lstm:
                 if kc == BATCH:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         DX[iu, k] = ic[k] * (DC[iu, k] * gc[k] - s1c[k] -
                                              ((np.float64(cst[oi, k]) - mc[k]) * ic[k]) * s2c[k])
                 elif kc == FIXED:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         DX[iu, k] = DC[iu, k] * gc[k] * ic[k]
                 elif kc == NONE:
-                    for j in range(nu):
-                        k = uu0 + j
+                    for j in range(Hu):
+                        k = j
                         DX[iu, k] = DC[iu, k]
                 dp = DP[iu]  # one view per output block (LLVM vectorizes no loop that writes one array at
-                dp0, dp1, dp2 = dp[u0:u1], dp[H + u0:H + u1], dp[2 * H + u0:2 * H + u1]  # offsets known at run time)
-                for j in range(nu):
-                    k = uu0 + j
+                dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:3 * H]  # offsets known at run time)
+                for j in range(Hu):
+                    k = j
                     ig = np.float64(gates[oi, k])
                     fg = np.float64(gates[oi, Hu + k])
                     gg = np.float64(gates[oi, H2 + k])
@@ -1281,10 +1270,10 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
             elif cell == GRU:
                 dp = DP[iu]  # one view per output block (see the LSTM's)
                 dph = DPh[iu]
-                dp0, dp1, dp2 = dp[u0:u1], dp[H + u0:H + u1], dp[2 * H + u0:2 * H + u1]
-                dq0, dq1, dq2 = dph[u0:u1], dph[H + u0:H + u1], dph[2 * H + u0:2 * H + u1]
-                for j in range(nu):
-                    k = uu0 + j
+                dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:3 * H]
+                dq0, dq1, dq2 = dph[:H], dph[H:2 * H], dph[2 * H:3 * H]
+                for j in range(Hu):
+                    k = j
                     r = np.float64(gates[oi, k])
                     z = np.float64(gates[oi, Hu + k])
                     nn = np.float64(gates[oi, H2 + k])
@@ -1300,18 +1289,18 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
                     dq2[j] = dnp * r
                     DHs[iu, k] = dh * z  # the direct path h_{t-1} -> h_t
                 for q in range(nq):
-                    c = _u(q * H + u0)
-                    for j in range(nu):
+                    c = _u(q * H)
+                    for j in range(Hu):
                         k = c + j
                         dbh[k] += DPh[iu, k]
             elif cell == RNN_TANH:
-                for j in range(nu):
-                    k = uu0 + j
+                for j in range(Hu):
+                    k = j
                     y = np.float64(gates[oi, k])
                     DP[iu, k] = DHs[iu, k] * (1.0 - y * y)
             else:
-                for j in range(nu):
-                    k = uu0 + j
+                for j in range(Hu):
+                    k = j
                     DP[iu, k] = DHs[iu, k] if gates[oi, k] > 0.0 else 0.0
             xr = _u(x0t + i * xrs)
             if kx == ROW:
@@ -1319,31 +1308,31 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
             if kh == ROW:
                 _bwd_row(DYh, iu, Ah, oi, sh[8][o0 + i], sh[11][o0 + i], gh, dgh, dscr, DA, oi, xh, G)
             for q in range(nq):
-                c = _u(q * H + u0)
+                c = _u(q * H)
                 if kx == BATCH:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dy = DP[iu, k]
                         s1x[k] += dy
                         s2x[k] += dy * ((np.float64(xp[xr, k]) - mx[k]) * ix[k])
                 elif kx == FIXED:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dy = DP[iu, k]
                         dgx[k] += dy * ((np.float64(xp[xr, k]) - mx[k]) * ix[k])
                         dbx[k] += dy
                 elif kx == NONE:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dbx[k] += DP[iu, k]
                 if kh == BATCH:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dy = DYh[iu, k]
                         s1h[k] += dy
                         s2h[k] += dy * ((np.float64(Ah[oi, k]) - mh[k]) * ih[k])
                 elif kh == FIXED:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dy = DYh[iu, k]
                         dgh[k] += dy * ((np.float64(Ah[oi, k]) - mh[k]) * ih[k])
@@ -1362,42 +1351,42 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, u0, u1, wr, sx, sh, sc, xp, ga
         if kh == BATCH:
             _sum_blocks(PB[par, 1], nb, G, s1h, s2h)
     for q in range(nq):
-        c = _u(q * H + u0)
+        c = _u(q * H)
         if kx == BATCH:
-            _bwd_fin(s1x, s2x, gx, dgx, dbx, b, c, nu, rth == 0)
+            _bwd_fin(s1x, s2x, gx, dgx, dbx, b, c, Hu, rth == 0)
         if kh == BATCH:
-            _bwd_fin(s1h, s2h, gh, dgh, dscr, b, c, nu, rth == 0)
+            _bwd_fin(s1h, s2h, gh, dgh, dscr, b, c, Hu, rth == 0)
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
             iu = _u(i)
             oi = _u(o0 + i)
             xr = _u(x0t + i * xrs)
             for q in range(nq):
-                c = _u(q * H + u0)
+                c = _u(q * H)
                 if kx == BATCH:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dxp[xr, k] = ix[k] * (DP[iu, k] * gx[k] - s1x[k] -
                                               ((np.float64(xp[xr, k]) - mx[k]) * ix[k]) * s2x[k])
                 elif kx == FIXED:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dxp[xr, k] = DP[iu, k] * gx[k] * ix[k]
                 elif kx == NONE:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         dxp[xr, k] = DP[iu, k]
                 if kh == BATCH:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         DA[oi, k] = ih[k] * (DYh[iu, k] * gh[k] - s1h[k] -
                                              ((np.float64(Ah[oi, k]) - mh[k]) * ih[k]) * s2h[k])
                 elif kh == FIXED:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         DA[oi, k] = DYh[iu, k] * gh[k] * ih[k]
                 elif kh == NONE:
-                    for j in range(nu):
+                    for j in range(Hu):
                         k = c + j
                         DA[oi, k] = DYh[iu, k]
 
@@ -1422,7 +1411,6 @@ def _backward_loop(nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w
     """
     T = bs.shape[0]
     B = dhn.shape[0]
-    proj = P != H
     lstm = cell == LSTM
     if rev:
         _copy_part(dhn, 0, DHs, 0, 0, B, 0, P, 0, 1, B)
@@ -1435,14 +1423,14 @@ def _backward_loop(nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w
             t = k if rev else T - 1 - k
             b = bs[t]
             o0 = off[t]
-            _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, 0, H, 0, P, th, dout, or0,
+            _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, th, dout, or0,
                       ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-            _bwd_body(cell, H, P, t, b, o0, th, nt, RB, 0, H, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
+            _bwd_body(cell, H, P, t, b, o0, th, nt, RB, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
                       ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], PB, k % 2,
                       bar)
             bp = b
             op = o0
-        _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, 0, H, 0, P, th, dout, or0, ors,
+        _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, th, dout, or0, ors,
                   dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
 
 def _weight_grad_loop(nt, D, X, out):
@@ -1494,30 +1482,86 @@ def moments(x, mu, mu_r, sigma, xc, xd):
     """Float64 mean ``mu`` (shifted by the first row) and biased covariance ``sigma`` of the rows of
     ``x`` ``(N, F)``, the mean rounded to x's dtype in ``mu_r``, and ``xc = x - mu_r`` (in x's
     dtype, the rows the folded layer reads). ``xd`` ``(N, F)`` float64 scratch receives
-    ``x - mu``; the covariance is ``xd^T xd / N`` in float64 through :func:`gemm`."""
+    ``x - mu``; the covariance is ``xd^T xd / N`` in float64 through :func:`gemm`, its upper
+    triangle only (row blocks of the float64 micro-kernel's width, each from its diagonal on),
+    mirrored below the diagonal. One thread: the passes stream ``xd`` from memory, and a second
+    thread made the call slower at every size tried (2560 x 64 to 20000 x 64 rows)."""
     N, F = x.shape
+    Fu = _u(F)
     x0 = x[0]
-    for j in range(F):
+    for j in range(Fu):
         mu[j] = 0.0
     for n in range(N):
         r = x[n]
-        for j in range(F):
+        for j in range(Fu):
             mu[j] += np.float64(r[j]) - np.float64(x0[j])
-    for j in range(F):
+    for j in range(Fu):
         mu[j] = np.float64(x0[j]) + mu[j] / N
         mu_r[j] = mu[j]
     for n in range(N):
         r = x[n]
         o = xc[n]
         d = xd[n]
-        for j in range(F):
+        for j in range(Fu):
             d[j] = np.float64(r[j]) - mu[j]
             o[j] = r[j] - mu_r[j]
-    gemm(xd, 0, True, xd, 0, sigma, 0, F, F, N, False)
-    for j in range(F):
+    BS = 4 * (VECTOR_BYTES // 8)  # whole vectors: a block's columns get the bits a full-width product gives
+    for i0 in range(0, F, BS):
+        gemm(xd, i0, True, xd, i0, sigma, i0 * F + i0, min(BS, F - i0), F - i0, N, False)
+    for j in range(Fu):
         s = sigma[j]
+        for k in range(j, Fu):
+            v = s[k] / N
+            s[k] = v
+            sigma[k, j] = v
+
+
+def _fold_rows_loop(nt, dxc, xc, M, Md, drows, cm):
+    """``drows = dxc - mean_rows(dxc) + xc (2 M / N)``: the rows' gradient through the centring and
+    the covariance (``Md`` ``(F, F)`` scratch in the rows' dtype, ``cm`` ``(F,)`` float64 scratch).
+    On ``nt`` threads: the column means' columns and the product's rows split over them (the bits
+    do not depend on ``nt``)."""
+    N, F = xc.shape
+    for a in range(F):
+        src = M[a]
+        dst = Md[a]
         for k in range(F):
-            s[k] = s[k] / N
+            dst[k] = 2.0 * src[k] / N
+    for th in prange(nt):
+        k0 = _u(F * th // nt)
+        k1 = _u(F * (th + 1) // nt)
+        for k in range(k0, k1):
+            cm[k] = 0.0
+        for n in range(N):
+            r = dxc[n]
+            for k in range(k0, k1):
+                cm[k] += r[k]
+        for k in range(k0, k1):
+            cm[k] /= N
+    for th in prange(nt):
+        n0 = (N * th // nt) // 4 * 4
+        n1 = N if th == nt - 1 else (N * (th + 1) // nt) // 4 * 4
+        if n1 > n0:
+            gemm(xc, n0 * F, False, Md, 0, drows, n0 * F, n1 - n0, F, F, False)
+        for n in range(n0, n1):
+            r = dxc[n]
+            o = drows[n]
+            for k in range(F):
+                o[k] += np.float64(r[k]) - cm[k]
+
+
+_fold_rows_par, _fold_rows_serial = _twins(_fold_rows_loop)
+
+#: multiply-adds (``N * F * F``) of a fold's rows' gradient from which it is split over threads (at
+#: 2560 x 64 rows two threads gained nothing; at 8000 x 128, 2.2 ms against 4.7)
+_FOLD_PARALLEL_FROM = 1 << 24
+
+
+def fold_rows_backward(dxc, xc, M, Md, drows):
+    """:func:`_fold_rows_loop` on the threads a call of its size gets (1 below :data:`_FOLD_PARALLEL_FROM`)."""
+    N, F = xc.shape
+    nt = _cpu.threads() if N * F * F >= _FOLD_PARALLEL_FROM else 1
+    _launch(_fold_rows_par, _fold_rows_serial, nt, (dxc, xc, M, Md, drows, np.zeros(F)))
 
 
 def _quiet(kernel):
@@ -1630,28 +1674,3 @@ def fold_direction_backward(dWf, wd, ws, inv, s, gamma, dW, dscale, dvw, M):
             out[k] = sj * np.float64(g[k]) + 2.0 * dv * q[k]
             e[k] = dv * w[k]
     gemm(dvw, 0, True, wd, 0, M, 0, F, F, G, True)
-
-
-@njit(**_OPTS)
-def fold_rows_backward(dxc, xc, M, Md, drows):
-    """``drows = dxc - mean_rows(dxc) + xc (2 M / N)``: the rows' gradient through the centring and
-    the covariance (``Md`` ``(F, F)`` scratch in the rows' dtype)."""
-    N, F = xc.shape
-    for a in range(F):
-        src = M[a]
-        dst = Md[a]
-        for k in range(F):
-            dst[k] = 2.0 * src[k] / N
-    gemm(xc, 0, False, Md, 0, drows, 0, N, F, F, False)
-    cm = np.zeros(F)
-    for n in range(N):
-        r = dxc[n]
-        for k in range(F):
-            cm[k] += r[k]
-    for k in range(F):
-        cm[k] /= N
-    for n in range(N):
-        r = dxc[n]
-        o = drows[n]
-        for k in range(F):
-            o[k] += np.float64(r[k]) - cm[k]

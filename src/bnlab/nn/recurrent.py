@@ -645,7 +645,7 @@ def _split(spec, dt) -> tuple[int, int]:
     batch = False
     for site in spec.sites:
         batch = batch or bool((site.kinds == _rk.BATCH).any())
-    B, H, P, G = spec.B, spec.H, spec.P, spec.G
+    B, P, G = spec.B, spec.P, spec.G
     nt = _cpu.threads()
     if nt > 1 and B * G * P < _PARALLEL_FROM:
         nt = 1
@@ -1131,7 +1131,6 @@ class _BNRNNBase(_RecurrentCore):
         """norm="vertical": per layer, the input norm folded into W_ih and the bias, then torch's
         fused kernel for one layer (both directions)."""
         fn = _TORCH_OP[self.mode]
-        G = _GATES[self.mode] * self.hidden_size
         perm = _lstm_perm(self.hidden_size, data.device) if self.mode == "LSTM" else None
         x = data
         bf = self.batch_first
