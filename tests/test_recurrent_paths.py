@@ -77,6 +77,23 @@ def test_fast_path_equals_the_reference_loop_in_training_and_eval(cls, norm, lay
         _same(_run(m, x, lengths), _run(ref, x, lengths))
 
 
+@pytest.mark.parametrize("norm", ["none", "vertical", "horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU, BNRNN], ids=["LSTM", "GRU", "RNN"])
+def test_lengths_all_shorter_than_the_padded_input_run_every_path(cls, norm):
+    """Padding past the longest sequence (every length below T): the packed steps are fewer than T;
+    the fast paths equal the reference loop, and the output keeps T steps, zeros past each end."""
+    m, ref = _build(cls, norm, True, batch_first=True)
+    x = _input(m, B=6, T=9)
+    lengths = torch.tensor([5, 2, 6, 1, 4, 6])
+    for mode in ("train", "eval"):
+        getattr(m, mode)(), getattr(ref, mode)()
+        a = _run(m, x, lengths)
+        _same(a, _run(ref, x, lengths))
+        assert a[0].shape[:2] == (6, 9)
+        for i, n in enumerate(lengths.tolist()):
+            assert bool((a[0][i, n:] == 0).all())
+
+
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
 @pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
 def test_vertical_with_an_input_that_needs_no_gradient_equals_the_reference_loop(cls, batch_first):

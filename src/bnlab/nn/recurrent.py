@@ -1193,6 +1193,8 @@ class _BNRNNBase(_RecurrentCore):
         mode, H = self.mode, self.hidden_size
         P = self.proj_size or H
         G = _GATES[mode] * H
+        if batch_sizes is not None:  # the packed steps: fewer than the padded input's when every length is short
+            T = len(batch_sizes)
         if batch_sizes is None:
             layout = "batch" if self.batch_first else "time"
             bs = np.full(T, B, np.int64)
