@@ -406,3 +406,46 @@ def test_the_fused_layers_fold_a_narrow_inputs_norm_and_normalize_a_wide_ones_pr
         calls.clear()
         _same(_run(m, x), _run(ref, x))
         assert calls == [3]
+
+
+@pytest.mark.parametrize("norm", ["none", "vertical", "horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU, BNRNN], ids=["LSTM", "GRU", "RNN"])
+def test_an_empty_batch_gives_torchs_shapes_and_moves_no_buffer(cls, norm):
+    """A batch of 0 sequences (torch's layers accept one): outputs and final states of torch's
+    shapes, a backward that runs, and no running statistic touched."""
+    torch.manual_seed(0)
+    extra = {"proj_size": 3} if cls is BNLSTM else {}
+    m = cls(4, 5, 2, bidirectional=True, norm=norm, **extra)
+    tcls = {BNLSTM: torch.nn.LSTM, BNGRU: torch.nn.GRU, BNRNN: torch.nn.RNN}[cls]
+    ref = tcls(4, 5, 2, bidirectional=True, **extra)
+    before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+    x = torch.randn(6, 0, 4, requires_grad=True)
+    out, st = m(x)
+    out_t, st_t = ref(x)
+    assert out.shape == out_t.shape == (6, 0, 2 * (3 if extra else 5))
+    for a, b in zip(st if isinstance(st, tuple) else (st,), st_t if isinstance(st_t, tuple) else (st_t,)):
+        assert a.shape == b.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    for k, v in m.state_dict().items():
+        if k in before:
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("norm", ["none", "vertical", "horizontal", "per_timestep", "layer"])
+def test_an_empty_batch_runs_through_every_cell(norm):
+    from bnlab.nn import BNGRUCell, BNLSTMCell, BNRNNCell
+
+    for cls, tcls in ((BNLSTMCell, torch.nn.LSTMCell), (BNGRUCell, torch.nn.GRUCell), (BNRNNCell, torch.nn.RNNCell)):
+        m = cls(4, 5, norm=norm)
+        before = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+        x = torch.randn(0, 4, requires_grad=True)
+        out, out_t = m(x), tcls(4, 5)(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        outs_t = out_t if isinstance(out_t, tuple) else (out_t,)
+        assert [o.shape for o in outs] == [o.shape for o in outs_t]
+        sum(o.sum() for o in outs).backward()
+        assert x.grad.shape == x.shape
+        for k, v in m.state_dict().items():
+            if k in before:
+                torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)

@@ -101,6 +101,7 @@ NORM_MODES = ("none", "vertical", "horizontal", "per_timestep", "layer")
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _CELL = {"LSTM": _rk.LSTM, "GRU": _rk.GRU, "RNN_TANH": _rk.RNN_TANH, "RNN_RELU": _rk.RNN_RELU}
 _TORCH_OP = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
+_TORCH_CELL = {"GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell, "RNN_RELU": torch.rnn_relu_cell}
 _MIN_LAYERNORM_INPUT = 8
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
@@ -1036,7 +1037,9 @@ class _BNRNNBase(_RecurrentCore):
             c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
 
         batch_sizes = bs_t if variable else None
-        path = self._path(data, variable)
+        # an empty batch: no row to normalize and no statistic to take, so torch's kernel on the layer's
+        # own weights gives every output its shape (and the weights their zero gradients, as torch's layer)
+        path = "torch" if B == 0 else self._path(data, variable)
         self._grad_norm_sources = []
         if path == "torch":
             out, hn, cn = self._torch_forward(data, batch_sizes, h0, c0, B)
@@ -1454,11 +1457,19 @@ class _BNCellBase(_RecurrentCore):
             h, c = (hx.unsqueeze(0) if unbatched else hx), None
         if tuple(h.shape) != (B, H) or (c is not None and tuple(c.shape) != (B, H)):
             raise ValueError(f"{name}: expected hidden state of shape {(B, H)} (got {tuple(h.shape)})")
-        updates = []
-        with collect_stats(self, updates):
-            _, hn, cn = self._run_layer(x.unsqueeze(1), [B], True, h, c, self.weight_ih, self.weight_hh, self.bias_ih,
-                                        self.bias_hh, (self.norm_ih, self.norm_hh, self.norm_c), t0=step)
-        commit_stats(updates, self.nonfinite, name, self._labels() if updates else None)
+        if B == 0:  # an empty batch (as for the layers): torch's cell on the raw weights, no statistics
+            w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            if self.mode == "LSTM":
+                hn, cn = torch.lstm_cell(x, (h, c), *w)
+            else:
+                hn, cn = _TORCH_CELL[self.mode](x, h, *w), None
+        else:
+            updates = []
+            with collect_stats(self, updates):
+                _, hn, cn = self._run_layer(x.unsqueeze(1), [B], True, h, c, self.weight_ih, self.weight_hh,
+                                            self.bias_ih, self.bias_hh, (self.norm_ih, self.norm_hh, self.norm_c),
+                                            t0=step)
+            commit_stats(updates, self.nonfinite, name, self._labels() if updates else None)
         if unbatched:
             hn, cn = hn.squeeze(0), (cn.squeeze(0) if cn is not None else None)
         return (hn, cn) if self.mode == "LSTM" else hn
