@@ -449,3 +449,32 @@ def test_an_empty_batch_runs_through_every_cell(norm):
         for k, v in m.state_dict().items():
             if k in before:
                 torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("norm", ["horizontal", "per_timestep"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
+def test_a_one_row_training_step_on_torchs_batch_norm_survives_the_commit(cls, norm, monkeypatch):
+    """A training step with one row normalizes with the running statistics; the forward's commit then
+    moves those buffers before the backward. Where torch's batch norm serves the step (half
+    precision here; other devices) and saves them for its backward, it must get copies: the
+    backward runs, and on float32 (bnlab's kernels made to hand every call to torch's, as on a GPU)
+    it gives the numbers bnlab's own kernels give."""
+    import bnlab.kernels as K
+
+    lengths = torch.tensor([7, 3, 2, 5, 1])  # steps 5 and 6: one row
+    for dt in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        m = cls(9, 6, 2, norm=norm, dtype=dt)
+        x = torch.randn(7, 5, 9, dtype=dt, requires_grad=True)
+        for _ in range(2):  # the second call normalizes its one-row steps with buffers the first moved
+            out = m(x, lengths=lengths)[0]
+            out.float().sum().backward()
+        assert torch.isfinite(x.grad.float()).all()
+    m, ref = _build(cls, norm, layers=2, dtype=torch.float32)
+    x = torch.randn(5, 7, m.input_size)
+    want = [_run(ref, x, lengths) for _ in range(2)]
+    monkeypatch.setattr(K, "uses_bnlab_kernel", lambda t: False)
+    ref.load_state_dict(m.state_dict())  # rewind the buffers: the two calls again, on torch's batch norm
+    got = [_run(ref, x, lengths) for _ in range(2)]
+    for a, b in zip(got, want):
+        _same(a, b, rtol=1e-4, atol=1e-5)

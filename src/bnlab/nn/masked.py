@@ -510,7 +510,11 @@ class SequenceBatchNorm(Module):
         shift = self._shift(offset)
         if not self.training or x.shape[0] < 2:
             r = self._row(step)
-            return kernels.batch_norm_eval(x, self.running_mean[r], self.running_var[r], self.weight, shift, self.eps)
+            rm, rv = self.running_mean[r], self.running_var[r]
+            if self.training:  # a training step of one row: the buffers move at this forward's commit, before
+                # the backward, so a kernel that saves them for it (torch's, on other dtypes and devices) gets copies
+                rm, rv = rm.clone(), rv.clone()
+            return kernels.batch_norm_eval(x, rm, rv, self.weight, shift, self.eps)
         y = kernels.batch_norm_train(x, self.weight, shift, None, None, None, self.momentum, self.eps)
         with torch.no_grad():
             mean, var, _ = ref.batch_stats(x.detach())
