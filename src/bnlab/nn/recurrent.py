@@ -1042,6 +1042,8 @@ class _BNRNNBase(_RecurrentCore):
         path = "torch" if B == 0 else self._path(data, variable)
         self._grad_norm_sources = []
         if path == "torch":
+            self.hidden_states = []  # (record_hidden: no step ran a loop; nothing of an earlier call stays)
+        if path == "torch":
             out, hn, cn = self._torch_forward(data, batch_sizes, h0, c0, B)
         else:
             updates: list = []
