@@ -881,16 +881,15 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
                         Yh[iu, k] = (np.float64(Ah[ar, k]) - Mh[k]) * Sh[k] + bh[k]
                 g = gates[oi]  # one view per output block (LLVM vectorizes no loop that writes one array at
                 g0, g1, g2 = g[:H], g[H:2 * H], g[2 * H:3 * H]  # offsets it only knows at run time)
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     r = _sig(Yx[iu, k] + Yh[iu, k] + bhh[k])
                     z = _sig(Yx[iu, Hu + k] + Yh[iu, Hu + k] + bhh[Hu + k])
                     gn = Yh[iu, H2 + k] + bhh[H2 + k]
                     nn = _th(Yx[iu, H2 + k] + r * gn)
                     hp = Hin[iu, k]
-                    g0[j] = r
-                    g1[j] = z
-                    g2[j] = nn
+                    g0[k] = r
+                    g1[k] = z
+                    g2[k] = nn
                     ghn[oi, k] = gn
                     Hout[iu, k] = nn + z * (hp - nn)
                 continue
@@ -904,28 +903,25 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
             if lstm:
                 g = gates[oi]  # one view per output block (see the GRU's)
                 g0, g1, g2, g3 = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     ig = _sig(Yx[iu, k])
                     fg = _sig(Yx[iu, Hu + k])
                     gg = _th(Yx[iu, H2 + k])
                     og = _sig(Yx[iu, H3 + k])
-                    g0[j] = ig
-                    g1[j] = fg
-                    g2[j] = gg
-                    g3[j] = og
+                    g0[k] = ig
+                    g1[k] = fg
+                    g2[k] = gg
+                    g3[k] = og
                     cc = fg * Cs[iu, k] + ig * gg
                     Cs[iu, k] = cc
                     cst[oi, k] = cc
             elif cell == RNN_TANH:
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     v = _th(Yx[iu, k])
                     gates[oi, k] = v
                     Hout[iu, k] = v
             else:
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     v = Yx[iu, k]
                     v = 0.0 if v < 0.0 else v  # nan stays nan
                     gates[oi, k] = v
@@ -945,16 +941,14 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
                 if rowc:
                     _prep_row(cst, oi, H, sc, o0 + i, Mc, Sc)
                 if proj:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         tc = _th(_rnd((np.float64(cst[oi, k]) - Mc[k]) * Sc[k] + bc[k], z))
                         tcs[oi, k] = tc
                         v = gates[oi, H3 + k] * tc
                         Ms[iu, k] = v
                         mst[oi, k] = v
                 else:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         tc = _th(_rnd((np.float64(cst[oi, k]) - Mc[k]) * Sc[k] + bc[k], z))
                         tcs[oi, k] = tc
                         Hout[iu, k] = gates[oi, H3 + k] * tc
@@ -1058,12 +1052,10 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, t
             for i in range(i0, i1):
                 iu = _u(i)
                 if cell == GRU:
-                    for j in range(Pu):
-                        k = j
+                    for k in range(Pu):
                         DHs[iu, k] += Dd[iu, k]
                 else:
-                    for j in range(Pu):
-                        k = j
+                    for k in range(Pu):
                         DHs[iu, k] = Dd[iu, k]
     if final:
         _copy_part(DHs, 0, dh0, 0, 0, bp, 0, P, rth, rnt, RB)
@@ -1086,15 +1078,13 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, t
         for i in range(blk * RB, min(blk * RB + RB, b)):
             iu = _u(i)
             qi = _u(q0 + i * ors)
-            for j in range(Pu):
-                k = j
+            for k in range(Pu):
                 v = DHs[iu, k] + dout[qi, k]
                 DHs[iu, k] = v
                 ss += v * v
             if proj:
                 oi = _u(o0 + i)
-                for j in range(Pu):
-                    k = j
+                for k in range(Pu):
                     Dd[iu, k] = DHs[iu, k]
                     DHP[oi, k] = DHs[iu, k]
     gn[th, t] += ss
@@ -1183,8 +1173,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
             s1h[k] = 0.0
             s2h[k] = 0.0
     if lstm:
-        for j in range(Hu):
-            k = j
+        for k in range(Hu):
             s1c[k] = 0.0
             s2c[k] = 0.0
         # (1) dm -> the output gate (DP's o block) and d N_c(c) (DC); the cell norm's sums
@@ -1197,16 +1186,14 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                 iu = _u(i)
                 oi = _u(o0 + i)
                 if proj:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         og = np.float64(gates[oi, H3 + k])
                         tc = np.float64(tcs[oi, k])
                         dm = np.float64(DMd[iu, k])
                         DP[iu, H3 + k] = dm * tc * og * (1.0 - og)
                         DC[iu, k] = dm * og * (1.0 - tc * tc)
                 else:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         og = np.float64(gates[oi, H3 + k])
                         tc = np.float64(tcs[oi, k])
                         dm = DHs[iu, k]
@@ -1215,20 +1202,17 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                 if kc == ROW:
                     _bwd_row(DC, iu, cst, oi, sc[8][o0 + i], sc[11][o0 + i], gc, dgc, dbc, DX, iu, xh, H)
                 elif kc == BATCH:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         dy = DC[iu, k]
                         s1c[k] += dy
                         s2c[k] += dy * ((np.float64(cst[oi, k]) - mc[k]) * ic[k])
                 elif kc == FIXED:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         dy = DC[iu, k]
                         dgc[k] += dy * ((np.float64(cst[oi, k]) - mc[k]) * ic[k])
                         dbc[k] += dy
                 else:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         dbc[k] += DC[iu, k]
             if kc == BATCH:
                 _flush(s1c, s2c, PB[par, 2], blk, H)
@@ -1243,37 +1227,32 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
             oi = _u(o0 + i)
             if lstm:
                 if kc == BATCH:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         DX[iu, k] = ic[k] * (DC[iu, k] * gc[k] - s1c[k] -
                                              ((np.float64(cst[oi, k]) - mc[k]) * ic[k]) * s2c[k])
                 elif kc == FIXED:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         DX[iu, k] = DC[iu, k] * gc[k] * ic[k]
                 elif kc == NONE:
-                    for j in range(Hu):
-                        k = j
+                    for k in range(Hu):
                         DX[iu, k] = DC[iu, k]
                 dp = DP[iu]  # one view per output block (LLVM vectorizes no loop that writes one array at
                 dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:3 * H]  # offsets known at run time)
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     ig = np.float64(gates[oi, k])
                     fg = np.float64(gates[oi, Hu + k])
                     gg = np.float64(gates[oi, H2 + k])
                     dcc = DCs[iu, k] + DX[iu, k]
-                    dp0[j] = dcc * gg * ig * (1.0 - ig)
-                    dp1[j] = dcc * np.float64(cprev[oi, k]) * fg * (1.0 - fg)
-                    dp2[j] = dcc * ig * (1.0 - gg * gg)
+                    dp0[k] = dcc * gg * ig * (1.0 - ig)
+                    dp1[k] = dcc * np.float64(cprev[oi, k]) * fg * (1.0 - fg)
+                    dp2[k] = dcc * ig * (1.0 - gg * gg)
                     DCs[iu, k] = dcc * fg
             elif cell == GRU:
                 dp = DP[iu]  # one view per output block (see the LSTM's)
                 dph = DPh[iu]
                 dp0, dp1, dp2 = dp[:H], dp[H:2 * H], dp[2 * H:3 * H]
                 dq0, dq1, dq2 = dph[:H], dph[H:2 * H], dph[2 * H:3 * H]
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     r = np.float64(gates[oi, k])
                     z = np.float64(gates[oi, Hu + k])
                     nn = np.float64(gates[oi, H2 + k])
@@ -1281,12 +1260,12 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                     dnp = dh * (1.0 - z) * (1.0 - nn * nn)
                     drp = dnp * np.float64(ghn[oi, k]) * r * (1.0 - r)
                     dzp = dh * (np.float64(hprev[oi, k]) - nn) * z * (1.0 - z)
-                    dp0[j] = drp
-                    dp1[j] = dzp
-                    dp2[j] = dnp
-                    dq0[j] = drp
-                    dq1[j] = dzp
-                    dq2[j] = dnp * r
+                    dp0[k] = drp
+                    dp1[k] = dzp
+                    dp2[k] = dnp
+                    dq0[k] = drp
+                    dq1[k] = dzp
+                    dq2[k] = dnp * r
                     DHs[iu, k] = dh * z  # the direct path h_{t-1} -> h_t
                 for q in range(nq):
                     c = _u(q * H)
@@ -1294,13 +1273,11 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                         k = c + j
                         dbh[k] += DPh[iu, k]
             elif cell == RNN_TANH:
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     y = np.float64(gates[oi, k])
                     DP[iu, k] = DHs[iu, k] * (1.0 - y * y)
             else:
-                for j in range(Hu):
-                    k = j
+                for k in range(Hu):
                     DP[iu, k] = DHs[iu, k] if gates[oi, k] > 0.0 else 0.0
             xr = _u(x0t + i * xrs)
             if kx == ROW:

@@ -1198,14 +1198,13 @@ class _BNRNNBase(_RecurrentCore):
         mode, H = self.mode, self.hidden_size
         P = self.proj_size or H
         G = _GATES[mode] * H
-        if batch_sizes is not None:  # the packed steps: fewer than the padded input's when every length is short
-            T = len(batch_sizes)
         if batch_sizes is None:
             layout = "batch" if self.batch_first else "time"
             bs = np.full(T, B, np.int64)
         else:
             layout = "packed"
             bs = batch_sizes.numpy().astype(np.int64)
+            T = len(bs)  # the packed steps: fewer than the padded input's when every length stops short of it
         off = np.zeros(T + 1, np.int64)
         np.cumsum(bs, out=off[1:])
         row0, rows = _layout(layout, B, T, off)
