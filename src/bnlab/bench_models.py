@@ -221,8 +221,6 @@ def _applies(model: str, config: str) -> str | None:
     """None when the configuration applies to the model, else why it is not measured."""
     if config == "channels_last" and model != "resnet":
         return "no 4-D tensors"
-    if model == "lstm" and config == "compile":
-        return "BNLSTM's Python time loop unrolls under torch.compile (minutes of compilation)"
     return None
 
 

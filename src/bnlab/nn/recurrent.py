@@ -105,6 +105,36 @@ _TORCH_CELL = {"GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell, "RNN_RELU
 _MIN_LAYERNORM_INPUT = 8
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+#: why torch.compile runs the layers eagerly (dynamo shows it where it cannot, e.g. fullgraph=True)
+_EAGER_UNDER_COMPILE = (
+    "bnlab's BNLSTM / BNGRU / BNRNN run eagerly under torch.compile, at a graph break, as torch's own "
+    "nn.LSTM / GRU / RNN do: their time loop is one compiled kernel call per layer and direction, "
+    "which dynamo cannot trace (tracing the torch-ops reference loop instead unrolls every step: minutes "
+    "of compilation and a slower step). Set torch._dynamo.config.allow_rnn = True to trace that loop "
+    "instead (an eval model then compiles with fullgraph=True; training still breaks the graph where the "
+    "running statistics are checked and written); torch.export always traces it"
+)
+
+
+def _traces_loop() -> bool:
+    """Whether a compiler tracing the layer gets its torch-ops time loop: under torch.export (one
+    whole graph), or with ``torch._dynamo.config.allow_rnn`` set (the switch torch's own recurrent
+    layers follow). Otherwise torch.compile runs the layer eagerly (:func:`_run_eagerly`)."""
+    if _is_exporting():
+        return True
+    from torch._dynamo import config as dynamo_config
+
+    return bool(getattr(dynamo_config, "allow_rnn", True))
+
+
+def _forward_eagerly(module, input, hx, lengths):
+    return module._forward(input, hx, lengths)
+
+
+_run_eagerly = torch.compiler.disable(_forward_eagerly, reason=_EAGER_UNDER_COMPILE)
+
 
 class _RowLayerNorm(torch.nn.LayerNorm):
     """LayerNorm with the per-step call signature of SequenceBatchNorm (the step is ignored)."""
@@ -978,7 +1008,8 @@ class _BNRNNBase(_RecurrentCore):
         return h0, c0
 
     def forward(self, input, hx=None, lengths: Tensor | None = None):
-        """Run the stacked layers.
+        """Run the stacked layers (under torch.compile: eagerly, at a graph break, unless
+        ``torch._dynamo.config.allow_rnn`` is set, as for torch's recurrent layers).
 
         Args:
             input: ``(T, B, F)`` (``(B, T, F)`` with batch_first), ``(T, F)`` unbatched, or a
@@ -992,6 +1023,11 @@ class _BNRNNBase(_RecurrentCore):
         and ``h_n`` (``(h_n, c_n)`` for the LSTM), each sequence's state at its last valid step
         (the reverse direction's at step 0).
         """
+        if torch.compiler.is_compiling() and not _traces_loop():
+            return _run_eagerly(self, input, hx, lengths)
+        return self._forward(input, hx, lengths)
+
+    def _forward(self, input, hx, lengths):
         name = type(self).__name__
         packed_in = isinstance(input, PackedSequence)
         unbatched = False
