@@ -102,3 +102,40 @@ def test_torch_export_traces_the_reference_loop(paths):
     ep = torch.export.export(net, (x,))
     assert "loop" in paths
     torch.testing.assert_close(ep.module()(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["none", "vertical", "horizontal", "per_timestep", "layer"])
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
+def test_torch_jit_trace_records_the_reference_loop_in_eval(cls, norm, tmp_path, paths):
+    import warnings
+
+    torch.manual_seed(0)
+    m = cls(3, 4, 2, norm=norm, batch_first=True, bidirectional=True)
+    m(torch.randn(6, 5, 3))  # running statistics to evaluate with
+    m.eval()
+    ref = copy.deepcopy(m)
+    ref.force_loop = True
+    paths.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings about Python values it freezes
+        traced = torch.jit.trace(m, (torch.randn(2, 5, 3),), check_trace=False)
+    assert paths == (["torch"] if norm == "none" else ["loop"])  # torch ops, not the kernels' calls
+    torch.jit.save(traced, tmp_path / "m.pt")
+    loaded = torch.jit.load(tmp_path / "m.pt")
+    x = torch.randn(2, 5, 3)  # new values, the traced shape
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], ref(x)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [BNLSTM, BNGRU], ids=["LSTM", "GRU"])
+def test_torch_jit_trace_of_a_training_layer_with_batch_norm_is_refused(cls):
+    from bnlab.nn import BNLSTMCell
+
+    m = cls(3, 4, 1, norm="horizontal", batch_first=True)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record the running-statistics update.*\.eval\(\)"):
+        torch.jit.trace(m, (torch.randn(2, 5, 3),), check_trace=False)
+    assert int(m.norm_hh_l0.num_batches_tracked.sum()) == 0  # refused before any statistic moved
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record"):
+        torch.jit.trace(BNLSTMCell(3, 4, norm="per_timestep"), (torch.randn(2, 3),), check_trace=False)
+    # a layer without running statistics traces in training mode too
+    torch.jit.trace(cls(3, 4, 1, norm="layer", batch_first=True), (torch.randn(2, 5, 3),), check_trace=False)

@@ -106,6 +106,7 @@ _MIN_LAYERNORM_INPUT = 8
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_is_tracing = torch._C._is_tracing  # inside torch.jit.trace
 
 #: why torch.compile runs the layers eagerly (dynamo shows it where it cannot, e.g. fullgraph=True)
 _EAGER_UNDER_COMPILE = (
@@ -824,6 +825,17 @@ class _RecurrentCore(Module):
     #: "raise" (NonFiniteBatchError, no buffer moves) or "skip" (no buffer moves, no error)
     nonfinite: str = "raise"
 
+    def _check_trace(self) -> None:
+        """torch.jit.trace records torch ops; the running statistics are written after the forward,
+        from the batch statistics it collected, which no trace records: a traced training-mode layer
+        would never update them. Refused with a clear error instead."""
+        if self.training and _is_tracing() and any(isinstance(m, SequenceBatchNorm) for m in self.modules()):
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.jit.trace cannot record the running-statistics update of a layer "
+                f"with batch norm (norm={self.norm!r}) in training mode: the traced module would never update them. "
+                "Trace it in eval mode (.eval()), or use torch.compile / torch.export."
+            )
+
     def _check_norm(self, norm: str) -> None:
         if norm not in NORM_MODES:
             raise ValueError(f"{type(self).__name__}: norm must be one of {NORM_MODES} (got {norm!r})")
@@ -1029,6 +1041,7 @@ class _BNRNNBase(_RecurrentCore):
 
     def _forward(self, input, hx, lengths):
         name = type(self).__name__
+        self._check_trace()
         packed_in = isinstance(input, PackedSequence)
         unbatched = False
         sorted_idx = unsorted_idx = None
@@ -1116,8 +1129,8 @@ class _BNRNNBase(_RecurrentCore):
             return "loop"
         if self.norm == "none" and not self.record_grad_norms:
             return "torch"
-        if torch.compiler.is_compiling():  # torch ops all the way (compiled code cannot call numba)
-            return "loop"
+        if torch.compiler.is_compiling() or _is_tracing():  # torch ops all the way (compiled code cannot call
+            return "loop"  # numba; torch.jit.trace records torch ops only)
         fused = data.is_cpu and data.dtype in _FUSED_DTYPES
         if self.record_grad_norms:  # torch's kernels cannot give the gradient of each step's state
             return "fused" if fused else "loop"
@@ -1476,6 +1489,7 @@ class _BNCellBase(_RecurrentCore):
         """One step. ``step`` picks the per-step statistics (per_timestep); with "vertical" or
         "horizontal" a cell sees one step, so its input statistics are over this call's batch."""
         name = type(self).__name__
+        self._check_trace()
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             got = f"{input.dim()}D input" if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"{name}: expected 1D (unbatched) or 2D (B, F) input (got {got})")
