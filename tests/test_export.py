@@ -138,6 +138,28 @@ def test_jit_trace_in_training_raises_one_clear_error_naming_the_alternatives():
     assert "torch.compile" in msg and "torch.export" in msg and "model.eval()" in msg
 
 
+@pytest.mark.parametrize("layer, shape", [(lambda: bnn.GhostBatchNorm2d(3, virtual_batch_size=2), (4, 3, 5, 5)),
+                                          (lambda: bnn.MaskedBatchNorm1d(3), (4, 3, 6)),
+                                          (lambda: bnn.BatchRenorm2d(3), (4, 3, 5, 5))],
+                         ids=["GhostBatchNorm2d", "MaskedBatchNorm1d", "BatchRenorm2d"])
+def test_jit_trace_of_the_other_layers_in_training_raises_the_same_error_and_moves_no_buffer(layer, shape):
+    # (a ghost batch norm raised a TypeError from inside its split; a masked one traced and its
+    # traced module never updated the running statistics)
+    m = layer()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record bnlab's batch norm in training mode"):
+        torch.jit.trace(m, torch.randn(*shape), check_trace=False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    m.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tm = torch.jit.trace(m, torch.randn(*shape) + 1, check_trace=False)
+    x = torch.randn(*shape) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(tm(x), m(x))
+
+
 @pytest.mark.parametrize("layer", [lambda: bnn.BatchNorm2d(8), lambda: bnn.MaskedBatchNorm1d(8),
                                    lambda: bnn.SequenceBatchNorm(8, max_steps=5)],
                          ids=["BatchNorm2d", "MaskedBatchNorm1d", "SequenceBatchNorm"])

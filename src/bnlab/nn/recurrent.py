@@ -828,13 +828,9 @@ class _RecurrentCore(Module):
     def _check_trace(self) -> None:
         """torch.jit.trace records torch ops; the running statistics are written after the forward,
         from the batch statistics it collected, which no trace records: a traced training-mode layer
-        would never update them. Refused with a clear error instead."""
+        would never update them. Refused with the batch-norm layers' error instead."""
         if self.training and _is_tracing() and any(isinstance(m, SequenceBatchNorm) for m in self.modules()):
-            raise RuntimeError(
-                f"{type(self).__name__}: torch.jit.trace cannot record the running-statistics update of a layer "
-                f"with batch norm (norm={self.norm!r}) in training mode: the traced module would never update them. "
-                "Trace it in eval mode (.eval()), or use torch.compile / torch.export."
-            )
+            raise RuntimeError(_kernels.trace_training_error(type(self).__name__))
 
     def _check_norm(self, norm: str) -> None:
         if norm not in NORM_MODES:
