@@ -201,9 +201,16 @@ def _member_names(kind: str, l: int, d: int) -> tuple[str, ...]:
     return (f"norm_ih_{s}", f"norm_hh_{s}", f"norm_c_{s}")
 
 
+def _cached(fn):
+    """``fn`` (an lru_cache) or, while dynamo traces, the function it wraps: dynamo ignores the cache
+    and warns of it at every trace."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
+
+
 def _lstm_perm(hidden_size: int, device=None) -> Tensor:
     """Row order (i, f, o, g) from torch's (i, f, g, o); its own inverse (cached: do not modify)."""
-    return _perm_cached(hidden_size, torch.device(device) if device is not None else torch.device("cpu"))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _cached(_perm_cached)(hidden_size, dev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,10 +979,10 @@ class _BNRNNBase(_RecurrentCore):
 
     def _weights(self, l: int, d: int = 0):
         """``(w_ih, w_hh, b_ih, b_hh, w_hr)`` of layer l, direction d (None where absent)."""
-        return tuple(self._member(n) for n in _member_names("weight", l, d))
+        return tuple(self._member(n) for n in _cached(_member_names)("weight", l, d))
 
     def _norms(self, l: int, d: int = 0):
-        return tuple(self._member(n) for n in _member_names("norm", l, d))
+        return tuple(self._member(n) for n in _cached(_member_names)("norm", l, d))
 
     def _member(self, name: str):
         """A parameter or submodule by name, None where the layer has none (a dict lookup in the common
