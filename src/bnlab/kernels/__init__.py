@@ -72,7 +72,7 @@ from . import cpu
 
 __all__ = [
     "NonFiniteBatchError", "update_buffers", "commit_running_stats", "uses_bnlab_kernel", "needs_reference",
-    "batch_norm_train", "batch_norm_eval", "trace_training_error", "script_error",
+    "batch_norm_train", "batch_norm_eval", "trace_training_error", "refuse_training_trace", "script_error",
 ]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -89,6 +89,13 @@ def trace_training_error(name: str) -> str:
     return (f"{name}: torch.jit.trace cannot record bnlab's batch norm in training mode (the kernels are numba code "
             "outside TorchScript, and the running-statistics update is Python a trace would freeze). Use "
             f"{_ALTERNATIVES}; or trace the model in eval mode (model.eval()), which records torch's eval batch norm.")
+
+
+def refuse_training_trace(name: str) -> None:
+    """Inside torch.jit.trace (not torch.compile), raise :func:`trace_training_error`: for a
+    training-mode layer whose running-statistics update is Python no trace records."""
+    if _is_tracing() and not torch.compiler.is_compiling():
+        raise RuntimeError(trace_training_error(name))
 
 
 def script_error(name: str) -> str:
@@ -402,8 +409,7 @@ def batch_norm_train(
     if torch.compiler.is_compiling():
         return _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                nonfinite, name)
-    if _is_tracing():
-        raise RuntimeError(trace_training_error(name))
+    refuse_training_trace(name)
     if _dual_level_open() or _transforms_active():
         return _reference_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                 nonfinite, name)

@@ -210,8 +210,7 @@ class MaskedBatchNorm1d(_NormBase):
         if not use_batch_stats:
             y = kernels.batch_norm_eval(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
             return ref.mask_out(y, mask)
-        if kernels._is_tracing() and not torch.compiler.is_compiling():  # the update below is Python
-            raise RuntimeError(kernels.trace_training_error(type(self).__name__))  # no trace records
+        kernels.refuse_training_trace(type(self).__name__)  # the update below is Python no trace records
         if kernels.needs_reference():  # forward AD / torch.func: the reference math, which torch differentiates
             y, mean, _, var, count = ref.batch_norm_forward(x, self.weight, self.bias, self.eps, mask)
             y, mean, var = ref.mask_out(y, mask), mean.detach(), var.detach()

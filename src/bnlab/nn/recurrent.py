@@ -105,9 +105,6 @@ _TORCH_CELL = {"GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell, "RNN_RELU
 _MIN_LAYERNORM_INPUT = 8
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-_is_tracing = torch._C._is_tracing  # inside torch.jit.trace
-
 #: why torch.compile runs the layers eagerly (dynamo shows it where it cannot, e.g. fullgraph=True)
 _EAGER_UNDER_COMPILE = (
     "bnlab's BNLSTM / BNGRU / BNRNN run eagerly under torch.compile, at a graph break, as torch's own "
@@ -123,7 +120,7 @@ def _traces_loop() -> bool:
     """Whether a compiler tracing the layer gets its torch-ops time loop: under torch.export (one
     whole graph), or with ``torch._dynamo.config.allow_rnn`` set (the switch torch's own recurrent
     layers follow). Otherwise torch.compile runs the layer eagerly (:func:`_run_eagerly`)."""
-    if _is_exporting():
+    if _kernels._is_exporting():
         return True
     from torch._dynamo import config as dynamo_config
 
@@ -836,8 +833,9 @@ class _RecurrentCore(Module):
         """torch.jit.trace records torch ops; the running statistics are written after the forward,
         from the batch statistics it collected, which no trace records: a traced training-mode layer
         would never update them. Refused with the batch-norm layers' error instead."""
-        if self.training and _is_tracing() and any(isinstance(m, SequenceBatchNorm) for m in self.modules()):
-            raise RuntimeError(_kernels.trace_training_error(type(self).__name__))
+        if self.training and _kernels._is_tracing() and any(isinstance(m, SequenceBatchNorm)
+                                                             for m in self.modules()):
+            _kernels.refuse_training_trace(type(self).__name__)
 
     def _check_norm(self, norm: str) -> None:
         if norm not in NORM_MODES:
@@ -1095,7 +1093,6 @@ class _BNRNNBase(_RecurrentCore):
         self._grad_norm_sources = []
         if path == "torch":
             self.hidden_states = []  # (record_hidden: no step ran a loop; nothing of an earlier call stays)
-        if path == "torch":
             out, hn, cn = self._torch_forward(data, batch_sizes, h0, c0, B)
         else:
             updates: list = []
@@ -1132,8 +1129,8 @@ class _BNRNNBase(_RecurrentCore):
             return "loop"
         if self.norm == "none" and not self.record_grad_norms:
             return "torch"
-        if torch.compiler.is_compiling() or _is_tracing():  # torch ops all the way (compiled code cannot call
-            return "loop"  # numba; torch.jit.trace records torch ops only)
+        if torch.compiler.is_compiling() or _kernels._is_tracing():  # torch ops all the way (compiled
+            return "loop"  # code cannot call numba; torch.jit.trace records torch ops only)
         fused = data.is_cpu and data.dtype in _FUSED_DTYPES
         if self.record_grad_norms:  # torch's kernels cannot give the gradient of each step's state
             return "fused" if fused else "loop"

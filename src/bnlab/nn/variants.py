@@ -103,8 +103,7 @@ class _GhostBatchNorm(_BatchNorm):
         n, s = input.shape[0], self.virtual_batch_size
         if not self.training or n <= s:
             return super().forward(input)
-        if kernels._is_tracing() and not torch.compiler.is_compiling():  # the update below is Python
-            raise RuntimeError(kernels.trace_training_error(type(self).__name__))  # no trace records
+        kernels.refuse_training_trace(type(self).__name__)  # the update below is Python no trace records
         BF.check_batch_norm_input(input, self.running_mean, self.running_var, self.weight, self.bias, True,
                                   type(self).__name__)
         full, tail = divmod(n, s)
