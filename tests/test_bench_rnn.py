@@ -32,3 +32,23 @@ def test_the_suite_reports_every_mode_with_its_band_and_the_issue_targets(monkey
     table = BR.format_table(res)
     assert "order alternating" in table and "noise band" in table
     assert sum(line.count("[") for line in table.splitlines()[2:]) == len(rows)
+
+
+def test_status_tells_a_miss_from_noise_and_never_counts_noise_as_met():
+    assert BR.status(0.80, [0.75, 0.85], 0.77) == "ok"
+    assert BR.status(0.77, [0.70, 0.74], 0.77) == "ok"  # the median on the bar: met
+    assert BR.status(0.99, [0.96, 1.05], 1.0) == "within noise"
+    assert BR.status(0.75, [0.70, 0.77], 0.77) == "within noise"
+    assert BR.status(0.67, [0.64, 0.71], 0.77) == "MISSED"
+    assert BR.status(0.67, None, 0.77) == "MISSED"
+    assert BR.status(0.5, [0.4, 0.6], None) is None
+
+
+def test_the_table_prints_each_rows_status(monkeypatch):
+    rows = [{"kind": "LSTM", "shape": "s", "lengths": "equal", "name": f"BNLSTM {n}", "norm": n, "ms": 1.0,
+             "torch_ms": 1.0, "ratio": r, "ratio_iqr": band, "target": BR.TARGETS[n], "ok": r >= 1 / BR.TARGETS[n]}
+            for n, r, band in (("none", 0.99, [0.96, 1.05]), ("vertical", 0.95, [0.9, 1.0]),
+                               ("layer", 0.6, [0.55, 0.65]))]
+    table = BR.format_table({"threads": 2, "repeats": 20, "rows": rows}).splitlines()
+    assert table[-3].endswith(">=1.00 within noise") and table[-2].endswith(">=0.91 ok")
+    assert table[-1].endswith(">=0.77 MISSED")

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 import bnlab
+from .bench_rnn import status
 
 __all__ = ["run_models_suite", "format_rows", "resnet", "mlp", "lstm_classifier", "BARS", "CONFIGS"]
 
@@ -230,7 +231,8 @@ def _has_fused() -> bool:
 
 def run_models_suite(args, progress=None) -> dict:
     """Time every (model, configuration); returns ``{"repeats", "rows": [...]}`` with one row per pair:
-    ``{"model", "config", "torch_ms", "bnlab_ms", "ratio", "compile_s", "bar", "ok", "skipped"}``."""
+    ``{"model", "config", "torch_ms", "bnlab_ms", "ratio", "compile_s", "bar", "ok", "status", "skipped"}``
+    (``status``: ok, within noise or MISSED, as :func:`bnlab.bench_rnn.status`)."""
     quick = bool(getattr(args, "quick", False))
     repeats = 3 if quick else max(15, int(getattr(args, "repeats", 15) or 15))
     warmup = 1 if quick else 3
@@ -258,7 +260,8 @@ def run_models_suite(args, progress=None) -> dict:
             rows.append({"model": label, "config": config, "torch_ms": sec_t * 1e3, "bnlab_ms": sec_b * 1e3,
                          "ratio": speed, "ratio_iqr": list(band), "compile_s": None if config != "compile" else
                          {"torch": a.compile_s, "bnlab": b.compile_s},
-                         "bar": bar, "ok": None if bar is None or quick else speed >= bar})
+                         "bar": bar, "ok": None if bar is None or quick else speed >= bar,
+                         "status": None if bar is None or quick else status(speed, band, bar)})
             del a, b, ref, ours
             if config == "compile":
                 torch._dynamo.reset()
@@ -278,8 +281,8 @@ def format_rows(result: dict) -> list[tuple]:
             continue
         band = r.get("ratio_iqr")
         band = "-" if not band else f"{band[0]:.2f}-{band[1]:.2f}"
-        bar = "" if r["bar"] is None else (f">= {r['bar']:.2f} " + ("" if r["ok"] is None else
-                                                                   ("ok" if r["ok"] else "MISSED")))
+        st = r.get("status") or (None if r["ok"] is None else status(r["ratio"], r.get("ratio_iqr"), r["bar"]))
+        bar = "" if r["bar"] is None else (f">= {r['bar']:.2f} " + (st or ""))
         comp = r.get("compile_s")
         note = "" if not comp else f"compile {comp['torch']:.1f} s / {comp['bnlab']:.1f} s"
         out.append((r["model"], r["config"], f"{r['torch_ms']:.2f}", f"{r['bnlab_ms']:.2f}", f"{r['ratio']:.2f}",
