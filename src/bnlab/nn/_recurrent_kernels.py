@@ -1011,7 +1011,8 @@ def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wr
         _copy_part(h0, 0, Hbuf[0], 0, 0, B, 0, P, 0, 1, B)
         if lstm:
             _copy_part(c0, 0, Cs, 0, 0, B, 0, H, 0, 1, B)
-    for th in prange(nt):
+    for tid in prange(nt):
+        th = np.int64(tid)  # (see _backward_loop's)
         cur = 0 if rev else B
         for k in range(T):
             t = T - 1 - k if rev else k
@@ -1393,22 +1394,28 @@ def _backward_loop(nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w
         _copy_part(dhn, 0, DHs, 0, 0, B, 0, P, 0, 1, B)
         if lstm:
             _copy_part(dcn, 0, DCs, 0, 0, B, 0, H, 0, 1, B)
-    for th in prange(nt):
-        bp = B if rev else 0
-        op = 0
+    # the step functions are called with one type per argument wherever they are called (numba compiles a
+    # callee once per signature, a few seconds to a few tens each): the thread index as int64 (prange's
+    # is uint64 inside the parallel launch and int64 in the serial twin), no literal constants
+    # (numba types a constant argument as a Literal, a signature of its own)
+    zero = np.int64(0)
+    for tid in prange(nt):
+        th = np.int64(tid)
+        bp = B if rev else zero
+        op = zero
         for k in range(T):
             t = k if rev else T - 1 - k
             b = bs[t]
             o0 = off[t]
-            _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, False, th, nt, RB, th, dout, or0,
+            _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, np.bool_(False), th, nt, RB, th, dout, or0,
                       ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
             _bwd_body(cell, H, P, t, b, o0, th, nt, RB, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
                       ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], PB, k % 2,
                       bar)
             bp = b
             op = o0
-        _bwd_head(cell, rev, H, P, 0, 0, 0, bp, op, True, True, th, nt, RB, th, dout, or0, ors,
-                  dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+        _bwd_head(cell, rev, H, P, zero, zero, zero, bp, op, np.bool_(True), np.bool_(True), th, nt, RB, th, dout,
+                  or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
 
 def _weight_grad_loop(nt, D, X, out):
     """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
