@@ -250,6 +250,10 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
 
 # ------------------------------------------------------------------------------------------------
 # exp, sigmoid, tanh that vectorize (float64, ~1e-16 relative)
+#
+# Each a compiled function of its own, which LLVM inlines into the loops that call it (and then
+# vectorizes); numba's own always-inline would inline and type the whole chain (tanh -> exp -> the
+# polynomial) again at each of the dozens of call sites: about 10 s more to compile a forward.
 
 @intrinsic
 def _i2f(typingctx, i):
@@ -278,7 +282,7 @@ _ROUND = 6755399441055744.0  # 1.5 * 2**52: x + _ROUND - _ROUND rounds x to an i
 _SMALL = 0.17328679513998632  # |x| below which tanh uses expm1(-2|x|) directly
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _expm1_poly(r):
     """``exp(r) - 1`` for ``|r| <= ln(2) / 2``: Taylor to degree 13 (truncation < 2e-16)."""
     p = 1.0 / 6227020800.0
@@ -296,7 +300,7 @@ def _expm1_poly(r):
     return (p * r) * r + r
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _exp(x):
     x = -708.0 if x < -708.0 else x  # comparisons are false for nan: nan passes through
     x = 709.0 if x > 709.0 else x
@@ -307,12 +311,12 @@ def _exp(x):
     return s + s * _expm1_poly(r)
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _sigmoid(x):
     return 1.0 / (1.0 + _exp(-x))
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _tanh(x):
     a = abs(x)
     u = -2.0 * a
@@ -354,7 +358,7 @@ _LO32, _HI32, _SMALL32 = _F(-87.0), _F(88.0), _F(_SMALL)
 _ONE32, _TWO32, _ZERO32 = _F(1.0), _F(2.0), _F(0.0)
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _expm1_poly32(r):
     p = _E7
     p = p * r + _E6
@@ -365,7 +369,7 @@ def _expm1_poly32(r):
     return (p * r) * r + r
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _exp32(x):
     x = _LO32 if x < _LO32 else x
     x = _HI32 if x > _HI32 else x
@@ -376,12 +380,12 @@ def _exp32(x):
     return s + s * _expm1_poly32(r)
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _sigmoid32(x):
     return _ONE32 / (_ONE32 + _exp32(-x))
 
 
-@njit(inline="always")
+@njit(**_OPTS)
 def _tanh32(x):
     a = abs(x)
     u = -_TWO32 * a
@@ -503,11 +507,9 @@ def _dots(dy, g, xh, n):
 # Hot loops index 2-D arrays with unsigned indices (``X[r, k]``, r and k ``uint64``): no views are
 # made per row or segment (numba counts the references of every view with atomic operations, which
 # dominated these loops), and numba's negative-index wraparound, which keeps LLVM from vectorizing,
-# does not apply to unsigned indices. ``_u`` converts; uint64 arithmetic stays uint64.
-
-@njit(inline="always")
-def _u(i):
-    return np.uint64(i)
+# does not apply to unsigned indices. ``np.uint64(i)`` converts (written out: an always-inlined helper is
+# inlined and typed again at every one of its call sites, which cost seconds of compilation); uint64
+# arithmetic stays uint64.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -629,14 +631,14 @@ def team_size(nt: int) -> int:
 def _copy_part(src, s0, dst, d0, lo, hi, c0, c1, rth, rnt, RB):
     """Rows ``lo <= i < hi`` of the thread's row blocks, columns ``c0 <= j < c1``:
     ``dst[d0 + i, j] = src[s0 + i, j]``."""
-    n = _u(c1 - c0)
-    cu = _u(c0)
+    n = np.uint64(c1 - c0)
+    cu = np.uint64(c0)
     for blk in range(lo // RB, (hi + RB - 1) // RB):
         if blk % rnt != rth:
             continue
         for i in range(max(lo, blk * RB), min(hi, blk * RB + RB)):
-            si = _u(s0 + i)
-            di = _u(d0 + i)
+            si = np.uint64(s0 + i)
+            di = np.uint64(d0 + i)
             for j in range(n):
                 k = cu + j
                 dst[di, k] = src[si, k]
@@ -679,13 +681,13 @@ def _prep_channels(C, t, site, M, S):
     kind = kinds[t]
     if kind == ROW or kind == BATCH:
         return
-    Cu = _u(C)
+    Cu = np.uint64(C)
     if kind == NONE:
         for k in range(Cu):
             M[k] = 0.0
             S[k] = gamma[k]
         return
-    tt = _u(t)
+    tt = np.uint64(t)
     for k in range(Cu):
         M[k] = fmean[tt, k]
         S[k] = finv[tt, k] * gamma[k]
@@ -703,7 +705,7 @@ def _prep_row(V, r, C, site, r_idx, M, S):
     rv = 1.0 / np.sqrt(max(sq / C - d * d, 0.0) + site[5])
     site[8][r_idx] = rv
     site[11][r_idx] = mu
-    for j in range(_u(C)):
+    for j in range(np.uint64(C)):
         M[j] = mu
         S[j] = rv * gamma[j]
 
@@ -717,17 +719,17 @@ def _part_sums(V, v0, vs, b, C, t, site, PBs, rth, rnt, RB):
     if site[0][t] != BATCH:
         return
     nb = (b + RB - 1) // RB
-    Cu = _u(C)
+    Cu = np.uint64(C)
     for blk in range(rth, nb, rnt):
         i0 = blk * RB
         s1 = PBs[0, blk]
         s2 = PBs[1, blk]
-        f = _u(v0 + i0 * vs)
+        f = np.uint64(v0 + i0 * vs)
         for j in range(Cu):
             s1[j] = 0.0
             s2[j] = 0.0
         for i in range(i0, min(i0 + RB, b)):
-            r = _u(v0 + i * vs)
+            r = np.uint64(v0 + i * vs)
             for j in range(Cu):
                 d = np.float64(V[r, j]) - np.float64(V[f, j])
                 s1[j] += d
@@ -747,14 +749,14 @@ def _comb_stats(V, v0, vs, b, C, t, site, PBs, RB, M, S, write):
         _prep_channels(C, t, site, M, S)
         return
     nb = (b + RB - 1) // RB
-    Cu = _u(C)
+    Cu = np.uint64(C)
     n = 0.0
     for blk in range(nb):
         i0 = blk * RB
         nq = np.float64(min(i0 + RB, b) - i0)
         s1 = PBs[0, blk]
         s2 = PBs[1, blk]
-        f = _u(v0 + i0 * vs)
+        f = np.uint64(v0 + i0 * vs)
         if blk == 0:
             for j in range(Cu):
                 d = s1[j] / nq
@@ -769,7 +771,7 @@ def _comb_stats(V, v0, vs, b, C, t, site, PBs, RB, M, S, write):
                 M[j] += delta * w1
                 S[j] += (s2[j] - s1[j] * d) + delta * delta * w2
         n += nq
-    tt = _u(t)
+    tt = np.uint64(t)
     for j in range(Cu):
         v = max(S[j] / b, 0.0)
         iv = 1.0 / np.sqrt(v + eps)
@@ -786,7 +788,7 @@ def _flush(s1, s2, PBs, blk, C):
     and ``s1``, ``s2`` zeroed for the next block."""
     d1 = PBs[0, blk]
     d2 = PBs[1, blk]
-    for j in range(_u(C)):
+    for j in range(np.uint64(C)):
         d1[j] = s1[j]
         d2[j] = s2[j]
         s1[j] = 0.0
@@ -796,7 +798,7 @@ def _flush(s1, s2, PBs, blk, C):
 @njit(inline="always")
 def _sum_blocks(PBs, nb, C, s1, s2):
     """The step's backward sums: the ``nb`` blocks' sums (:func:`_flush`) added in block order."""
-    Cu = _u(C)
+    Cu = np.uint64(C)
     for j in range(Cu):
         s1[j] = 0.0
         s2[j] = 0.0
@@ -859,22 +861,22 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
     bx = sx[2]
     bh = sh[2]
     x0t = xr0[t]
-    Hu = _u(H)
+    Hu = np.uint64(H)
     H2, H3 = Hu + Hu, Hu + Hu + Hu
     z = Yx[0, 0] - Yx[0, 0]  # a scalar of the data dtype (for _rnd)
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
-            iu = _u(i)
-            oi = _u(o0 + i)
-            xr = _u(x0t + i * xrs)
-            ar = _u(a0 + i)
+            iu = np.uint64(i)
+            oi = np.uint64(o0 + i)
+            xr = np.uint64(x0t + i * xrs)
+            ar = np.uint64(a0 + i)
             if rowx:
                 _prep_row(xp, xr, G, sx, o0 + i, Mx, Sx)
             if rowh:
                 _prep_row(Ah, ar, G, sh, o0 + i, Mh, Sh)
             if cell == GRU:  # x and h stay apart: r, z = sig(x + h), n = tanh(x_n + r h_n)
                 for q in range(nq):
-                    c = _u(q * H)
+                    c = np.uint64(q * H)
                     for j in range(Hu):
                         k = c + j
                         Yx[iu, k] = (np.float64(xp[xr, k]) - Mx[k]) * Sx[k] + bx[k]
@@ -895,7 +897,7 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
                 continue
             # the pre-activation N_x(x) + N_h(h): each normalized tensor rounded to the data dtype, then their sum
             for q in range(nq):
-                c = _u(q * H)
+                c = np.uint64(q * H)
                 for j in range(Hu):
                     k = c + j
                     Yx[iu, k] = _rnd((np.float64(xp[xr, k]) - Mx[k]) * Sx[k] + bx[k], z) + \
@@ -936,8 +938,8 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
         bc = sc[2]
         for blk in range(rth, nb, rnt):
             for i in range(blk * RB, min(blk * RB + RB, b)):
-                iu = _u(i)
-                oi = _u(o0 + i)
+                iu = np.uint64(i)
+                oi = np.uint64(o0 + i)
                 if rowc:
                     _prep_row(cst, oi, H, sc, o0 + i, Mc, Sc)
                 if proj:
@@ -962,11 +964,11 @@ def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
 @njit(inline="always")
 def _copy_strided(src, i0, dst, q0, qs, i1, c0, c1):
     """``dst[q0 + i * qs, j] = src[i, j]`` for ``i0 <= i < i1``, ``c0 <= j < c1``."""
-    n = _u(c1 - c0)
-    cu = _u(c0)
+    n = np.uint64(c1 - c0)
+    cu = np.uint64(c0)
     for i in range(i0, i1):
-        si = _u(i)
-        di = _u(q0 + i * qs)
+        si = np.uint64(i)
+        di = np.uint64(q0 + i * qs)
         for j in range(n):
             k = cu + j
             dst[di, k] = src[si, k]
@@ -1042,7 +1044,7 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, t
     accumulate ``||dL/dh_t||^2`` into ``gn[th, t]``. ``final``: the last call, after every step
     (hands ``dh0``/``dc0`` their rows)."""
     G = w.shape[0]
-    Pu = _u(P)
+    Pu = np.uint64(P)
     lstm = cell == LSTM
     if pending:
         nbp = (bp + RB - 1) // RB
@@ -1051,7 +1053,7 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, t
             i1 = min(i0 + RB, bp)
             gemm(DA, (op + i0) * G, False, w, 0, Dd, i0 * P, i1 - i0, P, G, False)  # dh_{t} = DA W_hh
             for i in range(i0, i1):
-                iu = _u(i)
+                iu = np.uint64(i)
                 if cell == GRU:
                     for k in range(Pu):
                         DHs[iu, k] += Dd[iu, k]
@@ -1077,14 +1079,14 @@ def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, t
     ss = 0.0
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
-            iu = _u(i)
-            qi = _u(q0 + i * ors)
+            iu = np.uint64(i)
+            qi = np.uint64(q0 + i * ors)
             for k in range(Pu):
                 v = DHs[iu, k] + dout[qi, k]
                 DHs[iu, k] = v
                 ss += v * v
             if proj:
-                oi = _u(o0 + i)
+                oi = np.uint64(o0 + i)
                 for k in range(Pu):
                     Dd[iu, k] = DHs[iu, k]
                     DHP[oi, k] = DHs[iu, k]
@@ -1108,12 +1110,12 @@ def _bwd_fin(s1, s2, ga, dg, db, b, c, n, own):
 def _bwd_row(DY, dr, X, xr, r, mu, gamma, dgamma, dbeta, DX, xo, xh, C):
     """Layer norm's backward of one row (all ``C`` channels): row ``xo`` of DX, dgamma / dbeta
     accumulated (``xh``: scratch)."""
-    for j in range(_u(C)):
+    for j in range(np.uint64(C)):
         xh[j] = (np.float64(X[xr, j]) - mu) * r
     s1, s2 = _dots(DY[dr], gamma, xh, C)
     s1 /= C
     s2 /= C
-    for j in range(_u(C)):
+    for j in range(np.uint64(C)):
         dy = DY[dr, j]
         dgamma[j] += dy * xh[j]
         dbeta[j] += dy
@@ -1151,7 +1153,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
     """
     G = gates.shape[1]
     nq = G // H
-    Hu = _u(H)
+    Hu = np.uint64(H)
     H2, H3 = Hu + Hu, Hu + Hu + Hu
     lstm = cell == LSTM
     proj = P != H
@@ -1166,7 +1168,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
     x0t = xr0[t]
     nb = (b + RB - 1) // RB
     for q in range(nq):
-        c = _u(q * H)
+        c = np.uint64(q * H)
         for j in range(Hu):
             k = c + j
             s1x[k] = 0.0
@@ -1184,8 +1186,8 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
             if proj:
                 gemm(Dd, i0 * P, False, wr, 0, DMd, i0 * H, i1 - i0, H, P, False)  # dm = dh W_hr
             for i in range(i0, i1):
-                iu = _u(i)
-                oi = _u(o0 + i)
+                iu = np.uint64(i)
+                oi = np.uint64(o0 + i)
                 if proj:
                     for k in range(Hu):
                         og = np.float64(gates[oi, H3 + k])
@@ -1220,12 +1222,12 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
         if kc == BATCH:
             _barrier(bar, rnt)
             _sum_blocks(PB[par, 2], nb, H, s1c, s2c)
-            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, _u(0), Hu, rth == 0)
+            _bwd_fin(s1c, s2c, gc, dgc, dbc, b, np.uint64(0), Hu, rth == 0)
     # (2) the cell norm's dx, the gates (DP; DPh for the GRU's recurrent site), the two gate sites' sums
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
-            iu = _u(i)
-            oi = _u(o0 + i)
+            iu = np.uint64(i)
+            oi = np.uint64(o0 + i)
             if lstm:
                 if kc == BATCH:
                     for k in range(Hu):
@@ -1269,7 +1271,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                     dq2[k] = dnp * r
                     DHs[iu, k] = dh * z  # the direct path h_{t-1} -> h_t
                 for q in range(nq):
-                    c = _u(q * H)
+                    c = np.uint64(q * H)
                     for j in range(Hu):
                         k = c + j
                         dbh[k] += DPh[iu, k]
@@ -1280,13 +1282,13 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
             else:
                 for k in range(Hu):
                     DP[iu, k] = DHs[iu, k] if gates[oi, k] > 0.0 else 0.0
-            xr = _u(x0t + i * xrs)
+            xr = np.uint64(x0t + i * xrs)
             if kx == ROW:
                 _bwd_row(DP, iu, xp, xr, sx[8][o0 + i], sx[11][o0 + i], gx, dgx, dbx, dxp, xr, xh, G)
             if kh == ROW:
                 _bwd_row(DYh, iu, Ah, oi, sh[8][o0 + i], sh[11][o0 + i], gh, dgh, dscr, DA, oi, xh, G)
             for q in range(nq):
-                c = _u(q * H)
+                c = np.uint64(q * H)
                 if kx == BATCH:
                     for j in range(Hu):
                         k = c + j
@@ -1329,18 +1331,18 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
         if kh == BATCH:
             _sum_blocks(PB[par, 1], nb, G, s1h, s2h)
     for q in range(nq):
-        c = _u(q * H)
+        c = np.uint64(q * H)
         if kx == BATCH:
             _bwd_fin(s1x, s2x, gx, dgx, dbx, b, c, Hu, rth == 0)
         if kh == BATCH:
             _bwd_fin(s1h, s2h, gh, dgh, dscr, b, c, Hu, rth == 0)
     for blk in range(rth, nb, rnt):
         for i in range(blk * RB, min(blk * RB + RB, b)):
-            iu = _u(i)
-            oi = _u(o0 + i)
-            xr = _u(x0t + i * xrs)
+            iu = np.uint64(i)
+            oi = np.uint64(o0 + i)
+            xr = np.uint64(x0t + i * xrs)
             for q in range(nq):
-                c = _u(q * H)
+                c = np.uint64(q * H)
                 if kx == BATCH:
                     for j in range(Hu):
                         k = c + j
@@ -1471,7 +1473,7 @@ def moments(x, mu, mu_r, sigma, xc, xd):
     mirrored below the diagonal. One thread: the passes stream ``xd`` from memory, and a second
     thread made the call slower at every size tried (2560 x 64 to 20000 x 64 rows)."""
     N, F = x.shape
-    Fu = _u(F)
+    Fu = np.uint64(F)
     x0 = x[0]
     for j in range(Fu):
         mu[j] = 0.0
@@ -1512,8 +1514,8 @@ def _fold_rows_loop(nt, dxc, xc, M, Md, drows, cm):
         for k in range(F):
             dst[k] = 2.0 * src[k] / N
     for th in prange(nt):
-        k0 = _u(F * th // nt)
-        k1 = _u(F * (th + 1) // nt)
+        k0 = np.uint64(F * th // nt)
+        k1 = np.uint64(F * (th + 1) // nt)
         for k in range(k0, k1):
             cm[k] = 0.0
         for n in range(N):
