@@ -26,3 +26,26 @@ def test_activations_group_leaves_the_serial_switch_off():
 def test_one_group_from_the_command_line(capsys):
     warmup.main(["--only", "recurrent"])
     assert "bnlab recurrent kernels warm" in capsys.readouterr().out
+
+
+def test_float64_group_reaches_the_pool_kernels_and_leaves_the_switches_as_they_were():
+    assert warmup.warm_float64() >= 0
+    assert cpu._serial_only == cpu._forked_from_omp
+    x = torch.randn(64, 3, 8, 8, dtype=torch.float64)
+    pool = cpu.Thresholds(serial_below=0)
+    y, _, _ = cpu.forward_train(x, None, None, 1e-5, act="gelu", residual=None, thresholds=pool)
+    torch.testing.assert_close(y, torch.nn.functional.gelu(torch.nn.functional.batch_norm(
+        x, None, None, training=True)))
+
+
+def test_several_groups_from_the_command_line_run_in_order(capsys):
+    warmup.main(["--only", "float64", "fast"])
+    out = capsys.readouterr().out
+    assert out.index("bnlab float64 kernels warm") < out.index("bnlab fast kernels warm")
+
+
+def test_an_unknown_group_is_refused():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        warmup.main(["--only", "everything"])

@@ -11,24 +11,36 @@ the kernels' source) instead of compiling.
 
 Then the fused batch norm + activation kernels (:func:`bnlab.kernels.cpu.act_kernels`) that
 ``bnlab.nn.BatchNormAct*`` runs: relu (silu and gelu run torch's activation after the kernels' batch
-norm; their fused kernels compile on a first direct call), with and without a residual, float32 and float64, both layouts, training and eval
-(and a residual without an activation); of their serial twins only relu's in float32 (a forked
-child compiles the others on its first call of them, a few seconds each, once per cache).
+norm; their fused kernels are warmed in a group of their own), with and without a residual, float32
+and float64, both layouts, training and eval (and the forwards without an activation, called
+directly, with and without a residual); on the thread pool in float32 (float64: the float64
+group); of their serial twins only relu's in float32 (a forked child compiles the others on its
+first call of them, a few seconds each, once per cache).
 
-Then the small-call path's C++ extension (:mod:`bnlab.kernels.fast`, about 30 s of one core with a
-C++ compiler, in a process of its own beside the others): built once per source, torch and Python
-version; without a compiler it is skipped with a note and the numba kernels serve every call.
+Then the small-call path's C++ extension (:mod:`bnlab.kernels.fast`, about two minutes of one
+core with a C++ compiler beside the numba compiles, in a process of its own): built once per
+source, torch and Python version; without a compiler it is skipped with a note and the numba
+kernels serve every call.
 
-Then, unless ``--plain``: the other activations' fused kernels (silu, gelu) and the recurrent
-layers' whole-sequence kernels (:func:`warm_recurrent`, with the audit's stacked linear products of
-:mod:`bnlab.lab._stacked`, which run on the same matrix micro-kernel), the latter in a second
-process at the same time (``--jobs``, default 2: numba compiles on one core).
+Then, unless ``--plain``, three more groups:
+
+* ``activations``: the other activations' fused kernels (silu, gelu), both dtypes, on the pool
+  (float32) and as serial twins;
+* ``float64``: the fused kernels' float64 variants on the thread pool (every activation, with and
+  without a residual), which a float64 tensor above ``Thresholds.serial_below`` elements reaches;
+  in the extension's process, after its build;
+* ``recurrent``: the recurrent layers' whole-sequence kernels (:func:`warm_recurrent`, with the
+  audit's stacked linear products of :mod:`bnlab.lab._stacked`, which run on the same matrix
+  micro-kernel), in a second process (``--jobs``, default 2: numba compiles on one core).
+
+``--only GROUP...`` runs the named groups (kernels, activations, float64, recurrent, fast) in this
+process, in that order.
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
 any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took about 8
 minutes on the 2-core machines here (2026-12-03, a fresh clone: 471 s, the recurrent group 377 s of
-it in its own process, the C++ extension 113 s in a third); ``--plain`` stops after the plain
-kernels (about a minute).
+it in its own process, the C++ extension 113 s in a third; before the float64 group, whose kernels
+the test suite compiled instead); ``--plain`` stops after the plain kernels (about a minute).
 """
 
 from __future__ import annotations
@@ -60,8 +72,9 @@ def warmup(fused: bool = True) -> float:
         for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: compiled on first direct use)
             for dtype in (torch.float32, torch.float64):
                 _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
-        for dtype in (torch.float32, torch.float64):  # a residual without an activation: the forwards
-            _fused_pass(cpu, fused_shapes, "none", dtype, (True,))
+        for dtype in (torch.float32, torch.float64):  # without an activation: the forwards, called directly
+            # (a loaded C++ extension serves batch_norm's own training forward), with and without a residual
+            _fused_pass(cpu, fused_shapes, "none", dtype, (False, True))
         with _serial_kernels(cpu, True):
             _fused_pass(cpu, fused_shapes, "relu", torch.float32, (False, True))
     return time.perf_counter() - t0
@@ -103,13 +116,20 @@ def _pass(BF, shapes) -> None:
                 batch_stats(x.detach(), 1e-5)
 
 
-def _fused_pass(cpu, shapes, act, dtype, residuals) -> None:
+def _fused_pass(cpu, shapes, act, dtype, residuals, pool=None) -> None:
     """Every kernel of one activation and dtype: the compiled signature depends on the dtype and on
-    whether a residual is given, not on the shape within a layout or on the affine parameters."""
+    whether a residual is given, not on the shape within a layout or on the affine parameters.
+    ``pool``: run the pool's kernels too (default: float32 only; the float64 ones have their own
+    group, :func:`warm_float64`), or only them (``"only"``)."""
     # the small shapes plan serial: the pool's kernels are reached by planning every size parallel
-    # (float32 only: a parallel fused kernel takes long to compile, and float64 ones are rare)
-    pool = not cpu._serial_only and dtype == torch.float32
-    plans = (cpu.DEFAULT_THRESHOLDS, cpu.Thresholds(serial_below=0)) if pool else (cpu.DEFAULT_THRESHOLDS,)
+    if cpu._serial_only:  # a forked child: only the serial twins run
+        plans = (cpu.DEFAULT_THRESHOLDS,)
+    elif pool == "only":
+        plans = (cpu.Thresholds(serial_below=0),)
+    elif pool or (pool is None and dtype == torch.float32):
+        plans = (cpu.DEFAULT_THRESHOLDS, cpu.Thresholds(serial_below=0))
+    else:
+        plans = (cpu.DEFAULT_THRESHOLDS,)
     for shape, fmt in shapes:
         x = torch.randn(shape, dtype=dtype)
         if fmt is not None:
@@ -138,6 +158,20 @@ def warm_activations() -> float:
             for act in ("silu", "gelu"):
                 for dtype in (torch.float32, torch.float64):
                     _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
+    return time.perf_counter() - t0
+
+
+def warm_float64() -> float:
+    """The fused kernels' float64 variants on numba's thread pool (every activation, with and
+    without a residual, both layouts): a float64 tensor above ``Thresholds.serial_below`` elements
+    reaches them (the small ones run the serial twins the other groups warm)."""
+    from bnlab.kernels import cpu
+
+    t0 = time.perf_counter()
+    fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]
+    for act in ("relu", "silu", "gelu"):
+        _fused_pass(cpu, fused_shapes, act, torch.float64, (False, True), pool="only")
+    _fused_pass(cpu, fused_shapes, "none", torch.float64, (False, True), pool="only")
     return time.perf_counter() - t0
 
 
@@ -223,9 +257,11 @@ def warm_fast() -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bnlab.kernels.warmup", description=__doc__.splitlines()[0])
     p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels")
-    p.add_argument("--only", choices=("kernels", "activations", "recurrent", "fast"), default=None,
-                   help="one group: the batch-norm kernels (plain and relu-fused), the other activations' "
-                        "fused kernels, the recurrent layers' kernels, or the small-call C++ extension")
+    p.add_argument("--only", nargs="+", choices=tuple(_GROUPS), default=None, metavar="GROUP",
+                   help="these groups, in this order: kernels (the batch-norm kernels, plain and relu-fused), "
+                        "activations (the other activations' fused kernels), float64 (the fused kernels' "
+                        "float64 variants on the thread pool), recurrent (the recurrent layers' kernels), "
+                        "fast (the small-call C++ extension)")
     p.add_argument("--jobs", type=int, default=2,
                    help="processes compiling at once (numba compiles on one core; default: %(default)s)")
     a = p.parse_args(argv)
@@ -234,9 +270,8 @@ def main(argv=None) -> None:
         print(f"bnlab kernels warm ({warmup(fused=False):.1f} s)", flush=True)
         return
     if a.only is not None:
-        run = {"kernels": warmup, "activations": warm_activations, "recurrent": warm_recurrent,
-               "fast": warm_fast}[a.only]
-        print(f"bnlab {a.only} kernels warm ({run():.1f} s)", flush=True)
+        for group in a.only:
+            print(f"bnlab {group} kernels warm ({_GROUPS[group]():.1f} s)", flush=True)
         return
     t0 = time.perf_counter()
     if a.jobs > 1:  # the recurrent kernels (the longest group) in a second process, at the same time
@@ -244,21 +279,27 @@ def main(argv=None) -> None:
         import sys
 
         child = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "recurrent"])
-        ext = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "fast"])
+        # the extension's build (a C++ compiler on one core), then the float64 group
+        ext = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "fast", "float64"])
         try:
             warmup()
             warm_activations()
         finally:
-            ext.wait()  # a failed build has said so and is not fatal
+            if ext.wait() != 0:  # (a failed build has said so and is not fatal: this is the float64 group)
+                raise SystemExit(f"bnlab.kernels.warmup: the extension and float64 process failed (exit {ext.returncode})")
             if child.wait() != 0:
                 raise SystemExit(f"bnlab.kernels.warmup: the recurrent kernels' process failed (exit {child.returncode})")
     else:
         warm_fast()
         warmup()
         warm_activations()
+        warm_float64()
         warm_recurrent()
     print(f"bnlab kernels warm, every group ({time.perf_counter() - t0:.1f} s)", flush=True)
 
+
+_GROUPS = {"kernels": warmup, "activations": warm_activations, "float64": warm_float64, "recurrent": warm_recurrent,
+           "fast": warm_fast}
 
 if __name__ == "__main__":
     main()
