@@ -37,10 +37,11 @@ Then, unless ``--plain``, three more groups:
 process, in that order.
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
-any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took about 8
-minutes on the 2-core machines here (2026-12-03, a fresh clone: 471 s, the recurrent group 377 s of
-it in its own process, the C++ extension 113 s in a third; before the float64 group, whose kernels
-the test suite compiled instead); ``--plain`` stops after the plain kernels (about a minute).
+any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took about 9
+minutes on the 2-core machines here (2026-12-03, a fresh clone: 524 s, the recurrent group 464 s
+of it in its own process, the C++ extension 129 s and then the float64 group 247 s in a third;
+before the float64 group 471 s, and the test suite compiled those kernels itself, about 150 s on
+one core); ``--plain`` stops after the plain kernels (about a minute).
 """
 
 from __future__ import annotations
