@@ -70,7 +70,7 @@ def warmup(fused: bool = True) -> float:
             _pass(BF, shapes)
     if fused:
         fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]  # a rows and a columns kernel
-        for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: compiled on first direct use)
+        for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: the activations group)
             for dtype in (torch.float32, torch.float64):
                 _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
         for dtype in (torch.float32, torch.float64):  # without an activation: the forwards, called directly
