@@ -17,8 +17,8 @@ directly, with and without a residual); on the thread pool in float32 (float64: 
 group); of their serial twins only relu's in float32 (a forked child compiles the others on its
 first call of them, a few seconds each, once per cache).
 
-Then the small-call path's C++ extension (:mod:`bnlab.kernels.fast`, about two minutes of one
-core with a C++ compiler beside the numba compiles, in a process of its own): built once per
+Then the small-call path's C++ extension (:mod:`bnlab.kernels.fast`, about 40 s of one core alone
+with a C++ compiler, under two minutes beside the numba compiles, in a process of its own): built once per
 source, torch and Python version; without a compiler it is skipped with a note and the numba
 kernels serve every call.
 
@@ -37,9 +37,9 @@ Then, unless ``--plain``, three more groups:
 process, in that order.
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
-any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took about 9
-minutes on the 2-core machines here (2026-12-03, a fresh clone: 524 s, the recurrent group 464 s
-of it in its own process, the C++ extension 129 s and then the float64 group 247 s in a third;
+any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took 8-9
+minutes on the 2-core machines here (2026-12-03, a fresh clone: 504 s, the recurrent group 458 s
+of it in its own process, the C++ extension 103 s and then the float64 group 271 s in a third;
 before the float64 group 471 s, and the test suite compiled those kernels itself, about 150 s on
 one core); ``--plain`` stops after the plain kernels (about a minute).
 """
