@@ -259,7 +259,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bnlab.kernels.warmup", description=__doc__.splitlines()[0])
     p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels")
     p.add_argument("--only", nargs="+", choices=tuple(_GROUPS), default=None, metavar="GROUP",
-                   help="these groups, in this order: kernels (the batch-norm kernels, plain and relu-fused), "
+                   help="the named groups, in the order given: kernels (the batch-norm kernels, plain and relu-fused), "
                         "activations (the other activations' fused kernels), float64 (the fused kernels' "
                         "float64 variants on the thread pool), recurrent (the recurrent layers' kernels), "
                         "fast (the small-call C++ extension)")
