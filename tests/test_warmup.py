@@ -1,6 +1,7 @@
 """The kernel-cache warm-up (``python -m bnlab.kernels.warmup``): its groups run and leave the
 process's settings as they were."""
 
+import pytest
 import torch
 
 import bnlab.nn._projection as PR
@@ -45,7 +46,5 @@ def test_several_groups_from_the_command_line_run_in_order(capsys):
 
 
 def test_an_unknown_group_is_refused():
-    import pytest
-
     with pytest.raises(SystemExit):
         warmup.main(["--only", "everything"])

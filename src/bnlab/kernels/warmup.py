@@ -69,15 +69,14 @@ def warmup(fused: bool = True) -> float:
         with _serial_kernels(cpu, serial):
             _pass(BF, shapes)
     if fused:
-        fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]  # a rows and a columns kernel
         for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: the activations group)
             for dtype in (torch.float32, torch.float64):
-                _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
+                _fused_pass(cpu, act, dtype, (False, True))
         for dtype in (torch.float32, torch.float64):  # without an activation: the forwards, called directly
             # (a loaded C++ extension serves batch_norm's own training forward), with and without a residual
-            _fused_pass(cpu, fused_shapes, "none", dtype, (False, True))
+            _fused_pass(cpu, "none", dtype, (False, True))
         with _serial_kernels(cpu, True):
-            _fused_pass(cpu, fused_shapes, "relu", torch.float32, (False, True))
+            _fused_pass(cpu, "relu", torch.float32, (False, True))
     return time.perf_counter() - t0
 
 
@@ -117,21 +116,25 @@ def _pass(BF, shapes) -> None:
                 batch_stats(x.detach(), 1e-5)
 
 
-def _fused_pass(cpu, shapes, act, dtype, residuals, pool=None) -> None:
+_FUSED_SHAPES = (((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last))  # a rows and a columns kernel
+
+
+def _fused_pass(cpu, act, dtype, residuals, pool_only: bool = False) -> None:
     """Every kernel of one activation and dtype: the compiled signature depends on the dtype and on
     whether a residual is given, not on the shape within a layout or on the affine parameters.
-    ``pool``: run the pool's kernels too (default: float32 only; the float64 ones have their own
-    group, :func:`warm_float64`), or only them (``"only"``)."""
+    The pool's kernels run too in float32 (the float64 ones have their own group,
+    :func:`warm_float64`); ``pool_only``: only them."""
     # the small shapes plan serial: the pool's kernels are reached by planning every size parallel
+    pool = cpu.Thresholds(serial_below=0)
     if cpu._serial_only:  # a forked child: only the serial twins run
         plans = (cpu.DEFAULT_THRESHOLDS,)
-    elif pool == "only":
-        plans = (cpu.Thresholds(serial_below=0),)
-    elif pool or (pool is None and dtype == torch.float32):
-        plans = (cpu.DEFAULT_THRESHOLDS, cpu.Thresholds(serial_below=0))
+    elif pool_only:
+        plans = (pool,)
+    elif dtype == torch.float32:
+        plans = (cpu.DEFAULT_THRESHOLDS, pool)
     else:
         plans = (cpu.DEFAULT_THRESHOLDS,)
-    for shape, fmt in shapes:
+    for shape, fmt in _FUSED_SHAPES:
         x = torch.randn(shape, dtype=dtype)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
@@ -153,12 +156,11 @@ def warm_activations() -> float:
     from bnlab.kernels import cpu
 
     t0 = time.perf_counter()
-    fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]
     for serial in (False, True):
         with _serial_kernels(cpu, serial):
             for act in ("silu", "gelu"):
                 for dtype in (torch.float32, torch.float64):
-                    _fused_pass(cpu, fused_shapes, act, dtype, (False, True))
+                    _fused_pass(cpu, act, dtype, (False, True))
     return time.perf_counter() - t0
 
 
@@ -169,10 +171,9 @@ def warm_float64() -> float:
     from bnlab.kernels import cpu
 
     t0 = time.perf_counter()
-    fused_shapes = [((4, 3, 5, 5), None), ((4, 3, 5, 5), torch.channels_last)]
     for act in ("relu", "silu", "gelu"):
-        _fused_pass(cpu, fused_shapes, act, torch.float64, (False, True), pool="only")
-    _fused_pass(cpu, fused_shapes, "none", torch.float64, (False, True), pool="only")
+        _fused_pass(cpu, act, torch.float64, (False, True), pool_only=True)
+    _fused_pass(cpu, "none", torch.float64, (False, True), pool_only=True)
     return time.perf_counter() - t0
 
 
