@@ -1,5 +1,5 @@
 """The fused recurrent kernels on several threads: the same numbers as on one thread, the thread
-count following ``torch.set_num_threads``, a forked child on the serial twins; and the per-step
+count following ``torch.set_num_threads``, a forked child on the calling thread; and the per-step
 gradient norms the layers record (``record_grad_norms``) on the fused path and on the loop."""
 
 import copy
@@ -149,20 +149,42 @@ def test_small_layers_stay_on_one_thread(torch_threads):
 @needs_two
 def test_the_launch_runs_on_the_requested_threads_and_puts_numba_back(monkeypatch, torch_threads):
     seen = []
-    par = rk._forward_par
+    launch = rk._team_launch
 
     class Spy:
-        def __call__(self, nt, *args):
+        def __call__(self, addr, nt, err, *args):
             seen.append((nt, numba.get_num_threads()))
-            return par(nt, *args)
+            return launch(addr, nt, err, *args)
 
-    monkeypatch.setattr(rk, "_forward_par", Spy())
+    monkeypatch.setattr(rk, "_team_launch", Spy())
     monkeypatch.setattr(R, "_PARALLEL_FROM", 0)
     torch_threads(TWO)
     before = numba.get_num_threads()
     BNLSTM(9, 24, batch_first=True, norm="per_timestep")(torch.randn(8, 4, 9))
     assert seen and all(s == (TWO, TWO) for s in seen)
     assert numba.get_num_threads() == before
+
+
+@numba.njit(nogil=True)
+def _tag_body(th, nt, out, bad):
+    out[th] = th * 10 + nt
+    if th == bad:
+        raise ValueError("the bad thread")
+
+
+@needs_two
+def test_a_team_runs_each_part_once_and_reports_a_part_that_raised(torch_threads):
+    torch_threads(TWO)
+    out = np.full(TWO, -1, np.int64)
+    rk.team(_tag_body, TWO, (out, -1))  # on numba's pool: each part called once, with its index
+    assert out.tolist() == [th * 10 + TWO for th in range(TWO)]
+    one = np.full(1, -1, np.int64)
+    rk.team(_tag_body, 1, (one, -1))  # one thread: the body on the calling thread
+    assert one.tolist() == [1]
+    with pytest.raises(ValueError, match="the bad thread"):
+        rk.team(_tag_body, 1, (one, 0))
+    with pytest.raises(RuntimeError, match="_tag_body raised on 1 of its"):
+        rk.team(_tag_body, TWO, (out, TWO - 1))
 
 
 def _fused_in_child(threads):
@@ -175,7 +197,7 @@ def _fused_in_child(threads):
 
 @needs_two
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
-def test_a_forked_child_runs_the_fused_layers_on_the_serial_twins(monkeypatch, torch_threads):
+def test_a_forked_child_runs_the_fused_layers_on_its_own_thread(monkeypatch, torch_threads):
     monkeypatch.setattr(R, "_PARALLEL_FROM", 0)  # inherited by the fork
     want, serial, _ = _fused_in_child(TWO)  # the parent, on numba's pool (started)
     assert not serial and numba.np.ufunc.parallel._is_initialized

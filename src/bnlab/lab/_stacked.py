@@ -18,57 +18,53 @@ likewise the output (``yo``, ``yr``). :func:`stacked_matmul` is the autograd fun
 from __future__ import annotations
 
 import torch
-from numba import prange
+from numba import njit
 from torch import Tensor
 
 from ..kernels import cpu as _cpu
-from ..nn._recurrent_kernels import _launch, _twins, gemm
+from ..nn._recurrent_kernels import _OPTS, gemm, team
 
 __all__ = ["stacked_matmul", "serves"]
 
 
-def _forward_loop(nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
-    """``Y_g = X_g @ W[g]`` for every member: X_g the ``N x K`` block at flat offset ``g * xo`` (rows
-    ``g * xr`` further down when members come first), Y_g likewise; W ``(G, K, M)``."""
-    for g in prange(G):
+@njit(**_OPTS)
+def _forward_part(th, nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
+    """``Y_g = X_g @ W[g]`` for thread ``th``'s members (of ``nt`` threads): X_g the ``N x K`` block at
+    flat offset ``g * xo`` (rows ``g * xr`` further down when members come first), Y_g likewise; W
+    ``(G, K, M)``."""
+    for g in range(G * th // nt, G * (th + 1) // nt):
         gemm(X, g * xo + g * xr * X.shape[1], False, W[g], 0, Y, g * yo + g * yr * Y.shape[1], N, M, K, False)
 
 
-def _input_grad_loop(nt, DY, yo, yr, WT, DX, xo, xr, G, N, K, M, shared):
-    """``dX_g = dY_g @ W[g]^T`` (``WT`` = W transposed, ``(G, M, K)``); a shared input sums the
-    members' gradients (in member order, serially: one accumulating product per member)."""
+@njit(**_OPTS)
+def _input_grad_part(th, nt, DY, yo, yr, WT, DX, xo, xr, G, N, K, M, shared):
+    """``dX_g = dY_g @ W[g]^T`` (``WT`` = W transposed, ``(G, M, K)``) for thread ``th``'s members; a
+    shared input sums the members' gradients (in member order, one accumulating product per member:
+    :func:`_run` gives it one thread)."""
     if shared:
         for g in range(G):
             gemm(DY, g * yo + g * yr * DY.shape[1], False, WT[g], 0, DX, 0, N, K, M, g > 0)
         return
-    for g in prange(G):
+    for g in range(G * th // nt, G * (th + 1) // nt):
         gemm(DY, g * yo + g * yr * DY.shape[1], False, WT[g], 0, DX, g * xo + g * xr * DX.shape[1], N, K, M, False)
 
 
-def _weight_grad_loop(nt, X, xo, xr, DY, yo, yr, DW, G, N, K, M):
-    """``dW[g] = X_g^T @ dY_g``: op(A) the transpose of X's block, B dY's block (``b_off`` its first
-    column; a members-first dY is passed as the member's rows)."""
-    for g in prange(G):
+@njit(**_OPTS)
+def _weight_grad_part(th, nt, X, xo, xr, DY, yo, yr, DW, G, N, K, M):
+    """``dW[g] = X_g^T @ dY_g`` for thread ``th``'s members: op(A) the transpose of X's block, B dY's
+    block (``b_off`` its first column; a members-first dY is passed as the member's rows)."""
+    for g in range(G * th // nt, G * (th + 1) // nt):
         if yr:
             gemm(X, g * xo + g * xr * X.shape[1], True, DY[g * yr:(g + 1) * yr], 0, DW[g], 0, K, M, N, False)
         else:
             gemm(X, g * xo + g * xr * X.shape[1], True, DY, g * yo, DW[g], 0, K, M, N, False)
 
 
-# each loop compiled twice, under two names (numba's on-disk cache keys a function by its name and
-# bytecode, not its flags: one name would let the serial twin load the parallel code, which a child
-# forked from a process whose OpenMP pool started must never run)
-_fwd = _twins(_forward_loop)
-_dx = _twins(_input_grad_loop)
-_dw = _twins(_weight_grad_loop)
-
-
-def _run(pair, *args):
-    """``pair`` = (parallel, serial) on :func:`bnlab.kernels.cpu.threads` threads, through the
-    recurrent kernels' launcher (the serial twin where that is 1: one thread asked for, or a forked
-    child that may only run serial code)."""
-    par, serial = pair
-    _launch(par, serial, _cpu.threads(), args)
+def _run(body, members, *args, one=False):
+    """``body`` on a team of :func:`bnlab.kernels.cpu.threads` threads, at most one a member (the
+    calling thread alone where that is 1: one thread asked for, or a forked child that may only run
+    serial code; or where ``one``)."""
+    team(body, 1 if one else min(_cpu.threads(), members), args)
 
 
 def serves(x: Tensor, weight: Tensor) -> bool:
@@ -101,7 +97,7 @@ class _StackedMatmul(torch.autograd.Function):
         else:
             y = torch.empty(N, G * M, dtype=x.dtype)
             Y, yo, yr = y, M, 0
-        _run(_fwd, X.detach().numpy(), xo, xr, w.numpy(), Y.numpy(), yo, yr, G, N, K, M)
+        _run(_forward_part, G, X.detach().numpy(), xo, xr, w.numpy(), Y.numpy(), yo, yr, G, N, K, M)
         ctx.save_for_backward(x, w)
         ctx.geo = (layout, members_first_out, G, N, K, M)
         return y
@@ -124,10 +120,11 @@ class _StackedMatmul(torch.autograd.Function):
             dx = torch.empty_like(x)
             DX, _, _, _ = _geometry(layout, dx, G, K)
             wt = w.transpose(1, 2).contiguous()
-            _run(_dx, dyn, yo, yr, wt.numpy(), DX.numpy(), xo, xr, G, N, K, M, layout == "shared")
+            _run(_input_grad_part, G, dyn, yo, yr, wt.numpy(), DX.numpy(), xo, xr, G, N, K, M, layout == "shared",
+                 one=layout == "shared")
         if ctx.needs_input_grad[1]:
             dw = torch.empty(G, K, M, dtype=w.dtype)
-            _run(_dw, X.detach().numpy(), xo, xr, dyn, yo, yr, dw.numpy(), G, N, K, M)
+            _run(_weight_grad_part, G, X.detach().numpy(), xo, xr, dyn, yo, yr, dw.numpy(), G, N, K, M)
         return dx, dw, None, None
 
 

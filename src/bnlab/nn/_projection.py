@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import prange
+from numba import njit
 from torch import Tensor
 
 from ..kernels import cpu as _cpu
@@ -26,22 +26,21 @@ from . import _recurrent_kernels as _rk
 _PARALLEL_FROM = 1 << 20
 
 
-def _rows_product_loop(nt, A, B, C):
-    """``C = A @ B`` (``(M, K) x (K, N)``, C-contiguous), the rows of C split over ``nt`` threads."""
+@njit(**_rk._OPTS)
+def _rows_product_part(th, nt, A, B, C):
+    """Thread ``th``'s rows of ``C = A @ B`` (``(M, K) x (K, N)``, C-contiguous), the rows of C split
+    over ``nt`` threads."""
     M, K = A.shape
     N = B.shape[1]
-    for th in prange(nt):
-        r0 = M * th // nt
-        r1 = M * (th + 1) // nt
-        if r1 > r0:
-            _rk.gemm(A, r0 * K, False, B, 0, C, r0 * N, r1 - r0, N, K, False)
+    r0 = M * th // nt
+    r1 = M * (th + 1) // nt
+    if r1 > r0:
+        _rk.gemm(A, r0 * K, False, B, 0, C, r0 * N, r1 - r0, N, K, False)
 
 
-_rows_product_par, _rows_product_serial = _rk._twins(_rows_product_loop)
-
-
-def _weight_product_loop(nt, D, X, out):
-    """``out = D^T X`` (``(G, N) x (N, F)``), the rows of ``out`` split over ``nt`` threads: the
+@njit(**_rk._OPTS)
+def _weight_product_part(th, nt, D, X, out):
+    """Thread ``th``'s rows of ``out = D^T X`` (``(G, N) x (N, F)``), the rows of ``out`` split over ``nt`` threads: the
     columns in whole vectors on the micro-kernel (:func:`bnlab.nn._recurrent_kernels.gemm`), the
     columns past them (a narrow input: F = 1, 2, 3 ...) here, with the bits :func:`gemm` gives them.
 
@@ -53,36 +52,32 @@ def _weight_product_loop(nt, D, X, out):
     F = X.shape[1]
     VL = _rk.VECTOR_BYTES // D.itemsize
     n1 = F - F % VL
-    for th in prange(nt):
-        g0 = (G * th // nt) // 4 * 4
-        g1 = G if th == nt - 1 else (G * (th + 1) // nt) // 4 * 4
-        if g1 <= g0:
-            continue
-        if n1 > 0:
-            _rk.gemm(D, g0, True, X, 0, out, g0 * F, g1 - g0, n1, N, False)
-        if n1 < F:
-            ng = g1 - g0
-            s = np.empty((F - n1, ng))
-            for k0 in range(0, N, _rk._KC):
-                k1 = min(k0 + _rk._KC, N)
-                s[:] = 0.0
-                for q in range(k0, k1):
-                    drow = D[q, g0:g1]
-                    for jj in range(F - n1):
-                        b = X[q, n1 + jj]
-                        sj = s[jj]
-                        for g in range(ng):
-                            sj[g] += drow[g] * b  # the product in the data dtype, summed in float64
+    g0 = (G * th // nt) // 4 * 4
+    g1 = G if th == nt - 1 else (G * (th + 1) // nt) // 4 * 4
+    if g1 <= g0:
+        return
+    if n1 > 0:
+        _rk.gemm(D, g0, True, X, 0, out, g0 * F, g1 - g0, n1, N, False)
+    if n1 < F:
+        ng = g1 - g0
+        s = np.empty((F - n1, ng))
+        for k0 in range(0, N, _rk._KC):
+            k1 = min(k0 + _rk._KC, N)
+            s[:] = 0.0
+            for q in range(k0, k1):
+                drow = D[q, g0:g1]
                 for jj in range(F - n1):
+                    b = X[q, n1 + jj]
                     sj = s[jj]
                     for g in range(ng):
-                        if k0 > 0:
-                            out[g0 + g, n1 + jj] = out[g0 + g, n1 + jj] + sj[g]
-                        else:
-                            out[g0 + g, n1 + jj] = sj[g]
-
-
-_weight_product_par, _weight_product_serial = _rk._twins(_weight_product_loop)
+                        sj[g] += drow[g] * b  # the product in the data dtype, summed in float64
+            for jj in range(F - n1):
+                sj = s[jj]
+                for g in range(ng):
+                    if k0 > 0:
+                        out[g0 + g, n1 + jj] = out[g0 + g, n1 + jj] + sj[g]
+                    else:
+                        out[g0 + g, n1 + jj] = sj[g]
 
 
 def _threads(m: int, n: int, k: int) -> int:
@@ -93,14 +88,14 @@ def rows_product(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> None:
     """``C = A @ B`` on the micro-kernel (2-D C-contiguous arrays of one dtype)."""
     M, K = A.shape
     N = B.shape[1]
-    _rk._launch(_rows_product_par, _rows_product_serial, min(_threads(M, N, K), max(1, M // 4)), (A, B, C))
+    _rk.team(_rows_product_part, min(_threads(M, N, K), max(1, M // 4)), (A, B, C))
 
 
 def weight_product(D: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
     """``out = D^T X`` (the weight gradient of ``Y = X W^T`` from ``D = dY``)."""
     N, G = D.shape
     F = X.shape[1]
-    _rk._launch(_weight_product_par, _weight_product_serial, min(_threads(N, G, F), max(1, G // 4)), (D, X, out))
+    _rk.team(_weight_product_part, min(_threads(N, G, F), max(1, G // 4)), (D, X, out))
 
 
 def supported(x: Tensor, w: Tensor) -> bool:

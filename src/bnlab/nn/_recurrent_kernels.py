@@ -48,12 +48,12 @@ measured on it runs at about 2.4 times the float32 speed of the BLAS torch calls
 from __future__ import annotations
 
 import functools
-import types as types_mod
 import warnings
 
 import numpy as np
 from llvmlite import ir
-from numba import get_thread_id, njit, prange, types
+from numba import get_thread_id, njit, prange, typeof, types
+from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
@@ -986,9 +986,11 @@ def _fwd_proj(H, P, t, b, rth, rnt, RB, wrt, Ms, Hout, out, or0, ors):
         _copy_strided(Hout, i0, out, q0, ors, i1, 0, P)
 
 
-def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
+@njit(**_OPTS)
+def _forward_loop(th, nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
                   out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn, A, Hbuf, Cs, Ms, Yx, Yh, MS, PB, bar):
-    """Run the recurrence over all steps on ``nt`` threads; see the module docstring.
+    """Thread ``th``'s part of the recurrence over all steps, on ``nt`` threads (:func:`forward`);
+    see the module docstring.
 
     ``xp`` ``(R, G)``: the input projections, step t's row i at ``xr0[t] + i * xrs``; ``out``
     ``(R', P)`` likewise with ``or0``/``ors``. ``h0``/``hn`` ``(B, P)``, ``c0``/``cn`` ``(B, H)``;
@@ -1004,31 +1006,30 @@ def _forward_loop(nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wr
     recurrence couples no rows, only batch statistics do. Where a step has them, the threads meet
     (``bar``, int64 (16,) zeros): each sums its blocks into ``PB`` ``(2, 3, 2, ceil(B / RB), G)``
     float64 (step parity, site x/h/c, the two sums), waits, and combines every block in block order.
+    The initial and final states are copied by blocks too: every row a thread reads or writes is its own.
     """
     T = bs.shape[0]
     B = h0.shape[0]
     proj = P != H
     lstm = cell == LSTM
     if not rev:
-        _copy_part(h0, 0, Hbuf[0], 0, 0, B, 0, P, 0, 1, B)
+        _copy_part(h0, 0, Hbuf[0], 0, 0, B, 0, P, th, nt, RB)
         if lstm:
-            _copy_part(c0, 0, Cs, 0, 0, B, 0, H, 0, 1, B)
-    for tid in prange(nt):
-        th = np.int64(tid)  # (see _backward_loop's)
-        cur = 0 if rev else B
-        for k in range(T):
-            t = T - 1 - k if rev else k
-            b = bs[t]
-            _fwd_step(cell, rev, H, P, t, b, off[t], cur, th, nt, RB, xp, xr0, xrs, h0, c0, wt,
-                      bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
-                      tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th], PB, k % 2, bar)
-            if proj:
-                _fwd_proj(H, P, t, b, th, nt, RB, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
-            cur = b
+            _copy_part(c0, 0, Cs, 0, 0, B, 0, H, th, nt, RB)
+    cur = 0 if rev else B
+    for k in range(T):
+        t = T - 1 - k if rev else k
+        b = bs[t]
+        _fwd_step(cell, rev, H, P, t, b, off[t], cur, th, nt, RB, xp, xr0, xrs, h0, c0, wt,
+                  bhh, sx, sh, sc, hn, cn, Hbuf[k % 2], Hbuf[(k + 1) % 2], Cs, Ms, out, or0, ors, gates, cst,
+                  tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS[th], PB, k % 2, bar)
+        if proj:
+            _fwd_proj(H, P, t, b, th, nt, RB, wrt, Ms, Hbuf[(k + 1) % 2], out, or0, ors)
+        cur = b
     cur = B if rev else bs[T - 1]
-    _copy_part(Hbuf[T % 2], 0, hn, 0, 0, cur, 0, P, 0, 1, B)
+    _copy_part(Hbuf[T % 2], 0, hn, 0, 0, cur, 0, P, th, nt, RB)
     if lstm:
-        _copy_part(Cs, 0, cn, 0, 0, cur, 0, H, 0, 1, B)
+        _copy_part(Cs, 0, cn, 0, 0, cur, 0, H, th, nt, RB)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1371,11 +1372,13 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                         DA[oi, k] = DYh[iu, k]
 
 
-def _backward_loop(nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
+@njit(**_OPTS)
+def _backward_loop(th, nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
                    xp, gates, cst, tcs, hprev, cprev, ghn,
                    dxp, xr0, xrs, dh0, dc0, DA, DHP, acc, gn,
                    DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, PB, bar):
-    """Backpropagation through time of :func:`_forward_loop` on ``nt`` threads (the same split).
+    """Thread ``th``'s part of the backpropagation through time of :func:`_forward_loop` on ``nt``
+    threads (the same split; :func:`backward`).
 
     ``dout`` in the output's layout; ``dhn``/``dcn`` the gradients of the final states; ``xp``
     the forward's input projections. ``w`` = W_hh ``(G, P)``, ``wr`` = W_hr ``(P, H)``. Writes
@@ -1393,58 +1396,41 @@ def _backward_loop(nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w
     B = dhn.shape[0]
     lstm = cell == LSTM
     if rev:
-        _copy_part(dhn, 0, DHs, 0, 0, B, 0, P, 0, 1, B)
+        _copy_part(dhn, 0, DHs, 0, 0, B, 0, P, th, nt, RB)
         if lstm:
-            _copy_part(dcn, 0, DCs, 0, 0, B, 0, H, 0, 1, B)
+            _copy_part(dcn, 0, DCs, 0, 0, B, 0, H, th, nt, RB)
     # the step functions are called with one type per argument wherever they are called (numba compiles a
-    # callee once per signature, a few seconds to a few tens each): the thread index as int64 (prange's
-    # is uint64 inside the parallel launch and int64 in the serial twin), no literal constants
-    # (numba types a constant argument as a Literal, a signature of its own)
+    # callee once per signature, a few seconds to a few tens each): no literal constants (numba types a
+    # constant argument as a Literal, a signature of its own)
     zero = np.int64(0)
-    for tid in prange(nt):
-        th = np.int64(tid)
-        bp = B if rev else zero
-        op = zero
-        for k in range(T):
-            t = k if rev else T - 1 - k
-            b = bs[t]
-            o0 = off[t]
-            _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, np.bool_(False), th, nt, RB, th, dout, or0,
-                      ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
-            _bwd_body(cell, H, P, t, b, o0, th, nt, RB, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
-                      ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], PB, k % 2,
-                      bar)
-            bp = b
-            op = o0
-        _bwd_head(cell, rev, H, P, zero, zero, zero, bp, op, np.bool_(True), np.bool_(True), th, nt, RB, th, dout,
-                  or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+    bp = B if rev else zero
+    op = zero
+    for k in range(T):
+        t = k if rev else T - 1 - k
+        b = bs[t]
+        o0 = off[t]
+        _bwd_head(cell, rev, H, P, t, b, o0, bp, op, k > 0, np.bool_(False), th, nt, RB, th, dout, or0,
+                  ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
+        _bwd_body(cell, H, P, t, b, o0, th, nt, RB, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev,
+                  ghn, dxp, xr0, xrs, DA, acc[th], DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum[th], PB, k % 2,
+                  bar)
+        bp = b
+        op = o0
+    _bwd_head(cell, rev, H, P, zero, zero, zero, bp, op, np.bool_(True), np.bool_(True), th, nt, RB, th, dout,
+              or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
 
-def _weight_grad_loop(nt, D, X, out):
-    """``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of ``y = x W^T`` from the rows'
-    output gradients D ``(N, G)`` and inputs X ``(N, F)``), the rows of ``out`` split over ``nt``
-    threads (the bits do not depend on the split)."""
+@njit(**_OPTS)
+def _weight_grad_part(th, nt, D, X, out):
+    """Thread ``th``'s rows of ``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of
+    ``y = x W^T`` from the rows' output gradients D ``(N, G)`` and inputs X ``(N, F)``), the rows
+    of ``out`` split over ``nt`` threads (the bits do not depend on the split)."""
     G = D.shape[1]
     F = X.shape[1]
     N = D.shape[0]
-    for th in prange(nt):
-        g0 = (G * th // nt) // 4 * 4
-        g1 = G if th == nt - 1 else (G * (th + 1) // nt) // 4 * 4
-        if g1 > g0:
-            gemm(D, g0, True, X, 0, out, g0 * F, g1 - g0, F, N, False)
-
-
-def _twins(f):
-    """``f`` compiled twice: on numba's thread pool (``prange`` parallel) and serial (``prange`` is
-    ``range``: for one thread, and for a child forked from a process whose OpenMP pool started),
-    under two names (numba's on-disk cache keys a function by name and bytecode, not by its flags)."""
-    out = []
-    for suffix, par in (("", True), ("_serial", False)):
-        g = types_mod.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-        g.__qualname__ = f.__qualname__ + suffix
-        g.__module__ = f.__module__
-        g.__doc__ = f.__doc__
-        out.append(njit(parallel=_PRANGE_ONLY() if par else False, **_OPTS)(g))
-    return tuple(out)
+    g0 = (G * th // nt) // 4 * 4
+    g1 = G if th == nt - 1 else (G * (th + 1) // nt) // 4 * 4
+    if g1 > g0:
+        gemm(D, g0, True, X, 0, out, g0 * F, g1 - g0, F, N, False)
 
 
 def _PRANGE_ONLY() -> dict:
@@ -1453,11 +1439,6 @@ def _PRANGE_ONLY() -> dict:
     array expressions."""
     return dict(prange=True, fusion=False, comprehension=False, reduction=False, inplace_binop=False, setitem=False,
                 numpy=False, stencil=False)
-
-
-_forward_par, _forward_serial = _twins(_forward_loop)
-_backward_par, _backward_serial = _twins(_backward_loop)
-_weight_grad_par, _weight_grad_serial = _twins(_weight_grad_loop)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1502,41 +1483,41 @@ def moments(x, mu, mu_r, sigma, xc, xd):
             sigma[k, j] = v
 
 
-def _fold_rows_loop(nt, dxc, xc, M, Md, drows, cm):
-    """``drows = dxc - mean_rows(dxc) + xc (2 M / N)``: the rows' gradient through the centring and
-    the covariance (``Md`` ``(F, F)`` scratch in the rows' dtype, ``cm`` ``(F,)`` float64 scratch).
-    On ``nt`` threads: the column means' columns and the product's rows split over them (the bits
-    do not depend on ``nt``)."""
-    N, F = xc.shape
-    for a in range(F):
+@njit(**_OPTS)
+def _fold_means_part(th, nt, dxc, M, Md, cm):
+    """Thread ``th``'s columns of the first half of :func:`fold_rows_backward`: ``cm`` the column
+    means of ``dxc``, ``Md = 2 M / N``."""
+    N, F = dxc.shape
+    k0 = np.uint64(F * th // nt)
+    k1 = np.uint64(F * (th + 1) // nt)
+    for a in range(k0, k1):
         src = M[a]
         dst = Md[a]
         for k in range(F):
             dst[k] = 2.0 * src[k] / N
-    for th in prange(nt):
-        k0 = np.uint64(F * th // nt)
-        k1 = np.uint64(F * (th + 1) // nt)
+    for k in range(k0, k1):
+        cm[k] = 0.0
+    for n in range(N):
+        r = dxc[n]
         for k in range(k0, k1):
-            cm[k] = 0.0
-        for n in range(N):
-            r = dxc[n]
-            for k in range(k0, k1):
-                cm[k] += r[k]
-        for k in range(k0, k1):
-            cm[k] /= N
-    for th in prange(nt):
-        n0 = (N * th // nt) // 4 * 4
-        n1 = N if th == nt - 1 else (N * (th + 1) // nt) // 4 * 4
-        if n1 > n0:
-            gemm(xc, n0 * F, False, Md, 0, drows, n0 * F, n1 - n0, F, F, False)
-        for n in range(n0, n1):
-            r = dxc[n]
-            o = drows[n]
-            for k in range(F):
-                o[k] += np.float64(r[k]) - cm[k]
+            cm[k] += r[k]
+    for k in range(k0, k1):
+        cm[k] /= N
 
 
-_fold_rows_par, _fold_rows_serial = _twins(_fold_rows_loop)
+@njit(**_OPTS)
+def _fold_rows_part(th, nt, dxc, xc, Md, drows, cm):
+    """Thread ``th``'s rows of the second half: ``drows = xc Md + dxc - cm``."""
+    N, F = xc.shape
+    n0 = (N * th // nt) // 4 * 4
+    n1 = N if th == nt - 1 else (N * (th + 1) // nt) // 4 * 4
+    if n1 > n0:
+        gemm(xc, n0 * F, False, Md, 0, drows, n0 * F, n1 - n0, F, F, False)
+    for n in range(n0, n1):
+        r = dxc[n]
+        o = drows[n]
+        for k in range(F):
+            o[k] += np.float64(r[k]) - cm[k]
 
 #: multiply-adds (``N * F * F``) of a fold's rows' gradient from which it is split over threads (at
 #: 2560 x 64 rows two threads gained nothing; at 8000 x 128, 2.2 ms against 4.7)
@@ -1544,10 +1525,15 @@ _FOLD_PARALLEL_FROM = 1 << 24
 
 
 def fold_rows_backward(dxc, xc, M, Md, drows):
-    """:func:`_fold_rows_loop` on the threads a call of its size gets (1 below :data:`_FOLD_PARALLEL_FROM`)."""
+    """``drows = dxc - mean_rows(dxc) + xc (2 M / N)``: the rows' gradient through the centring and
+    the covariance (``Md`` ``(F, F)`` scratch in the rows' dtype). On the threads a call of its size
+    gets (1 below :data:`_FOLD_PARALLEL_FROM`), two teams: the column means' columns split over
+    them, then the product's rows (the bits do not depend on the thread count)."""
     N, F = xc.shape
     nt = _cpu.threads() if N * F * F >= _FOLD_PARALLEL_FROM else 1
-    _launch(_fold_rows_par, _fold_rows_serial, nt, (dxc, xc, M, Md, drows, np.zeros(F)))
+    cm = np.zeros(F)
+    team(_fold_means_part, nt, (dxc, M, Md, cm))
+    team(_fold_rows_part, nt, (dxc, xc, Md, drows, cm))
 
 
 def _quiet(kernel):
@@ -1567,36 +1553,110 @@ def _quiet(kernel):
 vector_math = _quiet(_vector_math)
 
 
-def _launch(par, serial, nt, args):
-    """``par(nt, *args)`` on ``nt`` threads of numba's pool (its thread count set for this launch
-    only, as :mod:`bnlab.kernels.cpu` does), or ``serial(1, *args)`` on the calling thread when
-    ``nt`` is 1 (never touching the pool: the path of a child forked from an OpenMP process, where
-    :func:`bnlab.kernels.cpu.threads` is 1)."""
+# ------------------------------------------------------------------------------------------------
+# teams: one compiled body, on the calling thread or on numba's pool
+#
+# A team body ``body(th, nt, *args)`` is thread ``th``'s part of a call on ``nt`` threads. On one
+# thread :func:`team` calls it directly: nothing touches numba's pool (the path of a child forked
+# from an OpenMP process). On more, :func:`_team_launch` (``parallel=True``) runs ``prange(nt)``, each
+# iteration calling the body's compiled code through its address. Calling it by address, not by
+# name, is what keeps the body compiled once: numba links a callee's code into every caller and
+# optimizes and emits it again there, so a parallel twin of the time loop (``prange`` around the body,
+# a second dispatcher) optimized and emitted the whole loop twice more (numba's pool function and
+# its launcher): on the 2-core machine 32 s (forward) and 40 s (backward) of compiling per dtype, more
+# than the serial twin's whole compile with every callee; the warm-up's recurrent group took 374 s
+# of compiling with the twins and 204 s with the teams. The launcher is a few lines, compiled (and
+# cached) once per argument signature in 2-3 s.
+
+@intrinsic
+def _call_at(typingctx, addr, th, nt, args):
+    """Call the numba-compiled function whose native entry point is at ``addr`` (numba's calling
+    convention, returning None) with ``(th, nt, *args)``; 0 if it returned, 1 if it raised. ``args``
+    are the leaves of the function's arguments in order (its tuple arguments spliced in: numba's
+    convention passes every argument as its flattened leaves, and a ``prange`` body cannot take a
+    tuple holding arrays)."""
+    argtys = (th, nt) + tuple(args.types)
+
+    def codegen(context, builder, signature, llargs):
+        a, t, n, tup = llargs
+        vals = [t, n] + [builder.extract_value(tup, i) for i in range(len(argtys) - 2)]
+        fnty = context.call_conv.get_function_type(types.none, argtys)
+        fn = builder.inttoptr(a, fnty.as_pointer())
+        status, _ = context.call_conv.call_function(builder, fn, types.none, argtys, vals)
+        return builder.select(status.is_ok, ir.Constant(ir.IntType(8), 0), ir.Constant(ir.IntType(8), 1))
+
+    return types.int8(addr, th, nt, args), codegen
+
+
+def _team_launch(addr, nt, err, *args):
+    """``nt`` iterations on numba's pool, iteration ``th`` calling the body at ``addr`` with
+    ``(th, nt, *args)`` (``args``: the leaves, as :func:`_call_at` takes them); ``err[th]``: 1 where
+    it raised."""
+    for tid in prange(nt):
+        err[tid] = _call_at(addr, np.int64(tid), nt, args)
+
+
+_team_launch = njit(parallel=_PRANGE_ONLY(), **_OPTS)(_team_launch)
+_ADDRESSES: dict = {}  # (body, the arguments' fingerprints) -> native entry point
+
+
+def _address(body, args) -> int:
+    """The native entry point of ``body`` compiled for ``(int64, int64, *args)`` (compiled, or loaded
+    from numba's cache, on first use)."""
+    key = (body, tuple(map(compute_fingerprint, args)))
+    addr = _ADDRESSES.get(key)
+    if addr is None:
+        sig = (types.int64, types.int64) + tuple(typeof(a) for a in args)
+        body.compile(sig)
+        cres = body.overloads[sig]
+        addr = _ADDRESSES[key] = cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
+    return addr
+
+
+def _leaves(args) -> list:
+    out = []
+    for a in args:
+        if isinstance(a, tuple):
+            out.extend(_leaves(a))
+        else:
+            out.append(a)
+    return out
+
+
+def team(body, nt, args) -> None:
+    """``body(th, nt, *args)`` for ``th < nt`` on ``nt`` threads of numba's pool (its thread count set
+    for this launch only, as :mod:`bnlab.kernels.cpu` does), or ``body(0, 1, *args)`` on the calling
+    thread when ``nt`` is 1."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
         if nt <= 1:
-            return serial(1, *args)
+            body(0, 1, *args)
+            return
+        addr = _address(body, args)
+        err = np.zeros(nt, np.int8)
         prev = _cpu._enter(nt)
         try:
-            return par(nt, *args)
+            _team_launch(addr, nt, err, *_leaves(args))
         finally:
             if prev:
                 _cpu._set_threads(prev)
+    if err.any():
+        raise RuntimeError(f"bnlab: {body.py_func.__name__} raised on {int(err.sum())} of its {nt} threads")
 
 
 def forward(nt, RB, *args):
-    """:func:`_forward_loop` on ``nt`` threads (1: the serial twin), in blocks of ``RB`` rows."""
-    _launch(_forward_par, _forward_serial, nt, (RB,) + args)
+    """:func:`_forward_loop` on a team of ``nt`` threads (:func:`team`), in blocks of ``RB`` rows."""
+    team(_forward_loop, nt, (RB,) + args)
 
 
 def backward(nt, RB, *args):
-    """:func:`_backward_loop` on ``nt`` threads (1: the serial twin), in blocks of ``RB`` rows."""
-    _launch(_backward_par, _backward_serial, nt, (RB,) + args)
+    """:func:`_backward_loop` on a team of ``nt`` threads (:func:`team`), in blocks of ``RB`` rows."""
+    team(_backward_loop, nt, (RB,) + args)
 
 
 def weight_grad(D, X, out, nt=1):
-    """``out = D^T X`` (:func:`_weight_grad_loop`) on ``nt`` threads."""
-    _launch(_weight_grad_par, _weight_grad_serial, nt, (D, X, out))
+    """``out = D^T X`` (:func:`_weight_grad_part`) on ``nt`` threads."""
+    team(_weight_grad_part, nt, (D, X, out))
 
 
 # ------------------------------------------------------------------------------------------------
