@@ -225,6 +225,21 @@ def _applies(model: str, config: str) -> str | None:
     return None
 
 
+def _baseline_fails(ref: _Contender) -> str | None:
+    """None when torch's contender runs a step here, else why not: a RuntimeError from torch itself,
+    e.g. oneDNN's bf16 LSTM, which has no kernel on a CPU without AVX-512 ("could not create a
+    primitive descriptor"). The row then says so instead of ending the suite; bnlab's contender
+    is never excused this way (its errors propagate)."""
+    if ref.config == "compile":  # the first step is the compile, timed by _median_pair
+        return None
+    try:
+        ref.step()
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"torch's own step fails on this machine: {type(e).__name__}: {first[:120]}"
+    return None
+
+
 def _has_fused() -> bool:
     return hasattr(bnlab.nn, "BatchNormAct2d")
 
@@ -254,6 +269,14 @@ def run_models_suite(args, progress=None) -> dict:
             ref, ours = _pair(model, fused)
             x, target = _inputs(model)
             a, b = _Contender(ref, config, x, target), _Contender(ours, config, x.clone(), target)
+            why = _baseline_fails(a)
+            if why is not None:
+                rows.append({"model": label, "config": config, "skipped": why})
+                if task is not None:
+                    progress.advance(task)
+                continue
+            if config != "compile":
+                b.step()  # (a step of each before the warm-up: they stay in step)
             sec_t, sec_b, band = _median_pair(a, b, repeats, warmup)
             bar = (FUSED_BAR if model == "resnet" else None) if fused else BARS.get(model)
             speed = sec_t / sec_b

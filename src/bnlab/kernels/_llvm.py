@@ -29,11 +29,6 @@ from numba.core.extending import intrinsic
 # a helper as a literal and compiles the helper once per value; bnlab.kernels.cpu.Act names them)
 NONE = 0  # y = z
 RELU = 1  # y = max(z, 0)
-SILU = 2  # y = z * sigmoid(z) = z / (1 + exp(-z))
-GELU = 3  # y = z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2)))  (torch's default, exact form)
-
-SQRT1_2 = 0.70710678118654752440  # 1 / sqrt(2)
-INV_SQRT_2PI = 0.39894228040143267794  # 1 / sqrt(2 pi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,58 +158,25 @@ def _splat(value: float, width: int):
     return ir.Constant(ir.VectorType(ir.DoubleType(), width), [value] * width)
 
 
-def _vexp(builder, v):
-    """``exp`` of each element (``llvm.exp``, as numba's ``math.exp``)."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
-                                        f"llvm.exp.v{v.type.count}f64")
-    return builder.call(fn, [v])
-
-
-def _verf(builder, v):
-    """``erf`` of each element (the C library's, as numba's ``math.erf``)."""
-    d = ir.DoubleType()
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(d, [d]), "erf")
-    out = v
-    for t in range(v.type.count):
-        i = ir.IntType(32)(t)
-        out = builder.insert_element(out, builder.call(fn, [builder.extract_element(v, i)]), i)
-    return out
-
-
 def _vec_act(builder, z, act: int):
     """``act(z)``: the operations of :func:`bnlab.kernels._serial._act`, in its order."""
-    w = z.type.count
-    one, zero = _splat(1.0, w), _splat(0.0, w)
     if act == RELU:
+        zero = _splat(0.0, z.type.count)
         return builder.select(builder.fcmp_ordered("<", z, zero), zero, z)
-    if act == SILU:
-        return builder.fdiv(z, builder.fadd(one, _vexp(builder, builder.fneg(z))))
-    if act == GELU:
-        e = _verf(builder, builder.fmul(z, _splat(SQRT1_2, w)))
-        return builder.fmul(builder.fmul(_splat(0.5, w), z), builder.fadd(one, e))
     return z
 
 
 def _vec_act_dz(builder, g, z, act: int):
     """``dz = g * act'(z)``: the operations of :func:`bnlab.kernels._serial._act_dz`, in its order."""
-    w = z.type.count
-    one, zero, half = _splat(1.0, w), _splat(0.0, w), _splat(0.5, w)
     if act == RELU:
+        zero = _splat(0.0, z.type.count)
         return builder.select(builder.fcmp_ordered(">", z, zero), g, zero)
-    if act == SILU:
-        sg = builder.fdiv(one, builder.fadd(one, _vexp(builder, builder.fneg(z))))
-        return builder.fmul(g, builder.fmul(sg, builder.fadd(one, builder.fmul(z, builder.fsub(one, sg)))))
-    if act == GELU:
-        cdf = builder.fmul(half, builder.fadd(one, _verf(builder, builder.fmul(z, _splat(SQRT1_2, w)))))
-        ex = _vexp(builder, builder.fmul(builder.fmul(_splat(-0.5, w), z), z))
-        pdf = builder.fmul(builder.fmul(z, ex), _splat(INV_SQRT_2PI, w))
-        return builder.fmul(g, builder.fadd(cdf, pdf))
     return g
 
 
 def _act_literal(act):
     return act.literal_value if isinstance(act, types.IntegerLiteral) and act.literal_value in (
-        NONE, RELU, SILU, GELU) else None
+        NONE, RELU) else None
 
 
 def _same_or_none(t, dtype) -> bool:

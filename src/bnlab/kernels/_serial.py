@@ -29,7 +29,7 @@ import numpy as np
 from numba import uint64
 
 from ._jit import SERIAL, kernel_jit
-from ._llvm import GELU, INV_SQRT_2PI, LANES, RELU, SILU, SQRT1_2
+from ._llvm import LANES, RELU
 from ._llvm import (_buf_grad_lane_loop, _grad_lane_loop, _lane_loop, _nt_act_dx_line, _nt_act_line, _nt_affine_line,
                     _nt_dx_line, _nt_scale_line, _prefetch)
 
@@ -39,7 +39,7 @@ AFFINE = 0  # y = (x - p0) * p1 + p2
 DX = 1  # dx = p1 * ((dy - p2) - (x - p0) * p3)
 SCALE = 2  # dx = x * p0 (x standing for dy)
 
-# the activations of the fused epilogue, NONE, RELU, SILU, GELU: module constants of :mod:`._llvm`
+# the activations of the fused epilogue, NONE and RELU: module constants of :mod:`._llvm`
 
 CHUNK = 512  # values of a span whose dz is computed at once into a float64 buffer (4 KB)
 
@@ -223,13 +223,9 @@ def _z(x, res, j, mu, sc, be):
 
 @kernel_jit(**SERIAL)
 def _act(z, act):
-    """``act(z)`` in float64 (the formulas of torch's relu, silu and erf-form gelu)."""
+    """``act(z)`` in float64 (torch's relu; NONE: z)."""
     if act == RELU:
         return 0.0 if z < 0.0 else z  # NaN stays NaN
-    if act == SILU:
-        return z / (1.0 + math.exp(-z))
-    if act == GELU:
-        return 0.5 * z * (1.0 + math.erf(z * SQRT1_2))
     return z
 
 
@@ -239,11 +235,6 @@ def _act_dz(g, z, act):
     0 elsewhere (a select, as torch's threshold_backward: an infinite ``g`` gives 0, not NaN)."""
     if act == RELU:
         return g if z > 0.0 else 0.0
-    if act == SILU:
-        sg = 1.0 / (1.0 + math.exp(-z))
-        return g * (sg * (1.0 + z * (1.0 - sg)))
-    if act == GELU:
-        return g * (0.5 * (1.0 + math.erf(z * SQRT1_2)) + z * math.exp(-0.5 * z * z) * INV_SQRT_2PI)
     return g
 
 

@@ -49,12 +49,15 @@ finishing math (mean, invstd, the backward coefficients) happens inside the kern
 parallel loops, so Python never touches per-element data.
 
 **Fused activation** (:class:`Act`): ``forward_train`` and ``forward_eval`` take ``act`` (none,
-relu, silu, gelu: torch's erf form) and an optional ``residual``, and write
+relu) and an optional ``residual``, and write
 ``y = act(BN(x) + residual)`` in the same two passes over ``x``; :func:`backward_act` is its
 backward, with ``dz = dy * act'(z)`` computed where the plain backward reads ``dy`` (both
 passes), ``z`` recomputed from ``x``, the statistics, ``weight``, ``bias`` and ``residual`` (no
 saved ``y``), and ``d(residual) = dz``. Each activation runs its own compiled variant of the
 kernels (:func:`act_kernels`); without an activation and a residual the plain kernels run.
+SiLU and GELU are not fused: an exp or erf per value, one value at a time in float64, made such
+kernels 5-25x slower than torch's vectorized activation after the kernels' batch norm (measured at
+64x64x8x8), which is what :class:`bnlab.nn.BatchNormAct2d` runs for them.
 
 Numerical decisions (the same as :mod:`bnlab.reference`):
 
@@ -123,8 +126,6 @@ class Act(IntEnum):
 
     NONE = _llvm.NONE
     RELU = _llvm.RELU
-    SILU = _llvm.SILU
-    GELU = _llvm.GELU  # 0.5 * z * (1 + erf(z / sqrt(2))): torch's gelu(approximate="none")
 
 
 _ACTS = {**{a.name.lower(): a for a in Act}, **{a: a for a in Act}}  # ints hash as their members
@@ -134,8 +135,8 @@ _NONE = Act.NONE
 def _act(act, where: str) -> Act:
     a = _ACTS.get(act) if isinstance(act, (str, int)) and not isinstance(act, bool) else None
     if a is None:
-        raise ValueError(f"{where}: act must be one of 'none', 'relu', 'silu', 'gelu' (or a bnlab.kernels.cpu.Act), "
-                         f"got {act!r}")
+        raise ValueError(f"{where}: act must be 'none' or 'relu' (or a bnlab.kernels.cpu.Act), got {act!r}; "
+                         "silu and gelu are not fused: bnlab.nn.BatchNormAct* runs them after the batch norm")
     return a
 
 

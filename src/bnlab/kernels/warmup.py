@@ -11,30 +11,27 @@ the kernels' source) instead of compiling.
 
 Then the fused batch norm + activation kernels (:func:`bnlab.kernels.cpu.act_kernels`) that
 ``bnlab.nn.BatchNormAct*`` runs: relu (silu and gelu run torch's activation after the kernels' batch
-norm; their fused kernels are warmed in a group of their own), with and without a residual, float32
-and float64, both layouts, training and eval (and the forwards without an activation, called
-directly, with and without a residual); on the thread pool in float32 (float64: the float64
-group); of their serial twins only relu's in float32 (a forked child compiles the others on its
-first call of them, a few seconds each, once per cache).
+norm), with and without a residual, float32 and float64, both layouts, training and eval (and the
+forwards without an activation, called directly, with and without a residual); on the thread pool
+in float32 (float64: the float64 group); of their serial twins only relu's in float32 (a forked
+child compiles the others on its first call of them, a few seconds each, once per cache).
 
 Then the small-call path's C++ extension (:mod:`bnlab.kernels.fast`, about 40 s of one core alone
 with a C++ compiler, under two minutes beside the numba compiles, in a process of its own): built once per
 source, torch and Python version; without a compiler it is skipped with a note and the numba
 kernels serve every call.
 
-Then, unless ``--plain``, three more groups:
+Then, unless ``--plain``, two more groups:
 
-* ``activations``: the other activations' fused kernels (silu, gelu), both dtypes, on the pool
-  (float32) and as serial twins;
-* ``float64``: the fused kernels' float64 variants on the thread pool (every activation, with and
+* ``float64``: the fused kernels' float64 variants on the thread pool (relu and none, with and
   without a residual), which a float64 tensor above ``Thresholds.serial_below`` elements reaches;
   in the extension's process, after its build;
 * ``recurrent``: the recurrent layers' whole-sequence kernels (:func:`warm_recurrent`, with the
   audit's stacked linear products of :mod:`bnlab.lab._stacked`, which run on the same matrix
   micro-kernel), in a second process (``--jobs``, default 2: numba compiles on one core).
 
-``--only GROUP...`` runs the named groups (kernels, activations, float64, recurrent, fast) in this
-process, in that order.
+``--only GROUP...`` runs the named groups (kernels, float64, recurrent, fast) in this process, in
+that order.
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
 any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took 8-9
@@ -69,7 +66,7 @@ def warmup(fused: bool = True) -> float:
         with _serial_kernels(cpu, serial):
             _pass(BF, shapes)
     if fused:
-        for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: the activations group)
+        for act in ("relu",):  # what bnlab.nn.BatchNormAct* fuses (silu, gelu: torch's activation after the batch norm)
             for dtype in (torch.float32, torch.float64):
                 _fused_pass(cpu, act, dtype, (False, True))
         for dtype in (torch.float32, torch.float64):  # without an activation: the forwards, called directly
@@ -149,37 +146,22 @@ def _fused_pass(cpu, act, dtype, residuals, pool_only: bool = False) -> None:
                         cpu.backward_act(torch.ones_like(y), x, w, b, stats, train, act, res, thresholds=th)
 
 
-def warm_activations() -> float:
-    """The fused kernels of the activations ``bnlab.nn.BatchNormAct*`` does not fuse by default (silu,
-    gelu: a first direct call of :func:`bnlab.kernels.cpu.forward_train` with them), both dtypes,
-    with and without a residual, on the pool and as serial twins."""
-    from bnlab.kernels import cpu
-
-    t0 = time.perf_counter()
-    for serial in (False, True):
-        with _serial_kernels(cpu, serial):
-            for act in ("silu", "gelu"):
-                for dtype in (torch.float32, torch.float64):
-                    _fused_pass(cpu, act, dtype, (False, True))
-    return time.perf_counter() - t0
-
-
 def warm_float64() -> float:
-    """The fused kernels' float64 variants on numba's thread pool (every activation, with and
-    without a residual, both layouts): a float64 tensor above ``Thresholds.serial_below`` elements
-    reaches them (the small ones run the serial twins the other groups warm)."""
+    """The fused kernels' float64 variants on numba's thread pool (relu and none, with and without
+    a residual, both layouts): a float64 tensor above ``Thresholds.serial_below`` elements reaches
+    them (the small ones run the serial twins the kernels group warms)."""
     from bnlab.kernels import cpu
 
     t0 = time.perf_counter()
-    for act in ("relu", "silu", "gelu"):
+    for act in ("relu", "none"):
         _fused_pass(cpu, act, torch.float64, (False, True), pool_only=True)
-    _fused_pass(cpu, "none", torch.float64, (False, True), pool_only=True)
     return time.perf_counter() - t0
 
 
 def warm_recurrent() -> float:
     """The recurrent layers' whole-sequence kernels (:mod:`bnlab.nn._recurrent_kernels`): forward,
-    backward and weight gradient on numba's pool and as serial twins, float32 and float64, and the
+    backward and weight gradient (each compiled once, run on the calling thread or by a team launch on
+    numba's pool: :func:`bnlab.nn._recurrent_kernels.team`), float32 and float64, and the
     folded vertical norm's kernels; by running small BNLSTM / BNGRU / BNRNN layers (training and
     eval, equal and variable lengths) once on each thread count."""
     import bnlab.nn._projection as PR
@@ -193,7 +175,7 @@ def warm_recurrent() -> float:
     old_threads = torch.get_num_threads()
     # split every call (the input projection and the fold's rows gradient too), however small
     R._PARALLEL_FROM = PR._PARALLEL_FROM = RK._FOLD_PARALLEL_FROM = 0
-    # 9 rows: blocks of 4 rows or more, enough for two threads (fewer run the serial twins)
+    # 9 rows: blocks of 4 rows or more, enough for two threads (fewer run on the calling thread)
     lengths = torch.tensor([3, 1, 3, 2, 3, 3, 2, 1, 3])
     try:
         for nt in sorted({1, min(2, cpu._MAX_THREADS)}):
@@ -261,9 +243,8 @@ def main(argv=None) -> None:
     p.add_argument("--plain", action="store_true", help="only the plain batch-norm kernels")
     p.add_argument("--only", nargs="+", choices=tuple(_GROUPS), default=None, metavar="GROUP",
                    help="the named groups, in the order given: kernels (the batch-norm kernels, plain and relu-fused), "
-                        "activations (the other activations' fused kernels), float64 (the fused kernels' "
-                        "float64 variants on the thread pool), recurrent (the recurrent layers' kernels), "
-                        "fast (the small-call C++ extension)")
+                        "float64 (the fused kernels' float64 variants on the thread pool), recurrent (the "
+                        "recurrent layers' kernels), fast (the small-call C++ extension)")
     p.add_argument("--jobs", type=int, default=2,
                    help="processes compiling at once (numba compiles on one core; default: %(default)s)")
     a = p.parse_args(argv)
@@ -285,7 +266,6 @@ def main(argv=None) -> None:
         ext = subprocess.Popen([sys.executable, "-m", "bnlab.kernels.warmup", "--only", "fast", "float64"])
         try:
             warmup()
-            warm_activations()
         finally:
             if ext.wait() != 0:  # (a failed build has said so and is not fatal: this is the float64 group)
                 raise SystemExit(f"bnlab.kernels.warmup: the extension and float64 process failed (exit {ext.returncode})")
@@ -294,14 +274,12 @@ def main(argv=None) -> None:
     else:
         warm_fast()
         warmup()
-        warm_activations()
         warm_float64()
         warm_recurrent()
     print(f"bnlab kernels warm, every group ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-_GROUPS = {"kernels": warmup, "activations": warm_activations, "float64": warm_float64, "recurrent": warm_recurrent,
-           "fast": warm_fast}
+_GROUPS = {"kernels": warmup, "float64": warm_float64, "recurrent": warm_recurrent, "fast": warm_fast}
 
 if __name__ == "__main__":
     main()
