@@ -174,8 +174,9 @@ def test_half_input_outside_autocast_uses_one_pass_statistics():
 
 def test_model_suite_runs_every_model_and_configuration_quickly():
     args = types.SimpleNamespace(quick=True, repeats=3, models=("mlp", "resnet", "lstm"),
-                                 configs=("eager", "channels_last", "bf16", "inference"))
+                                 configs=("eager", "channels_last", "bf16", "inference"), batch=8)
     res = bm.run_models_suite(args)
+    assert res["batch"] == 8
     rows = {(r["model"], r["config"]): r for r in res["rows"]}
     assert "skipped" in rows[("mlp", "channels_last")]
     # torch's bf16 LSTM (oneDNN) has no kernel on CPUs without AVX-512: that row may say so instead

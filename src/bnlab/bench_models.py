@@ -253,6 +253,7 @@ def run_models_suite(args, progress=None) -> dict:
     warmup = 1 if quick else 3
     models = getattr(args, "models", None) or (("mlp", "resnet") if quick else ("resnet", "mlp", "lstm"))
     configs = getattr(args, "configs", None) or (("eager", "inference") if quick else CONFIGS)
+    batch = getattr(args, "batch", None)  # (the tests' smoke runs: a smaller batch than each model's own)
     plan = [(m, c, False) for m in models for c in configs]
     if "eager" in configs and _has_fused():
         for m in ("resnet", "mlp"):  # BN -> ReLU fused (the MLP's row is a finding, without a bar)
@@ -267,7 +268,7 @@ def run_models_suite(args, progress=None) -> dict:
             rows.append({"model": label, "config": config, "skipped": why})
         else:
             ref, ours = _pair(model, fused)
-            x, target = _inputs(model)
+            x, target = _inputs(model, batch)
             a, b = _Contender(ref, config, x, target), _Contender(ours, config, x.clone(), target)
             why = _baseline_fails(a)
             if why is not None:
@@ -290,7 +291,7 @@ def run_models_suite(args, progress=None) -> dict:
                 torch._dynamo.reset()
         if task is not None:
             progress.advance(task)
-    return {"repeats": repeats, "threads": torch.get_num_threads(), "rows": rows,
+    return {"repeats": repeats, "threads": torch.get_num_threads(), "batch": batch, "rows": rows,
             "ratio": "torch time / bnlab time (> 1: bnlab is faster)"}
 
 

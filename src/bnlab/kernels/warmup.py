@@ -34,11 +34,12 @@ Then, unless ``--plain``, two more groups:
 that order.
 
 A warm cache makes this command itself take a few seconds. A cold one (a fresh checkout, or after
-any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took 8-9
-minutes on the 2-core machines here (2026-12-03, a fresh clone: 504 s, the recurrent group 458 s
-of it in its own process, the C++ extension 103 s and then the float64 group 271 s in a third;
-before the float64 group 471 s, and the test suite compiled those kernels itself, about 150 s on
-one core); ``--plain`` stops after the plain kernels (about a minute).
+any edit to the kernels' sources, which recompiles them all: :mod:`bnlab.kernels._jit`) took about
+7 minutes on a 2-core AVX2 machine (2026-12-03, a fresh clone: 403 s, the kernels group the
+longest, the recurrent group 321 s beside it, the C++ extension 94 s and then the float64 group
+162 s in the third process; on the same machine 610 s before the recurrent loops were compiled
+once instead of as parallel and serial twins and the unused SiLU/GELU kernel variants were
+removed); ``--plain`` stops after the plain kernels (about a minute).
 """
 
 from __future__ import annotations
