@@ -40,7 +40,7 @@ def _forward_part(th, nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
 def _input_grad_part(th, nt, DY, yo, yr, WT, DX, xo, xr, G, N, K, M, shared):
     """``dX_g = dY_g @ W[g]^T`` (``WT`` = W transposed, ``(G, M, K)``) for thread ``th``'s members; a
     shared input sums the members' gradients (in member order, one accumulating product per member:
-    :func:`_run` gives it one thread)."""
+    its caller gives it one thread)."""
     if shared:
         for g in range(G):
             gemm(DY, g * yo + g * yr * DY.shape[1], False, WT[g], 0, DX, 0, N, K, M, g > 0)
@@ -60,11 +60,11 @@ def _weight_grad_part(th, nt, X, xo, xr, DY, yo, yr, DW, G, N, K, M):
             gemm(X, g * xo + g * xr * X.shape[1], True, DY, g * yo, DW[g], 0, K, M, N, False)
 
 
-def _run(body, members, *args, one=False):
-    """``body`` on a team of :func:`bnlab.kernels.cpu.threads` threads, at most one a member (the
+def _run(body, parts, *args):
+    """``body`` on a team of :func:`bnlab.kernels.cpu.threads` threads, at most one per part (the
     calling thread alone where that is 1: one thread asked for, or a forked child that may only run
-    serial code; or where ``one``)."""
-    team(body, 1 if one else min(_cpu.threads(), members), args)
+    serial code)."""
+    team(body, min(_cpu.threads(), parts), args)
 
 
 def serves(x: Tensor, weight: Tensor) -> bool:
@@ -120,8 +120,8 @@ class _StackedMatmul(torch.autograd.Function):
             dx = torch.empty_like(x)
             DX, _, _, _ = _geometry(layout, dx, G, K)
             wt = w.transpose(1, 2).contiguous()
-            _run(_input_grad_part, G, dyn, yo, yr, wt.numpy(), DX.numpy(), xo, xr, G, N, K, M, layout == "shared",
-                 one=layout == "shared")
+            shared = layout == "shared"  # the members' gradients summed in order: one part
+            _run(_input_grad_part, 1 if shared else G, dyn, yo, yr, wt.numpy(), DX.numpy(), xo, xr, G, N, K, M, shared)
         if ctx.needs_input_grad[1]:
             dw = torch.empty(G, K, M, dtype=w.dtype)
             _run(_weight_grad_part, G, X.detach().numpy(), xo, xr, dyn, yo, yr, dw.numpy(), G, N, K, M)
