@@ -18,16 +18,16 @@ likewise the output (``yo``, ``yr``). :func:`stacked_matmul` is the autograd fun
 from __future__ import annotations
 
 import torch
-from numba import njit
 from torch import Tensor
 
 from ..kernels import cpu as _cpu
+from ..kernels._jit import recurrent_jit as _jit
 from ..nn._recurrent_kernels import _OPTS, gemm, team
 
 __all__ = ["stacked_matmul", "serves"]
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _forward_part(th, nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
     """``Y_g = X_g @ W[g]`` for thread ``th``'s members (of ``nt`` threads): X_g the ``N x K`` block at
     flat offset ``g * xo`` (rows ``g * xr`` further down when members come first), Y_g likewise; W
@@ -36,7 +36,7 @@ def _forward_part(th, nt, X, xo, xr, W, Y, yo, yr, G, N, K, M):
         gemm(X, g * xo + g * xr * X.shape[1], False, W[g], 0, Y, g * yo + g * yr * Y.shape[1], N, M, K, False)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _input_grad_part(th, nt, DY, yo, yr, WT, DX, xo, xr, G, N, K, M, shared):
     """``dX_g = dY_g @ W[g]^T`` (``WT`` = W transposed, ``(G, M, K)``) for thread ``th``'s members; a
     shared input sums the members' gradients (in member order, one accumulating product per member:
@@ -49,7 +49,7 @@ def _input_grad_part(th, nt, DY, yo, yr, WT, DX, xo, xr, G, N, K, M, shared):
         gemm(DY, g * yo + g * yr * DY.shape[1], False, WT[g], 0, DX, g * xo + g * xr * DX.shape[1], N, K, M, False)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _weight_grad_part(th, nt, X, xo, xr, DY, yo, yr, DW, G, N, K, M):
     """``dW[g] = X_g^T @ dY_g`` for thread ``th``'s members: op(A) the transpose of X's block, B dY's
     block (``b_off`` its first column; a members-first dY is passed as the member's rows)."""

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
 from torch import Tensor
 
 from ..kernels import cpu as _cpu
+from ..kernels._jit import recurrent_jit as _jit
 from . import _recurrent_kernels as _rk
 
 #: multiply-adds of a product from which it is split over threads (below: the calling thread)
 _PARALLEL_FROM = 1 << 20
 
 
-@njit(**_rk._OPTS)
+@_jit(**_rk._OPTS)
 def _rows_product_part(th, nt, A, B, C):
     """Thread ``th``'s rows of ``C = A @ B`` (``(M, K) x (K, N)``, C-contiguous), the rows of C split
     over ``nt`` threads."""
@@ -38,7 +38,7 @@ def _rows_product_part(th, nt, A, B, C):
         _rk.gemm(A, r0 * K, False, B, 0, C, r0 * N, r1 - r0, N, K, False)
 
 
-@njit(**_rk._OPTS)
+@_jit(**_rk._OPTS)
 def _weight_product_part(th, nt, D, X, out):
     """Thread ``th``'s rows of ``out = D^T X`` (``(G, N) x (N, F)``), the rows of ``out`` split over ``nt`` threads: the
     columns in whole vectors on the micro-kernel (:func:`bnlab.nn._recurrent_kernels.gemm`), the

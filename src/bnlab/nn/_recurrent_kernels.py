@@ -39,10 +39,11 @@ all read and written in place. ``rev=1`` runs the steps from last to first (the 
 of a bidirectional layer): sequences join as their last step comes up, from ``h0``.
 
 **Matrix products** (:func:`gemm`): a register-blocked micro-kernel written in LLVM vector IR (4
-rows of A by 4 vectors of B and C held in registers across the k loop, ``llvm.fma``), 64-byte vectors
-where the CPU has AVX-512, 32-byte ones elsewhere. On the 2-core AMD machines this project is
-measured on it runs at about 2.4 times the float32 speed of the BLAS torch calls for these shapes
-(MKL takes its AVX2 code path on AMD CPUs), and needs no BLAS at all.
+rows of A by 4 vectors of B and C held in registers across the k loop, ``llvm.fma``) with 64-byte
+vectors where the CPU has AVX-512; 4 rows by 3 vectors of 32 bytes elsewhere (AVX2 has 16 vector
+registers: 4 by 4 spills). On the 2-core AMD machines this project is measured on it ran at about
+2.4 times the float32 speed of the BLAS torch calls for these shapes with AVX-512, and at 1.3 times
+torch.mm's with AVX2 (72 against 56 GF/s, one thread), and needs no BLAS at all.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
 from ..kernels import cpu as _cpu
+from ..kernels._jit import recurrent_jit as _jit
 
 __all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "gemm", "forward", "backward",
            "weight_grad", "moments", "vector_math", "VECTOR_BYTES"]
@@ -165,13 +167,19 @@ def _make_kernel(R: int, NV: int, trans_a: bool):
     return kernel
 
 
-_K44, _K14, _K42, _K12, _K41, _K11 = (_make_kernel(r, v, False) for r, v in ((4, 4), (1, 4), (4, 2), (1, 2), (4, 1),
-                                                                             (1, 1)))
-_T44, _T14, _T42, _T12, _T41, _T11 = (_make_kernel(r, v, True) for r, v in ((4, 4), (1, 4), (4, 2), (1, 2), (4, 1),
-                                                                            (1, 1)))
+#: vectors of B and C per block of the widest kernel: 4 with AVX-512's 32 vector registers (16
+#: accumulators, 4 loads of B, a broadcast of A), 3 with AVX2's 16 (4 x 4 spills its accumulators:
+#: measured on a 2-core AVX2 EPYC, 64 x 128 @ 128 x 512 in float32, one thread, 37 GF/s at 4 x 4
+#: against 72 at 4 x 3, 70 at 6 x 2; torch.mm 56; transposed A 27 against 70; float64 13 against 29)
+_WIDE = 4 if VECTOR_BYTES == 64 else 3
+
+_KW4, _KW1, _K42, _K12, _K41, _K11 = (_make_kernel(r, v, False) for r, v in ((4, _WIDE), (1, _WIDE), (4, 2), (1, 2),
+                                                                             (4, 1), (1, 1)))
+_TW4, _TW1, _T42, _T12, _T41, _T11 = (_make_kernel(r, v, True) for r, v in ((4, _WIDE), (1, _WIDE), (4, 2), (1, 2),
+                                                                            (4, 1), (1, 1)))
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
     """``C (+)= op(A) @ B[:k, b_off:b_off + n]`` for 2-D C-contiguous arrays: op(A) is the ``m x k``
     block of A starting at flat element ``a_off`` (row-major: element (i, kk) at ``a_off + i * lda + kk``;
@@ -192,7 +200,7 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
                     Cf0[c_off + i * ldc + j] = 0.0
         return
     VL = VECTOR_BYTES // C.itemsize
-    BN = 4 * VL
+    BN = _WIDE * VL
     n4 = n - n % BN
     n2 = n4 + (n - n4) // (2 * VL) * (2 * VL)
     n1 = n - n % VL
@@ -208,14 +216,14 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
         for j in range(0, n4, BN):
             for i in range(0, m4, 4):
                 if trans_a:
-                    _T44(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                    _TW4(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
-                    _K44(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                    _KW4(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
             for i in range(m4, m):
                 if trans_a:
-                    _T14(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                    _TW1(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
-                    _K14(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                    _KW1(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for j in range(n4, n2, 2 * VL):
             for i in range(0, m4, 4):
                 if trans_a:
@@ -282,7 +290,7 @@ _ROUND = 6755399441055744.0  # 1.5 * 2**52: x + _ROUND - _ROUND rounds x to an i
 _SMALL = 0.17328679513998632  # |x| below which tanh uses expm1(-2|x|) directly
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _expm1_poly(r):
     """``exp(r) - 1`` for ``|r| <= ln(2) / 2``: Taylor to degree 13 (truncation < 2e-16)."""
     p = 1.0 / 6227020800.0
@@ -300,7 +308,7 @@ def _expm1_poly(r):
     return (p * r) * r + r
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _exp(x):
     x = -708.0 if x < -708.0 else x  # comparisons are false for nan: nan passes through
     x = 709.0 if x > 709.0 else x
@@ -311,12 +319,12 @@ def _exp(x):
     return s + s * _expm1_poly(r)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _sigmoid(x):
     return 1.0 / (1.0 + _exp(-x))
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _tanh(x):
     a = abs(x)
     u = -2.0 * a
@@ -358,7 +366,7 @@ _LO32, _HI32, _SMALL32 = _F(-87.0), _F(88.0), _F(_SMALL)
 _ONE32, _TWO32, _ZERO32 = _F(1.0), _F(2.0), _F(0.0)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _expm1_poly32(r):
     p = _E7
     p = p * r + _E6
@@ -369,7 +377,7 @@ def _expm1_poly32(r):
     return (p * r) * r + r
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _exp32(x):
     x = _LO32 if x < _LO32 else x
     x = _HI32 if x > _HI32 else x
@@ -380,12 +388,12 @@ def _exp32(x):
     return s + s * _expm1_poly32(r)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _sigmoid32(x):
     return _ONE32 / (_ONE32 + _exp32(-x))
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _tanh32(x):
     a = abs(x)
     u = -_TWO32 * a
@@ -418,7 +426,7 @@ def _th_impl(x):
     return lambda x: _tanh(x)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _vector_math(x, which):
     """``exp`` (0), ``sigmoid`` (1) or ``tanh`` (2) of a float32 or float64 array (for tests)."""
     y = np.empty_like(x)
@@ -607,7 +615,7 @@ def _team_loop(nt, ids):
         ids[th] = get_thread_id()
 
 
-_team_par = njit(parallel=True, nogil=True, cache=True)(_team_loop)
+_team_par = _jit(parallel=True, nogil=True, cache=True)(_team_loop)
 
 
 @functools.lru_cache(maxsize=None)
@@ -671,7 +679,7 @@ def _rnd_impl(v, z):
     return lambda v, z: v
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _prep_channels(C, t, site, M, S):
     """The site's normalization at step t as ``y = (x - M[ch]) * S[ch] + beta[ch]`` for its ``C``
     channels (``S = invstd * gamma``): the given statistics (FIXED) or the identity (NONE: ``M = 0``,
@@ -710,7 +718,7 @@ def _prep_row(V, r, C, site, r_idx, M, S):
         S[j] = rv * gamma[j]
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _part_sums(V, v0, vs, b, C, t, site, PBs, rth, rnt, RB):
     """Batch statistics split by rows, before the threads meet: for each of the thread's blocks of
     ``RB`` rows of step t (block q: rows ``q * RB`` on), the float64 sums of ``x - x_q`` and of its
@@ -736,7 +744,7 @@ def _part_sums(V, v0, vs, b, C, t, site, PBs, rth, rnt, RB):
                 s2[j] += d * d
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _comb_stats(V, v0, vs, b, C, t, site, PBs, RB, M, S, write):
     """Batch statistics split by rows, after the threads met: every block's sums (:func:`_part_sums`)
     combined in block order by Chan, Golub and LeVeque's pairwise update (each block's mean and sum
@@ -813,7 +821,7 @@ def _sum_blocks(PBs, nb, C, s1, s2):
 # ------------------------------------------------------------------------------------------------
 # the time loop, forward: one step of one thread's part
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _fwd_step(cell, rev, H, P, t, b, o0, prev_b, rth, rnt, RB,
               xp, xr0, xrs, h0, c0, wt, bhh, sx, sh, sc, hn, cn, Hin, Hout, Cs, Ms,
               out, or0, ors, gates, cst, tcs, mst, hprev, cprev, ghn, A, Yx, Yh, MS, PB, par, bar):
@@ -974,7 +982,7 @@ def _copy_strided(src, i0, dst, q0, qs, i1, c0, c1):
             dst[di, k] = src[si, k]
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _fwd_proj(H, P, t, b, rth, rnt, RB, wrt, Ms, Hout, out, or0, ors):
     """The projection of step t, the thread's rows: h = m W_hr^T."""
     nb = (b + RB - 1) // RB
@@ -986,7 +994,7 @@ def _fwd_proj(H, P, t, b, rth, rnt, RB, wrt, Ms, Hout, out, or0, ors):
         _copy_strided(Hout, i0, out, q0, ors, i1, 0, P)
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _forward_loop(th, nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt, wrt, bhh, sx, sh, sc,
                   out, or0, ors, hn, cn, gates, cst, tcs, mst, hprev, cprev, ghn, A, Hbuf, Cs, Ms, Yx, Yh, MS, PB, bar):
     """Thread ``th``'s part of the recurrence over all steps, on ``nt`` threads (:func:`forward`);
@@ -1035,7 +1043,7 @@ def _forward_loop(th, nt, RB, cell, rev, H, P, bs, off, xp, xr0, xrs, h0, c0, wt
 # ------------------------------------------------------------------------------------------------
 # the time loop, backward: one step of one thread's part, in two halves
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _bwd_head(cell, rev, H, P, t, b, o0, bp, op, pending, final, rth, rnt, RB, th,
               dout, or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd):
     """The thread's rows at step t (backward order): finish the
@@ -1136,7 +1144,7 @@ def _site_t(site, t):
     return kind, gamma, gamma
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst, tcs, hprev, cprev, ghn,
               dxp, xr0, xrs, DA, acc, DHs, DCs, Dd, DMd, DP, DPh, DX, DC, csum, PB, par, bar):
     """The thread's rows at step t: from ``dL/dh_t`` (``DHs``) through the
@@ -1372,7 +1380,7 @@ def _bwd_body(cell, H, P, t, b, o0, rth, rnt, RB, wr, sx, sh, sc, xp, gates, cst
                         DA[oi, k] = DYh[iu, k]
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _backward_loop(th, nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dcn, w, wr, sx, sh, sc,
                    xp, gates, cst, tcs, hprev, cprev, ghn,
                    dxp, xr0, xrs, dh0, dc0, DA, DHP, acc, gn,
@@ -1419,7 +1427,7 @@ def _backward_loop(th, nt, RB, cell, rev, H, P, bs, off, dout, or0, ors, dhn, dc
     _bwd_head(cell, rev, H, P, zero, zero, zero, bp, op, np.bool_(True), np.bool_(True), th, nt, RB, th, dout,
               or0, ors, dhn, dcn, w, dh0, dc0, DA, DHP, gn, DHs, DCs, Dd)
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _weight_grad_part(th, nt, D, X, out):
     """Thread ``th``'s rows of ``out = D^T X`` (``(G, N) x (N, F)``: the weight gradient of
     ``y = x W^T`` from the rows' output gradients D ``(N, G)`` and inputs X ``(N, F)``), the rows
@@ -1444,7 +1452,7 @@ def _PRANGE_ONLY() -> dict:
 # ------------------------------------------------------------------------------------------------
 # moments of a layer's input rows (the folded vertical norm)
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def moments(x, mu, mu_r, sigma, xc, xd):
     """Float64 mean ``mu`` (shifted by the first row) and biased covariance ``sigma`` of the rows of
     ``x`` ``(N, F)``, the mean rounded to x's dtype in ``mu_r``, and ``xc = x - mu_r`` (in x's
@@ -1483,7 +1491,7 @@ def moments(x, mu, mu_r, sigma, xc, xd):
             sigma[k, j] = v
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _fold_means_part(th, nt, dxc, M, Md, cm):
     """Thread ``th``'s columns of the first half of :func:`fold_rows_backward`: ``cm`` the column
     means of ``dxc``, ``Md = 2 M / N``."""
@@ -1505,7 +1513,7 @@ def _fold_means_part(th, nt, dxc, M, Md, cm):
         cm[k] /= N
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def _fold_rows_part(th, nt, dxc, xc, Md, drows, cm):
     """Thread ``th``'s rows of the second half: ``drows = xc Md + dxc - cm``."""
     N, F = xc.shape
@@ -1596,7 +1604,7 @@ def _team_launch(addr, nt, err, *args):
         err[tid] = _call_at(addr, np.int64(tid), nt, args)
 
 
-_team_launch = njit(parallel=_PRANGE_ONLY(), **_OPTS)(_team_launch)
+_team_launch = _jit(parallel=_PRANGE_ONLY(), **_OPTS)(_team_launch)
 _ADDRESSES: dict = {}  # (body, the arguments' fingerprints) -> native entry point
 
 
@@ -1662,7 +1670,7 @@ def weight_grad(D, X, out, nt=1):
 # ------------------------------------------------------------------------------------------------
 # the folded vertical norm, one direction (see recurrent._FoldCpuFn)
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def fold_direction(W, gamma, beta, eps, sigma, mu, mu_r, wd, ws, Wf, shift, mean, var, inv, s):
     """For ``W`` ``(G, F)``: ``wd`` = W in float64, ``ws = wd sigma``, per row j the mean
     ``w_j . mu`` and variance ``w_j . ws_j`` of W x, ``inv = 1 / sqrt(var + eps)``,
@@ -1698,7 +1706,7 @@ def fold_direction(W, gamma, beta, eps, sigma, mu, mu_r, wd, ws, Wf, shift, mean
             wf[k] = sc * w[k]
 
 
-@njit(**_OPTS)
+@_jit(**_OPTS)
 def fold_direction_backward(dWf, wd, ws, inv, s, gamma, dW, dscale, dvw, M):
     """The backward of :func:`fold_direction` for ``dWf`` ``(G, F)``: ``dscale`` (the gradient of
     s), ``dW = s dWf + 2 dv ws`` with ``dv = -dscale gamma inv^3 / 2``, and ``M += wd^T diag(dv) wd``
