@@ -283,6 +283,11 @@ def test_a_column_block_of_the_matrix_product_has_the_bits_of_the_whole(dtype):
     B = rng.standard_normal((k, n)).astype(dtype)
     whole = np.empty((m, n), dtype)
     rk.gemm(A, 0, False, B, 0, whole, 0, m, n, k, False)
+    # the transposed operand (the weight gradients' D^T X: A's columns packed per panel) gives the same bits
+    At = np.ascontiguousarray(A.T)
+    tr = np.empty((m, n), dtype)
+    rk.gemm(At, 0, True, B, 0, tr, 0, m, n, k, False)
+    assert np.array_equal(tr, whole)
     for j0, j1 in ((0, vl), (vl, 3 * vl), (3 * vl, n), (2 * vl, 7 * vl)):
         part = np.zeros((m, n), dtype)
         rk.gemm(A, 0, False, B, j0, part, j0, m, j1 - j0, k, False)
@@ -290,6 +295,9 @@ def test_a_column_block_of_the_matrix_product_has_the_bits_of_the_whole(dtype):
         rows = np.zeros((m, n), dtype)
         rk.gemm(A, 4 * k, False, B, j0, rows, 4 * n + j0, 5, j1 - j0, k, False)  # rows 4..8 alone
         assert np.array_equal(rows[4:9, j0:j1], whole[4:9, j0:j1]), (j0, j1)
+        rows_t = np.zeros((m, n), dtype)
+        rk.gemm(At, 4, True, B, j0, rows_t, 4 * n + j0, 5, j1 - j0, k, False)  # rows 4..8 of the transposed
+        assert np.array_equal(rows_t[4:9, j0:j1], whole[4:9, j0:j1]), (j0, j1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -188,7 +188,13 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
 
     Every element is one ``llvm.fma`` chain over k in order (columns past the last whole vector: a
     float64 sum), whatever the block sizes: a column block computed alone gives the bits it gets in
-    a wider product, as long as its start lies a whole number of vectors from the wider one's."""
+    a wider product, as long as its start lies a whole number of vectors from the wider one's.
+
+    With ``trans_a`` (the weight gradients' ``D^T X``, long k) each group of 4 columns of A is
+    copied per panel of ``_KC`` rows into a contiguous buffer first, then multiplied by every column
+    block of B: A's 4 values a row of k stand a whole row of A apart otherwise (a new cache line and,
+    every few rows, a new page each). Measured (one thread, 3200 x 512 by 3200 x 128, float32):
+    52.6 GF/s without, 63.5 with; the same bits."""
     lda = A.shape[1]
     ldb = B.shape[1]
     ldc = C.shape[1]
@@ -208,13 +214,28 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
     Af = A.reshape(-1)
     Bf = B.reshape(-1)
     Cf = C.reshape(-1)
+    pack = trans_a and m4 > 0 and n1 > 0
+    Pk = np.empty(4 * _KC if pack else 0, A.dtype)
     for k0 in range(0, k, _KC):
         kc = min(_KC, k - k0)
         acc = accumulate or k0 > 0
         ao = a_off + (k0 * lda if trans_a else k0)
         bo = b_off + k0 * ldb
-        for j in range(0, n4, BN):
+        if pack:  # A's 4 columns i.. of this panel, contiguous (see above), times every whole vector of B
             for i in range(0, m4, 4):
+                for q in range(kc):
+                    src = ao + q * lda + i
+                    for r in range(4):
+                        Pk[q * 4 + r] = Af[src + r]
+                for j in range(0, n4, BN):
+                    _TW4(Pk, 0, 4, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                for j in range(n4, n2, 2 * VL):
+                    _T42(Pk, 0, 4, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                for j in range(n2, n1, VL):
+                    _T41(Pk, 0, 4, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+        i4 = m4 if pack else 0  # the rows of 4 the packed pass did not already do
+        for j in range(0, n4, BN):
+            for i in range(i4, m4, 4):
                 if trans_a:
                     _TW4(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
@@ -225,7 +246,7 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
                 else:
                     _KW1(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for j in range(n4, n2, 2 * VL):
-            for i in range(0, m4, 4):
+            for i in range(i4, m4, 4):
                 if trans_a:
                     _T42(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
@@ -236,7 +257,7 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
                 else:
                     _K12(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for j in range(n2, n1, VL):
-            for i in range(0, m4, 4):
+            for i in range(i4, m4, 4):
                 if trans_a:
                     _T41(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 else:
