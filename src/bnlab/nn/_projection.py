@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..kernels import cpu as _cpu
 from ..kernels._jit import recurrent_jit as _jit
+from . import _buffers
 from . import _recurrent_kernels as _rk
 
 #: multiply-adds of a product from which it is split over threads (below: the calling thread)
@@ -115,7 +116,7 @@ class Projection(torch.autograd.Function):
         F = x.shape[-1]
         G = w.shape[0]
         rows = x.detach().reshape(-1, F).contiguous()
-        out = torch.empty(rows.shape[0], G, dtype=x.dtype)
+        out = _buffers.empty((rows.shape[0], G), x.dtype)
         if rows.shape[0]:
             rows_product(rows.numpy(), w.detach().t().contiguous().numpy(), out.numpy())
         ctx.save_for_backward(x, w)
@@ -135,7 +136,7 @@ class Projection(torch.autograd.Function):
         d = dy.detach().reshape(-1, G).contiguous()
         dx = dw = None
         if need_x:
-            dx = torch.empty(rows.shape[0], F, dtype=rows.dtype)
+            dx = _buffers.empty((rows.shape[0], F), rows.dtype)
             if rows.shape[0]:
                 rows_product(d.numpy(), w.detach().contiguous().numpy(), dx.numpy())
             dx = dx.view(x.shape)

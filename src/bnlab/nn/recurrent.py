@@ -91,6 +91,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .. import kernels as _kernels
 from ..kernels import cpu as _cpu
 from .. import reference as _ref
+from . import _buffers
 from . import _recurrent_kernels as _rk
 from ._projection import project as _project
 from .masked import SequenceBatchNorm, StatsUpdate, collect_stats, commit_stats
@@ -710,7 +711,7 @@ class _FusedRecurrence(torch.autograd.Function):
         sx = _site_arrays(spec.sites[0], gx, bx, N, T, G, dt)
         sh = _site_arrays(spec.sites[1], gh, None, N, T, G, dt, raw=True)
         sc = _site_arrays(spec.sites[2], gc, bc, N if lstm else 0, T, H, dt)
-        out = torch.empty(spec.out_shape, dtype=xp.dtype)
+        out = _buffers.empty(spec.out_shape, xp.dtype)
         hn = torch.empty(B, P, dtype=xp.dtype)
         cn = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
         e = _EMPTY2[dt]
@@ -755,7 +756,7 @@ class _FusedRecurrence(torch.autograd.Function):
         N = int(spec.off[-1])
         lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
         e = _EMPTY2[dt]
-        dxp = torch.empty_like(xp)
+        dxp = _buffers.empty(xp.shape, xp.dtype)
         dh0 = torch.empty(B, P, dtype=xp.dtype)
         dc0 = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
         DA = np.empty((N, G), dt)

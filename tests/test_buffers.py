@@ -1,0 +1,102 @@
+"""The fused recurrent layers' pool of large output tensors: a tensor anything still uses is never
+handed out again; one nothing uses is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab.nn import BNLSTM, _buffers
+
+BIG = (1024, 512)  # 2 MiB in float32: pooled
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pool():
+    _buffers.clear()
+    yield
+    _buffers.clear()
+
+
+def test_a_held_tensor_is_never_handed_out_again():
+    a = _buffers.empty(BIG, torch.float32).fill_(1.0)
+    b = _buffers.empty(BIG, torch.float32).fill_(2.0)
+    assert a.data_ptr() != b.data_ptr()
+    assert bool((a == 1.0).all())
+
+
+def test_a_view_or_a_saved_tensor_keeps_the_buffer():
+    a = _buffers.empty(BIG, torch.float32)
+    ptr = a.data_ptr()
+    v = a[3:7]
+    del a
+    assert _buffers.empty(BIG, torch.float32).data_ptr() != ptr  # the view still uses it
+    del v
+    x = _buffers.empty(BIG, torch.float32).fill_(0.5).requires_grad_()
+    px = x.data_ptr()
+    loss = (x * x).sum()  # autograd saves x
+    del x
+    assert _buffers.empty(BIG, torch.float32).data_ptr() != px
+    loss.backward()
+    del loss
+    assert _buffers.empty(BIG, torch.float32).data_ptr() in (ptr, px)  # free again: reused
+
+
+def test_a_buffer_nothing_uses_is_reused_for_a_request_that_fits():
+    a = _buffers.empty(BIG, torch.float64)
+    ptr = a.data_ptr()
+    del a
+    b = _buffers.empty((BIG[0] - 10, BIG[1]), torch.float64)  # smaller, within twice: the same buffer
+    assert b.data_ptr() == ptr and b.shape == (BIG[0] - 10, BIG[1]) and b.is_contiguous()
+    del b
+    assert _buffers.empty((10, 10), torch.float64).data_ptr() != ptr  # small: torch's allocator
+    c = _buffers.empty(BIG, torch.float32)  # another dtype: not that buffer
+    assert c.data_ptr() != ptr and c.dtype == torch.float32
+
+
+def test_small_tensors_and_other_dtypes_are_not_pooled():
+    _buffers.empty((8, 8), torch.float32)
+    _buffers.empty(BIG, torch.int64)
+    _buffers.empty(BIG, torch.bfloat16)
+    assert _buffers.held_bytes() == 0
+
+
+def test_the_pool_keeps_at_most_its_limit(monkeypatch):
+    monkeypatch.setattr(_buffers, "LIMIT", 5 << 20)
+    held = [_buffers.empty(BIG, torch.float32) for _ in range(6)]  # 12 MiB, all in use
+    assert _buffers.held_bytes() <= 5 << 20
+    assert len({t.data_ptr() for t in held}) == 6
+    del held
+    for _ in range(4):
+        _buffers.empty(BIG, torch.float32)
+    assert _buffers.held_bytes() <= 5 << 20
+
+
+def test_a_kept_output_of_a_fused_layer_survives_the_next_steps(monkeypatch):
+    """A training loop that keeps each step's output (and one graph with retain_graph): the next
+    steps' outputs and gradients must not be written into them."""
+    monkeypatch.setattr(_buffers, "FROM", 4096)  # every output of these sizes from the pool
+    torch.manual_seed(0)
+    m = BNLSTM(8, 96, batch_first=True, norm="per_timestep")
+    kept, copies, grads = [], [], []
+    for step in range(3):
+        x = torch.randn(32, 40, 8, requires_grad=True)
+        out = m(x)[0]
+        assert _buffers.held_bytes() > 0  # the pooled path
+        loss = out.pow(2).mean()
+        loss.backward(retain_graph=(step == 0))
+        kept.append(out)
+        copies.append(out.detach().clone())
+        grads.append((x.grad.clone(), x.grad))
+        if step == 0:
+            first_loss = loss
+    for out, ref in zip(kept, copies):
+        assert torch.equal(out.detach(), ref)
+    for g_copy, g in grads:
+        assert torch.equal(g, g_copy)
+    # the retained graph still backpropagates to the same gradients
+    xg = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    first_loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert any(not torch.equal(p.grad, g) for p, g in zip(m.parameters(), xg))  # step 0's, not step 2's
