@@ -169,8 +169,9 @@ def _make_kernel(R: int, NV: int, trans_a: bool):
 
 #: vectors of B and C per block of the widest kernel: 4 with AVX-512's 32 vector registers (16
 #: accumulators, 4 loads of B, a broadcast of A), 3 with AVX2's 16 (4 x 4 spills its accumulators:
-#: measured on a 2-core AVX2 EPYC, 64 x 128 @ 128 x 512 in float32, one thread, 37 GF/s at 4 x 4
-#: against 72 at 4 x 3, 70 at 6 x 2; torch.mm 56; transposed A 27 against 70; float64 13 against 29)
+#: measured on a 2-core AVX2 EPYC, 32 x 128 @ 128 x 512 (a thread's rows of a step) in float32,
+#: one thread, 37 GF/s at 4 x 4 against 72 at 4 x 3, 70 at 6 x 2; torch.mm 56; transposed A 27
+#: against 70; float64 13 against 29)
 _WIDE = 4 if VECTOR_BYTES == 64 else 3
 
 _KW4, _KW1, _K42, _K12, _K41, _K11 = (_make_kernel(r, v, False) for r, v in ((4, _WIDE), (1, _WIDE), (4, 2), (1, 2),
