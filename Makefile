@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnlab-installed
-WARMUP_MSG := "Warming bnlab's kernel cache: compiling the numba CPU kernels (batch norm and its fused ReLU, recurrent layers; two processes) once into numba's on-disk cache, and building the small-call C++ extension into ~/.cache/bnlab (a third process, which then compiles the fused kernels' float64 variants): about 7 minutes on a fresh checkout, seconds when warm..."
+WARMUP_MSG := "Warming bnlab's kernel cache: compiling the numba CPU kernels (batch norm and its fused ReLU, recurrent layers; two processes) once into numba's on-disk cache, and building the small-call C++ extension into ~/.cache/bnlab (a third process, which then compiles the fused kernels' float64 variants): about 5-7 minutes on a fresh checkout, seconds when warm..."
 
 .PHONY: audit test bench setup clean
 
