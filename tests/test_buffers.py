@@ -100,3 +100,38 @@ def test_a_kept_output_of_a_fused_layer_survives_the_next_steps(monkeypatch):
     first_loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
     assert any(not torch.equal(p.grad, g) for p, g in zip(m.parameters(), xg))  # step 0's, not step 2's
+
+
+def test_threads_calling_a_fused_layer_at_once_get_their_own_outputs(monkeypatch):
+    """Python threads running the same fused layer concurrently (inference, eval statistics): each
+    call's output equals the same call run alone, none written into another's."""
+    import threading
+
+    monkeypatch.setattr(_buffers, "FROM", 4096)
+    torch.manual_seed(1)
+    m = BNLSTM(8, 64, batch_first=True, norm="per_timestep").eval()
+    xs = [torch.randn(16, 20, 8) for _ in range(4)]
+    with torch.no_grad():
+        want = [m(x)[0].clone() for x in xs]
+    got: list = [None] * len(xs)
+    errors: list = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                outs = [m(xs[i])[0] for _ in range(5)]  # all kept until compared
+            got[i] = outs
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, outs in enumerate(got):
+        for o in outs:
+            assert torch.equal(o, want[i]), i
+    ptrs = [o.data_ptr() for outs in got for o in outs]
+    assert len(set(ptrs)) == len(ptrs)  # every kept output on its own buffer
