@@ -12,7 +12,8 @@ helper would leave the kernels that inline it stale. :func:`kernel_jit` therefor
 function with one hash over every source file of compiled code in this package
 (:data:`SOURCES`): an edit to any of them recompiles them all, as an edit to the single file they
 once were did; the recurrent layers' kernels likewise with their own files
-(:data:`RECURRENT_SOURCES`, :func:`recurrent_jit`). (An explicit ``NUMBA_CACHE_LOCATOR_CLASSES`` setting is honoured as it is.)
+(:data:`RECURRENT_SOURCES`, :func:`recurrent_jit`). (An explicit ``NUMBA_CACHE_LOCATOR_CLASSES``
+setting is honoured as it is.)
 
 **Variants.** :func:`variant` compiles a kernel's code again under another name with some of its
 module's constants replaced: the serial twins a forked child runs (the same code without

@@ -234,13 +234,10 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
                     _T42(Pk, 0, 4, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
                 for j in range(n2, n1, VL):
                     _T41(Pk, 0, 4, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
-        i4 = m4 if pack else 0  # the rows of 4 the packed pass did not already do
+        i4 = m4 if trans_a else 0  # transposed: the packed pass did the rows of 4 (or there are none to do)
         for j in range(0, n4, BN):
             for i in range(i4, m4, 4):
-                if trans_a:
-                    _TW4(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
-                else:
-                    _KW4(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                _KW4(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
             for i in range(m4, m):
                 if trans_a:
                     _TW1(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
@@ -248,10 +245,7 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
                     _KW1(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for j in range(n4, n2, 2 * VL):
             for i in range(i4, m4, 4):
-                if trans_a:
-                    _T42(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
-                else:
-                    _K42(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                _K42(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
             for i in range(m4, m):
                 if trans_a:
                     _T12(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
@@ -259,10 +253,7 @@ def gemm(A, a_off, trans_a, B, b_off, C, c_off, m, n, k, accumulate):
                     _K12(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
         for j in range(n2, n1, VL):
             for i in range(i4, m4, 4):
-                if trans_a:
-                    _T41(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
-                else:
-                    _K41(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
+                _K41(A, ao + i * lda, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
             for i in range(m4, m):
                 if trans_a:
                     _T11(A, ao + i, lda, B, bo + j, ldb, C, c_off + i * ldc + j, ldc, kc, acc)
