@@ -1,5 +1,6 @@
 """The recurrent benchmark's bookkeeping: alternating order, noise bands, targets (not timings)."""
 
+import mmap
 from types import SimpleNamespace
 
 import bnlab.bench_rnn as BR
@@ -12,6 +13,22 @@ def test_rounds_alternate_the_order_and_time_every_model_once_a_round(monkeypatc
     assert calls[:3] == ["A", "B", "C"]  # warm-up
     assert calls[3:] == ["A", "B", "C", "C", "B", "A", "A", "B", "C", "C", "B", "A"]
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_rounds_count_each_calls_page_faults(monkeypatch):
+    def step(m, x):
+        if m == "maps":  # 2 MiB of fresh anonymous pages, each written: 512 first-touch faults
+            buf = mmap.mmap(-1, 2 << 20)
+            for off in range(0, len(buf), mmap.PAGESIZE):
+                buf[off] = 1
+            buf.close()
+
+    monkeypatch.setattr(BR, "_step", step)
+    flt = {}
+    times = BR.time_rounds({"quiet": "quiet", "maps": "maps"}, None, repeats=5, warmup=1, faults=flt)
+    assert set(flt) == set(times) and all(len(v) == 5 for v in flt.values())
+    assert all(v >= 512 for v in flt["maps"]), flt["maps"]
+    assert max(flt["quiet"]) < 64, flt["quiet"]
 
 
 def test_band_is_the_quartiles_of_the_per_round_ratios():
@@ -29,8 +46,11 @@ def test_the_suite_reports_every_mode_with_its_band_and_the_issue_targets(monkey
         lo, hi = r["ratio_iqr"]
         assert 0 < lo <= hi and r["ratio"] > 0
         assert r["target"] == BR.TARGETS[r["norm"]] and r["ok"] == (r["ratio"] >= 1.0 / r["target"])
+        assert r["faults"] >= 0 and r["torch_faults"] >= 0
     table = BR.format_table(res)
-    assert "order alternating" in table and "noise band" in table
+    assert "order alternating" in table and "noise band" in table and "page faults" in table
+    flt = f"{rows[0]['faults']:.0f}/{rows[0]['torch_faults']:.0f}"
+    assert any(rows[0]["name"] in line and flt in line for line in table.splitlines())
     assert sum(line.count("[") for line in table.splitlines()[2:]) == len(rows)
 
 

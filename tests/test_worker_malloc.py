@@ -1,0 +1,52 @@
+"""The audit's worker processes keep freed memory (glibc mallopt, bnlab.lab.runner.keep_freed_memory)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    reason="glibc only")
+
+# where a 24 MB block lands: glibc's defaults map a block that large with mmap (fresh pages each time,
+# returned to the kernel at free); a worker's allocator serves it from the heap, which it keeps
+_PROBE = r"""
+import json, sys
+import numpy as np
+import torch
+from bnlab.lab import runner
+if sys.argv[1] == "worker":
+    runner._init_worker(1)
+a = np.ones(3 << 20)  # 24 MB
+p = a.ctypes.data
+heap = [tuple(int(v, 16) for v in line.split()[0].split("-")) for line in open("/proc/self/maps")
+        if line.rstrip().endswith("[heap]")]
+torch.set_num_threads(1)  # as a worker runs: the same reduction order
+torch.manual_seed(0)
+x, w = torch.randn(512, 256), torch.randn(256, 128)
+y = (x @ w).relu()
+print(json.dumps({"malloc": runner._MALLOC, "in_heap": any(lo <= p < hi for lo, hi in heap),
+                  "sum": float(y.sum()), "threads": torch.get_num_threads()}))
+"""
+
+
+def _probe(mode, **env):
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, **env), check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_worker_serves_large_blocks_from_the_heap_it_keeps():
+    plain, worker = _probe("plain"), _probe("worker")
+    assert plain["malloc"] == "default" and not plain["in_heap"]  # glibc's default: mmap
+    assert worker["malloc"] == "kept" and worker["in_heap"]
+    assert worker["threads"] == 1
+    assert worker["sum"] == plain["sum"]  # where memory comes from changes no number
+
+
+def test_the_environment_can_leave_a_worker_at_glibcs_defaults():
+    worker = _probe("worker", BNLAB_WORKER_MALLOC="default")
+    assert worker["malloc"] == "default" and not worker["in_heap"]
