@@ -31,6 +31,18 @@ def test_rounds_count_each_calls_page_faults(monkeypatch):
     assert max(flt["quiet"]) < 64, flt["quiet"]
 
 
+def test_without_a_fault_count_the_rows_say_so(monkeypatch):
+    monkeypatch.setattr(BR, "_step", lambda m, x: None)
+    monkeypatch.setattr(BR, "resource", None)
+    flt = {}
+    BR.time_rounds({"a": "A"}, None, repeats=2, warmup=0, faults=flt)
+    assert flt == {}
+    row = {"kind": "LSTM", "shape": "s", "lengths": "equal", "name": "BNLSTM layer", "norm": "layer", "ms": 1.0,
+           "torch_ms": 1.0, "ratio": 1.0, "ratio_iqr": [1.0, 1.0], "target": 1.3, "ok": True, "faults": None,
+           "torch_faults": None}
+    assert BR.format_table({"threads": 2, "repeats": 20, "rows": [row]}).splitlines()[-1].endswith(">=0.77 ok")
+
+
 def test_band_is_the_quartiles_of_the_per_round_ratios():
     assert BR._band([2.0, 2.0, 2.0, 2.0, 2.0], [1.0, 2.0, 4.0, 1.0, 2.0]) == [1.0, 2.0]
     assert BR._band([3.0], [1.5]) == [2.0, 2.0]

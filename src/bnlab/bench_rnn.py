@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import statistics
 import time
 
@@ -43,6 +42,11 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .nn.recurrent import BNGRU, BNLSTM, BNRNN, NORM_MODES
+
+try:
+    import resource
+except ImportError:  # not a Unix: no fault counts
+    resource = None
 
 __all__ = ["run_rnn_suite", "main", "TARGETS", "SHAPES", "format_table"]
 
@@ -99,11 +103,13 @@ def time_rounds(models: dict, x, repeats: int, warmup: int = 3, progress=None, t
     """Seconds of one fwd+bwd per model and round: every model once a round, the order reversed every
     other round (no model always runs right after the same one), the garbage collector off while
     timing. ``faults``: a dict to fill with each model's minor page faults per round (the same
-    calls)."""
+    calls; left empty where the platform counts none)."""
     for _ in range(warmup):
         for m in models.values():
             _step(m, x)
     times = {k: [] for k in models}
+    if resource is None:
+        faults = None
     if faults is not None:
         faults.update({k: [] for k in models})
     items = list(models.items())
@@ -171,7 +177,8 @@ def run_rnn_suite(args, progress=None) -> dict:
     layer of the same kind, size and input in the same interleaved run, ``ratio_iqr`` the quartiles
     of the per-round ratios; ``target``: the most times torch's time the layer may take (met when
     ratio >= 1 / target); ``status``: :func:`status` (ok, within noise, MISSED); ``faults`` and
-    ``torch_faults``: the median minor page faults of a step of the row's layer and of torch's.
+    ``torch_faults``: the median minor page faults of a step of the row's layer and of torch's (None
+    where the platform counts none).
     """
     quick = bool(getattr(args, "quick", False))
     repeats = int(getattr(args, "repeats", 25) or 25)
@@ -209,8 +216,8 @@ def run_rnn_suite(args, progress=None) -> dict:
                                      "ms": sec * 1e3, "torch_ms": base * 1e3, "ratio": ratio, "ratio_iqr": band,
                                      "target": target, "ok": None if target is None else ratio >= least,
                                      "status": status(ratio, band, least),
-                                     "faults": statistics.median(flt[name]),
-                                     "torch_faults": statistics.median(flt[f"torch.nn.{kind}"])})
+                                     "faults": statistics.median(flt[name]) if flt else None,
+                                     "torch_faults": statistics.median(flt[f"torch.nn.{kind}"]) if flt else None})
     finally:
         torch.set_num_threads(old_threads)
     return {"suite": "rnn", "shapes": list(shapes), "threads": threads, "repeats": repeats, "rows": rows,
