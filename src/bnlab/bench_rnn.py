@@ -119,7 +119,7 @@ def time_rounds(models: dict, x, repeats: int, warmup: int = 3, progress=None, t
     try:
         for r in range(repeats):
             for k, m in (items if r % 2 == 0 else items[::-1]):
-                f0 = _faults()
+                f0 = _faults() if faults is not None else 0
                 t0 = time.perf_counter()
                 _step(m, x)
                 times[k].append(time.perf_counter() - t0)
