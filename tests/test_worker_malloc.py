@@ -33,20 +33,29 @@ print(json.dumps({"malloc": runner._MALLOC, "in_heap": any(lo <= p < hi for lo, 
 """
 
 
-def _probe(mode, **env):
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, **env), check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def probes():
+    """The three probes, run at once (each a fresh interpreter importing torch)."""
+    cases = {"plain": ("plain", {}), "worker": ("worker", {}),
+             "opt_out": ("worker", {"BNLAB_WORKER_MALLOC": "default"})}
+    procs = {k: subprocess.Popen([sys.executable, "-c", _PROBE, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=dict(os.environ, **env)) for k, (mode, env) in cases.items()}
+    out = {}
+    for k, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        out[k] = json.loads(stdout.strip().splitlines()[-1])
+    return out
 
 
-def test_a_worker_serves_large_blocks_from_the_heap_it_keeps():
-    plain, worker = _probe("plain"), _probe("worker")
+def test_a_worker_serves_large_blocks_from_the_heap_it_keeps(probes):
+    plain, worker = probes["plain"], probes["worker"]
     assert plain["malloc"] == "default" and not plain["in_heap"]  # glibc's default: mmap
     assert worker["malloc"] == "kept" and worker["in_heap"]
     assert worker["threads"] == 1
     assert worker["sum"] == plain["sum"]  # where memory comes from changes no number
 
 
-def test_the_environment_can_leave_a_worker_at_glibcs_defaults():
-    worker = _probe("worker", BNLAB_WORKER_MALLOC="default")
+def test_the_environment_can_leave_a_worker_at_glibcs_defaults(probes):
+    worker = probes["opt_out"]
     assert worker["malloc"] == "default" and not worker["in_heap"]
