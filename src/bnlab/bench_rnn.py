@@ -23,8 +23,9 @@ zeroes on first write, about 2 us a fault on the 2-core machine. It tells a comp
 an allocator one: torch's 2-layer LSTM at 64x40 in a fresh process faults about 5,000 times a step
 (about 20 MB of its workspace mapped anew each call with glibc's defaults) and takes 21-25 ms; in a
 process whose allocator has kept larger blocks (after a 64x50 layer ran, say) it faults about 50
-times and takes 14 ms. The bench runs each shape in the allocator state the earlier shapes left,
-as a user's process would be; the column shows which state a ratio was measured in.
+times and takes 14 ms (in the bench's own process, beside the other contenders, about 2,900 a
+step). The bench runs each shape in the allocator state the earlier shapes left, as a user's
+process would be; the column shows which state a ratio was measured in.
 
     python -m bnlab.bench_rnn              # table
     bnlab bench --suite rnn [--json FILE]  # the same, through the project's bench command
