@@ -59,3 +59,28 @@ def test_a_worker_serves_large_blocks_from_the_heap_it_keeps(probes):
 def test_the_environment_can_leave_a_worker_at_glibcs_defaults(probes):
     worker = probes["opt_out"]
     assert worker["malloc"] == "default" and not worker["in_heap"]
+
+
+def _touch_pages(config):
+    import mmap
+
+    buf = mmap.mmap(-1, config["mb"] << 20)  # fresh anonymous pages, each written once
+    for off in range(0, len(buf), mmap.PAGESIZE):
+        buf[off] = 1
+    buf.close()
+    return {"ok": True}
+
+
+def test_each_run_records_its_page_faults():
+    from bnlab.lab import runner, tasks
+
+    tasks.register_task("test_touch_pages", _touch_pages)
+    try:
+        small = runner.execute({"task": "test_touch_pages", "mb": 1})
+        big = runner.execute({"task": "test_touch_pages", "mb": 8})
+    finally:
+        tasks._TASKS.pop("test_touch_pages", None)
+    assert small["ok"] and big["ok"], (small.get("error"), big.get("error"))
+    assert big["meta"]["minor_faults"] >= (8 << 20) // 4096  # one a page at least
+    assert small["meta"]["minor_faults"] < big["meta"]["minor_faults"]
+    assert big["meta"]["malloc"] == "default"  # in-process: the caller's allocator is left alone
