@@ -33,7 +33,7 @@ def test_rounds_count_each_calls_page_faults(monkeypatch):
 
 def test_without_a_fault_count_the_rows_say_so(monkeypatch):
     monkeypatch.setattr(BR, "_step", lambda m, x: None)
-    monkeypatch.setattr(BR, "resource", None)
+    monkeypatch.setattr(BR, "minor_faults", lambda: None)
     flt = {}
     BR.time_rounds({"a": "A"}, None, repeats=2, warmup=0, faults=flt)
     assert flt == {}

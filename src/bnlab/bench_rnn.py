@@ -42,12 +42,8 @@ import time
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .nn._buffers import minor_faults
 from .nn.recurrent import BNGRU, BNLSTM, BNRNN, NORM_MODES
-
-try:
-    import resource
-except ImportError:  # not a Unix: no fault counts
-    resource = None
 
 __all__ = ["run_rnn_suite", "main", "TARGETS", "SHAPES", "format_table"]
 
@@ -94,11 +90,6 @@ def _input(size: dict, packed: bool):
     return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
 
 
-def _faults() -> int:
-    """Minor page faults of this process so far (every thread's)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def time_rounds(models: dict, x, repeats: int, warmup: int = 3, progress=None, task=None,
                 faults: dict | None = None) -> dict:
     """Seconds of one fwd+bwd per model and round: every model once a round, the order reversed every
@@ -109,9 +100,8 @@ def time_rounds(models: dict, x, repeats: int, warmup: int = 3, progress=None, t
         for m in models.values():
             _step(m, x)
     times = {k: [] for k in models}
-    if resource is None:
-        faults = None
-    if faults is not None:
+    count = faults is not None and minor_faults() is not None
+    if count:
         faults.update({k: [] for k in models})
     items = list(models.items())
     gc.collect()
@@ -120,12 +110,12 @@ def time_rounds(models: dict, x, repeats: int, warmup: int = 3, progress=None, t
     try:
         for r in range(repeats):
             for k, m in (items if r % 2 == 0 else items[::-1]):
-                f0 = _faults() if faults is not None else 0
+                f0 = minor_faults() if count else 0
                 t0 = time.perf_counter()
                 _step(m, x)
                 times[k].append(time.perf_counter() - t0)
-                if faults is not None:
-                    faults[k].append(_faults() - f0)
+                if count:
+                    faults[k].append(minor_faults() - f0)
             if progress is not None and task is not None:
                 progress.advance(task)
     finally:

@@ -119,24 +119,16 @@ def _numba_threads() -> int | None:
         return None
 
 
-def _minor_faults() -> int | None:
-    """This process's minor page faults so far (None where the platform has no count)."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def execute(config: dict) -> dict:
     """Run one config; never raises. Returns ``{"ok", "result" | "error", "wall_s", "meta"}``."""
     import torch
 
+    from ..nn._buffers import minor_faults
     from .tasks import run
 
     if torch.get_num_threads() != _THREADS:
         _set_threads(_THREADS)
-    f0 = _minor_faults()
+    f0 = minor_faults()
     t0 = time.perf_counter()
     try:
         result = run(config)
@@ -144,7 +136,7 @@ def execute(config: dict) -> dict:
     except Exception:  # a bug, not a diverged run: reported, not stored
         result, ok, err = None, False, traceback.format_exc()
     wall = time.perf_counter() - t0
-    f1 = _minor_faults()
+    f1 = minor_faults()
     meta = {"pid": os.getpid(), "host": platform.node(), "threads": torch.get_num_threads(),
             "numba_threads": _numba_threads(), "in_process": not _IN_POOL, "malloc": _MALLOC,
             "minor_faults": None if f0 is None or f1 is None else f1 - f0}

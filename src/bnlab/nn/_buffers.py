@@ -26,7 +26,12 @@ import threading
 import numpy as np
 import torch
 
-__all__ = ["empty", "LIMIT", "FROM"]
+try:
+    import resource
+except ImportError:  # not a Unix: no fault count
+    resource = None
+
+__all__ = ["empty", "LIMIT", "FROM", "minor_faults"]
 
 #: bytes: smaller tensors come from torch's allocator (glibc keeps such blocks in its heap)
 FROM = 1 << 20
@@ -90,3 +95,10 @@ def held_bytes() -> int:
     """Bytes of buffers the pool keeps (in use or idle)."""
     with _lock:
         return sum(b.nbytes for b in _bufs)
+
+
+def minor_faults() -> int | None:
+    """This process's minor page faults so far, every thread's (the figure this pool is measured
+    by; the recurrent bench and the audit's run records report it); None where the platform has no
+    count."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
