@@ -503,57 +503,70 @@ def _loop(builder, start, stop, step, carried, body):
     return phis
 
 
+_V4 = ir.VectorType(ir.DoubleType(), 4)
+
+
+def _load4(builder, data, j, f32):
+    """Elements ``j .. j + 3`` at ``data`` (float32 widened, or float64) as a vector of 4 float64."""
+    p = builder.gep(data, [j])
+    if f32:
+        x = builder.load(builder.bitcast(p, ir.VectorType(ir.FloatType(), 4).as_pointer()), align=4)
+        return builder.fpext(x, _V4)
+    return builder.load(builder.bitcast(p, _V4.as_pointer()), align=8)
+
+
+def _load1(builder, data, j, f32):
+    """Element ``j`` at ``data`` as a float64."""
+    x = builder.load(builder.gep(data, [j]))
+    return builder.fpext(x, ir.DoubleType()) if f32 else x
+
+
+def _lanes(builder, vec):
+    """The 4 lanes of a vector, as scalars."""
+    return [builder.extract_element(vec, ir.Constant(ir.IntType(32), k)) for k in range(4)]
+
+
+def _row(v) -> bool:
+    return isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C"
+
+
 @intrinsic
 def _sum_dev(typingctx, v, n, s):
     """``sum_j (v[j] - s)`` and ``sum_j (v[j] - s)^2`` for ``j < n`` (v: a contiguous 1-D float32/float64
     array, s float64), in float64: 8 running sums (element j into sum j mod 8, in order), the
     elements past the last 8 into sum 0, then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
     Two vectors of 4 lanes hold the 8 sums; no reassociation, no fused multiply-add."""
-    if not isinstance(v, types.Array) or v.ndim != 1 or v.layout != "C" or v.dtype not in (types.float32, types.float64):
+    if not _row(v) or v.dtype not in (types.float32, types.float64):
         return None
     sig = types.UniTuple(types.float64, 2)(v, n, s)
 
     def codegen(context, builder, signature, args):
-        va, nv, sv = args
-        aty = signature.args[0]
-        ary = context.make_array(aty)(context, builder, va)
-        data = ary.data
-        i64 = ir.IntType(64)
-        f64 = ir.DoubleType()
-        v4 = ir.VectorType(f64, 4)
-        n64 = context.cast(builder, nv, signature.args[1], types.int64)
-        s64 = context.cast(builder, sv, signature.args[2], types.float64)
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v4, ir.Undefined), s64, ir.Constant(ir.IntType(32), 0)),
-                                       ir.Constant(v4, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 4), [0] * 4))
+        aty, nty, sty = signature.args
+        data = context.make_array(aty)(context, builder, args[0]).data
         f32 = aty.dtype == types.float32
+        i64 = ir.IntType(64)
+        n64 = context.cast(builder, args[1], nty, types.int64)
+        s64 = context.cast(builder, args[2], sty, types.float64)
+        splat = builder.insert_element(ir.Constant(_V4, ir.Undefined), s64, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(_V4, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), 4), [0] * 4))
         m = builder.sub(n64, builder.srem(n64, ir.Constant(i64, 8)))
-        zero = ir.Constant(v4, None)
-
-        def load4(j):
-            p = builder.gep(data, [j])
-            if f32:
-                x = builder.load(builder.bitcast(p, ir.VectorType(ir.FloatType(), 4).as_pointer()), align=4)
-                return builder.fpext(x, v4)
-            return builder.load(builder.bitcast(p, v4.as_pointer()), align=8)
+        zero = ir.Constant(_V4, None)
 
         def body(j, acc):
             aA, aB, qA, qB = acc
-            dA = builder.fsub(load4(j), splat)
-            dB = builder.fsub(load4(builder.add(j, ir.Constant(i64, 4))), splat)
+            dA = builder.fsub(_load4(builder, data, j, f32), splat)
+            dB = builder.fsub(_load4(builder, data, builder.add(j, ir.Constant(i64, 4)), f32), splat)
             return [builder.fadd(aA, dA), builder.fadd(aB, dB),
                     builder.fadd(qA, builder.fmul(dA, dA)), builder.fadd(qB, builder.fmul(dB, dB))]
 
-        aA, aB, qA, qB = _loop(builder, ir.Constant(i64, 0), m, ir.Constant(i64, 8), [zero, zero, zero, zero], body)
-        lane = [ir.Constant(ir.IntType(32), k) for k in range(4)]
-        a = [builder.extract_element(aA, lane[k]) for k in range(4)] + [builder.extract_element(aB, lane[k]) for k in range(4)]
-        q = [builder.extract_element(qA, lane[k]) for k in range(4)] + [builder.extract_element(qB, lane[k]) for k in range(4)]
+        aA, aB, qA, qB = _loop(builder, ir.Constant(i64, 0), m, ir.Constant(i64, 8), [zero] * 4, body)
+        a = _lanes(builder, aA) + _lanes(builder, aB)
+        q = _lanes(builder, qA) + _lanes(builder, qB)
 
         def tail(j, acc):
             a0, q0 = acc
-            x = builder.load(builder.gep(data, [j]))
-            if f32:
-                x = builder.fpext(x, f64)
-            d = builder.fsub(x, s64)
+            d = builder.fsub(_load1(builder, data, j, f32), s64)
             return [builder.fadd(a0, d), builder.fadd(q0, builder.fmul(d, d))]
 
         a[0], q[0] = _loop(builder, m, n64, ir.Constant(i64, 1), [a[0], q[0]], tail)
@@ -569,53 +582,32 @@ def _sum_dev(typingctx, v, n, s):
 
 @intrinsic
 def _dots(typingctx, dy, g, xh, n):
-    """``sum_j dy[j] g[j]`` and ``sum_j dy[j] g[j] xh[j]`` for ``j < n`` in float64: 4 running sums
-    (element j into sum j mod 4, in order), the elements past the last 4 into sum 0, then
-    (s0 + s1) + (s2 + s3); one vector of 4 lanes holds the 4 sums (no reassociation, no fused
-    multiply-add)."""
-    for a in (dy, g, xh):  # float64 only (float32 factors would multiply in float32 first)
-        if not isinstance(a, types.Array) or a.ndim != 1 or a.layout != "C" or a.dtype != types.float64:
-            return None
+    """``sum_j dy[j] g[j]`` and ``sum_j dy[j] g[j] xh[j]`` for ``j < n`` (contiguous 1-D float64
+    arrays: float32 factors would multiply in float32 first) in float64: 4 running sums (element j
+    into sum j mod 4, in order), the elements past the last 4 into sum 0, then (s0 + s1) + (s2 + s3);
+    one vector of 4 lanes holds the 4 sums (no reassociation, no fused multiply-add)."""
+    if not all(_row(a) and a.dtype == types.float64 for a in (dy, g, xh)):
+        return None
     sig = types.UniTuple(types.float64, 2)(dy, g, xh, n)
 
     def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        f64 = ir.DoubleType()
-        v4 = ir.VectorType(f64, 4)
         tys = signature.args
-        datas = [context.make_array(tys[k])(context, builder, args[k]).data for k in range(3)]
-        f32s = [tys[k].dtype == types.float32 for k in range(3)]
+        dyd, gd, xhd = (context.make_array(tys[k])(context, builder, args[k]).data for k in range(3))
+        i64 = ir.IntType(64)
         n64 = context.cast(builder, args[3], tys[3], types.int64)
         m = builder.sub(n64, builder.srem(n64, ir.Constant(i64, 4)))
-        zero = ir.Constant(v4, None)
+        zero = ir.Constant(_V4, None)
 
-        def load4(k, j):
-            p = builder.gep(datas[k], [j])
-            if f32s[k]:
-                return builder.fpext(builder.load(builder.bitcast(p, ir.VectorType(ir.FloatType(), 4).as_pointer()),
-                                                  align=4), v4)
-            return builder.load(builder.bitcast(p, v4.as_pointer()), align=8)
-
-        def load1(k, j):
-            x = builder.load(builder.gep(datas[k], [j]))
-            return builder.fpext(x, f64) if f32s[k] else x
-
-        def body(j, acc):
+        def step(load, j, acc):
             a, q = acc
-            e = builder.fmul(load4(0, j), load4(1, j))
-            return [builder.fadd(a, e), builder.fadd(q, builder.fmul(e, load4(2, j)))]
+            e = builder.fmul(load(builder, dyd, j, False), load(builder, gd, j, False))
+            return [builder.fadd(a, e), builder.fadd(q, builder.fmul(e, load(builder, xhd, j, False)))]
 
-        a, q = _loop(builder, ir.Constant(i64, 0), m, ir.Constant(i64, 4), [zero, zero], body)
-        lane = [ir.Constant(ir.IntType(32), k) for k in range(4)]
-        av = [builder.extract_element(a, lane[k]) for k in range(4)]
-        qv = [builder.extract_element(q, lane[k]) for k in range(4)]
-
-        def tail(j, acc):
-            a0, q0 = acc
-            e = builder.fmul(load1(0, j), load1(1, j))
-            return [builder.fadd(a0, e), builder.fadd(q0, builder.fmul(e, load1(2, j)))]
-
-        av[0], qv[0] = _loop(builder, m, n64, ir.Constant(i64, 1), [av[0], qv[0]], tail)
+        a, q = _loop(builder, ir.Constant(i64, 0), m, ir.Constant(i64, 4), [zero, zero],
+                     lambda j, acc: step(_load4, j, acc))
+        av, qv = _lanes(builder, a), _lanes(builder, q)
+        av[0], qv[0] = _loop(builder, m, n64, ir.Constant(i64, 1), [av[0], qv[0]],
+                             lambda j, acc: step(_load1, j, acc))
 
         def comb(x):
             return builder.fadd(builder.fadd(x[0], x[1]), builder.fadd(x[2], x[3]))
