@@ -183,6 +183,40 @@ def _write_running(rm, rv, has_rm, has_rv, mean, var, count, factor, limit):
     return 0
 
 
+_ABS_BITS = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
+_EXP_BITS = np.uint64(0x7FF0_0000_0000_0000)  # |x| at or above it as bits: inf or nan
+
+
+@njit(cache=True, nogil=True)
+def _stats_bits_ok(mb, vb, lim_m, lim_v):
+    """:func:`stats_ok` on the values' bits (``uint64`` views): for non-negative doubles the bits
+    order as the values do, so the largest |mean| and the largest variance are integer maxima, a
+    reduction the compiler vectorizes (a float one with nan checks it leaves scalar)."""
+    am = np.uint64(0)
+    for i in range(mb.size):
+        a = mb[i] & _ABS_BITS
+        am = a if a > am else am
+    av = np.uint64(0)
+    sv = np.int64(-1)  # the largest variance's bits as signed (a negative value's bits are negative)
+    for i in range(vb.size):
+        a = vb[i] & _ABS_BITS
+        av = a if a > av else av
+        b = np.int64(vb[i])
+        sv = b if b > sv else sv
+    return am < _EXP_BITS and av < _EXP_BITS and am <= lim_m and sv <= np.int64(lim_v)
+
+
+def stats_ok(mean: np.ndarray, var: np.ndarray, limit: float) -> bool:
+    """Whether a batch's float64 statistics (``mean`` and biased ``var``, C-contiguous ndarrays of
+    any shape) may reach buffers whose dtype's largest value is ``limit``: every value finite,
+    ``|mean| <= limit`` and ``2 var <= limit`` (the Bessel factor is at most 2). One compiled pass
+    over their bits: the check before a recurrent layer's statistics are written runs every
+    training step over every step's statistics, where numpy's reductions (finite, abs, max) made
+    four passes and their temporaries."""
+    lim = np.array([limit, limit / 2.0]).view(np.uint64)
+    return bool(_stats_bits_ok(mean.reshape(-1).view(np.uint64), var.reshape(-1).view(np.uint64), lim[0], lim[1]))
+
+
 def _fast(t: Tensor | None) -> bool:
     return t is None or (t.is_cpu and t.dtype in _FAST_DTYPES and not t.requires_grad and t.dim() == 1
                          and t.is_contiguous())

@@ -205,6 +205,14 @@ def _cached(fn):
     return fn.__wrapped__ if torch.compiler.is_compiling() else fn
 
 
+@functools.lru_cache(maxsize=64)
+def _lstm_perm_np(hidden_size: int) -> np.ndarray:
+    """:func:`_lstm_perm` as a read-only int64 ndarray (the fused calls permute in numpy)."""
+    p = _perm_cached(hidden_size, torch.device("cpu")).numpy().copy()
+    p.flags.writeable = False
+    return p
+
+
 def _lstm_perm(hidden_size: int, device=None) -> Tensor:
     """Row order (i, f, o, g) from torch's (i, f, g, o); its own inverse (cached: do not modify)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -606,7 +614,7 @@ class _FusedSpec:
     """Everything about one fused call that is not a differentiable input."""
 
     __slots__ = ("cell", "rev", "H", "P", "G", "B", "bs", "off", "xrow0", "xrows", "orow0", "orows",
-                 "out_shape", "sites", "stats", "name", "grad_norms")
+                 "out_shape", "sites", "stats", "name", "grad_norms", "gperm")
 
 
 _EMPTY2 = {dt: np.empty((0, 0), dt) for dt in (np.float32, np.float64)}
@@ -618,14 +626,23 @@ def _np(t: Tensor | None, dtype=np.float64, n: int = 0) -> np.ndarray:
     return t.detach().to("cpu", torch.float64 if dtype is np.float64 else t.dtype).contiguous().numpy()
 
 
-def _site_arrays(site: _Site, gamma: Tensor | None, beta: Tensor | None, N: int, T: int, C: int, dt,
+def _np_perm(t: Tensor | None, perm: np.ndarray | None) -> np.ndarray | None:
+    """``t`` as float64 numpy, its channels in ``perm``'s order (None: as they are); None for None."""
+    if t is None:
+        return None
+    a = _np(t)
+    return a[perm] if perm is not None else a
+
+
+def _site_arrays(site: _Site, gamma: np.ndarray | None, beta: np.ndarray | None, N: int, T: int, C: int, dt,
                  raw: bool = False):
-    """The kernel's tuple for one site; ``raw``: the site's input needs storage of its own (the
-    recurrent matmul's output; the input projection and the cell state are kept anyway)."""
+    """The kernel's tuple for one site (``gamma``, ``beta``: float64, in the kernel's channel order, or
+    None); ``raw``: the site's input needs storage of its own (the recurrent matmul's output; the
+    input projection and the cell state are kept anyway)."""
     k = site.kinds
     has = {kind: bool((k == kind).any()) for kind in (_rk.BATCH, _rk.FIXED, _rk.ROW)}
-    gamma = np.ones(C) if gamma is None else _np(gamma)
-    beta = np.zeros(C) if beta is None else _np(beta)
+    gamma = np.ones(C) if gamma is None else gamma
+    beta = np.zeros(C) if beta is None else beta
     if has[_rk.FIXED]:
         fm, fi = site.fixed
     else:
@@ -703,14 +720,28 @@ class _FusedRecurrence(torch.autograd.Function):
     hand-derived backward through time."""
 
     @staticmethod
-    def forward(ctx, spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, bx, gh, gc, bc):
+    def forward(ctx, spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, gh, gc, bc, b1, b2, nbx, shift):
+        # gx, gh, nbx: the input and recurrent norms' gamma and the input norm's beta in the norms'
+        # channel order (spec.gperm, its own inverse, takes them to the kernel's gate order); the input
+        # site's shift is (b1 + b2) + nbx, or + shift (the folded norm's, in gate order), summed here in
+        # the parameters' dtype as autograd's adds would, then taken to float64
         dt = np.float32 if xp.dtype == torch.float32 else np.float64
         H, P, G, B = spec.H, spec.P, spec.G, spec.B
         T, N = len(spec.bs), int(spec.off[-1])
         lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
-        sx = _site_arrays(spec.sites[0], gx, bx, N, T, G, dt)
-        sh = _site_arrays(spec.sites[1], gh, None, N, T, G, dt, raw=True)
-        sc = _site_arrays(spec.sites[2], gc, bc, N if lstm else 0, T, H, dt)
+        perm = spec.gperm
+        bx = None
+        for t in (b1, b2, nbx, shift):
+            if t is not None:
+                a = t.detach().cpu().numpy()
+                if t is nbx and perm is not None:
+                    a = a[perm]
+                bx = a if bx is None else bx + a
+        sx = _site_arrays(spec.sites[0], _np_perm(gx, perm), None if bx is None else bx.astype(np.float64), N, T, G,
+                          dt)
+        sh = _site_arrays(spec.sites[1], _np_perm(gh, perm), None, N, T, G, dt, raw=True)
+        sc = _site_arrays(spec.sites[2], None if gc is None else _np(gc), None if bc is None else _np(bc),
+                          N if lstm else 0, T, H, dt)
         out = _buffers.empty(spec.out_shape, xp.dtype)
         hn = torch.empty(B, P, dtype=xp.dtype)
         cn = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
@@ -734,6 +765,8 @@ class _FusedRecurrence(torch.autograd.Function):
                     np.empty((B, G), dt), np.empty((B, G), dt), np.empty((nt, 6, G)),
                     np.empty((2, 3, 2, -(-B // RB), G)), np.zeros(16, np.int64))
         ctx.split = (nt, RB)
+        ctx.dtypes = [None if t is None or not isinstance(t, Tensor) else t.dtype
+                      for t in (spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, gh, gc, bc, b1, b2, nbx, shift)]
         spec.stats = (sx, sh, sc)
         ctx.spec = spec
         ctx.arrays = (sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn)
@@ -779,9 +812,13 @@ class _FusedRecurrence(torch.autograd.Function):
         spec.grad_norms = np.sqrt(gn.sum(0))
         need = ctx.needs_input_grad
         pdt = w_hh.dtype
+        perm = spec.gperm
 
-        def vec(a, i):
-            return torch.from_numpy(a.copy()).to(pdt) if need[i] else None
+        def vec(a, i, permuted=False):  # (the permutation is its own inverse)
+            if not need[i]:
+                return None
+            a = a[perm] if permuted and perm is not None else a.copy()
+            return torch.from_numpy(a).to(ctx.dtypes[i])
 
         dw_hh = dw_hr = None
         if need[4]:  # dW_hh = DA^T hprev
@@ -791,8 +828,9 @@ class _FusedRecurrence(torch.autograd.Function):
             dw_hr = torch.empty(P, H, dtype=xp.dtype)
             _rk.weight_grad(DHP, mst, dw_hr.numpy(), nt)
         return (None, dxp if need[1] else None, dh0 if need[2] else None, dc0 if lstm and need[3] else None,
-                dw_hh, dw_hr, vec(dbh, 6) if gru else None, vec(dgx, 7), vec(dbx, 8), vec(dgh, 9),
-                vec(dgc, 10) if lstm else None, vec(dbc, 11) if lstm else None)
+                dw_hh, dw_hr, vec(dbh, 6) if gru else None, vec(dgx, 7, True), vec(dgh, 8, True),
+                vec(dgc, 9) if lstm else None, vec(dbc, 10) if lstm else None, vec(dbx, 11), vec(dbx, 12),
+                vec(dbx, 13, True), vec(dbx, 14))
 
 
 def _norm_hooks(outs: list) -> list:
@@ -1259,6 +1297,7 @@ class _BNRNNBase(_RecurrentCore):
         np.cumsum(bs, out=off[1:])
         row0, rows = _layout(layout, B, T, off)
         gperm = _lstm_perm(H, data.device) if mode == "LSTM" else None
+        gperm_np = None if gperm is None else _cached(_lstm_perm_np)(H)
         x = data
         hns, cns = [], []
         name = type(self).__name__
@@ -1279,33 +1318,30 @@ class _BNRNNBase(_RecurrentCore):
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._weights(l, d)
                 nih, nhh, nc = self._norms(l, d)
-                if mode == "GRU":
-                    bias = b_ih
-                else:
-                    bias = b_ih + b_hh if b_ih is not None else None
+                # the input site's shift, summed inside the call (no autograd node per term, none per
+                # permutation): the gate bias b_ih (+ b_hh, but the GRU's b_hh, which is its own input),
+                # then the input norm's beta or the folded norm's shift
+                b1, b2 = b_ih, (None if mode == "GRU" else b_hh)
+                gx = nbx = shift = None
                 if folded is not None:
                     # the folded norm's shift and the gate bias: the input site's shift, added inside the
                     # kernel (not a pass over the projection's N x G values forward and one backward)
                     w_f, shift = folded[d]
                     xp = _project(xin, w_f)
-                    sx, gx, bx = _Site(np.zeros(T, np.int8)), None, (shift if bias is None else shift + bias)
+                    sx = _Site(np.zeros(T, np.int8))
                 elif vertical_in:
+                    bias = b_ih if mode == "GRU" or b_ih is None else b_ih + b_hh
                     xp = _project(x, w_ih)
                     xp = _vertical_bn(nih, xp.view(-1, G), bias, gperm, updates,
                                       f"{name} norm_ih_{self._sfx(l, d)}").view(xp.shape)
-                    sx, gx, bx = _Site(np.zeros(T, np.int8)), None, None
+                    sx, b1, b2 = _Site(np.zeros(T, np.int8)), None, None
                 else:
                     xp = _project(x, w_ih)
                     sx = self._site(nih, T, bs, True)
-                    gx = None if nih is None or nih.weight is None else (nih.weight[gperm] if gperm is not None
-                                                                        else nih.weight)
-                    bx = bias
-                    if nih is not None and getattr(nih, "bias", None) is not None:
-                        nb = nih.bias[gperm] if gperm is not None else nih.bias
-                        bx = nb if bx is None else bx + nb
+                    if nih is not None:
+                        gx, nbx = nih.weight, getattr(nih, "bias", None)
                 sh = self._site(nhh, T, bs, True)
-                gh = None if nhh is None or nhh.weight is None else (nhh.weight[gperm] if gperm is not None
-                                                                     else nhh.weight)
+                gh = None if nhh is None else nhh.weight
                 sc = self._site(nc, T, bs, False)
                 gc = None if nc is None else nc.weight
                 bc = None if nc is None else nc.bias
@@ -1313,13 +1349,14 @@ class _BNRNNBase(_RecurrentCore):
                 spec.cell, spec.rev, spec.H, spec.P, spec.G, spec.B = _CELL[mode], bool(d), H, P, G, B
                 spec.bs, spec.off, spec.xrow0, spec.xrows, spec.orow0, spec.orows = bs, off, row0, rows, row0, rows
                 spec.out_shape = tuple(xp.shape[:-1]) + (P,)
-                spec.sites, spec.name = (sx, sh, sc), name
+                spec.sites, spec.name, spec.gperm = (sx, sh, sc), name, gperm_np
                 h, c = self._initial(h0, c0, l, d, B, data)
                 spec.grad_norms = None
                 if self.record_grad_norms:
                     self._grad_norm_sources.append(spec)
                 out, hn, cn = _FusedRecurrence.apply(spec, xp.contiguous(), h, c, w_hh, w_hr,
-                                                     b_hh if mode == "GRU" else None, gx, bx, gh, gc, bc)
+                                                     b_hh if mode == "GRU" else None, gx, gh, gc, bc, b1, b2, nbx,
+                                                     shift)
                 self._collect_fused(spec, d, T, bs, updates)
                 outs.append(out)
                 hns.append(hn)
@@ -1337,12 +1374,18 @@ class _BNRNNBase(_RecurrentCore):
             if site.norm is None or not isinstance(site.norm, SequenceBatchNorm) or not (kinds == _rk.BATCH).any():
                 continue
             steps = np.flatnonzero(kinds == _rk.BATCH)
+            mean, var = arrays[9], arrays[10]
+            if len(steps) < T:
+                mean, var = mean[steps], var[steps]
             if d:
                 steps = steps[::-1]
-            mean, var = arrays[9][steps], arrays[10][steps]
+                mean, var = mean[::-1], var[::-1]
             if site.perm is not None:  # np.take: a C-ordered result (an index on the second axis gives an
                 # F-ordered one, which every later flat view would have to copy)
                 mean, var = np.take(mean, site.perm, axis=1), np.take(var, site.perm, axis=1)
+            elif d:
+                mean, var = np.ascontiguousarray(mean), np.ascontiguousarray(var)
+            # (every step's statistics, no permutation: the site's own arrays, which nothing writes again)
             rows = [0] * len(steps) if site.shared else steps.tolist()
             updates.append(StatsUpdate(site.norm, rows, torch.from_numpy(mean), torch.from_numpy(var),
                                        bs[steps].tolist()))
