@@ -135,3 +135,70 @@ def test_threads_calling_a_fused_layer_at_once_get_their_own_outputs(monkeypatch
             assert torch.equal(o, want[i]), i
     ptrs = [o.data_ptr() for outs in got for o in outs]
     assert len(set(ptrs)) == len(ptrs)  # every kept output on its own buffer
+
+
+def test_numpy_arrays_from_the_pool_follow_the_same_rule():
+    import numpy as np
+
+    a = _buffers.empty_np(BIG, np.float32)
+    a.fill(1.0)
+    b = _buffers.empty_np(BIG, np.float32)
+    assert not np.shares_memory(a, b)
+    v = a[5:9]
+    addr = a.__array_interface__["data"][0]
+    del a
+    c = _buffers.empty_np(BIG, np.float32)  # the view still uses a's buffer
+    c_addr = c.__array_interface__["data"][0]
+    assert c_addr != addr and bool((v == 1.0).all())
+    del v, c
+    d = _buffers.empty_np(BIG, np.float32)  # a's and c's buffers free again: one of them reused
+    assert d.__array_interface__["data"][0] in (addr, c_addr) and d.flags["C_CONTIGUOUS"] and d.shape == BIG
+    assert not np.shares_memory(_buffers.empty_np((8, 8), np.float32), d)  # small: numpy's own
+
+
+def test_a_retained_graph_backpropagates_its_own_step_after_later_steps(monkeypatch):
+    """The fused call's saved arrays (gates, cell states, the recurrent matmul's output) come from
+    the pool: a graph kept with retain_graph must still hold its own step's, not a later step's."""
+    monkeypatch.setattr(_buffers, "FROM", 4096)
+    torch.manual_seed(2)
+    for mode in ("per_timestep", "horizontal", "layer"):
+        m = BNLSTM(8, 48, num_layers=2, batch_first=True, norm=mode)
+        x0 = torch.randn(16, 12, 8)
+        loss0 = m(x0)[0].pow(2).mean()
+        loss0.backward(retain_graph=True)
+        want = [p.grad.clone() for p in m.parameters()]
+        for _ in range(2):  # later steps on other inputs, their graphs freed
+            m.zero_grad()
+            m(torch.randn(16, 12, 8) * 3.0)[0].pow(2).mean().backward()
+        m.zero_grad()
+        loss0.backward()
+        for p, g in zip(m.parameters(), want):
+            assert torch.equal(p.grad, g), mode
+
+
+def test_the_batch_norm_kernels_write_into_a_given_allocator():
+    from bnlab.kernels import cpu
+
+    torch.manual_seed(3)
+    x = torch.randn(600, 512)
+    w, b = torch.rand(512) + 0.5, torch.randn(512)
+    y0, st0, _ = cpu.forward_train(x, w, b, 1e-5)
+    y1, st1, _ = cpu.forward_train(x, w, b, 1e-5, alloc=_buffers.empty)
+    assert torch.equal(y0, y1) and (st0 == st1).all()
+    assert _buffers.held_bytes() >= y1.numel() * 4  # the pool's buffer
+    dy = torch.randn_like(x)
+    dx0, g0 = cpu.backward(dy, x, w, st0, True)
+    dx1, g1 = cpu.backward(dy, x, w, st0, True, alloc=_buffers.empty)
+    assert torch.equal(dx0, dx1) and (g0 == g1).all()
+    assert not np_shares(y1, dx1)
+    # a layout the allocator does not give (channels_last): torch's own, the same numbers
+    x4 = torch.randn(8, 16, 5, 5).to(memory_format=torch.channels_last)
+    y4, _, _ = cpu.forward_train(x4, None, None, 1e-5, alloc=_buffers.empty)
+    assert y4.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y4, cpu.forward_train(x4, None, None, 1e-5)[0])
+
+
+def np_shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import numpy as np
+
+    return bool(np.shares_memory(a.numpy(), b.numpy()))

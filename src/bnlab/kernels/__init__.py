@@ -138,9 +138,9 @@ def _any_requires_grad(x, weight, bias) -> bool:
     return x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
 
 
-def _train_forward(x, weight, bias, eps, track):
+def _train_forward(x, weight, bias, eps, track, alloc=None):
     """Training forward on the kernels, then the running update: ``(y, stats)``."""
-    y, stats, nbad = cpu.forward_train(x, weight, bias, eps)
+    y, stats, nbad = cpu.forward_train(x, weight, bias, eps, alloc=alloc)
     if track is not None:
         running_mean, running_var, num_batches_tracked, momentum, nonfinite, name = track
         count = x.numel() // x.shape[1] if x.shape[1] else 0
@@ -170,10 +170,11 @@ class _TrainFn(torch.autograd.Function):
     (``create_graph=True``), the same formula in differentiable torch ops."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, track):
-        y, stats = _train_forward(x, weight, bias, eps, track)
+    def forward(ctx, x, weight, bias, eps, track, alloc=None):
+        y, stats = _train_forward(x, weight, bias, eps, track, alloc)
         ctx.stats = stats
         ctx.eps = eps
+        ctx.alloc = alloc
         ctx.save_for_backward(x, weight)
         return y
 
@@ -183,15 +184,15 @@ class _TrainFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         if not (torch.is_grad_enabled() or needs_reference()):
             try:
-                dx, grads = cpu.backward(dy, x, weight, ctx.stats, True)  # grads: (2, C) dbias, dweight
+                dx, grads = cpu.backward(dy, x, weight, ctx.stats, True, alloc=ctx.alloc)  # (2, C) dbias, dweight
             except RuntimeError:  # a dy the kernel cannot read (jacobian(vectorize=True) batches it): below
                 pass
             else:
                 return (dx if need[0] else None, torch.from_numpy(grads[1]) if need[1] else None,
-                        torch.from_numpy(grads[0]) if need[2] else None, None, None)
+                        torch.from_numpy(grads[0]) if need[2] else None, None, None, None)
         # create_graph=True (a backward autograd can differentiate again), or a batched dy: torch ops
         dx, dw, db = _graph_backward_train(dy, x, weight, ctx.eps)
-        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None
+        return dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None
 
 
 class _EvalFn(torch.autograd.Function):
@@ -405,7 +406,13 @@ def batch_norm_train(
     eps: float,
     nonfinite: str = "raise",
     name: str = "batch_norm",
+    *,
+    alloc=None,
 ) -> Tensor:
+    """Training batch norm of ``x`` ``(N, C, *)`` with bnlab's statistics and running-statistics
+    policy, on the path that serves it (compiled graph, reference, torch's native kernel, or the CPU
+    kernels). ``alloc``: optional ``(shape, dtype) -> Tensor`` for the CPU kernels' output and input
+    gradient of a contiguous ``x`` (the fused recurrent layers' buffer pool)."""
     if torch.compiler.is_compiling():
         return _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                nonfinite, name)
@@ -420,8 +427,8 @@ def batch_norm_train(
     else:
         track = (running_mean, running_var, num_batches_tracked, momentum, nonfinite, name)
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
-        return _train_forward(x, weight, bias, eps, track)[0]  # nothing to differentiate: no autograd node
-    return _TrainFn.apply(x, weight, bias, eps, track)
+        return _train_forward(x, weight, bias, eps, track, alloc)[0]  # nothing to differentiate: no autograd node
+    return _TrainFn.apply(x, weight, bias, eps, track, alloc)
 
 
 def batch_norm_eval(

@@ -340,11 +340,21 @@ def _like(t: Tensor | None, xd: Tensor) -> Tensor | None:
     return torch.empty_like(xd).copy_(t)
 
 
+def _empty_out(xd: Tensor, alloc) -> Tensor:
+    """The output for a (dense) input ``xd``: ``torch.empty_like``, or ``alloc(shape, dtype)`` where
+    one is given and ``xd`` is contiguous (the layout ``alloc`` gives)."""
+    if alloc is not None and xd.is_contiguous():
+        return alloc(xd.shape, xd.dtype)
+    return torch.empty_like(xd)
+
+
 def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, act=_NONE,
-                  residual: Tensor | None = None, thresholds: Thresholds = DEFAULT_THRESHOLDS):
+                  residual: Tensor | None = None, thresholds: Thresholds = DEFAULT_THRESHOLDS, alloc=None):
     """Training forward of a CPU float32/float64 tensor ``(N, C, *)``:
     ``y = act(BN(x) + residual)`` (``act``: :class:`Act`, default none; ``residual``: a tensor of
-    ``x``'s shape and dtype, or None), the statistics from ``x`` alone.
+    ``x``'s shape and dtype, or None), the statistics from ``x`` alone. ``alloc``: optional
+    ``(shape, dtype) -> Tensor`` giving the output of a contiguous input (a caller's pool of reused
+    buffers: see :mod:`bnlab.nn._buffers`).
 
     Returns ``(y, stats, nbad)``: ``y`` with the strides ``torch.empty_like(x)`` gives, ``stats``
     a float64 ``(3, C)`` ndarray (mean, biased variance, invstd), ``nbad`` the number of channels
@@ -361,7 +371,7 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
         return torch.empty_like(x), stats, 0
     lay, n, c, s, perm, g, serial, nt, dense, pf, stream = plan(x, threads(), thresholds)
     xd = x if dense else x.contiguous()
-    y = torch.empty_like(xd)
+    y = _empty_out(xd, alloc)
     xa = xd.numpy(force=True)
     ya = y.numpy()
     if perm is not None:
@@ -442,9 +452,10 @@ def eval_stats(running_mean: Tensor, running_var: Tensor, eps: float) -> np.ndar
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, train: bool, *,
-             thresholds: Thresholds = DEFAULT_THRESHOLDS):
+             thresholds: Thresholds = DEFAULT_THRESHOLDS, alloc=None):
     """Backward of :func:`forward_train` (``train``) or :func:`forward_eval`, without an
-    activation or a residual (:func:`backward_act` is the backward with them).
+    activation or a residual (:func:`backward_act` is the backward with them); ``alloc`` as
+    :func:`forward_train`'s, for ``dx``.
 
     Returns ``(dx, grads)``: ``dx`` with the strides of ``torch.empty_like(x)``, ``grads`` a
     ``(2, C)`` ndarray (dbias, dweight) in the weight's dtype (float64 without a weight).
@@ -457,7 +468,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, stats: np.ndarray, tr
     xd = x if dense else x.contiguous()
     if dy.stride() != xd.stride():
         dy = torch.empty_like(xd).copy_(dy)
-    dx = torch.empty_like(xd)
+    dx = _empty_out(xd, alloc)
     xa = xd.numpy(force=True)
     ga = dy.numpy(force=True)
     da = dx.numpy()

@@ -31,7 +31,7 @@ try:
 except ImportError:  # not a Unix: no fault count
     resource = None
 
-__all__ = ["empty", "LIMIT", "FROM", "minor_faults"]
+__all__ = ["empty", "empty_np", "LIMIT", "FROM", "minor_faults"]
 
 #: bytes: smaller tensors come from torch's allocator (glibc keeps such blocks in its heap)
 FROM = 1 << 20
@@ -56,6 +56,25 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     n = math.prod(shape)
     if dt is None or n * dt.itemsize < FROM:
         return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(_take(shape, n, dt))
+
+
+def empty_np(shape, dtype) -> np.ndarray:
+    """:func:`empty` as a C-contiguous numpy array (``dtype`` float32 or float64): the fused kernels'
+    saved arrays (gates, cell states, the recurrent matmul's output and its gradient), which a
+    training step allocates anew each call. A buffer stays in use while the array, or any view of
+    it, lives (numpy's views hold the buffer they look at)."""
+    shape = tuple(int(s) for s in shape)
+    dt = np.dtype(dtype)
+    n = math.prod(shape)
+    if n * dt.itemsize < FROM:
+        return np.empty(shape, dt)
+    return _take(shape, n, dt)
+
+
+def _take(shape: tuple, n: int, dt: np.dtype) -> np.ndarray:
+    """A pooled buffer's first ``n`` values as an array of ``shape``: an idle buffer of ``dt`` holding
+    n to 2n values, else a new one (kept while the pool has room)."""
     with _lock:
         found = None
         for i in range(len(_bufs) - 1, -1, -1):
@@ -80,9 +99,9 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
                     del b
                     i += 1
             if total > LIMIT:
-                return torch.from_numpy(buf.reshape(shape))  # every kept buffer in use: this one not kept
+                return buf.reshape(shape)  # every kept buffer in use: this one not kept
         _bufs.append(buf)
-        return torch.from_numpy(buf[:n].reshape(shape))
+        return buf[:n].reshape(shape)
 
 
 def clear() -> None:

@@ -586,7 +586,9 @@ def _vertical_bn(norm: SequenceBatchNorm, p: Tensor, shift: Tensor | None, perm:
     sm = torch.zeros(G, dtype=torch.float64)
     sv = torch.ones(G, dtype=torch.float64)
     sn = torch.zeros((), dtype=torch.long)
-    y = _kernels.batch_norm_train(p, gamma, shift, sm, sv, sn, 1.0, norm.eps, "skip", name)
+    # the output and its gradient (N x G, a few MB a step) from the fused layers' buffer pool: fresh
+    # memory the allocator hands out costs a page fault each 4 KiB
+    y = _kernels.batch_norm_train(p, gamma, shift, sm, sv, sn, 1.0, norm.eps, "skip", name, alloc=_buffers.empty)
     if int(sn):  # written: mean and the unbiased variance of the batch
         mean, var = sm, sv * ((n - 1) / n)
     else:  # refused as non-finite: the statistics for the commit's check and message
@@ -648,7 +650,7 @@ def _site_arrays(site: _Site, gamma: np.ndarray | None, beta: np.ndarray | None,
     else:
         fm = fi = np.empty((0, C))
     normed = has[_rk.BATCH] or has[_rk.FIXED] or has[_rk.ROW]
-    hraw = np.empty((N if normed and raw else 0, C), dt)
+    hraw = _buffers.empty_np((N if normed and raw else 0, C), dt)
     inv = np.empty((T if has[_rk.BATCH] else 0, C))
     rinv = np.empty(N if has[_rk.ROW] else 0)
     mean = np.empty((T if has[_rk.BATCH] else 0, C))
@@ -746,13 +748,15 @@ class _FusedRecurrence(torch.autograd.Function):
         hn = torch.empty(B, P, dtype=xp.dtype)
         cn = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
         e = _EMPTY2[dt]
-        gates = np.empty((N, G), dt)
-        cst = np.empty((N, H), dt) if lstm else e
-        tcs = np.empty((N, H), dt) if lstm else e
-        mst = np.empty((N, H), dt) if proj else e
-        hprev = np.empty((N, P), dt)
-        cprev = np.empty((N, H), dt) if lstm else e
-        ghn = np.empty((N, H), dt) if gru else e
+        # saved for the backward, a few MB a step: from the buffer pool (fresh memory faults a page at a time)
+        pool = _buffers.empty_np
+        gates = pool((N, G), dt)
+        cst = pool((N, H), dt) if lstm else e
+        tcs = pool((N, H), dt) if lstm else e
+        mst = pool((N, H), dt) if proj else e
+        hprev = pool((N, P), dt)
+        cprev = pool((N, H), dt) if lstm else e
+        ghn = pool((N, H), dt) if gru else e
         c0n = _np(c0, dt) if lstm else e
         nt, RB = _split(spec, dt)
         _rk.forward(nt, RB, spec.cell, int(spec.rev), H, P, spec.bs, spec.off,
@@ -792,8 +796,8 @@ class _FusedRecurrence(torch.autograd.Function):
         dxp = _buffers.empty(xp.shape, xp.dtype)
         dh0 = torch.empty(B, P, dtype=xp.dtype)
         dc0 = torch.empty(B, H if lstm else 0, dtype=xp.dtype)
-        DA = np.empty((N, G), dt)
-        DHP = np.empty((N, P), dt) if proj else e
+        DA = _buffers.empty_np((N, G), dt)
+        DHP = _buffers.empty_np((N, P), dt) if proj else e
         nt, RB = ctx.split
         T = len(spec.bs)
         accs = np.zeros((nt, 7, max(G, H)))
