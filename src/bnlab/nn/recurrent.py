@@ -733,11 +733,10 @@ class _FusedRecurrence(torch.autograd.Function):
         lstm, gru, proj = spec.cell == _rk.LSTM, spec.cell == _rk.GRU, spec.P != spec.H
         perm = spec.gperm
         bx = None
-        for t in (b1, b2, nbx, shift):
+        for t, p in ((b1, None), (b2, None), (nbx, perm), (shift, None)):
             if t is not None:
                 a = t.detach().cpu().numpy()
-                if t is nbx and perm is not None:
-                    a = a[perm]
+                a = a[p] if p is not None else a
                 bx = a if bx is None else bx + a
         sx = _site_arrays(spec.sites[0], _np_perm(gx, perm), None if bx is None else bx.astype(np.float64), N, T, G,
                           dt)
@@ -769,8 +768,8 @@ class _FusedRecurrence(torch.autograd.Function):
                     np.empty((B, G), dt), np.empty((B, G), dt), np.empty((nt, 6, G)),
                     np.empty((2, 3, 2, -(-B // RB), G)), np.zeros(16, np.int64))
         ctx.split = (nt, RB)
-        ctx.dtypes = [None if t is None or not isinstance(t, Tensor) else t.dtype
-                      for t in (spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, gh, gc, bc, b1, b2, nbx, shift)]
+        ctx.dtypes = [getattr(t, "dtype", None) for t in (spec, xp, h0, c0, w_hh, w_hr, b_hh, gx, gh, gc, bc, b1, b2,
+                                                          nbx, shift)]
         spec.stats = (sx, sh, sc)
         ctx.spec = spec
         ctx.arrays = (sx, sh, sc, gates, cst, tcs, mst, hprev, cprev, ghn)
@@ -815,7 +814,6 @@ class _FusedRecurrence(torch.autograd.Function):
         dgx, dbx, dgh, dbh, dgc, dbc = acc[0, :G], acc[1, :G], acc[2, :G], acc[3, :G], acc[4, :H], acc[5, :H]
         spec.grad_norms = np.sqrt(gn.sum(0))
         need = ctx.needs_input_grad
-        pdt = w_hh.dtype
         perm = spec.gperm
 
         def vec(a, i, permuted=False):  # (the permutation is its own inverse)
