@@ -97,3 +97,24 @@ def test_a_missed_bar_is_printed_with_its_noise_band():
     printed = out.getvalue()
     assert "bar: 0/1 checks met" in printed
     assert "1024x512 module fwd+bwd vs torch nc 0.84, noise band 0.80-0.90 (need >= 1.0)" in printed
+
+
+def test_bench_records_the_allocator_state_it_ran_in(tmp_path, capsys, monkeypatch):
+    import bnlab.bench_rnn as BR
+    from bnlab.lab import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "keep_freed_memory", lambda: calls.append(1) or True)  # not this test process's malloc
+    monkeypatch.setattr(BR, "SHAPES", ({"batch": 8, "steps": 4, "input": 3, "hidden": 8, "layers": 1},))
+    out = tmp_path / "rnn.json"
+    assert cli.main(["bench", "--quick", "--suite", "rnn", "--malloc", "kept", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert calls == [1] and res["malloc"] == "kept" and res["rnn"]["malloc"] == "kept"
+    assert "allocator: kept" in capsys.readouterr().out
+    monkeypatch.setattr(runner, "keep_freed_memory", lambda: False)  # not glibc: said, not hidden
+    assert bench.set_malloc("kept") == "default (kept not available: not glibc)"
+    assert bench.set_malloc("default") == "default"
+    import pytest
+
+    with pytest.raises(ValueError, match="'default' or 'kept'"):
+        bench.set_malloc("huge")

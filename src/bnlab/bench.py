@@ -369,6 +369,24 @@ def check_bar(rows: list[dict], first: dict | None) -> list[dict]:
     return checks
 
 
+def set_malloc(mode: str) -> str:
+    """The allocator state a bench runs in, for the whole process (both contenders alike): ``"default"``
+    leaves glibc as the process has it; ``"kept"`` has it keep freed memory
+    (:func:`bnlab.lab.runner.keep_freed_memory`, the audit workers' setting; it cannot be undone in
+    the process). Returns the state recorded with the results: ``"default"``, ``"kept"``, or
+    ``"default (kept not available: not glibc)"``. Why it matters: a layer that frees and maps its
+    workspace anew each call (torch's 2-layer LSTM at 64x40 faults about 5,000 times a step with
+    glibc's defaults) is timed with that cost in one state and without it in the other, and
+    ratios against it move by a third between the two."""
+    if mode == "default":
+        return "default"
+    if mode != "kept":
+        raise ValueError(f"malloc must be 'default' or 'kept', got {mode!r}")
+    from .lab.runner import keep_freed_memory
+
+    return "kept" if keep_freed_memory() else "default (kept not available: not glibc)"
+
+
 def machine_info(threads: int) -> dict:
     cpu_name = platform.processor()
     try:
@@ -497,7 +515,9 @@ def run(args) -> int:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     console = Console() if sys.stdout.isatty() else Console(width=150)
     console.print("ratio = torch time / bnlab time in every table: above 1, bnlab is faster")
-    result: dict = {"suite": suite, "quick": quick, "loadavg_start": _loadavg()}
+    malloc = set_malloc(getattr(args, "malloc", "default") or "default")
+    console.print(f"allocator: {malloc}")
+    result: dict = {"suite": suite, "quick": quick, "malloc": malloc, "loadavg_start": _loadavg()}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=bool(getattr(args, "no_progress", False)), transient=True)
     try:
@@ -528,6 +548,7 @@ def run(args) -> int:
                     result["rnn"] = {"skipped": f"bnlab.bench_rnn is not available ({e})"}
                 else:
                     result["rnn"] = run_rnn_suite(args, progress)
+                    result["rnn"]["malloc"] = malloc
         result["machine"] = machine_info(threads)
         result["loadavg_end"] = _loadavg()
     finally:

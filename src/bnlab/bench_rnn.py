@@ -25,7 +25,9 @@ an allocator one: torch's 2-layer LSTM at 64x40 in a fresh process faults about 
 process whose allocator has kept larger blocks (after a 64x50 layer ran, say) it faults about 50
 times and takes 14 ms (in the bench's own process, beside the other contenders, about 2,900 a
 step). The bench runs each shape in the allocator state the earlier shapes left, as a user's
-process would be; the column shows which state a ratio was measured in.
+process would be; the column shows which state a ratio was measured in. ``--malloc kept`` runs the
+whole suite with glibc keeping freed memory (the audit workers' setting): torch's layers then fault
+almost never, and the ratios are those against torch at its fastest on this allocator.
 
     python -m bnlab.bench_rnn              # table
     bnlab bench --suite rnn [--json FILE]  # the same, through the project's bench command
@@ -221,6 +223,8 @@ def format_table(result: dict) -> str:
              "ratios: the noise band], target = the least ratio the mode aims for: ok (the median reaches it), MISSED (the "
              "whole band below it) or within noise (the median below, the band reaching it: not met); faults = minor "
              "page faults a step (median), bnlab / torch"]
+    if result.get("malloc"):
+        lines.append(f"allocator: {result['malloc']} (bnlab bench --malloc default|kept)")
     if result.get("loadavg_start") is not None:
         lines.append(f"load average (1, 5, 15 min) at start {result['loadavg_start']}, at end "
                      f"{result.get('loadavg_end')}")
@@ -247,10 +251,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="LSTM, first size, 5 rounds: a smoke run")
     p.add_argument("--loop", action="store_true", help="also time the reference loop (force_loop=True) of every mode")
     p.add_argument("--kinds", default="LSTM,GRU", help="comma-separated, of LSTM, GRU, RNN (default: %(default)s)")
+    p.add_argument("--malloc", choices=["default", "kept"], default="default",
+                   help="glibc's allocator state for the run, as `bnlab bench --malloc` (default: %(default)s)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    from .bench import set_malloc
+
+    malloc = set_malloc(args.malloc)
     res = run_rnn_suite(args)
+    res["malloc"] = malloc
     print(format_table(res))
     if args.json:
         import json

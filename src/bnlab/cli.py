@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads for torch and bnlab's kernels alike (default: %(default)s)")
     b.add_argument("--quick", action="store_true",
                    help="a short smoke run: fewer shapes and repeats, not a measurement (default: off)")
+    b.add_argument("--malloc", choices=["default", "kept"], default="default",
+                   help="glibc's allocator for the whole run: default (as this process has it: freed blocks of "
+                        "more than about 128 KiB-32 MiB go back to the kernel and are mapped anew, a page fault a "
+                        "4 KiB page, on both sides) or kept (freed memory kept in the process, as the audit's workers "
+                        "run: the state torch's LSTM is fastest in); recorded in the results (default: %(default)s)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON (default: none)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
 
