@@ -214,3 +214,36 @@ def test_recalibration_gives_the_same_statistics_on_the_fast_path_and_the_loop(n
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_one_call_write_of_an_equal_length_forward_equals_the_policys_row_by_row_write(dtype):
+    """commit_stats' per-step write of consecutive rows with one count (one compiled update of the k x
+    C values, bnlab.nn.masked.SequenceBatchNorm._write_steps_checked) leaves the same bits in every
+    buffer as write_stats (update_buffers row by row), on buffers that already hold statistics; a
+    batch that would overflow the buffers' dtype is declined with nothing written; the cases it
+    does not take (rows in reverse, unequal counts, momentum None) are declined too."""
+    torch.manual_seed(6)
+    a = SequenceBatchNorm(5, per_step=True, momentum=0.3).to(dtype)
+    for t in range(3):  # earlier batches, so the update starts from buffers that are not 0 and 1
+        a(torch.randn(7, 5) * 3 + 2, t)
+    b = copy.deepcopy(a)
+    mean = torch.randn(4, 5, dtype=torch.float64) * 5
+    var = torch.rand(4, 5, dtype=torch.float64) * 7
+    rows = [1, 2, 3, 4]  # past the buffers' 3 rows: they grow first
+    assert a._write_checked(StatsUpdate(a, rows, mean, var, [9] * 4), "raise", "test")
+    b.write_stats(StatsUpdate(b, rows, mean, var, [9] * 4), "raise", "test")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.num_batches_tracked.tolist() == [1, 2, 2, 1, 1]
+    before = _buffers(a)
+    huge = var.clone()
+    huge[2, 3] = 1e300 if dtype == torch.float64 else 1e39
+    if dtype == torch.float32:
+        assert not a._write_checked(StatsUpdate(a, rows, mean, huge, [9] * 4), "raise", "test")
+        _unchanged(a, before)
+    for update in (StatsUpdate(a, rows[::-1], mean, var, [9] * 4), StatsUpdate(a, rows, mean, var, [9, 9, 8, 9])):
+        assert not a._write_checked(update, "raise", "test")
+    c = SequenceBatchNorm(5, per_step=True, momentum=None).to(dtype)
+    assert not c._write_checked(StatsUpdate(c, [0, 1], mean[:2], var[:2], [9, 9]), "raise", "test")
+    _unchanged(a, before)

@@ -31,8 +31,8 @@ from torch.nn import Module, Parameter
 
 from .. import kernels
 from .. import reference as ref
-from ..policy import (_LIMIT, NonFiniteBatchError, bad_channels, bessel, check_nonfinite_option, raise_bad_batch,
-                      stats_ok, update_buffers)
+from ..policy import (_LIMIT, NonFiniteBatchError, _write_running, bad_channels, bessel, check_nonfinite_option,
+                      raise_bad_batch, stats_ok, update_buffers)
 from .batchnorm import _NormBase
 
 __all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "StatsUpdate", "commit_stats", "collect_stats"]
@@ -556,11 +556,52 @@ class SequenceBatchNorm(Module):
         that scan), without the grad-mode switch and the device moves. False where the case is
         another: :meth:`write_stats` then does it."""
         rm = self.running_mean
-        if self._population is not None or self.per_step or len(update.counts) != 1 or not (
-                rm.is_cpu and update.mean.is_cpu):
+        if self._population is not None or rm is None or not (rm.is_cpu and update.mean.is_cpu):
+            return False
+        if self.per_step:
+            return self._write_steps_checked(update)
+        if len(update.counts) != 1:
             return False
         update_buffers(rm[0], self.running_var[0], self.num_batches_tracked[0], update.mean[0], update.var[0],
                        update.counts[0], self.momentum, nonfinite, name, 0)
+        return True
+
+    def _write_steps_checked(self, update: StatsUpdate) -> bool:
+        """The per-step case of :meth:`_write_checked` for one equal-length forward: steps ``r0 .. r0 + k
+        - 1`` each once, in order, with equal counts, a momentum, float32/float64 CPU buffers and float64
+        statistics. Every row's update of :func:`bnlab.policy.update_buffers` (the same arithmetic: its
+        compiled ``_write_running``) in one call over the k x C values, which writes nothing if any
+        value would overflow the buffers' dtype; then False, and :meth:`write_stats` takes the batch
+        (and raises or skips with the policy's message). False for any other case, with nothing written.
+        (Per row, ``write_stats`` costs some 90 us of Python around a 9 us update at 40 steps x 256
+        channels.)"""
+        rows, counts, mean, var = update.rows, update.counts, update.mean, update.var
+        k = len(rows)
+        rv = self.running_var
+        if (self.momentum is None or k == 0 or rv is None or counts[0] < 1 or counts.count(counts[0]) != k
+                or rows != list(range(rows[0], rows[0] + k)) or rows[0] < 0):
+            return False
+        rm = self.running_mean
+        if (rm.dtype not in (torch.float32, torch.float64) or rv.dtype != rm.dtype or not rv.is_cpu
+                or mean.dtype != torch.float64 or var.dtype != torch.float64 or not var.is_cpu
+                or mean.shape != (k, rm.shape[1]) or var.shape != mean.shape
+                or rm.requires_grad or rv.requires_grad or mean.requires_grad or var.requires_grad):
+            return False
+        r0, r1 = rows[0], rows[0] + k
+        if rm.shape[0] < r1:
+            self.ensure_steps(r1)
+            rm, rv = self.running_mean, self.running_var
+        nbt = self.num_batches_tracked
+        if not (rm.is_contiguous() and rv.is_contiguous() and nbt.is_cpu and nbt.is_contiguous()):
+            return False
+        # numpy views (a torch slice and view cost several times more at this size)
+        over = _write_running(rm.numpy()[r0:r1].reshape(-1), rv.numpy()[r0:r1].reshape(-1), True, True,
+                              mean.numpy().reshape(-1), var.numpy().reshape(-1), float(counts[0]),
+                              float(self.momentum), _LIMIT[rm.dtype])
+        if over:
+            return False
+        nbt.numpy()[r0:r1] += 1
+        self._tracked = None
         return True
 
     @torch.no_grad()
