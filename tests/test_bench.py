@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from bnlab import bench, cli
 
 
@@ -114,7 +116,5 @@ def test_bench_records_the_allocator_state_it_ran_in(tmp_path, capsys, monkeypat
     monkeypatch.setattr(runner, "keep_freed_memory", lambda: False)  # not glibc: said, not hidden
     assert bench.set_malloc("kept") == "default (kept not available: not glibc)"
     assert bench.set_malloc("default") == "default"
-    import pytest
-
     with pytest.raises(ValueError, match="'default' or 'kept'"):
         bench.set_malloc("huge")

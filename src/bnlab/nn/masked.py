@@ -31,8 +31,8 @@ from torch.nn import Module, Parameter
 
 from .. import kernels
 from .. import reference as ref
-from ..policy import (_LIMIT, NonFiniteBatchError, _write_running, bad_channels, bessel, check_nonfinite_option,
-                      raise_bad_batch, stats_ok, update_buffers)
+from ..policy import (_FAST_DTYPES, _LIMIT, NonFiniteBatchError, _write_running, bad_channels, bessel,
+                      check_nonfinite_option, raise_bad_batch, stats_ok, update_buffers)
 from .batchnorm import _NormBase
 
 __all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "StatsUpdate", "commit_stats", "collect_stats"]
@@ -582,7 +582,7 @@ class SequenceBatchNorm(Module):
                 or rows != list(range(rows[0], rows[0] + k)) or rows[0] < 0):
             return False
         rm = self.running_mean
-        if (rm.dtype not in (torch.float32, torch.float64) or rv.dtype != rm.dtype or not rv.is_cpu
+        if (rm.dtype not in _FAST_DTYPES or rv.dtype != rm.dtype or not rv.is_cpu
                 or mean.dtype != torch.float64 or var.dtype != torch.float64 or not var.is_cpu
                 or mean.shape != (k, rm.shape[1]) or var.shape != mean.shape
                 or rm.requires_grad or rv.requires_grad or mean.requires_grad or var.requires_grad):
