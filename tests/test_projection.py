@@ -50,3 +50,54 @@ def test_other_dtypes_take_torch():
     x, w = torch.randn(4, 5, dtype=torch.bfloat16), torch.randn(3, 5, dtype=torch.bfloat16)
     torch.testing.assert_close(PR.project(x, w), x @ w.t())
     assert not PR.supported(x, w)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_panels_give_gemms_bits(dtype):
+    """B packed into panels (pack_panels) multiplies to the bits gemm gives on B itself: whole panels,
+    a partial last one (columns past the last whole vector included), k past one pass of _KC rows,
+    a block of A's rows from an offset, and accumulation."""
+    import numpy as np
+
+    rk = PR._rk
+    rng = np.random.default_rng(0)
+    w = rk.panel_width(dtype)
+    assert w == rk._WIDE * rk.VECTOR_BYTES // np.dtype(dtype).itemsize
+    for n, k in ((2 * w, 7), (2 * w + 5, 300), (w // 2 + 3, 1), (3, 40)):
+        W = rng.standard_normal((n, k)).astype(dtype)  # B = W^T, as a weight is stored
+        Bp = rk.pack_panels(W)
+        assert Bp.shape == (-(-n // w), k, w)
+        assert np.array_equal(Bp.transpose(1, 0, 2).reshape(k, -1)[:, :n], W.T)
+        A = rng.standard_normal((11, k)).astype(dtype)
+        for acc in (False, True):
+            C0 = rng.standard_normal((9, n)).astype(dtype)
+            C1 = C0.copy()
+            rk.gemm(A, 2 * k, False, np.ascontiguousarray(W.T), 0, C0, 0, 9, n, k, acc)  # rows 2..10 of A
+            rk.gemm_panels(A, 2 * k, Bp, C1, 0, 9, n, k, acc)
+            assert np.array_equal(C0, C1)
+        ref = A[2:].astype(np.float64) @ W.T.astype(np.float64)
+        C2 = np.empty((9, n), dtype)
+        rk.gemm_panels(A, 2 * k, Bp, C2, 0, 9, n, k, False)
+        np.testing.assert_allclose(C2, ref, rtol=1e-4 if dtype == "float32" else 1e-12, atol=1e-4)
+
+
+def test_a_wide_output_is_split_whatever_its_multiply_adds(monkeypatch):
+    """A narrow input's product (K = 1: few multiply-adds, a large output) goes to the threads by its
+    output's size, with the bits of the calling thread's product."""
+    calls = []
+    real_team = PR._rk.team
+
+    def team(body, nt, args):
+        calls.append(nt)
+        real_team(body, nt, args)
+
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(640, 1, generator=g), torch.randn(256, 1, generator=g)
+    monkeypatch.setattr(PR._cpu, "threads", lambda: 2)
+    monkeypatch.setattr(PR._rk, "team", team)
+    one = PR.project(x, w)  # 640 x 256 x 4 bytes: below the output's threshold
+    monkeypatch.setattr(PR, "_PARALLEL_OUT_FROM", 640 * 256 * 4)
+    two = PR.project(x, w)
+    assert calls == [1, 2]
+    assert torch.equal(one, two)
+    assert torch.equal(one, x * w.t())  # K = 1: one rounding of each product

@@ -4,12 +4,14 @@ the recurrent kernels' matrix product (:func:`bnlab.nn._recurrent_kernels.gemm`)
 The fused layers (``norm`` horizontal, per_timestep, layer; vertical for the GRU, the Elman RNN and
 variable lengths) project the input of all steps in one product before the time loop. In torch
 ops that is ``torch.matmul`` forward and two more products backward (the input's and the
-weight's gradients), all BLAS; on the AMD machines this project is measured on, torch's BLAS runs
-them on its AVX2 path, at less than half the speed of the micro-kernel the time loop uses (see
-:mod:`bnlab.nn._recurrent_kernels`). Here the three products run on that micro-kernel, the rows
-(or the weight's rows) split over the kernels' threads (:func:`bnlab.kernels.cpu.threads`);
-every element is one fused multiply-add chain over k in order, so the bits do not depend on the
-split. Kept in a module of its own: numba's cache of the recurrent kernels is keyed by their file.
+weight's gradients), all BLAS, whose bits may change with the thread count. Here the three
+products run on the micro-kernel the time loop uses (:mod:`bnlab.nn._recurrent_kernels`), the rows
+(or the weight's rows) split over the kernels' threads (:func:`bnlab.kernels.cpu.threads`); every
+element is one fused multiply-add chain over k in order, so the bits do not depend on the split.
+Speed against torch's BLAS depends on the machine: on the 2-core AMD machines this project was first
+measured on, torch's BLAS ran these shapes at less than half the micro-kernel's speed; on a 2-core
+AVX-512 Xeon (2026-12-04) torch.mm was 1.1-1.5x faster than the micro-kernel (forward on
+:func:`bnlab.nn._recurrent_kernels.pack_panels`' panels) and 1.3-1.6x for the weight gradient. Kept in a module of its own: numba's cache of the recurrent kernels is keyed by their file.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ _PARALLEL_FROM = 1 << 20
 
 
 @_jit(**_rk._OPTS)
-def _rows_product_part(th, nt, A, B, C):
-    """Thread ``th``'s rows of ``C = A @ B`` (``(M, K) x (K, N)``, C-contiguous), the rows of C split
-    over ``nt`` threads."""
+def _rows_product_part(th, nt, A, Bp, C):
+    """Thread ``th``'s rows of ``C = A @ B`` (``(M, K) x (K, N)``, C-contiguous; B in
+    :func:`bnlab.nn._recurrent_kernels.pack_panels`' panels), the rows of C split over ``nt`` threads."""
     M, K = A.shape
-    N = B.shape[1]
+    N = C.shape[1]
     r0 = M * th // nt
     r1 = M * (th + 1) // nt
     if r1 > r0:
-        _rk.gemm(A, r0 * K, False, B, 0, C, r0 * N, r1 - r0, N, K, False)
+        _rk.gemm_panels(A, r0 * K, Bp, C, r0 * N, r1 - r0, N, K, False)
 
 
 @_jit(**_rk._OPTS)
@@ -85,11 +87,19 @@ def _threads(m: int, n: int, k: int) -> int:
     return _cpu.threads() if m * n * k >= _PARALLEL_FROM else 1
 
 
-def rows_product(A: np.ndarray, B: np.ndarray, C: np.ndarray) -> None:
-    """``C = A @ B`` on the micro-kernel (2-D C-contiguous arrays of one dtype)."""
+#: bytes of a product's output from which it is split over threads whatever its multiply-adds: a
+#: narrow input's product (K = 1, 2 ...) is the writing of its output. Measured (2560 x 1 by 1 x 256,
+#: float32, 2.6 MB out): 160 us on one thread, 59 on two; 640 x 1 by 1 x 256: 21.5 and 19.9.
+_PARALLEL_OUT_FROM = 1 << 21
+
+
+def rows_product(A: np.ndarray, W: np.ndarray, C: np.ndarray) -> None:
+    """``C = A @ W^T`` on the micro-kernel (2-D arrays of one dtype, A and C C-contiguous; ``W``
+    ``(N, K)`` as a weight is stored, any strides: it is copied into the kernel's panels)."""
     M, K = A.shape
-    N = B.shape[1]
-    _rk.team(_rows_product_part, min(_threads(M, N, K), max(1, M // 4)), (A, B, C))
+    N = W.shape[0]
+    nt = _cpu.threads() if C.nbytes >= _PARALLEL_OUT_FROM else _threads(M, N, K)
+    _rk.team(_rows_product_part, min(nt, max(1, M // 4)), (A, _rk.pack_panels(W), C))
 
 
 def weight_product(D: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
@@ -118,7 +128,7 @@ class Projection(torch.autograd.Function):
         rows = x.detach().reshape(-1, F).contiguous()
         out = _buffers.empty((rows.shape[0], G), x.dtype)
         if rows.shape[0]:
-            rows_product(rows.numpy(), w.detach().t().contiguous().numpy(), out.numpy())
+            rows_product(rows.numpy(), w.detach().numpy(), out.numpy())
         ctx.save_for_backward(x, w)
         ctx.rows = rows
         return out.view(*x.shape[:-1], G)
@@ -138,7 +148,7 @@ class Projection(torch.autograd.Function):
         if need_x:
             dx = _buffers.empty((rows.shape[0], F), rows.dtype)
             if rows.shape[0]:
-                rows_product(d.numpy(), w.detach().contiguous().numpy(), dx.numpy())
+                rows_product(d.numpy(), w.detach().numpy().T, dx.numpy())
             dx = dx.view(x.shape)
         if need_w:
             dw = torch.zeros(G, F, dtype=w.dtype)
