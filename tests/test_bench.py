@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from bnlab import bench, cli
 
@@ -13,6 +14,9 @@ def test_bench_quick_bn_suite_writes_json_with_positive_figures(tmp_path):
     assert cli.main(["bench", "--quick", "--suite", "bn", "--json", str(out), "--no-progress", "--repeats", "3"]) == 0
     res = json.loads(out.read_text())
     assert res["machine"]["threads"] == 2 and res["quick"] is True
+    assert res["machine"]["isa"] == bench.vector_isa()
+    assert res["machine"]["isa"]["bnlab"] in ("avx512", "avx2", "other")
+    assert res["machine"]["isa"]["torch"] == str(torch.backends.cpu.get_cpu_capability())
     bw = res["bandwidth"]
     assert bw["memory_gbs"] > 0 and bw["cache_gbs"] > 0
     rows = res["bn"]["rows"]

@@ -387,6 +387,25 @@ def set_malloc(mode: str) -> str:
     return "kept" if keep_freed_memory() else "default (kept not available: not glibc)"
 
 
+def vector_isa() -> dict:
+    """The vector instructions each contender's kernels run on here: bnlab's numba kernels compile for
+    the host CPU (``avx512`` where it has AVX-512F, else ``avx2`` or ``other``); torch reports the
+    capability its CPU kernels dispatched to (``AVX512``, ``AVX2``, ...). Recurrent ratios differ
+    between machine kinds mostly by these (torch's LSTM is oneDNN's, which uses AVX-512 where it can)."""
+    try:
+        from llvmlite import binding as llvm
+
+        f = llvm.get_host_cpu_features()
+        ours = "avx512" if f.get("avx512f", False) else "avx2" if f.get("avx2", False) else "other"
+    except Exception:  # pragma: no cover - llvmlite always has it where numba runs
+        ours = "unknown"
+    try:
+        theirs = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - older torch
+        theirs = "unknown"
+    return {"bnlab": ours, "torch": theirs}
+
+
 def machine_info(threads: int) -> dict:
     cpu_name = platform.processor()
     try:
@@ -397,7 +416,8 @@ def machine_info(threads: int) -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": cpu_name, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu_name, "isa": vector_isa(), "cores": os.cpu_count(), "threads": threads,
+            "torch": torch.__version__,
             "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "numba_threading_layer": _threading_layer(), "bnlab": bnlab.__version__}
 
@@ -517,6 +537,8 @@ def run(args) -> int:
     console.print("ratio = torch time / bnlab time in every table: above 1, bnlab is faster")
     malloc = set_malloc(getattr(args, "malloc", "default") or "default")
     console.print(f"allocator: {malloc}")
+    isa = vector_isa()
+    console.print(f"machine: {os.cpu_count()} cores, vector instructions: bnlab {isa['bnlab']}, torch {isa['torch']}")
     result: dict = {"suite": suite, "quick": quick, "malloc": malloc, "loadavg_start": _loadavg()}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=bool(getattr(args, "no_progress", False)), transient=True)
