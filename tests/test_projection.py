@@ -101,3 +101,31 @@ def test_a_wide_output_is_split_whatever_its_multiply_adds(monkeypatch):
     assert calls == [1, 2]
     assert torch.equal(one, two)
     assert torch.equal(one, x * w.t())  # K = 1: one rounding of each product
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_narrow_inputs_weight_gradient_formed_transposed_has_the_same_bits(dtype):
+    """weight_grad forms D^T X as (X^T D)^T for a narrow X (transposed_ok): the bits of the direct
+    product, on one thread or two, k past one pass of _KC rows; the projection's weight gradient too."""
+    import numpy as np
+
+    rk = PR._rk
+    rng = np.random.default_rng(3)
+    VL = rk.VECTOR_BYTES // np.dtype(dtype).itemsize
+    for N, G, F in ((300, 4 * VL, VL), (37, 2 * VL, 2 * VL), (600, 8 * VL, 2 * VL)):
+        assert rk.transposed_ok(G, F, np.dtype(dtype).itemsize)
+        D = rng.standard_normal((N, G)).astype(dtype)
+        X = rng.standard_normal((N, F)).astype(dtype)
+        direct = np.empty((G, F), dtype)
+        rk.team(rk._weight_grad_part, 1, (D, X, direct))
+        for nt in (1, 2):
+            out = np.empty((G, F), dtype)
+            rk.weight_grad(D, X, out, nt)
+            assert np.array_equal(out, direct)
+        proj = np.empty((G, F), dtype)
+        PR.weight_product(D, X, proj)
+        assert np.array_equal(proj, direct)
+        np.testing.assert_allclose(direct, D.T.astype(np.float64) @ X.astype(np.float64),
+                                   rtol=1e-4 if dtype == "float32" else 1e-12, atol=1e-3)
+    assert not rk.transposed_ok(4 * VL, rk._TRANSPOSED_MAX_F + VL, np.dtype(dtype).itemsize)  # a wide input
+    assert not rk.transposed_ok(4 * VL, VL + 1, np.dtype(dtype).itemsize)  # a part vector: the direct product

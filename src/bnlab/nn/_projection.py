@@ -106,7 +106,11 @@ def weight_product(D: np.ndarray, X: np.ndarray, out: np.ndarray) -> None:
     """``out = D^T X`` (the weight gradient of ``Y = X W^T`` from ``D = dY``)."""
     N, G = D.shape
     F = X.shape[1]
-    _rk.team(_weight_product_part, min(_threads(N, G, F), max(1, G // 4)), (D, X, out))
+    nt = _threads(N, G, F)
+    if _rk.transposed_ok(G, F, D.itemsize):  # a narrow input: as the recurrent weights' (weight_grad)
+        _rk.weight_grad(D, X, out, min(nt, G // (_rk.VECTOR_BYTES // D.itemsize)))
+        return
+    _rk.team(_weight_product_part, min(nt, max(1, G // 4)), (D, X, out))
 
 
 def supported(x: Tensor, w: Tensor) -> bool:
