@@ -11,7 +11,8 @@ element is one fused multiply-add chain over k in order, so the bits do not depe
 Speed against torch's BLAS depends on the machine: on the 2-core AMD machines this project was first
 measured on, torch's BLAS ran these shapes at less than half the micro-kernel's speed; on a 2-core
 AVX-512 Xeon (2026-12-04) torch.mm was 1.1-1.5x faster than the micro-kernel (forward on
-:func:`bnlab.nn._recurrent_kernels.pack_panels`' panels) and 1.3-1.6x for the weight gradient. Kept in a module of its own: numba's cache of the recurrent kernels is keyed by their file.
+:func:`bnlab.nn._recurrent_kernels.pack_panels`' panels) and 1.3-1.6x for the weight gradient.
+Kept in a module of its own: numba's cache of the recurrent kernels is keyed by their file.
 """
 
 from __future__ import annotations

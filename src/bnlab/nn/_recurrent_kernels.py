@@ -1627,7 +1627,7 @@ def transposed_ok(G: int, F: int, itemsize: int) -> bool:
     the two products have the same bits (every element one fused multiply-add chain over the rows in
     order, ``_KC`` rows a pass, in both)."""
     VL = VECTOR_BYTES // itemsize
-    return 0 < F <= _TRANSPOSED_MAX_F and F % VL == 0 and G % VL == 0
+    return 0 < F <= _TRANSPOSED_MAX_F and F % VL == 0 and G > 0 and G % VL == 0
 
 
 def _PRANGE_ONLY() -> dict:
@@ -1855,10 +1855,10 @@ def weight_grad(D, X, out, nt=1):
     """``out = D^T X`` (:func:`_weight_grad_part`) on ``nt`` threads.
 
     A narrow X (:func:`transposed_ok`) is multiplied the other way round, ``out^T = X^T D``: the
-    product's rows are then X's few columns, whose values a row of D are adjacent (the micro-kernel
-    packs 4 of them a step from one cache line), and each value of D is loaded once per 4 of them;
-    ``D^T X`` packs 4 columns of D a step, a row of D apart each, for only F / 16 vectors of work.
-    The same bits. Measured (2 threads, float32, AVX-512), alone: 3200 x 512 by 3200 x 32 0.88 -> 0.69
+    product's rows are then X's few columns, and the micro-kernel packs 4 of them at a time from
+    adjacent values of a row of X (one cache line), each packed group feeding a thread's share of
+    G columns; ``D^T X`` packs 4 columns of D, each value a row of D (G values) from the next, and
+    each packed group feeds only F columns. The same bits. Measured (2 threads, float32, AVX-512), alone: 3200 x 512 by 3200 x 32 0.88 -> 0.69
     ms, 2560 x 256 by 2560 x 64 0.52 -> 0.45 (torch.mm 0.53, 0.34), 3200 x 512 by 3200 x 128 1.78 ->
     1.93; inside a training step of the fused LSTM (its input projection's weight gradient) 1.17-1.25
     -> 0.98-1.00 ms at F = 32, no gain at F = 64: hence the limit on F."""
