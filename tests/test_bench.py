@@ -17,6 +17,8 @@ def test_bench_quick_bn_suite_writes_json_with_positive_figures(tmp_path):
     assert res["machine"]["isa"] == bench.vector_isa()
     assert res["machine"]["isa"]["bnlab"] in ("avx512", "avx2", "other")
     assert res["machine"]["isa"]["torch"] == str(torch.backends.cpu.get_cpu_capability())
+    isa = res["machine"]["isa"]
+    assert bench.machine_line().endswith(f"vector instructions: bnlab {isa['bnlab']}, torch {isa['torch']}")
     bw = res["bandwidth"]
     assert bw["memory_gbs"] > 0 and bw["cache_gbs"] > 0
     rows = res["bn"]["rows"]

@@ -68,6 +68,7 @@ def test_panels_give_gemms_bits(dtype):
         Bp = rk.pack_panels(W)
         assert Bp.shape == (-(-n // w), k, w)
         assert np.array_equal(Bp.transpose(1, 0, 2).reshape(k, -1)[:, :n], W.T)
+        assert np.array_equal(rk.pack_panels(np.ascontiguousarray(W.T).T), Bp)  # W as a transposed view
         A = rng.standard_normal((11, k)).astype(dtype)
         for acc in (False, True):
             C0 = rng.standard_normal((9, n)).astype(dtype)

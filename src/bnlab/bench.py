@@ -406,6 +406,12 @@ def vector_isa() -> dict:
     return {"bnlab": ours, "torch": theirs}
 
 
+def machine_line() -> str:
+    """The line a run prints above its tables: the cores and :func:`vector_isa`."""
+    isa = vector_isa()
+    return f"machine: {os.cpu_count()} cores, vector instructions: bnlab {isa['bnlab']}, torch {isa['torch']}"
+
+
 def machine_info(threads: int) -> dict:
     cpu_name = platform.processor()
     try:
@@ -537,8 +543,7 @@ def run(args) -> int:
     console.print("ratio = torch time / bnlab time in every table: above 1, bnlab is faster")
     malloc = set_malloc(getattr(args, "malloc", "default") or "default")
     console.print(f"allocator: {malloc}")
-    isa = vector_isa()
-    console.print(f"machine: {os.cpu_count()} cores, vector instructions: bnlab {isa['bnlab']}, torch {isa['torch']}")
+    console.print(machine_line())
     result: dict = {"suite": suite, "quick": quick, "malloc": malloc, "loadavg_start": _loadavg()}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=bool(getattr(args, "no_progress", False)), transient=True)

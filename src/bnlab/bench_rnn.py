@@ -256,9 +256,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    from .bench import set_malloc
+    from .bench import machine_line, set_malloc
 
     malloc = set_malloc(args.malloc)
+    print(machine_line())
     res = run_rnn_suite(args)
     res["malloc"] = malloc
     print(format_table(res))

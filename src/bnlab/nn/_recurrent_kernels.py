@@ -285,16 +285,17 @@ def pack_panels(W: np.ndarray) -> np.ndarray:
     """``B = W^T`` for ``W`` ``(n, k)`` (a weight as torch stores it) in panels of
     :func:`panel_width` columns, ``(ceil(n / w), k, w)``: panel p holds B's columns ``p * w ..``
     contiguously (zero past n), what :func:`gemm_panels` multiplies by. One copy, as the transpose
-    it replaces."""
+    it replaces, whether W is stored row-major or is itself a transposed view (B stored row-major)."""
     n, k = W.shape
     w = panel_width(W.dtype)
     npan = -(-n // w)
-    if n % w == 0:
-        return np.ascontiguousarray(W.reshape(npan, w, k).transpose(0, 2, 1))
+    B = W.T
+    if n % w == 0:  # B's columns split into panels: a view, then the one copy
+        return np.ascontiguousarray(B.reshape(k, npan, w).transpose(1, 0, 2))
     Bp = np.zeros((npan, k, w), W.dtype)
     for p in range(npan):
-        c = W[p * w:(p + 1) * w]
-        Bp[p, :, :c.shape[0]] = c.T
+        c = B[:, p * w:(p + 1) * w]
+        Bp[p, :, :c.shape[1]] = c
     return Bp
 
 
