@@ -61,6 +61,37 @@ def test_bench_quick_models_suite_prints_one_direction_and_writes_json(tmp_path,
         assert 0 < r["ratio_iqr"][0] <= r["ratio_iqr"][1], r
 
 
+def test_bench_models_suite_takes_the_models_and_configurations_asked_for(tmp_path):
+    out = tmp_path / "models.json"
+    assert cli.main(["bench", "--quick", "--suite", "models", "--models", "mlp", "--configs", "inference,eager",
+                     "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())["models"]
+    assert [(r["model"], r["config"]) for r in res["rows"]] == [("mlp", "inference"), ("mlp", "eager"),
+                                                                ("mlp (BN+ReLU fused)", "eager")]
+    assert res["device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "resnet,vgg"], "expected a comma-separated list of resnet, mlp, lstm (got 'resnet,vgg')"),
+    (["--configs", ""], "expected a comma-separated list of eager, channels_last"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bench_rejects_unknown_names_saying_what_it_takes(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--suite", "models", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_on_cuda_is_for_the_models_suite_and_needs_a_gpu(monkeypatch):
+    import torch
+
+    with pytest.raises(SystemExit, match="--device cuda applies to --suite models only"):
+        cli.main(["bench", "--suite", "rnn", "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="torch sees no CUDA device here"):
+        cli.main(["bench", "--suite", "models", "--device", "cuda"])
+
+
 def test_bench_rnn_suite_prints_its_table_as_plain_text(tmp_path, capsys, monkeypatch):
     import bnlab.bench_rnn as BR
 

@@ -422,7 +422,8 @@ def machine_info(threads: int) -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": cpu_name, "isa": vector_isa(), "cores": os.cpu_count(), "threads": threads,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu_name, "isa": vector_isa(), "cores": os.cpu_count(), "threads": threads, "gpu": gpu,
             "torch": torch.__version__,
             "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "numba_threading_layer": _threading_layer(), "bnlab": bnlab.__version__}
@@ -507,8 +508,10 @@ def _print_report(console, result: dict) -> None:
     if models is not None:
         from .bench_models import format_rows
 
+        where = models.get("device", "cpu")
+        where = f"{models['threads']} threads" if where == "cpu" else where
         t = Table(title=f"models: one training step (forward, loss, backward, SGD step) or one inference call, "
-                        f"{models['threads']} threads, median of {models['repeats']} interleaved rounds "
+                        f"{where}, median of {models['repeats']} interleaved rounds "
                         "(ratio = torch / bnlab; noise band: quartiles of the per-round ratios)")
         for col in ("model", "configuration", "torch ms", "bnlab ms", "ratio", "noise band", "bar", "note"):
             t.add_column(col, justify="left" if col in ("model", "configuration", "bar", "note") else "right")
@@ -534,6 +537,17 @@ def run(args) -> int:
 
     threads = int(getattr(args, "threads", 2) or 2)
     suite = getattr(args, "suite", "all") or "all"
+    device = getattr(args, "device", None) or "cpu"
+    if device != "cpu":
+        from .bench_models import check_device
+
+        if suite != "models":
+            raise SystemExit(f"bnlab bench: --device {device} applies to --suite models only (the bn and rnn suites "
+                             f"time bnlab's CPU kernels; got --suite {suite})")
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     quick = bool(getattr(args, "quick", False))
     old_torch = torch.get_num_threads()
     old_numba = numba.get_num_threads()

@@ -30,6 +30,13 @@ and ``compile`` (``torch.compile`` of the whole model; the step around it in eag
 With fused layers available (:class:`bnlab.nn.BatchNormAct2d`), the ResNet's and the MLP's eager
 training steps are also timed with their BN -> ReLU pairs fused (``bnlab.convert(model,
 fuse_act=True)``; the MLP's row has no bar).
+
+``--device cuda`` runs the same suite on the first GPU: models, inputs and targets on the GPU,
+``bf16`` under ``torch.autocast("cuda", torch.bfloat16)``, and each timed call ends with
+``torch.cuda.synchronize()`` so that a step's time is the GPU's work, not its launch. On a GPU
+both sides run torch's batch-norm kernel (bnlab's fused kernels are CPU code); bnlab's layer adds
+its running-statistics policy (the non-finite check and the float64 update) on the statistics the
+kernel returns, and that check reads two flags back to the host per layer and step.
 """
 
 from __future__ import annotations
@@ -153,8 +160,10 @@ def _pair(model: str, fused: bool = False) -> tuple[nn.Module, nn.Module]:
 class _Contender:
     """One model and its step in one configuration."""
 
-    def __init__(self, model: nn.Module, config: str, x, target) -> None:
+    def __init__(self, model: nn.Module, config: str, x, target, device: str = "cpu") -> None:
         self.config = config
+        self.device = torch.device(device)
+        model, x, target = model.to(self.device), x.to(self.device), target.to(self.device)
         if config == "channels_last":
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -172,13 +181,19 @@ class _Contender:
         if self.config == "inference":
             with torch.no_grad():
                 self.fn(self.x)
+            self._sync()
             return
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.config == "bf16" else nullcontext()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.config == "bf16" else nullcontext()
         self.opt.zero_grad(set_to_none=True)
         with ctx:
             loss = nn.functional.cross_entropy(self.fn(self.x).float(), self.target)
         loss.backward()
         self.opt.step()
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -240,6 +255,21 @@ def _baseline_fails(ref: _Contender) -> str | None:
     return None
 
 
+def check_device(device: str) -> str:
+    """``device`` ("cpu" or "cuda"), or a ValueError that says what is missing."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"bnlab bench: --device must be cpu or cuda (got {device!r})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bnlab bench: --device cuda, but torch sees no CUDA device here "
+                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+    return device
+
+
+def device_name(device: str) -> str:
+    """What the suite ran on: "cpu", or "cuda: <the GPU's name>"."""
+    return "cpu" if device == "cpu" else f"cuda: {torch.cuda.get_device_name(0)}"
+
+
 def _has_fused() -> bool:
     return hasattr(bnlab.nn, "BatchNormAct2d")
 
@@ -254,6 +284,7 @@ def run_models_suite(args, progress=None) -> dict:
     models = getattr(args, "models", None) or (("mlp", "resnet") if quick else ("resnet", "mlp", "lstm"))
     configs = getattr(args, "configs", None) or (("eager", "inference") if quick else CONFIGS)
     batch = getattr(args, "batch", None)  # (the tests' smoke runs: a smaller batch than each model's own)
+    device = check_device(getattr(args, "device", None) or "cpu")
     plan = [(m, c, False) for m in models for c in configs]
     if "eager" in configs and _has_fused():
         for m in ("resnet", "mlp"):  # BN -> ReLU fused (the MLP's row is a finding, without a bar)
@@ -269,7 +300,8 @@ def run_models_suite(args, progress=None) -> dict:
         else:
             ref, ours = _pair(model, fused)
             x, target = _inputs(model, batch)
-            a, b = _Contender(ref, config, x, target), _Contender(ours, config, x.clone(), target)
+            a = _Contender(ref, config, x, target, device)
+            b = _Contender(ours, config, x.clone(), target, device)
             why = _baseline_fails(a)
             if why is not None:
                 rows.append({"model": label, "config": config, "skipped": why})
@@ -292,6 +324,7 @@ def run_models_suite(args, progress=None) -> dict:
         if task is not None:
             progress.advance(task)
     return {"repeats": repeats, "threads": torch.get_num_threads(), "batch": batch, "rows": rows,
+            "device": device_name(device),
             "ratio": "torch time / bnlab time (> 1: bnlab is faster)"}
 
 

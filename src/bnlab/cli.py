@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "more than about 128 KiB-32 MiB go back to the kernel and are mapped anew, a page fault a "
                         "4 KiB page, on both sides) or kept (freed memory kept in the process, as the audit's workers "
                         "run: the state torch's LSTM is fastest in); recorded in the results (default: %(default)s)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the models suite runs: cpu, or cuda (the first GPU; torch's batch-norm kernel on both "
+                        "sides, bnlab's policy on top); the bn and rnn suites time CPU kernels and take cpu only "
+                        "(default: %(default)s)")
+    b.add_argument("--models", default=None, metavar="NAMES", type=_names("resnet", "mlp", "lstm"),
+                   help="the models suite's models, comma-separated, of resnet, mlp, lstm (default: all three; "
+                        "--quick: mlp,resnet)")
+    b.add_argument("--configs", default=None, metavar="NAMES",
+                   type=_names("eager", "channels_last", "bf16", "inference", "compile"),
+                   help="the models suite's configurations, comma-separated, of eager, channels_last, bf16, inference, "
+                        "compile (default: all; --quick: eager,inference)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON (default: none)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
 
@@ -127,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-check", action="store_true",
                    help="skip the single-process reference training (default: run it and print the difference)")
     return p
+
+
+def _names(*allowed: str):
+    """An argparse type: a comma-separated list of ``allowed`` names, as a tuple, in the order given."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(allowed)} (got {text!r})")
+        return names
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
