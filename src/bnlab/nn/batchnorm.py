@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.nn.modules import batchnorm as _tbn
 
 from .. import functional as BF
+from . import _compat
 from .. import kernels
 from ..kernels import fast as _fast
 from .. import reference as ref
@@ -217,8 +218,12 @@ class _BatchNorm(_Freezable, _tbn._BatchNorm):
         accumulate: int = 1,
         small_batch: str = "error",
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        _compat.norm_init(_tbn._BatchNorm.__init__, self, num_features, eps, momentum, affine, track_running_stats,
+                          device, dtype, bias=bias)
         _set_options(self, nonfinite, accumulate, small_batch)
+
+    if not _compat.NORM_BIAS:  # an older torch's reset zeroes the bias unconditionally
+        reset_parameters = _compat.reset_parameters
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: one clear error instead
@@ -398,7 +403,8 @@ class _LazyBatchNorm(_tbn._LazyNormBase):
     def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None, *,
                  bias=True, nonfinite: str = "raise", accumulate: int = 1, small_batch: str = "error") -> None:
         # torch's lazy base by name: in the subclasses' MRO bnlab's _BatchNorm comes between
-        _tbn._LazyNormBase.__init__(self, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        _compat.norm_init(_tbn._LazyNormBase.__init__, self, eps, momentum, affine, track_running_stats, device, dtype,
+                          bias=bias)
         _set_options(self, nonfinite, accumulate, small_batch)
 
 

@@ -33,6 +33,7 @@ from .. import kernels
 from .. import reference as ref
 from ..policy import (_FAST_DTYPES, _LIMIT, NonFiniteBatchError, _write_running, bad_channels, bessel,
                       check_nonfinite_option, raise_bad_batch, stats_ok, update_buffers)
+from . import _compat
 from .batchnorm import _NormBase
 
 __all__ = ["MaskedBatchNorm1d", "SequenceBatchNorm", "StatsUpdate", "commit_stats", "collect_stats"]
@@ -170,9 +171,13 @@ class MaskedBatchNorm1d(_NormBase):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
                  nonfinite: str = "raise") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        _compat.norm_init(_NormBase.__init__, self, num_features, eps, momentum, affine, track_running_stats, device,
+                          dtype, bias=bias)
         self.nonfinite = check_nonfinite_option(nonfinite, "MaskedBatchNorm1d")
         self._population: PopulationStats | None = None
+
+    if not _compat.NORM_BIAS:  # an older torch's reset zeroes the bias unconditionally
+        reset_parameters = _compat.reset_parameters
 
     def _check_input(self, input: Tensor, mask: Tensor | None) -> Tensor:
         name = type(self).__name__

@@ -6,6 +6,7 @@ import warnings
 
 from torch import nn
 
+from ..nn import _compat
 from ..nn import batchnorm as bbn
 
 _TO_BNLAB = {
@@ -21,10 +22,11 @@ def _swap(m: nn.Module, cls: type) -> nn.Module:
     kw = {}
     if ref is not None:
         kw = {"device": ref.device, "dtype": ref.dtype}
-    new = cls(
-        m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-        track_running_stats=m.track_running_stats, bias=(m.bias is not None) if m.affine else True, **kw,
-    )
+    bias = (m.bias is not None) if m.affine else True
+    # bnlab's layers take bias= on any torch; torch's own only where that torch has the keyword
+    kw.update({"bias": bias} if cls.__module__.startswith("bnlab.") else _compat.bias_kw(bias, f"convert to {cls.__name__}"))
+    new = cls(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+              track_running_stats=m.track_running_stats, **kw)
     new.load_state_dict(m.state_dict())
     if m.affine:  # keep the Parameter objects so optimizers that hold them stay valid
         new.weight = m.weight
