@@ -123,7 +123,16 @@ def test_half_inputs_with_float32_parameters_match_torch(dtype):
         ya.backward(dy)
         yb.backward(dy)
         _close(xa.grad, xb.grad, dtype, "input gradient")
-        _close(ours.weight.grad, theirs.weight.grad, dtype, "weight gradient")
+        # the weight gradient sums dy * xhat over 200 values with cancellation: torch's two kernels
+        # (cuDNN's and the native one) differ by more than half precision's epsilon here, so each
+        # is held to the float64 gradient of the same half-precision data, bnlab's no worse
+        x64 = x.double().requires_grad_()
+        w64 = theirs.weight.detach().double().requires_grad_()
+        y64 = nn.functional.batch_norm(x64, None, None, w64, theirs.bias.detach().double(), True, 0.0, 1e-5)
+        (g64,) = torch.autograd.grad(y64, w64, dy.double())
+        err_ours = (ours.weight.grad.double() - g64).abs().max().item()
+        err_torch = (theirs.weight.grad.double() - g64).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-3 * g64.abs().max().item(), (err_ours, err_torch)
         ours.zero_grad(), theirs.zero_grad()
     _same_state(ours, theirs, dtype, "buffers")
 
@@ -185,6 +194,26 @@ def test_a_nan_batch_leaves_every_buffer_alone(policy):
         layer(x)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("layer", [lambda: bnn.BatchNorm2d(4, nonfinite="skip"),
+                                   lambda: bnn.BatchNorm2d(4, momentum=None, nonfinite="skip"),
+                                   lambda: bnn.BatchNormAct2d(4, nonfinite="skip")], ids=["ema", "cumulative", "act"])
+def test_skip_never_waits_for_the_device(layer):
+    """With nonfinite="skip" a training step reads nothing back to the host (torch's sync debug mode
+    raises on any operation that synchronizes)."""
+    if DEV != "cuda":
+        pytest.skip("a CUDA check")
+    m = layer().to(DEV)
+    x = _x((6, 4, 3, 3)).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = m(x)
+        y.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(m.num_batches_tracked) == 1
 
 
 def test_overflowing_statistics_leave_float16_buffers_alone():

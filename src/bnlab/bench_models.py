@@ -36,7 +36,10 @@ fuse_act=True)``; the MLP's row has no bar).
 ``torch.cuda.synchronize()`` so that a step's time is the GPU's work, not its launch. On a GPU
 both sides run torch's batch-norm kernel (bnlab's fused kernels are CPU code); bnlab's layer adds
 its running-statistics policy (the non-finite check and the float64 update) on the statistics the
-kernel returns, and that check reads two flags back to the host per layer and step.
+kernel returns, and with ``nonfinite="raise"`` (the default) that check reads one flag back to the
+host per layer and step, which waits for every kernel queued before it. On a GPU the ResNet's and the
+MLP's eager steps are also timed with every batch norm set to ``nonfinite="skip"``, which never
+leaves the device (rows "(nonfinite=skip)", no bar).
 """
 
 from __future__ import annotations
@@ -149,11 +152,17 @@ def _inputs(model: str, batch: int | None = None):
     return torch.randn(n, 50, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _pair(model: str, fused: bool = False) -> tuple[nn.Module, nn.Module]:
+def _pair(model: str, variant: str = "") -> tuple[nn.Module, nn.Module]:
+    """torch's model and bnlab's copy; ``variant``: "" (plain), "fused" (BN -> ReLU fused) or "skip"
+    (every batch norm with ``nonfinite="skip"``)."""
     if model == "lstm":
         return lstm_classifier(None), lstm_classifier("vertical")
     ref = resnet() if model == "resnet" else mlp()
-    ours = bnlab.convert(copy.deepcopy(ref), to="bnlab", warn=False, **({"fuse_act": True} if fused else {}))
+    ours = bnlab.convert(copy.deepcopy(ref), to="bnlab", warn=False, **({"fuse_act": True} if variant == "fused" else {}))
+    if variant == "skip":
+        for m in ours.modules():
+            if hasattr(m, "nonfinite"):
+                m.nonfinite = "skip"
     return ref, ours
 
 
@@ -285,20 +294,25 @@ def run_models_suite(args, progress=None) -> dict:
     configs = getattr(args, "configs", None) or (("eager", "inference") if quick else CONFIGS)
     batch = getattr(args, "batch", None)  # (the tests' smoke runs: a smaller batch than each model's own)
     device = check_device(getattr(args, "device", None) or "cpu")
-    plan = [(m, c, False) for m in models for c in configs]
+    plan = [(m, c, "") for m in models for c in configs]
     if "eager" in configs and _has_fused():
         for m in ("resnet", "mlp"):  # BN -> ReLU fused (the MLP's row is a finding, without a bar)
             if m in models:
-                plan.insert(plan.index((m, "eager", False)) + 1, (m, "eager", True))
+                plan.insert(plan.index((m, "eager", "")) + 1, (m, "eager", "fused"))
+    if "eager" in configs and device == "cuda":  # the policy without its read back: a finding, no bar
+        for m in ("resnet", "mlp"):
+            if m in models:
+                plan.insert(plan.index((m, "eager", "")) + 1, (m, "eager", "skip"))
     task = progress.add_task("model steps", total=len(plan)) if progress is not None else None
     rows = []
-    for model, config, fused in plan:
+    for model, config, variant in plan:
+        fused = variant == "fused"
         why = _applies(model, config)
-        label = f"{model} (BN+ReLU fused)" if fused else model
+        label = {"fused": f"{model} (BN+ReLU fused)", "skip": f"{model} (nonfinite=skip)"}.get(variant, model)
         if why is not None:
             rows.append({"model": label, "config": config, "skipped": why})
         else:
-            ref, ours = _pair(model, fused)
+            ref, ours = _pair(model, variant)
             x, target = _inputs(model, batch)
             a = _Contender(ref, config, x, target, device)
             b = _Contender(ours, config, x.clone(), target, device)
@@ -311,7 +325,7 @@ def run_models_suite(args, progress=None) -> dict:
             if config != "compile":
                 b.step()  # (a step of each before the warm-up: they stay in step)
             sec_t, sec_b, band = _median_pair(a, b, repeats, warmup)
-            bar = (FUSED_BAR if model == "resnet" else None) if fused else BARS.get(model)
+            bar = (FUSED_BAR if model == "resnet" else None) if fused else None if variant else BARS.get(model)
             speed = sec_t / sec_b
             rows.append({"model": label, "config": config, "torch_ms": sec_t * 1e3, "bnlab_ms": sec_b * 1e3,
                          "ratio": speed, "ratio_iqr": list(band), "compile_s": None if config != "compile" else

@@ -66,12 +66,12 @@ import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from .. import reference as ref
-from ..policy import NonFiniteBatchError, update_buffers
+from ..policy import NonFiniteBatchError, bad_channels, raise_bad_batch, update_buffers
 from ..policy import _limit as _policy_limit
 from . import cpu
 
 __all__ = [
-    "NonFiniteBatchError", "update_buffers", "commit_running_stats", "uses_bnlab_kernel", "needs_reference",
+    "NonFiniteBatchError", "update_buffers", "device_update", "commit_running_stats", "uses_bnlab_kernel", "needs_reference",
     "batch_norm_train", "batch_norm_eval", "trace_training_error", "refuse_training_trace", "script_error",
 ]
 
@@ -262,6 +262,11 @@ def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracke
     y, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(x, weight, bias, True, 0.0, eps)
     if _track(running_mean, running_var, num_batches_tracked):
         count = x.numel() // x.shape[1] if x.shape[1] else 0
+        if count and not mean.is_cpu and running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                device_update(running_mean, running_var, num_batches_tracked, mean.detach(), invstd.detach(), eps,
+                              count, momentum, nonfinite, name)
+            return y
         with torch.no_grad():
             if count:
                 mean = mean.detach()
@@ -270,6 +275,50 @@ def _native_train(x, weight, bias, running_mean, running_var, num_batches_tracke
                 mean = var = None
             update_buffers(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, name)
     return y
+
+
+def device_update(running_mean, running_var, num_batches_tracked, mean, invstd, eps, count, momentum, nonfinite,
+                  name) -> None:
+    """The policy's running update (:func:`bnlab.policy.update_buffers`: the factor, the Bessel
+    correction, float64 arithmetic rounded once, the non-finite and overflow check before any buffer
+    moves) for statistics that live on a GPU, in a dozen device ops and at most one read back to the
+    host, where the generic policy reads two flags back and runs about twice the ops (each read waits
+    for every kernel queued before it, which on a GPU costs more than the arithmetic).
+
+    ``mean`` and ``invstd`` as torch's kernel returns them; the biased variance is ``invstd**-2 - eps``
+    in float64. One flag says whether the batch may enter: every mean and unbiased variance finite
+    and within the buffers' largest value (a nan compares false, an inf exceeds the finite limit).
+    ``nonfinite="raise"`` reads that flag back (the one sync) and raises
+    :class:`bnlab.policy.NonFiniteBatchError`, naming the channels, before a buffer is written;
+    ``"skip"`` never leaves the device: the update selects the old values on the flag, and
+    ``num_batches_tracked`` adds the flag. Needs both running buffers and ``count > 0`` (the caller
+    takes the generic policy otherwise)."""
+    limit = _policy_limit(running_mean, running_var)
+    corr = count / (count - 1) if count > 1 else 1.0
+    mean = mean.to(torch.float64)
+    var = (invstd.to(torch.float64).pow(-2) - eps).clamp_(min=0.0)
+    unbiased = var * corr
+    ok = (torch.maximum(mean.abs(), unbiased) <= limit).all()
+    select = None
+    if nonfinite == "raise":
+        if not bool(ok):
+            bad, kinds = bad_channels(mean, var, count, limit)
+            raise_bad_batch(name, bad, kinds, limit, running_var.dtype)
+    else:
+        select = ok
+    if momentum is not None:
+        factor, keep = float(momentum), 1.0 - float(momentum)
+    elif num_batches_tracked is None:  # a cumulative average with nothing counting: nothing moves
+        factor, keep = 0.0, 1.0
+    else:  # cumulative average: 1 / the batches tracked, this one counted
+        factor = 1.0 / (num_batches_tracked + 1).to(torch.float64)
+        keep = 1.0 - factor
+    for buf, new in ((running_mean, mean), (running_var, unbiased)):
+        old = buf.to(torch.float64)
+        upd = keep * old + factor * new
+        buf.copy_(upd if select is None else torch.where(select, upd, old))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1 if select is None else select.to(num_batches_tracked.dtype))
 
 
 def _bshape(x: Tensor) -> list[int]:
