@@ -97,3 +97,30 @@ def test_compile_fullgraph_conv_bn_relu_matches_eager_in_training_and_eval():
     compiled_net.eval()
     x = torch.randn(4, 3, 6, 6)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_on_an_unverified_torch_compiled_training_runs_each_batch_norm_eagerly(monkeypatch):
+    """Where bnlab.kernels.COMPILED_TRAIN_OK is False (torch before 2.13: torch 2.11 gave zero
+    gradients through the traced batch norm), a compiled model's batch norms break the graph and run
+    eagerly: no call reaches the traced form, and the gradients are eager's."""
+    from bnlab import kernels
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "COMPILED_TRAIN_OK", False)
+    traced = []
+    real = kernels._compiled_train
+    monkeypatch.setattr(kernels, "_compiled_train", lambda *a, **k: traced.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), bnlab.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    ref = copy.deepcopy(net)
+    x = torch.randn(5, 3, 8, 8)
+    out = torch.compile(net)(x)
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    assert traced == []
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    torch._dynamo.reset()

@@ -463,6 +463,9 @@ def batch_norm_train(
     kernels). ``alloc``: optional ``(shape, dtype) -> Tensor`` for the CPU kernels' output and input
     gradient of a contiguous ``x`` (the fused recurrent layers' buffer pool)."""
     if torch.compiler.is_compiling():
+        if not COMPILED_TRAIN_OK:  # a graph break: this call runs eagerly (see COMPILED_TRAIN_OK)
+            return _eager_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                                nonfinite, name, alloc=alloc)
         return _compiled_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                                nonfinite, name)
     refuse_training_trace(name)
@@ -478,6 +481,15 @@ def batch_norm_train(
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
         return _train_forward(x, weight, bias, eps, track, alloc)[0]  # nothing to differentiate: no autograd node
     return _TrainFn.apply(x, weight, bias, eps, track, alloc)
+
+
+# Training through torch.compile traces batch norm into the graph (_compiled_train) only on a torch
+# where that was verified: on torch 2.11 (an H200 machine, CUDA and CPU tensors alike) the traced
+# graph's backward gave zero gradients to every parameter before each batch norm while the outputs
+# were right; 2.13 (this project's CI) gives torch's gradients. Elsewhere each training batch norm
+# is a graph break and runs eagerly: correct, slower.
+COMPILED_TRAIN_OK = torch.__version__ >= "2.13"
+_eager_train = torch.compiler.disable(batch_norm_train, recursive=True)
 
 
 def batch_norm_eval(
