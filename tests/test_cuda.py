@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import tempfile
 
 import pytest
@@ -23,6 +22,7 @@ from torch import nn
 
 import bnlab
 from bnlab import nn as bnn
+from bnlab.lab.ddp import _free_port
 from bnlab.policy import NonFiniteBatchError
 
 DEV = os.environ.get("BNLAB_TEST_DEVICE", "cuda")
@@ -399,12 +399,6 @@ def _sync_worker(rank, world, port, outdir, backend):
                     "state": {k: v.cpu() for k, v in layer.state_dict().items()}}, f"{outdir}/{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sync_batchnorm_two_processes_on_gloo_equal_the_whole_batch():
