@@ -44,6 +44,8 @@ def test_lazy_layers_without_the_keyword_refuse_bias_false_clearly(old_torch):
     with pytest.raises(ValueError, match=r"LazyBatchNorm2d: bias=False .* torch .* here has none"):
         bnn.LazyBatchNorm2d(bias=False)
     layer = bnn.LazyBatchNorm2d()
+    _compat.reset_parameters(layer)  # before its parameters exist: nothing to reset, as torch's lazy base
+    assert layer.has_uninitialized_params()
     layer(torch.randn(4, 3, 2, 2))
     assert layer.bias.shape == (3,)
 

@@ -295,18 +295,16 @@ def run_models_suite(args, progress=None) -> dict:
     batch = getattr(args, "batch", None)  # (the tests' smoke runs: a smaller batch than each model's own)
     device = check_device(getattr(args, "device", None) or "cpu")
     plan = [(m, c, "") for m in models for c in configs]
-    if "eager" in configs and _has_fused():
-        for m in ("resnet", "mlp"):  # BN -> ReLU fused (the MLP's row is a finding, without a bar)
-            if m in models:
-                plan.insert(plan.index((m, "eager", "")) + 1, (m, "eager", "fused"))
-    if "eager" in configs and device == "cuda":  # the policy without its read back: a finding, no bar
-        for m in ("resnet", "mlp"):
-            if m in models:
-                plan.insert(plan.index((m, "eager", "")) + 1, (m, "eager", "skip"))
+    # after each eager row: on a GPU the policy without its read back (a finding, no bar); BN -> ReLU
+    # fused (a bar for the ResNet; the MLP's row is a finding)
+    variants = (["skip"] if device == "cuda" else []) + (["fused"] if _has_fused() else [])
+    for m in ("resnet", "mlp"):
+        if m in models and "eager" in configs:
+            at = plan.index((m, "eager", "")) + 1
+            plan[at:at] = [(m, "eager", v) for v in variants]
     task = progress.add_task("model steps", total=len(plan)) if progress is not None else None
     rows = []
     for model, config, variant in plan:
-        fused = variant == "fused"
         why = _applies(model, config)
         label = {"fused": f"{model} (BN+ReLU fused)", "skip": f"{model} (nonfinite=skip)"}.get(variant, model)
         if why is not None:
@@ -325,7 +323,7 @@ def run_models_suite(args, progress=None) -> dict:
             if config != "compile":
                 b.step()  # (a step of each before the warm-up: they stay in step)
             sec_t, sec_b, band = _median_pair(a, b, repeats, warmup)
-            bar = (FUSED_BAR if model == "resnet" else None) if fused else None if variant else BARS.get(model)
+            bar = {"": BARS.get(model), "fused": FUSED_BAR if model == "resnet" else None}.get(variant)
             speed = sec_t / sec_b
             rows.append({"model": label, "config": config, "torch_ms": sec_t * 1e3, "bnlab_ms": sec_b * 1e3,
                          "ratio": speed, "ratio_iqr": list(band), "compile_s": None if config != "compile" else

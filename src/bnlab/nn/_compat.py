@@ -60,7 +60,10 @@ def bias_kw(bias: bool, what: str) -> dict:
 
 def reset_parameters(self) -> None:
     """``_NormBase.reset_parameters`` where the bias may be None (what newer torch does; older
-    torch zeroes the bias unconditionally)."""
+    torch zeroes the bias unconditionally). A lazy layer's parameters wait until they exist, as in
+    torch's ``_LazyNormBase.reset_parameters``."""
+    if isinstance(self, LazyModuleMixin) and self.has_uninitialized_params():
+        return
     self.reset_running_stats()
     if self.affine:
         init.ones_(self.weight)

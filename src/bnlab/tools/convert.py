@@ -24,7 +24,7 @@ def _swap(m: nn.Module, cls: type) -> nn.Module:
         kw = {"device": ref.device, "dtype": ref.dtype}
     bias = (m.bias is not None) if m.affine else True
     # bnlab's layers take bias= on any torch; torch's own only where that torch has the keyword
-    kw.update({"bias": bias} if cls.__module__.startswith("bnlab.") else _compat.bias_kw(bias, f"convert to {cls.__name__}"))
+    kw.update({"bias": bias} if issubclass(cls, bbn._BatchNorm) else _compat.bias_kw(bias, f"convert to {cls.__name__}"))
     new = cls(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
               track_running_stats=m.track_running_stats, **kw)
     new.load_state_dict(m.state_dict())
