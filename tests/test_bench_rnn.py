@@ -9,10 +9,33 @@ import bnlab.bench_rnn as BR
 def test_rounds_alternate_the_order_and_time_every_model_once_a_round(monkeypatch):
     calls = []
     monkeypatch.setattr(BR, "_step", lambda m, x: calls.append(m))
-    times = BR.time_rounds({"a": "A", "b": "B", "c": "C"}, None, repeats=4, warmup=1)
+    times = BR.time_rounds({"a": "A", "b": "B", "c": "C"}, None, repeats=4, warmup=1, settle=0)
     assert calls[:3] == ["A", "B", "C"]  # warm-up
     assert calls[3:] == ["A", "B", "C", "C", "B", "A", "A", "B", "C", "C", "B", "A"]
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+
+
+def test_each_timed_call_follows_an_untimed_call_of_the_same_model(monkeypatch):
+    # the timed call of "b" is slow only when another model ran right before it: with settle=1 every
+    # timed call follows one of its own, so no model's time depends on the order
+    state = {"last": None}
+    clock = {"t": 0.0}
+
+    def step(m, x):
+        clock["t"] += 1.0 if state["last"] not in (None, m) else 0.5
+        state["last"] = m
+
+    monkeypatch.setattr(BR, "_step", step)
+    monkeypatch.setattr(BR.time, "perf_counter", lambda: clock["t"])
+    calls = []
+    monkeypatch.setattr(BR, "_step", lambda m, x: (calls.append(m), step(m, x)))
+    times = BR.time_rounds({"a": "A", "b": "B"}, None, repeats=4, warmup=0, settle=1)
+    assert calls == ["A", "A", "B", "B", "B", "B", "A", "A"] * 2
+    assert times == {"a": [0.5] * 4, "b": [0.5] * 4}
+    calls.clear()
+    times = BR.time_rounds({"a": "A", "b": "B"}, None, repeats=4, warmup=0, settle=0)
+    assert calls == ["A", "B", "B", "A"] * 2
+    assert times["b"] == [1.0, 0.5, 1.0, 0.5]  # after another model, then after itself
 
 
 def test_rounds_count_each_calls_page_faults(monkeypatch):
@@ -52,8 +75,11 @@ def test_the_suite_reports_every_mode_with_its_band_and_the_issue_targets(monkey
     monkeypatch.setattr(BR, "SHAPES", ({"batch": 8, "steps": 4, "input": 3, "hidden": 8, "layers": 1},))
     res = BR.run_rnn_suite(SimpleNamespace(repeats=3, threads=1, quick=True))
     assert BR.TARGETS["none"] == 1.0 and BR.TARGETS["vertical"] == 1.1
-    rows = [r for r in res["rows"] if r["norm"] != "torch"]
+    rows = [r for r in res["rows"] if r["norm"] not in ("torch", BR.FLOOR)]
     assert {r["norm"] for r in rows} == set(BR.TARGETS) and {r["lengths"] for r in rows} == {"equal", "packed"}
+    floor = [r for r in res["rows"] if r["norm"] == BR.FLOOR]
+    assert len(floor) == 2 and all(r["target"] is None and r["ok"] is None and r["ratio"] > 0 for r in floor)
+    assert res["settle"] == 1
     for r in rows:
         lo, hi = r["ratio_iqr"]
         assert 0 < lo <= hi and r["ratio"] > 0
@@ -63,7 +89,7 @@ def test_the_suite_reports_every_mode_with_its_band_and_the_issue_targets(monkey
     assert "order alternating" in table and "noise band" in table and "page faults" in table
     flt = f"{rows[0]['faults']:.0f}/{rows[0]['torch_faults']:.0f}"
     assert any(rows[0]["name"] in line and flt in line for line in table.splitlines())
-    assert sum(line.count("[") for line in table.splitlines()[2:]) == len(rows)
+    assert sum(line.count("[") for line in table.splitlines()[2:]) == len(rows) + len(floor)  # every band
 
 
 def test_status_tells_a_miss_from_noise_and_never_counts_noise_as_met():
