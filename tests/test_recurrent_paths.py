@@ -330,16 +330,19 @@ def test_the_weight_product_of_a_narrow_input_has_the_micro_kernels_bits(dtype, 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_input_moments_are_the_float64_mean_and_covariance(dtype):
     rng = np.random.default_rng(1)
-    for n, f in ((257, 9), (5, 1)):
+    for n, f in ((257, 9), (5, 1), (301, 37), (130, 64)):
         x = (rng.standard_normal((n, f)) * 3 + 1e3).astype(dtype)  # a large common offset
-        mu, mu_r, sigma = np.empty(f), np.empty(f, dtype), np.empty((f, f))
-        xc = np.empty_like(x)
-        rk.moments(x, mu, mu_r, sigma, xc, np.empty((n, f)))
-        xd = x.astype(np.float64)
-        np.testing.assert_allclose(mu, xd.mean(0), rtol=1e-15)
-        c = xd - xd.mean(0)
-        np.testing.assert_allclose(sigma, c.T @ c / n, rtol=1e-12, atol=1e-12)
-        assert np.array_equal(xc, x - mu_r) and np.array_equal(mu_r, mu.astype(dtype))
+        # the float64 scratch: every row at once, the chunk bnlab passes, and chunks that divide nothing
+        for chunk in sorted({n, rk.moment_chunk_rows(n, f), 7, 1}):
+            mu, mu_r, sigma = np.empty(f), np.empty(f, dtype), np.full((f, f), np.nan)
+            xc = np.empty_like(x)
+            rk.moments(x, mu, mu_r, sigma, xc, np.empty((chunk, f)))
+            xd = x.astype(np.float64)
+            np.testing.assert_allclose(mu, xd.mean(0), rtol=1e-15)
+            c = xd - xd.mean(0)
+            np.testing.assert_allclose(sigma, c.T @ c / n, rtol=1e-12, atol=1e-12)
+            assert np.array_equal(sigma, sigma.T)
+            assert np.array_equal(xc, x - mu_r) and np.array_equal(mu_r, mu.astype(dtype))
 
 
 def test_the_fold_of_the_vertical_norm_passes_gradcheck_and_both_implementations_agree():

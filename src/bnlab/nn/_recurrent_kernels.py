@@ -64,7 +64,7 @@ from ..kernels._jit import recurrent_jit as _jit
 
 __all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "gemm", "gemm_panels", "pack_panels",
            "panel_width", "forward", "backward", "transposed_ok",
-           "weight_grad", "moments", "vector_math", "VECTOR_BYTES"]
+           "weight_grad", "moments", "moment_chunk_rows", "vector_math", "VECTOR_BYTES"]
 
 NONE, BATCH, FIXED, ROW = 0, 1, 2, 3
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
@@ -1642,42 +1642,95 @@ def _PRANGE_ONLY() -> dict:
 # ------------------------------------------------------------------------------------------------
 # moments of a layer's input rows (the folded vertical norm)
 
+#: float64 bytes of a chunk of :func:`moments` (its scratch ``xd``): a chunk converted to float64 is
+#: still in L1 when the covariance's blocks read it. Measured (one thread, AVX-512, float32 rows),
+#: us by chunk size 8, 16, 32, 64 KiB: 3200 x 32 rows 116, 112, 117, 115; 2560 x 64 263, 262, 270,
+#: 266; 1000 x 128 388, 370, 459, 468
+MOMENT_CHUNK_BYTES = 1 << 15
+
+
+def moment_chunk_rows(n: int, F: int) -> int:
+    """Rows of :func:`moments`' float64 scratch for ``n`` rows of ``F`` features."""
+    return max(1, min(n, MOMENT_CHUNK_BYTES // (8 * max(F, 1))))
+
+
+@_jit(**_OPTS)
+def _cov_chunk(xd, nc, sigma):
+    """``sigma += xd[:nc]^T xd[:nc]``, its upper triangle (and some values below the diagonal,
+    which :func:`moments` overwrites): rows in groups of 4, each group from the whole vector its
+    diagonal lies in (the micro-kernel reads xd's rows directly: a group's 4 values and the
+    vectors they multiply lie in the same row, so nothing is packed); rows past the last group and
+    columns past the last whole vector as float64 sums."""
+    F = xd.shape[1]
+    VL = VECTOR_BYTES // 8
+    F1 = F - F % VL
+    F4 = F - F % 4
+    BW = _WIDE * VL
+    for i in range(0, F4, 4):
+        j = i - i % VL
+        c0 = i * F
+        while j + BW <= F1:
+            _TW4(xd, i, F, xd, j, F, sigma, c0 + j, F, nc, True)
+            j += BW
+        while j + 2 * VL <= F1:
+            _T42(xd, i, F, xd, j, F, sigma, c0 + j, F, nc, True)
+            j += 2 * VL
+        while j + VL <= F1:
+            _T41(xd, i, F, xd, j, F, sigma, c0 + j, F, nc, True)
+            j += VL
+    for i in range(F):
+        for j in range(max(F1, i) if i < F4 else i, F):
+            acc = 0.0
+            for q in range(nc):
+                acc += xd[q, i] * xd[q, j]
+            sigma[i, j] += acc
+
+
 @_jit(**_OPTS)
 def moments(x, mu, mu_r, sigma, xc, xd):
     """Float64 mean ``mu`` (shifted by the first row) and biased covariance ``sigma`` of the rows of
     ``x`` ``(N, F)``, the mean rounded to x's dtype in ``mu_r``, and ``xc = x - mu_r`` (in x's
-    dtype, the rows the folded layer reads). ``xd`` ``(N, F)`` float64 scratch receives
-    ``x - mu``; the covariance is ``xd^T xd / N`` in float64 through :func:`gemm`, its upper
-    triangle only (row blocks of the float64 micro-kernel's width, each from its diagonal on),
-    mirrored below the diagonal. One thread: the passes stream ``xd`` from memory, and a second
-    thread made the call slower at every size tried (2560 x 64 to 20000 x 64 rows)."""
+    dtype, the rows the folded layer reads). ``xd`` ``(R, F)`` float64 scratch (R >= 1 rows, see
+    :func:`moment_chunk_rows`) receives ``x - mu`` a chunk of R rows at a time, each chunk's
+    ``xd^T xd`` added to the covariance (:func:`_cov_chunk`) while it is in cache; the upper
+    triangle, mirrored below the diagonal, divided by N. One thread: measured (2560 x 64, float32
+    rows) a second thread made the call slower. Against converting every row first, then one packed
+    :func:`gemm` over them (one thread, AVX-512): 3200 x 32 rows 218 -> 112 us, 2560 x 64 448 -> 262."""
     N, F = x.shape
     Fu = np.uint64(F)
-    x0 = x[0]
+    x0 = np.empty(F)
+    s = np.zeros(F)  # local: the row loops below vectorize (no alias with the arguments)
     for j in range(Fu):
-        mu[j] = 0.0
+        x0[j] = x[0, j]
     for n in range(N):
         r = x[n]
         for j in range(Fu):
-            mu[j] += np.float64(r[j]) - np.float64(x0[j])
+            s[j] += np.float64(r[j]) - x0[j]
+    m64 = np.empty(F)
     for j in range(Fu):
-        mu[j] = np.float64(x0[j]) + mu[j] / N
-        mu_r[j] = mu[j]
-    for n in range(N):
-        r = x[n]
-        o = xc[n]
-        d = xd[n]
-        for j in range(Fu):
-            d[j] = np.float64(r[j]) - mu[j]
-            o[j] = r[j] - mu_r[j]
-    BS = 4 * (VECTOR_BYTES // 8)  # whole vectors: a block's columns get the bits a full-width product gives
-    for i0 in range(0, F, BS):
-        gemm(xd, i0, True, xd, i0, sigma, i0 * F + i0, min(BS, F - i0), F - i0, N, False)
+        m = x0[j] + s[j] / N
+        mu[j] = m
+        mu_r[j] = m
+        m64[j] = m
     for j in range(Fu):
-        s = sigma[j]
         for k in range(j, Fu):
-            v = s[k] / N
-            s[k] = v
+            sigma[j, k] = 0.0
+    mr = mu_r.copy()  # local, as m64
+    R = xd.shape[0]
+    for n0 in range(0, N, R):
+        nc = min(R, N - n0)
+        for q in range(nc):
+            r = x[n0 + q]
+            o = xc[n0 + q]
+            d = xd[q]
+            for j in range(Fu):
+                d[j] = np.float64(r[j]) - m64[j]
+                o[j] = r[j] - mr[j]
+        _cov_chunk(xd, nc, sigma)
+    for j in range(Fu):
+        for k in range(j, Fu):
+            v = sigma[j, k] / N
+            sigma[j, k] = v
             sigma[k, j] = v
 
 
