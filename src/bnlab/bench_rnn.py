@@ -12,29 +12,31 @@ layer at most this many times torch's time, i.e. a ratio of at least 1/target): 
 runs torch's own kernel: what it may cost is the wrapper's Python), "vertical" 1.1 (torch's kernel
 with the input norm folded in), "horizontal", "per_timestep" and "layer" 1.3 (the fused time loop).
 Beside each ratio, its noise band: the quartiles of the per-round ratios (the order alternating from
-round to round). Each timed call follows an untimed call of the same layer, as a step of a training
-loop follows the layer's previous step: whatever runs right after a fused normalized layer pays for
-the caches that layer left (measured at 64x50x32->128x1: torch's LSTM 10.74 ms a step right after
-the horizontal layer, 9.98 right after the vertical one; a 5 ms sleep in between changed neither),
-and with one call each a round that toll fell on whichever contenders the order put after the
-fused ones, never on torch's layer, which runs first or after norm="none". Beside the modes, the
-fused time loop with every normalization off (``fused, no norm``: norm="none" through the fused
-call, as ``record_grad_norms`` runs it; no target): the floor the normalized fused modes stand on. Each row against its target: "ok"
-(the median ratio reaches it), "MISSED" (the whole band below it) or "within noise" (the median
-below, the band reaching it: not met, and not told apart from it by this run). ``--loop`` adds the reference time loop
-(``force_loop=True``) of every mode.
+round to round). Each row against its target: "ok" (the median ratio reaches it), "MISSED" (the
+whole band below it) or "within noise" (the median below, the band reaching it: not met, and not
+told apart from it by this run). ``--loop`` adds the reference time loop (``force_loop=True``) of
+every mode.
+
+Each timed call follows an untimed call of the same layer (``settle``, default 1), as a step of a
+training loop follows the layer's previous step. Whatever runs right after a fused normalized layer
+pays for the caches and the heap that layer left (measured at 64x50x32->128x1: torch's LSTM 10.74 ms
+a step right after the horizontal layer, 9.98 right after the vertical one; a 5 ms sleep in between
+changed neither), and with one call of each a round that toll fell on whichever contenders the
+order put after the fused ones: never on torch's layer, which ran first or after norm="none"
+(vertical at 64x50 read 0.85 that way and 0.89 settled, in one process).
+
+Beside the modes, the fused time loop with every normalization off (``fused, no norm``: norm="none"
+through the fused call, as ``record_grad_norms`` runs it; no target): the floor the normalized fused
+modes stand on. Where it is itself below a mode's target, no normalization however cheap meets that
+target on this route.
 
 Beside the times, each contender's minor page faults a step (the median over the rounds, the whole
-process's count around the call): memory the allocator hands out fresh, which the kernel maps and
-zeroes on first write, about 2 us a fault on the 2-core machine. It tells a compute difference from
-an allocator one: torch's 2-layer LSTM at 64x40 in a fresh process faults about 5,000 times a step
-(about 20 MB of its workspace mapped anew each call with glibc's defaults) and takes 21-25 ms; in a
-process whose allocator has kept larger blocks (after a 64x50 layer ran, say) it faults about 50
-times and takes 14 ms (in the bench's own process, beside the other contenders, about 2,900 a
-step). The bench runs each shape in the allocator state the earlier shapes left, as a user's
-process would be; the column shows which state a ratio was measured in. ``--malloc kept`` runs the
-whole suite with glibc keeping freed memory (the audit workers' setting): torch's layers then fault
-almost never, and the ratios are those against torch at its fastest on this allocator.
+process's count around the timed call): memory the allocator hands out fresh, which the kernel maps
+and zeroes on first write, about 2 us a fault on the 2-core machine. It tells a compute difference
+from an allocator one: torch's 2-layer LSTM at 64x40, called once a round between other layers,
+faulted 2,900-5,000 times a step (about 20 MB of its workspace mapped anew each call with glibc's
+defaults) and took up to twice its time; called right after itself it faults about never.
+``--malloc kept`` runs the whole suite with glibc keeping freed memory (the audit workers' setting).
 
     python -m bnlab.bench_rnn              # table
     bnlab bench --suite rnn [--json FILE]  # the same, through the project's bench command
