@@ -277,17 +277,26 @@ def test_a_column_block_of_the_matrix_product_has_the_bits_of_the_whole(dtype):
     number of vectors into the product gets exactly the bits the whole product gives it."""
     rng = np.random.default_rng(2)
     vl = rk.VECTOR_BYTES // np.dtype(dtype).itemsize
-    m, k = 13, 300  # past one k panel
+    m, k = 13, 300  # past one k pass of either product
     n = 7 * vl + 5  # whole blocks of 4, 2 and 1 vectors, and a scalar tail
     A = rng.standard_normal((m, k)).astype(dtype)
     B = rng.standard_normal((k, n)).astype(dtype)
     whole = np.empty((m, n), dtype)
     rk.gemm(A, 0, False, B, 0, whole, 0, m, n, k, False)
-    # the transposed operand (the weight gradients' D^T X: A's columns packed per panel) gives the same bits
+    # the transposed operand (the weight gradients' D^T X: A's columns packed per panel of _KC_T rows)
     At = np.ascontiguousarray(A.T)
     tr = np.empty((m, n), dtype)
     rk.gemm(At, 0, True, B, 0, tr, 0, m, n, k, False)
-    assert np.array_equal(tr, whole)
+    ref = A.astype(np.float64) @ B.astype(np.float64)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(tr, ref, **tol)
+    np.testing.assert_allclose(whole, ref, **tol)
+    # within one pass of either (k up to the shorter pass), the two products have the same bits
+    k1 = min(rk._KC, rk._KC_T)
+    one, one_t = np.empty((m, n), dtype), np.empty((m, n), dtype)
+    rk.gemm(A, 0, False, B, 0, one, 0, m, n, k1, False)
+    rk.gemm(np.ascontiguousarray(A[:, :k1].T), 0, True, B, 0, one_t, 0, m, n, k1, False)
+    assert np.array_equal(one, one_t)
     for j0, j1 in ((0, vl), (vl, 3 * vl), (3 * vl, n), (2 * vl, 7 * vl)):
         part = np.zeros((m, n), dtype)
         rk.gemm(A, 0, False, B, j0, part, j0, m, j1 - j0, k, False)
@@ -295,9 +304,12 @@ def test_a_column_block_of_the_matrix_product_has_the_bits_of_the_whole(dtype):
         rows = np.zeros((m, n), dtype)
         rk.gemm(A, 4 * k, False, B, j0, rows, 4 * n + j0, 5, j1 - j0, k, False)  # rows 4..8 alone
         assert np.array_equal(rows[4:9, j0:j1], whole[4:9, j0:j1]), (j0, j1)
+        part_t = np.zeros((m, n), dtype)
+        rk.gemm(At, 0, True, B, j0, part_t, j0, m, j1 - j0, k, False)  # a column block of the transposed
+        assert np.array_equal(part_t[:, j0:j1], tr[:, j0:j1]), (j0, j1)
         rows_t = np.zeros((m, n), dtype)
         rk.gemm(At, 4, True, B, j0, rows_t, 4 * n + j0, 5, j1 - j0, k, False)  # rows 4..8 of the transposed
-        assert np.array_equal(rows_t[4:9, j0:j1], whole[4:9, j0:j1]), (j0, j1)
+        assert np.array_equal(rows_t[4:9, j0:j1], tr[4:9, j0:j1]), (j0, j1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -48,7 +48,7 @@ def _weight_product_part(th, nt, D, X, out):
     columns in whole vectors on the micro-kernel (:func:`bnlab.nn._recurrent_kernels.gemm`), the
     columns past them (a narrow input: F = 1, 2, 3 ...) here, with the bits :func:`gemm` gives them.
 
-    gemm forms such a column as a float64 sum in order over each block of ``_KC`` rows of products
+    gemm forms such a column as a float64 sum in order over each block of ``_KC_T`` rows (a transposed product's pass) of products
     rounded to the data dtype, added to the output block by block; it walks D down a column there
     (a stride of G values per product, one scalar at a time). The same sums run here row by row,
     vectorized over the units of the thread's part (D's rows are read along their length)."""
@@ -65,8 +65,8 @@ def _weight_product_part(th, nt, D, X, out):
     if n1 < F:
         ng = g1 - g0
         s = np.empty((F - n1, ng))
-        for k0 in range(0, N, _rk._KC):
-            k1 = min(k0 + _rk._KC, N)
+        for k0 in range(0, N, _rk._KC_T):
+            k1 = min(k0 + _rk._KC_T, N)
             s[:] = 0.0
             for q in range(k0, k1):
                 drow = D[q, g0:g1]
