@@ -344,11 +344,11 @@ def test_input_moments_are_the_float64_mean_and_covariance(dtype):
     rng = np.random.default_rng(1)
     for n, f in ((257, 9), (5, 1), (301, 37), (130, 64)):
         x = (rng.standard_normal((n, f)) * 3 + 1e3).astype(dtype)  # a large common offset
-        # the float64 scratch: every row at once, the chunk bnlab passes, and chunks that divide nothing
-        for chunk in sorted({n, rk.moment_chunk_rows(n, f), 7, 1}):
+        # rows formed in float64 a chunk at a time: every row at once, the default (0), chunks that divide nothing
+        for chunk in (n, 0, 7, 1):
             mu, mu_r, sigma = np.empty(f), np.empty(f, dtype), np.full((f, f), np.nan)
             xc = np.empty_like(x)
-            rk.moments(x, mu, mu_r, sigma, xc, np.empty((chunk, f)))
+            rk.moments(x, mu, mu_r, sigma, xc, chunk)
             xd = x.astype(np.float64)
             np.testing.assert_allclose(mu, xd.mean(0), rtol=1e-15)
             c = xd - xd.mean(0)

@@ -77,7 +77,7 @@ def _step(model, x):
 FLOOR = "fused, no norm"
 
 
-def _contenders(kind: str, size: dict, modes, loop: bool, floor: bool = True) -> dict:
+def _contenders(kind: str, size: dict, modes, loop: bool) -> dict:
     tcls, bcls = _TORCH[kind]
     args = (size["input"], size["hidden"], size["layers"])
     torch.manual_seed(0)
@@ -92,13 +92,12 @@ def _contenders(kind: str, size: dict, modes, loop: bool, floor: bool = True) ->
             r = bcls(*args, batch_first=True, norm=mode, force_loop=True)
             r.load_state_dict(m.state_dict())
             out[f"BN{kind} {mode} (loop)"] = r
-    if floor:
-        # norm="none" through the fused call every normalized mode runs (recording the steps' gradient
-        # norms takes that path: the kernel computes them in every mode), torch's weights
-        f = bcls(*args, batch_first=True, norm="none")
-        f.load_state_dict(ref.state_dict())
-        f.record_grad_norms = True
-        out[f"BN{kind} {FLOOR}"] = f
+    # the floor: norm="none" through the fused call every normalized mode runs (recording the steps'
+    # gradient norms takes that path: the kernel computes them in every mode), torch's weights
+    f = bcls(*args, batch_first=True, norm="none")
+    f.load_state_dict(ref.state_dict())
+    f.record_grad_norms = True
+    out[f"BN{kind} {FLOOR}"] = f
     return out
 
 
@@ -241,8 +240,8 @@ def run_rnn_suite(args, progress=None) -> dict:
                                      "torch_faults": statistics.median(flt[f"torch.nn.{kind}"]) if flt else None})
     finally:
         torch.set_num_threads(old_threads)
-    return {"suite": "rnn", "shapes": list(shapes), "threads": threads, "repeats": repeats, "settle": settle, "rows": rows,
-            "loadavg_start": load_start, "loadavg_end": _loadavg()}
+    return {"suite": "rnn", "shapes": list(shapes), "threads": threads, "repeats": repeats, "settle": settle,
+            "rows": rows, "loadavg_start": load_start, "loadavg_end": _loadavg()}
 
 
 def format_table(result: dict) -> str:

@@ -48,8 +48,8 @@ def _weight_product_part(th, nt, D, X, out):
     columns in whole vectors on the micro-kernel (:func:`bnlab.nn._recurrent_kernels.gemm`), the
     columns past them (a narrow input: F = 1, 2, 3 ...) here, with the bits :func:`gemm` gives them.
 
-    gemm forms such a column as a float64 sum in order over each block of ``_KC_T`` rows (a transposed product's pass) of products
-    rounded to the data dtype, added to the output block by block; it walks D down a column there
+    gemm forms such a column as a float64 sum in order over each pass of ``_KC_T`` rows (a transposed
+    product's pass) of products rounded to the data dtype, added to the output pass by pass; it walks D down a column there
     (a stride of G values per product, one scalar at a time). The same sums run here row by row,
     vectorized over the units of the thread's part (D's rows are read along their length)."""
     N, G = D.shape

@@ -64,7 +64,7 @@ from ..kernels._jit import recurrent_jit as _jit
 
 __all__ = ["NONE", "BATCH", "FIXED", "ROW", "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "gemm", "gemm_panels", "pack_panels",
            "panel_width", "forward", "backward", "transposed_ok",
-           "weight_grad", "moments", "moment_chunk_rows", "vector_math", "VECTOR_BYTES"]
+           "weight_grad", "moments", "vector_math", "VECTOR_BYTES"]
 
 NONE, BATCH, FIXED, ROW = 0, 1, 2, 3
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
@@ -1649,16 +1649,11 @@ def _PRANGE_ONLY() -> dict:
 # ------------------------------------------------------------------------------------------------
 # moments of a layer's input rows (the folded vertical norm)
 
-#: float64 bytes of a chunk of :func:`moments` (its scratch ``xd``): a chunk converted to float64 is
-#: still in L1 when the covariance's blocks read it. Measured (one thread, AVX-512, float32 rows),
+#: float64 bytes of a chunk of :func:`moments`' rows: a chunk converted to float64 is still in L1
+#: when the covariance's blocks read it. Measured (one thread, AVX-512, float32 rows),
 #: us by chunk size 8, 16, 32, 64 KiB: 3200 x 32 rows 116, 112, 117, 115; 2560 x 64 263, 262, 270,
 #: 266; 1000 x 128 388, 370, 459, 468
 MOMENT_CHUNK_BYTES = 1 << 15
-
-
-def moment_chunk_rows(n: int, F: int) -> int:
-    """Rows of :func:`moments`' float64 scratch for ``n`` rows of ``F`` features."""
-    return max(1, min(n, MOMENT_CHUNK_BYTES // (8 * max(F, 1))))
 
 
 @_jit(**_OPTS)
@@ -1694,13 +1689,13 @@ def _cov_chunk(xd, nc, sigma):
 
 
 @_jit(**_OPTS)
-def moments(x, mu, mu_r, sigma, xc, xd):
+def moments(x, mu, mu_r, sigma, xc, chunk=0):
     """Float64 mean ``mu`` (shifted by the first row) and biased covariance ``sigma`` of the rows of
     ``x`` ``(N, F)``, the mean rounded to x's dtype in ``mu_r``, and ``xc = x - mu_r`` (in x's
-    dtype, the rows the folded layer reads). ``xd`` ``(R, F)`` float64 scratch (R >= 1 rows, see
-    :func:`moment_chunk_rows`) receives ``x - mu`` a chunk of R rows at a time, each chunk's
-    ``xd^T xd`` added to the covariance (:func:`_cov_chunk`) while it is in cache; the upper
-    triangle, mirrored below the diagonal, divided by N. One thread: measured (2560 x 64, float32
+    dtype, the rows the folded layer reads). ``x - mu`` is formed in float64 a chunk of rows at a
+    time (``chunk`` rows; 0: :data:`MOMENT_CHUNK_BYTES` of them), each chunk's ``xd^T xd`` added to
+    the covariance (:func:`_cov_chunk`) while it is in cache; the upper triangle, mirrored below the
+    diagonal, divided by N. One thread: measured (2560 x 64, float32
     rows) a second thread made the call slower. Against converting every row first, then one packed
     :func:`gemm` over them (one thread, AVX-512): 3200 x 32 rows 218 -> 112 us, 2560 x 64 448 -> 262."""
     N, F = x.shape
@@ -1723,7 +1718,8 @@ def moments(x, mu, mu_r, sigma, xc, xd):
         for k in range(j, Fu):
             sigma[j, k] = 0.0
     mr = mu_r.copy()  # local, as m64
-    R = xd.shape[0]
+    R = chunk if chunk > 0 else max(1, min(N, MOMENT_CHUNK_BYTES // (8 * max(F, 1))))
+    xd = np.empty((R, F))
     for n0 in range(0, N, R):
         nc = min(R, N - n0)
         for q in range(nc):

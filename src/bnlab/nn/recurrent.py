@@ -330,8 +330,7 @@ class _FoldFn(torch.autograd.Function):
             r = rows.detach().contiguous()
             mu, sigma = torch.empty(F, dtype=torch.float64), torch.empty(F, F, dtype=torch.float64)
             mu_r, xc = torch.empty(F, dtype=dt), torch.empty_like(r)
-            _rk.moments(r.numpy(), mu.numpy(), mu_r.numpy(), sigma.numpy(), xc.numpy(),
-                        np.empty((_rk.moment_chunk_rows(n, F), F)))
+            _rk.moments(r.numpy(), mu.numpy(), mu_r.numpy(), sigma.numpy(), xc.numpy())
         else:
             xd = rows.detach().to(torch.float64)
             mu = xd.mean(0)
@@ -417,11 +416,11 @@ class _FoldCpuFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eps, perm, sink, rows, *wgb):
         dt = rows.dtype
-        n, F = rows.shape
+        F = rows.shape[1]
         r = rows.detach().contiguous()
         mu, sigma, mu_r = np.empty(F), np.empty((F, F)), np.empty(F, _np_dtype(dt))
         xc = torch.empty_like(r)
-        _rk.moments(r.numpy(), mu, mu_r, sigma, xc.numpy(), np.empty((_rk.moment_chunk_rows(n, F), F)))
+        _rk.moments(r.numpy(), mu, mu_r, sigma, xc.numpy())
         outs, saved = [xc], []
         for k in range(0, len(wgb), 3):
             w, gamma, beta = wgb[k:k + 3]
